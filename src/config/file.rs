@@ -1,0 +1,530 @@
+//! The TOML file format. Values that need more than a type check (weights, durations, addresses,
+//! URLs) are read as raw values first and checked afterwards, so one run reports every problem.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use http::{HeaderName, Uri};
+use serde::Deserialize;
+
+use super::units::{parse_duration, parse_percent, parse_size, MAX_BASIS_POINTS};
+use super::*;
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    listener: RawListener,
+    #[serde(default)]
+    admin: RawAdmin,
+    #[serde(default)]
+    proxy: RawProxy,
+    #[serde(default)]
+    state: RawState,
+    #[serde(default)]
+    versions: Vec<RawVersion>,
+    #[serde(default)]
+    routes: Vec<RawRoute>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawListener {
+    addr: Option<String>,
+    header_read_timeout: Option<String>,
+    max_request_body: Option<RawScalar>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawAdmin {
+    addr: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawProxy {
+    version_header: Option<String>,
+    connect_timeout: Option<String>,
+    response_header_timeout: Option<String>,
+    idle_timeout: Option<String>,
+    drain_timeout: Option<String>,
+    backend_eject: Option<String>,
+    pool_idle_timeout: Option<String>,
+    pool_max_idle_per_backend: Option<usize>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawState {
+    dir: Option<PathBuf>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawVersion {
+    model: String,
+    version: String,
+    backends: Vec<String>,
+    balance: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRoute {
+    name: String,
+    prefix: Option<String>,
+    host: Option<String>,
+    stable: String,
+    candidate: Option<String>,
+    weight: Option<RawScalar>,
+    sticky_header: Option<String>,
+    sticky_cookie: Option<String>,
+    #[serde(default)]
+    allow_override: bool,
+}
+
+/// A number or a string, checked after parsing.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum RawScalar {
+    Int(i64),
+    Float(f64),
+    Str(String),
+}
+
+/// Collects problems while values are checked one by one.
+struct Checker {
+    problems: Vec<Problem>,
+}
+
+impl Checker {
+    fn problem(&mut self, path: impl Into<String>, message: impl Into<String>) {
+        self.problems.push(Problem {
+            path: path.into(),
+            message: message.into(),
+        });
+    }
+
+    fn check<T>(&mut self, path: &str, result: Result<T, String>) -> Option<T> {
+        result.map_err(|m| self.problem(path, m)).ok()
+    }
+
+    fn duration(&mut self, path: &str, raw: &Option<String>, default: Duration) -> Duration {
+        match raw {
+            None => default,
+            Some(text) => self.check(path, parse_duration(text)).unwrap_or(default),
+        }
+    }
+
+    fn addr(&mut self, path: &str, raw: &Option<String>, default: &str) -> SocketAddr {
+        let text = raw.as_deref().unwrap_or(default);
+        let parsed = text.parse::<SocketAddr>().map_err(|_| {
+            format!("expected an address with a port such as \"127.0.0.1:8080\", got {text:?}")
+        });
+        self.check(path, parsed)
+            .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0)))
+    }
+}
+
+pub(super) fn parse(text: &str) -> Result<Config, Vec<Problem>> {
+    let raw: RawConfig = toml::from_str(text).map_err(|e| vec![toml_problem(text, &e)])?;
+    let mut c = Checker { problems: Vec::new() };
+
+    let listener = ListenerConfig {
+        addr: c.addr("listener.addr", &raw.listener.addr, DEFAULT_LISTEN),
+        header_read_timeout: c.duration(
+            "listener.header_read_timeout",
+            &raw.listener.header_read_timeout,
+            DEFAULT_HEADER_READ_TIMEOUT,
+        ),
+        max_request_body: match &raw.listener.max_request_body {
+            None => DEFAULT_MAX_REQUEST_BODY,
+            Some(RawScalar::Int(n)) if *n >= 0 => *n as u64,
+            Some(RawScalar::Str(s)) => c
+                .check("listener.max_request_body", parse_size(s))
+                .unwrap_or(DEFAULT_MAX_REQUEST_BODY),
+            Some(_) => {
+                c.problem(
+                    "listener.max_request_body",
+                    "expected a size such as \"32MiB\" or a whole number of bytes",
+                );
+                DEFAULT_MAX_REQUEST_BODY
+            }
+        },
+    };
+    let admin = AdminConfig {
+        addr: c.addr("admin.addr", &raw.admin.addr, DEFAULT_ADMIN),
+    };
+    let d = ProxyConfig::default();
+    let p = &raw.proxy;
+    let proxy = ProxyConfig {
+        version_header: match p.version_header.as_deref() {
+            None => d.version_header.clone(),
+            Some("") => None,
+            Some(name) => c.check(
+                "proxy.version_header",
+                HeaderName::try_from(name)
+                    .map_err(|_| format!("{name:?} is not a valid header name")),
+            ),
+        },
+        connect_timeout: c.duration("proxy.connect_timeout", &p.connect_timeout, d.connect_timeout),
+        response_header_timeout: c.duration(
+            "proxy.response_header_timeout",
+            &p.response_header_timeout,
+            d.response_header_timeout,
+        ),
+        idle_timeout: c.duration("proxy.idle_timeout", &p.idle_timeout, d.idle_timeout),
+        drain_timeout: c.duration("proxy.drain_timeout", &p.drain_timeout, d.drain_timeout),
+        backend_eject: c.duration("proxy.backend_eject", &p.backend_eject, d.backend_eject),
+        pool_idle_timeout: c.duration(
+            "proxy.pool_idle_timeout",
+            &p.pool_idle_timeout,
+            d.pool_idle_timeout,
+        ),
+        pool_max_idle_per_backend: p
+            .pool_max_idle_per_backend
+            .unwrap_or(d.pool_max_idle_per_backend),
+    };
+    for (name, value) in [
+        ("proxy.connect_timeout", proxy.connect_timeout),
+        ("proxy.response_header_timeout", proxy.response_header_timeout),
+        ("proxy.idle_timeout", proxy.idle_timeout),
+        ("listener.header_read_timeout", listener.header_read_timeout),
+    ] {
+        if value.is_zero() {
+            c.problem(name, "must be longer than zero");
+        }
+    }
+
+    let mut versions = Vec::new();
+    let mut labels = HashSet::new();
+    for (i, v) in raw.versions.iter().enumerate() {
+        let path = format!("versions[{i}]");
+        if let Some(version) = check_version(&mut c, &path, v) {
+            if !labels.insert(version.label()) {
+                c.problem(
+                    &path,
+                    format!("{} is defined more than once", version.label()),
+                );
+            }
+            versions.push(version);
+        }
+    }
+
+    let mut routes = Vec::new();
+    let mut names = HashSet::new();
+    if raw.routes.is_empty() {
+        c.problem("routes", "at least one [[routes]] entry is needed");
+    }
+    for (i, r) in raw.routes.iter().enumerate() {
+        let path = format!("routes[{i}]");
+        if !names.insert(r.name.clone()) {
+            c.problem(format!("{path}.name"), format!("route {:?} is defined more than once", r.name));
+        }
+        let weight = match &r.weight {
+            None => 0,
+            Some(raw) => c
+                .check(&format!("{path}.weight"), weight_from(raw))
+                .unwrap_or(0),
+        };
+        let route = RouteConfig {
+            name: r.name.clone(),
+            prefix: r.prefix.clone().unwrap_or_else(|| "/".to_string()),
+            host: r.host.as_ref().map(|h| h.to_ascii_lowercase()),
+            stable: r.stable.clone(),
+            candidate: r.candidate.clone(),
+            weight,
+            sticky: match (&r.sticky_header, &r.sticky_cookie) {
+                (Some(_), Some(_)) => {
+                    c.problem(&path, "set sticky_header or sticky_cookie, not both");
+                    None
+                }
+                (Some(h), None) => c
+                    .check(
+                        &format!("{path}.sticky_header"),
+                        HeaderName::try_from(h.as_str())
+                            .map_err(|_| format!("{h:?} is not a valid header name")),
+                    )
+                    .map(StickyKey::Header),
+                (None, Some(name)) if name.is_empty() => {
+                    c.problem(format!("{path}.sticky_cookie"), "cookie name is empty");
+                    None
+                }
+                (None, Some(name)) => Some(StickyKey::Cookie(name.clone())),
+                (None, None) => None,
+            },
+            allow_override: r.allow_override,
+        };
+        check_route(&mut c, &path, &route, &labels);
+        routes.push(route);
+    }
+
+    if c.problems.is_empty() {
+        Ok(Config {
+            listener,
+            admin,
+            proxy,
+            state_dir: raw
+                .state
+                .dir
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR)),
+            versions,
+            routes,
+        })
+    } else {
+        Err(c.problems)
+    }
+}
+
+/// In a file a weight is a percentage string ("5%", "0.5%") or a whole number of basis points.
+fn weight_from(raw: &RawScalar) -> Result<u16, String> {
+    let expected = "expected 0..=10000 basis points or a percentage";
+    match raw {
+        RawScalar::Int(n) if (0..=i64::from(MAX_BASIS_POINTS)).contains(n) => Ok(*n as u16),
+        RawScalar::Int(n) => Err(format!("{expected}, got {n}")),
+        RawScalar::Float(f) => Err(format!(
+            "{expected}, got {f} (a bare number is basis points; write \"{f}%\" for a percentage)"
+        )),
+        RawScalar::Str(s) if s.trim_end().ends_with('%') => {
+            parse_percent(s).map_err(|_| format!("{expected}, got {s:?}"))
+        }
+        RawScalar::Str(s) => Err(format!("{expected}, got {s:?} (add % for a percentage)")),
+    }
+}
+
+fn check_version(c: &mut Checker, path: &str, v: &RawVersion) -> Option<VersionConfig> {
+    let mut ok = true;
+    for (field, value) in [("model", &v.model), ("version", &v.version)] {
+        if value.is_empty() || value.contains('@') || value.chars().any(char::is_whitespace) {
+            c.problem(
+                format!("{path}.{field}"),
+                format!("expected a non-empty name without '@' or spaces, got {value:?}"),
+            );
+            ok = false;
+        }
+    }
+    if v.version.eq_ignore_ascii_case("latest") {
+        c.problem(
+            format!("{path}.version"),
+            "\"latest\" is not a version: pin an explicit version so a restart cannot change what is served",
+        );
+        ok = false;
+    }
+    if v.backends.is_empty() {
+        c.problem(format!("{path}.backends"), "at least one backend URL is needed");
+        ok = false;
+    }
+    let mut backends = Vec::new();
+    for (j, url) in v.backends.iter().enumerate() {
+        match parse_backend_url(url) {
+            Ok(uri) => backends.push(uri),
+            Err(m) => {
+                c.problem(format!("{path}.backends[{j}]"), m);
+                ok = false;
+            }
+        }
+    }
+    let balance = match v.balance.as_deref() {
+        None | Some("round_robin") => Balance::RoundRobin,
+        Some("least_loaded") => Balance::LeastLoaded,
+        Some(other) => {
+            c.problem(
+                format!("{path}.balance"),
+                format!("expected \"round_robin\" or \"least_loaded\", got {other:?}"),
+            );
+            ok = false;
+            Balance::RoundRobin
+        }
+    };
+    ok.then(|| VersionConfig {
+        model: v.model.clone(),
+        version: v.version.clone(),
+        backends,
+        balance,
+    })
+}
+
+/// A backend is an origin: `http://host:port`, with no path, query or credentials.
+pub(super) fn parse_backend_url(url: &str) -> Result<Uri, String> {
+    let uri: Uri = url
+        .parse()
+        .map_err(|_| format!("expected a URL such as \"http://127.0.0.1:8000\", got {url:?}"))?;
+    match uri.scheme_str() {
+        Some("http") => {}
+        Some("https") => {
+            return Err(format!(
+                "{url:?}: https backends are not supported yet; use http://"
+            ))
+        }
+        _ => {
+            return Err(format!(
+                "expected a URL such as \"http://127.0.0.1:8000\", got {url:?}"
+            ))
+        }
+    }
+    let Some(authority) = uri.authority() else {
+        return Err(format!("{url:?} has no host"));
+    };
+    if authority.as_str().contains('@') {
+        return Err(format!("{url:?}: credentials in backend URLs are not supported"));
+    }
+    if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
+        return Err(format!(
+            "{url:?}: a backend is an origin (scheme, host, port); requests keep their own path"
+        ));
+    }
+    Uri::builder()
+        .scheme("http")
+        .authority(authority.clone())
+        .path_and_query("/")
+        .build()
+        .map_err(|e| format!("{url:?}: {e}"))
+}
+
+fn check_route(c: &mut Checker, path: &str, r: &RouteConfig, labels: &HashSet<String>) {
+    if r.name.is_empty() {
+        c.problem(format!("{path}.name"), "route name is empty");
+    }
+    if !r.prefix.starts_with('/') {
+        c.problem(
+            format!("{path}.prefix"),
+            format!("expected a path starting with '/', got {:?}", r.prefix),
+        );
+    }
+    let known = || {
+        let mut all: Vec<_> = labels.iter().cloned().collect();
+        all.sort();
+        all.join(", ")
+    };
+    if !labels.contains(&r.stable) {
+        c.problem(
+            format!("{path}.stable"),
+            format!("{:?} is not a defined version (model@version); defined: {}", r.stable, known()),
+        );
+    }
+    if let Some(candidate) = &r.candidate {
+        if !labels.contains(candidate) {
+            c.problem(
+                format!("{path}.candidate"),
+                format!("{candidate:?} is not a defined version (model@version); defined: {}", known()),
+            );
+        }
+        if candidate == &r.stable {
+            c.problem(
+                format!("{path}.candidate"),
+                "the candidate must differ from the stable version",
+            );
+        }
+    } else if r.weight > 0 {
+        c.problem(
+            format!("{path}.weight"),
+            "a weight above 0 needs a candidate version",
+        );
+    }
+}
+
+/// Turns a TOML syntax or type error into a problem with line and column.
+fn toml_problem(text: &str, e: &toml::de::Error) -> Problem {
+    let position = e.span().map(|span| {
+        let before = &text[..span.start.min(text.len())];
+        let line = before.matches('\n').count() + 1;
+        let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+        format!("line {line}, column {column}")
+    });
+    Problem {
+        path: position.unwrap_or_default(),
+        message: e.message().trim().to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+        [[versions]]
+        model = "chat"
+        version = "v1"
+        backends = ["http://127.0.0.1:9001"]
+
+        [[versions]]
+        model = "chat"
+        version = "v2"
+        backends = ["http://127.0.0.1:9002", "http://127.0.0.1:9003"]
+        balance = "least_loaded"
+
+        [[routes]]
+        name = "chat"
+        stable = "chat@v1"
+        candidate = "chat@v2"
+        weight = "0.5%"
+        sticky_header = "x-session-id"
+    "#;
+
+    #[test]
+    fn minimal_file_parses_with_defaults() {
+        let config = parse(MINIMAL).unwrap();
+        assert_eq!(config.listener.addr.to_string(), DEFAULT_LISTEN);
+        assert_eq!(config.routes[0].weight, 50);
+        assert_eq!(config.routes[0].prefix, "/");
+        assert_eq!(config.versions[1].balance, Balance::LeastLoaded);
+        assert_eq!(config.versions[1].backends.len(), 2);
+    }
+
+    #[test]
+    fn every_problem_is_reported_with_its_path() {
+        let text = r#"
+            [proxy]
+            connect_timeout = "soon"
+            [[versions]]
+            model = "chat"
+            version = "latest"
+            backends = ["ftp://x", "http://h:1/base"]
+            [[routes]]
+            name = "a"
+            stable = "chat@v1"
+            [[routes]]
+            name = "b"
+            stable = "chat@v1"
+            candidate = "chat@v9"
+            weight = "150%"
+        "#;
+        let problems = parse(text).unwrap_err();
+        let paths: Vec<_> = problems.iter().map(|p| p.path.as_str()).collect();
+        for expected in [
+            "proxy.connect_timeout",
+            "versions[0].version",
+            "versions[0].backends[0]",
+            "versions[0].backends[1]",
+            "routes[0].stable",
+            "routes[1].candidate",
+            "routes[1].weight",
+        ] {
+            assert!(paths.contains(&expected), "{expected} missing from {problems:?}");
+        }
+        let weight = problems.iter().find(|p| p.path == "routes[1].weight").unwrap();
+        assert_eq!(
+            weight.to_string(),
+            "routes[1].weight: expected 0..=10000 basis points or a percentage, got \"150%\""
+        );
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected_with_a_position() {
+        let problems = parse("[listener]\naddr = \"127.0.0.1:1\"\nadress = \"x\"\n").unwrap_err();
+        assert_eq!(problems.len(), 1);
+        assert!(problems[0].path.starts_with("line 3"), "{problems:?}");
+        assert!(problems[0].message.contains("adress"), "{problems:?}");
+    }
+
+    #[test]
+    fn integer_weight_is_basis_points() {
+        let text = MINIMAL.replace("\"0.5%\"", "250");
+        assert_eq!(parse(&text).unwrap().routes[0].weight, 250);
+        let text = MINIMAL.replace("\"0.5%\"", "0.5");
+        let problems = parse(&text).unwrap_err();
+        assert!(problems[0].message.contains("\"0.5%\""), "{problems:?}");
+    }
+}

@@ -1,0 +1,199 @@
+//! Configuration: a TOML file or quick-mode flags, turned into one validated [`Config`].
+//!
+//! Invariant: a `Config` that exists has passed every check — versions referenced by routes
+//! exist, weights are in 0..=10000 basis points, addresses and URLs parse. Every problem found is
+//! reported with its path (`routes[1].weight`), not just the first.
+
+mod file;
+mod quick;
+pub mod units;
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use http::{HeaderName, Uri};
+
+pub use quick::{QuickMode, QuickSpecError};
+
+/// A validated configuration.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub listener: ListenerConfig,
+    pub admin: AdminConfig,
+    pub proxy: ProxyConfig,
+    pub state_dir: PathBuf,
+    pub versions: Vec<VersionConfig>,
+    pub routes: Vec<RouteConfig>,
+}
+
+#[derive(Clone, Debug)]
+pub struct ListenerConfig {
+    pub addr: SocketAddr,
+    /// A client that has not sent a full request head within this time is disconnected.
+    pub header_read_timeout: Duration,
+    /// Request bodies larger than this get 413.
+    pub max_request_body: u64,
+}
+
+#[derive(Clone, Debug)]
+pub struct AdminConfig {
+    pub addr: SocketAddr,
+}
+
+#[derive(Clone, Debug)]
+pub struct ProxyConfig {
+    /// Response header naming the version that served; `None` turns it off.
+    pub version_header: Option<HeaderName>,
+    pub connect_timeout: Duration,
+    /// Longest wait for a backend's response head after the request was sent.
+    pub response_header_timeout: Duration,
+    /// Longest silence between two body chunks of a backend's response.
+    pub idle_timeout: Duration,
+    /// How long shutdown waits for in-flight requests and open streams.
+    pub drain_timeout: Duration,
+    /// How long a backend that refused a connection is skipped; zero never skips.
+    pub backend_eject: Duration,
+    pub pool_idle_timeout: Duration,
+    pub pool_max_idle_per_backend: usize,
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        ProxyConfig {
+            version_header: Some(HeaderName::from_static("x-weir-version")),
+            connect_timeout: Duration::from_secs(2),
+            response_header_timeout: Duration::from_secs(300),
+            idle_timeout: Duration::from_secs(120),
+            drain_timeout: Duration::from_secs(30),
+            backend_eject: Duration::from_secs(2),
+            pool_idle_timeout: Duration::from_secs(90),
+            pool_max_idle_per_backend: 256,
+        }
+    }
+}
+
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
+pub const DEFAULT_ADMIN: &str = "127.0.0.1:9901";
+pub const DEFAULT_STATE_DIR: &str = "./weir-state";
+pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+pub const DEFAULT_MAX_REQUEST_BODY: u64 = 32 * 1024 * 1024;
+
+/// One servable model version and the backends that serve it.
+#[derive(Clone, Debug)]
+pub struct VersionConfig {
+    pub model: String,
+    pub version: String,
+    /// Origins (`http://host:port`) of the model servers for this version.
+    pub backends: Vec<Uri>,
+    pub balance: Balance,
+}
+
+impl VersionConfig {
+    /// The `model@version` label used in headers, metrics and routes.
+    pub fn label(&self) -> String {
+        format!("{}@{}", self.model, self.version)
+    }
+}
+
+/// How requests are spread over the backends of one version.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Balance {
+    #[default]
+    RoundRobin,
+    /// The backend with the fewest requests in flight (ties go round robin).
+    LeastLoaded,
+}
+
+/// Where the sticky key of a request comes from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StickyKey {
+    Header(HeaderName),
+    Cookie(String),
+}
+
+#[derive(Clone, Debug)]
+pub struct RouteConfig {
+    pub name: String,
+    /// Path prefix, matched on segment boundaries (`/v1` matches `/v1` and `/v1/x`, not `/v1x`).
+    pub prefix: String,
+    /// Host (without port) the route is limited to; `None` matches any host.
+    pub host: Option<String>,
+    /// `model@version` of the production version.
+    pub stable: String,
+    /// `model@version` of the candidate, if a canary is running.
+    pub candidate: Option<String>,
+    /// Share of traffic for the candidate, in basis points (0..=10000).
+    pub weight: u16,
+    pub sticky: Option<StickyKey>,
+    /// Whether `x-weir-version` may pin a request to this route's stable or candidate version.
+    pub allow_override: bool,
+}
+
+/// One problem in a configuration, with the path of the offending value.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Problem {
+    pub path: String,
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.path.is_empty() {
+            write!(f, "{}", self.message)
+        } else {
+            write!(f, "{}: {}", self.path, self.message)
+        }
+    }
+}
+
+/// Every problem found in a configuration.
+#[derive(Debug, thiserror::Error)]
+pub struct ConfigError {
+    pub source_name: String,
+    pub problems: Vec<Problem>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let n = self.problems.len();
+        write!(
+            f,
+            "{}: {n} problem{}",
+            self.source_name,
+            if n == 1 { "" } else { "s" }
+        )?;
+        for p in &self.problems {
+            write!(f, "\n  {p}")?;
+        }
+        Ok(())
+    }
+}
+
+impl Config {
+    /// Parses and validates a TOML configuration; `source_name` names it in errors.
+    pub fn from_toml_str(text: &str, source_name: &str) -> Result<Config, ConfigError> {
+        file::parse(text).map_err(|problems| ConfigError {
+            source_name: source_name.to_string(),
+            problems,
+        })
+    }
+
+    /// Reads, parses and validates a TOML configuration file.
+    pub fn from_file(path: &std::path::Path) -> Result<Config, ConfigError> {
+        let name = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            source_name: name.clone(),
+            problems: vec![Problem {
+                path: String::new(),
+                message: format!("cannot read the file: {e}"),
+            }],
+        })?;
+        Config::from_toml_str(&text, &name)
+    }
+
+    pub fn version(&self, label: &str) -> Option<&VersionConfig> {
+        self.versions.iter().find(|v| v.label() == label)
+    }
+}

@@ -1,0 +1,181 @@
+//! Quick mode: a one-route configuration from command-line flags, no file needed.
+//!
+//! SPEC is `URL[,URL...]` or `MODEL@VERSION=URL[,URL...]`; an unnamed stable is `default@stable`
+//! and an unnamed candidate `default@candidate`.
+
+use std::path::PathBuf;
+
+use http::HeaderName;
+
+use super::file::parse_backend_url;
+use super::units::parse_percent;
+use super::*;
+
+/// The flags of `weir serve` without `--config`.
+#[derive(Clone, Debug, Default)]
+pub struct QuickMode {
+    pub stable: String,
+    pub candidate: Option<String>,
+    pub weight: Option<String>,
+    pub sticky_header: Option<String>,
+    pub allow_override: bool,
+    pub listen: Option<String>,
+    pub admin: Option<String>,
+    pub state_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{flag}: {message}")]
+pub struct QuickSpecError {
+    pub flag: &'static str,
+    pub message: String,
+}
+
+fn flag_error(flag: &'static str) -> impl Fn(String) -> QuickSpecError {
+    move |message| QuickSpecError { flag, message }
+}
+
+impl QuickMode {
+    pub fn into_config(self) -> Result<Config, QuickSpecError> {
+        let stable = parse_spec(&self.stable, "default@stable").map_err(flag_error("--stable"))?;
+        let candidate = self
+            .candidate
+            .as_deref()
+            .map(|s| parse_spec(s, "default@candidate"))
+            .transpose()
+            .map_err(flag_error("--candidate"))?;
+        if let Some(c) = &candidate {
+            if c.label() == stable.label() {
+                return Err(flag_error("--candidate")(format!(
+                    "{} is also the stable version; name them apart as MODEL@VERSION=URL",
+                    c.label()
+                )));
+            }
+        }
+        let weight = match &self.weight {
+            None => 0,
+            Some(w) => parse_percent(w).map_err(flag_error("--weight"))?,
+        };
+        if weight > 0 && candidate.is_none() {
+            return Err(flag_error("--weight")(
+                "a weight above 0 needs --candidate".to_string(),
+            ));
+        }
+        let sticky = self
+            .sticky_header
+            .as_deref()
+            .map(|h| {
+                HeaderName::try_from(h)
+                    .map(StickyKey::Header)
+                    .map_err(|_| format!("{h:?} is not a valid header name"))
+            })
+            .transpose()
+            .map_err(flag_error("--sticky-header"))?;
+        let addr = |text: Option<&str>, default: &str, flag: &'static str| {
+            let text = text.unwrap_or(default);
+            text.parse::<SocketAddr>().map_err(|_| QuickSpecError {
+                flag,
+                message: format!("expected an address with a port such as \"{default}\", got {text:?}"),
+            })
+        };
+        let route = RouteConfig {
+            name: "default".to_string(),
+            prefix: "/".to_string(),
+            host: None,
+            stable: stable.label(),
+            candidate: candidate.as_ref().map(VersionConfig::label),
+            weight,
+            sticky,
+            allow_override: self.allow_override,
+        };
+        Ok(Config {
+            listener: ListenerConfig {
+                addr: addr(self.listen.as_deref(), DEFAULT_LISTEN, "--listen")?,
+                header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
+                max_request_body: DEFAULT_MAX_REQUEST_BODY,
+            },
+            admin: AdminConfig {
+                addr: addr(self.admin.as_deref(), DEFAULT_ADMIN, "--admin")?,
+            },
+            proxy: ProxyConfig::default(),
+            state_dir: self
+                .state_dir
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR)),
+            versions: std::iter::once(stable).chain(candidate).collect(),
+            routes: vec![route],
+        })
+    }
+}
+
+/// Parses `URL[,URL...]` or `MODEL@VERSION=URL[,URL...]`.
+fn parse_spec(spec: &str, unnamed: &str) -> Result<VersionConfig, String> {
+    let (label, urls) = match spec.split_once('=') {
+        Some((label, urls)) => (label.trim(), urls),
+        None => (unnamed, spec),
+    };
+    let Some((model, version)) = label.split_once('@') else {
+        return Err(format!(
+            "expected MODEL@VERSION before '=', got {label:?} (for example chat@2024-06-01=http://127.0.0.1:9000)"
+        ));
+    };
+    if model.is_empty() || version.is_empty() || version.contains('@') {
+        return Err(format!("expected MODEL@VERSION, got {label:?}"));
+    }
+    if version.eq_ignore_ascii_case("latest") {
+        return Err(
+            "\"latest\" is not a version: pin an explicit version so a restart cannot change what is served"
+                .to_string(),
+        );
+    }
+    let backends = urls
+        .split(',')
+        .map(|u| parse_backend_url(u.trim()))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(VersionConfig {
+        model: model.to_string(),
+        version: version.to_string(),
+        backends,
+        balance: Balance::RoundRobin,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn named_and_unnamed_specs() {
+        let config = QuickMode {
+            stable: "http://127.0.0.1:9001".into(),
+            candidate: Some("chat@v2=http://127.0.0.1:9002,http://127.0.0.1:9003".into()),
+            weight: Some("0.5%".into()),
+            ..Default::default()
+        }
+        .into_config()
+        .unwrap();
+        assert_eq!(config.routes[0].stable, "default@stable");
+        assert_eq!(config.routes[0].candidate.as_deref(), Some("chat@v2"));
+        assert_eq!(config.routes[0].weight, 50);
+        assert_eq!(config.versions[1].backends.len(), 2);
+        assert_eq!(config.listener.addr.to_string(), DEFAULT_LISTEN);
+    }
+
+    #[test]
+    fn bad_specs_name_the_flag() {
+        let err = QuickMode {
+            stable: "chat=http://x:1".into(),
+            ..Default::default()
+        }
+        .into_config()
+        .unwrap_err();
+        assert_eq!(err.flag, "--stable");
+        let err = QuickMode {
+            stable: "http://127.0.0.1:1".into(),
+            weight: Some("5%".into()),
+            ..Default::default()
+        }
+        .into_config()
+        .unwrap_err();
+        assert_eq!(err.flag, "--weight");
+    }
+}

@@ -1,0 +1,18 @@
+//! weir: a canary traffic-splitting reverse proxy for model inference.
+//!
+//! The code follows the two paths of the design: `data/` is the hot path every request takes
+//! (listener, split, forward, metered bodies); `control/` is the cold path that builds routing
+//! tables and serves the admin API. `config/` turns files and flags into a validated [`Config`].
+#![forbid(unsafe_code)]
+#![warn(rust_2018_idioms, missing_debug_implementations)]
+
+pub mod cli;
+pub mod config;
+pub mod control;
+pub mod data;
+pub mod demo;
+pub mod metrics;
+mod server;
+
+pub use config::Config;
+pub use server::{Running, Server, StartError};
