@@ -1,1 +1,226 @@
-//! Command line.
+//! Command line: `weir serve`, `weir check`, `weir demo`. This is the edge where errors become
+//! messages for people and exit codes; the library below speaks in typed errors.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::{Config, QuickMode};
+use crate::{Drained, Server};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "weir",
+    version,
+    about = "Canary traffic-splitting reverse proxy for model inference",
+    long_about = "weir sits in front of the model servers of an inference service. It sends a \
+                  configured share of traffic to a candidate model version, keeps the rest on the \
+                  production version, and measures every version separately.",
+    after_help = "Examples:\n  weir demo                                   see it work with built-in model servers\n  \
+                  weir serve --stable chat@v1=http://127.0.0.1:9001 --candidate chat@v2=http://127.0.0.1:9002 --weight 5%\n  \
+                  weir serve --config config/weir.toml\n  \
+                  weir check --config config/weir.toml"
+)]
+pub struct Cli {
+    /// Log filter: error, warn, info, debug, trace, or a tracing filter such as `weir=debug`.
+    /// RUST_LOG overrides it.
+    #[arg(long, global = true, default_value = "info", value_name = "LEVEL")]
+    pub log_level: String,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the proxy, from a config file or from flags (quick mode).
+    #[command(after_help = SERVE_HELP)]
+    Serve(ServeArgs),
+    /// Validate a config file: print every problem with its path, exit 1 if there is any.
+    Check {
+        /// The config file to check.
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+    },
+    /// Run the whole canary on this machine: built-in model servers, the proxy, traffic, a live view.
+    Demo(crate::demo::DemoOptions),
+}
+
+const SERVE_HELP: &str = "\
+SPEC is URL[,URL...] or MODEL@VERSION=URL[,URL...]; several URLs are balanced round robin.
+PCT is a percentage: 5, 5% or 0.5% (one basis point is 0.01%).
+
+Examples:
+  # 5% of traffic to chat@v2, the rest to chat@v1
+  weir serve --stable chat@v1=http://127.0.0.1:9001 --candidate chat@v2=http://127.0.0.1:9002 --weight 5%
+
+  # keep each session on one version; let testers pin a version with x-weir-version
+  weir serve --stable chat@v1=http://10.0.0.5:8000,http://10.0.0.6:8000 \\
+             --candidate chat@v2=http://10.0.0.7:8000 --weight 0.5% \\
+             --sticky-header x-session-id --allow-override
+
+  # everything from a file (routes, timeouts, several models)
+  weir serve --config config/weir.toml
+
+Every response names the version that served it in x-weir-version. Metrics, health and the live
+routing table are on the admin listener: /metrics, /healthz, /readyz, /v1/routes.
+SIGTERM or Ctrl-C stops accepting and lets open requests and streams finish (proxy.drain_timeout).";
+
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    /// Config file (TOML). Without it, the quick-mode flags below define one route named `default`.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["stable", "candidate", "weight", "sticky_header", "allow_override"])]
+    pub config: Option<PathBuf>,
+
+    /// Production version: SPEC (see below).
+    #[arg(long, value_name = "SPEC", required_unless_present = "config")]
+    pub stable: Option<String>,
+
+    /// Candidate version: SPEC (see below).
+    #[arg(long, value_name = "SPEC")]
+    pub candidate: Option<String>,
+
+    /// Share of traffic for the candidate: PCT (default 0).
+    #[arg(long, value_name = "PCT")]
+    pub weight: Option<String>,
+
+    /// Keep each value of this request header on one version (for example x-session-id).
+    #[arg(long, value_name = "NAME")]
+    pub sticky_header: Option<String>,
+
+    /// Let clients pin a request to the stable or candidate version with x-weir-version.
+    #[arg(long)]
+    pub allow_override: bool,
+
+    /// Proxy listen address [default: 127.0.0.1:8080]; overrides the config file.
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<String>,
+
+    /// Admin listen address [default: 127.0.0.1:9901]; overrides the config file.
+    #[arg(long, value_name = "ADDR")]
+    pub admin: Option<String>,
+
+    /// Directory for persisted routing state and the audit log [default: ./weir-state].
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+}
+
+/// Parses the command line and runs it.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(&cli.log_level);
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Check { config } => Ok(check(&config)),
+        Command::Serve(args) => {
+            let config = serve_config(args)?;
+            runtime()?.block_on(serve(config))
+        }
+        Command::Demo(options) => {
+            runtime()?.block_on(crate::demo::run(options))?;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn check(path: &std::path::Path) -> ExitCode {
+    match Config::from_file(path) {
+        Ok(config) => {
+            println!(
+                "{}: ok ({} versions, {} routes)",
+                path.display(),
+                config.versions.len(),
+                config.routes.len()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            println!("{e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn serve_config(args: ServeArgs) -> anyhow::Result<Config> {
+    let mut config = match (&args.config, &args.stable) {
+        (Some(path), _) => Config::from_file(path)?,
+        (None, Some(stable)) => QuickMode {
+            stable: stable.clone(),
+            candidate: args.candidate.clone(),
+            weight: args.weight.clone(),
+            sticky_header: args.sticky_header.clone(),
+            allow_override: args.allow_override,
+            listen: None,
+            admin: None,
+            state_dir: None,
+        }
+        .into_config()?,
+        (None, None) => anyhow::bail!("give --config FILE, or --stable SPEC for quick mode"),
+    };
+    let addr = |flag: &str, text: &str| {
+        text.parse()
+            .with_context(|| format!("{flag}: expected an address with a port such as 127.0.0.1:8080, got {text:?}"))
+    };
+    if let Some(listen) = &args.listen {
+        config.listener.addr = addr("--listen", listen)?;
+    }
+    if let Some(admin) = &args.admin {
+        config.admin.addr = addr("--admin", admin)?;
+    }
+    if let Some(dir) = args.state_dir {
+        config.state_dir = dir;
+    }
+    Ok(config)
+}
+
+async fn serve(config: Config) -> anyhow::Result<ExitCode> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot listen for SIGINT")?;
+    let running = Server::start(config).await?;
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: draining"),
+        _ = int.recv() => tracing::info!("SIGINT: draining (Ctrl-C again to stop at once)"),
+    }
+    running.shutdown();
+    let drained = tokio::select! {
+        drained = running.wait() => drained,
+        _ = int.recv() => {
+            tracing::warn!("second interrupt: stopping without waiting for open streams");
+            Drained::TimedOut
+        }
+    };
+    if drained == Drained::TimedOut {
+        tracing::warn!("some connections were closed before they finished");
+    }
+    Ok(ExitCode::SUCCESS)
+}

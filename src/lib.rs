@@ -15,4 +15,4 @@ pub mod metrics;
 mod server;
 
 pub use config::Config;
-pub use server::{Running, Server, StartError};
+pub use server::{Drained, Running, Server, StartError};

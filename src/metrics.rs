@@ -1,1 +1,242 @@
-//! Metrics.
+//! Prometheus metrics. Families are registered once; the per-route, per-version handles a request
+//! touches are resolved when a routing table is built ([`TargetStats`]), so the hot path only
+//! increments atomics and never formats or looks up a label.
+
+use std::sync::Arc;
+
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+
+/// Why a proxied request failed. A closed set: each kind is a metric label.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ErrorKind {
+    /// The backend refused the connection (or the address did not resolve).
+    Connect,
+    /// No connection within the connect timeout.
+    ConnectTimeout,
+    /// The backend closed or reset the connection before the response head.
+    Reset,
+    /// No response head within the response-header timeout.
+    Timeout,
+    /// The backend answered with something that is not HTTP.
+    Protocol,
+    /// Every backend of the version is ejected.
+    NoBackend,
+    /// The response body broke off mid-stream.
+    Body,
+    /// The backend went silent mid-body for longer than the idle timeout.
+    IdleTimeout,
+}
+
+impl ErrorKind {
+    pub const ALL: [ErrorKind; 8] = [
+        ErrorKind::Connect,
+        ErrorKind::ConnectTimeout,
+        ErrorKind::Reset,
+        ErrorKind::Timeout,
+        ErrorKind::Protocol,
+        ErrorKind::NoBackend,
+        ErrorKind::Body,
+        ErrorKind::IdleTimeout,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorKind::Connect => "connect",
+            ErrorKind::ConnectTimeout => "connect_timeout",
+            ErrorKind::Reset => "reset",
+            ErrorKind::Timeout => "timeout",
+            ErrorKind::Protocol => "protocol",
+            ErrorKind::NoBackend => "no_backend",
+            ErrorKind::Body => "body",
+            ErrorKind::IdleTimeout => "idle_timeout",
+        }
+    }
+
+    /// The status the client gets when this happens before the response head.
+    pub fn status(self) -> http::StatusCode {
+        use http::StatusCode as S;
+        match self {
+            ErrorKind::ConnectTimeout | ErrorKind::Timeout | ErrorKind::IdleTimeout => {
+                S::GATEWAY_TIMEOUT
+            }
+            ErrorKind::NoBackend => S::SERVICE_UNAVAILABLE,
+            ErrorKind::Connect | ErrorKind::Reset | ErrorKind::Protocol | ErrorKind::Body => {
+                S::BAD_GATEWAY
+            }
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// Which side of a split a request went to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    Stable,
+    Candidate,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Stable => "stable",
+            Role::Candidate => "candidate",
+        }
+    }
+}
+
+/// All metric families, registered in one registry.
+#[derive(Clone, Debug)]
+pub struct Metrics {
+    registry: Registry,
+    requests: IntCounterVec,
+    errors: IntCounterVec,
+    duration: HistogramVec,
+    ttfb: HistogramVec,
+    in_flight: IntGaugeVec,
+    weight: IntGaugeVec,
+    generation: IntGauge,
+}
+
+/// Latency buckets from 1 ms to 5 min: inference spans fast embeddings to long generations.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+    120.0, 300.0,
+];
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let registry = Registry::new();
+        let requests = IntCounterVec::new(
+            Opts::new("weir_requests_total", "Requests answered, by route, version, role and status class"),
+            &["route", "version", "role", "status_class"],
+        )
+        .expect("valid metric");
+        let errors = IntCounterVec::new(
+            Opts::new("weir_request_errors_total", "Requests that failed at a backend, by kind"),
+            &["route", "version", "kind"],
+        )
+        .expect("valid metric");
+        let duration = HistogramVec::new(
+            HistogramOpts::new(
+                "weir_request_duration_seconds",
+                "Time from request to the last byte of the response",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+            &["route", "version"],
+        )
+        .expect("valid metric");
+        let ttfb = HistogramVec::new(
+            HistogramOpts::new(
+                "weir_time_to_first_byte_seconds",
+                "Time from request to the first byte of the response body",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+            &["route", "version"],
+        )
+        .expect("valid metric");
+        let in_flight = IntGaugeVec::new(
+            Opts::new("weir_in_flight_requests", "Requests being served now"),
+            &["route", "version"],
+        )
+        .expect("valid metric");
+        let weight = IntGaugeVec::new(
+            Opts::new("weir_route_weight_basis_points", "Candidate share of each route, in basis points"),
+            &["route"],
+        )
+        .expect("valid metric");
+        let generation = IntGauge::new(
+            "weir_routing_generation",
+            "Generation of the routing table in use",
+        )
+        .expect("valid metric");
+        for collector in [
+            Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(errors.clone()),
+            Box::new(duration.clone()),
+            Box::new(ttfb.clone()),
+            Box::new(in_flight.clone()),
+            Box::new(weight.clone()),
+            Box::new(generation.clone()),
+        ] {
+            registry.register(collector).expect("metric names are unique");
+        }
+        Metrics {
+            registry,
+            requests,
+            errors,
+            duration,
+            ttfb,
+            in_flight,
+            weight,
+            generation,
+        }
+    }
+
+    /// Resolves every handle one (route, version, role) needs.
+    pub fn target(&self, route: &str, version: &str, role: Role) -> Arc<TargetStats> {
+        let class = |c: &str| {
+            self.requests
+                .with_label_values(&[route, version, role.as_str(), c])
+        };
+        Arc::new(TargetStats {
+            requests: [class("1xx"), class("2xx"), class("3xx"), class("4xx"), class("5xx")],
+            errors: ErrorKind::ALL
+                .map(|k| self.errors.with_label_values(&[route, version, k.as_str()])),
+            duration: self.duration.with_label_values(&[route, version]),
+            ttfb: self.ttfb.with_label_values(&[route, version]),
+            in_flight: self.in_flight.with_label_values(&[route, version]),
+        })
+    }
+
+    pub fn set_weight(&self, route: &str, basis_points: u16) {
+        self.weight
+            .with_label_values(&[route])
+            .set(i64::from(basis_points));
+    }
+
+    pub fn set_generation(&self, generation: u64) {
+        self.generation.set(generation as i64);
+    }
+
+    /// The Prometheus text exposition of every family.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(16 * 1024);
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut out)
+            .expect("encoding to a Vec cannot fail");
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+/// The handles one (route, version, role) updates on the hot path.
+#[derive(Debug)]
+pub struct TargetStats {
+    requests: [IntCounter; 5],
+    errors: [IntCounter; ErrorKind::ALL.len()],
+    pub duration: prometheus::Histogram,
+    pub ttfb: prometheus::Histogram,
+    pub in_flight: IntGauge,
+}
+
+impl TargetStats {
+    pub fn count_response(&self, status: http::StatusCode) {
+        let class = (status.as_u16() / 100).clamp(1, 5) as usize - 1;
+        self.requests[class].inc();
+    }
+
+    pub fn count_error(&self, kind: ErrorKind) {
+        self.errors[kind.index()].inc();
+    }
+}

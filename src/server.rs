@@ -1,11 +1,26 @@
 //! Wiring: binds the listeners, builds the first routing table and runs until shut down.
 //!
-//! Shutdown is graceful: stop accepting, let in-flight requests and open streams finish within
-//! the drain timeout, then return.
+//! Shutdown is graceful: `/readyz` turns unready, the proxy stops accepting and drains in-flight
+//! requests and open streams within the drain timeout, then the admin listener stops.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use http::HeaderValue;
+use hyper::service::service_fn;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
 
 use crate::config::Config;
+use crate::control::admin::{self, AdminState};
+use crate::control::{build_table, VersionSet};
+use crate::data::listener::{self, ConnSettings};
+pub use crate::data::listener::Drained;
+use crate::data::proxy::{upstream_client, ConnInfo, Proxy, ProxySettings};
+use crate::metrics::Metrics;
 
 /// Why weir could not start.
 #[derive(Debug, thiserror::Error)]
@@ -29,24 +44,106 @@ pub struct Server;
 pub struct Running {
     proxy_addr: SocketAddr,
     admin_addr: SocketAddr,
+    stop: watch::Sender<bool>,
+    task: JoinHandle<Drained>,
+    table: Arc<ArcSwap<crate::data::RoutingTable>>,
+}
+
+async fn bind(what: &'static str, addr: SocketAddr) -> Result<(TcpListener, SocketAddr), StartError> {
+    let bind_error = |source| StartError::Bind { what, addr, source };
+    let listener = TcpListener::bind(addr).await.map_err(bind_error)?;
+    let local = listener.local_addr().map_err(bind_error)?;
+    Ok((listener, local))
 }
 
 impl Server {
     /// Binds the proxy and admin listeners and starts serving. Port 0 picks a free port; the
     /// bound addresses are on the returned [`Running`].
     pub async fn start(config: Config) -> Result<Running, StartError> {
-        let _ = config;
-        todo!()
-    }
-}
+        let metrics = Metrics::new();
+        let mut versions = VersionSet::default();
+        let first = build_table(&config, 1, &metrics, &mut versions).map_err(StartError::Table)?;
+        metrics.set_generation(first.generation);
+        let table = Arc::new(ArcSwap::from_pointee(first));
 
-/// How a drain ended.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Drained {
-    /// Every in-flight request and stream finished.
-    Clean,
-    /// The drain timeout passed with connections still open; they were closed.
-    TimedOut,
+        let (proxy_listener, proxy_addr) = bind("proxy", config.listener.addr).await?;
+        let (admin_listener, admin_addr) = bind("admin", config.admin.addr).await?;
+
+        let proxy = Arc::new(Proxy::new(
+            Arc::clone(&table),
+            upstream_client(&config.proxy),
+            ProxySettings {
+                max_request_body: config.listener.max_request_body,
+                response_header_timeout: config.proxy.response_header_timeout,
+                idle_timeout: config.proxy.idle_timeout,
+                backend_eject: config.proxy.backend_eject,
+                version_header: config.proxy.version_header.clone(),
+            },
+        ));
+        let admin_state = Arc::new(AdminState {
+            table: Arc::clone(&table),
+            metrics,
+            ready: AtomicBool::new(false),
+        });
+
+        let (stop, stop_rx) = watch::channel(false);
+        let conn = ConnSettings {
+            header_read_timeout: config.listener.header_read_timeout,
+            drain_timeout: config.proxy.drain_timeout,
+        };
+        let proxy_task = tokio::spawn(listener::serve(
+            "proxy",
+            proxy_listener,
+            conn.clone(),
+            move |peer: SocketAddr| {
+                let info = Arc::new(ConnInfo {
+                    client_ip: HeaderValue::from_str(&peer.ip().to_string())
+                        .expect("an IP address is a valid header value"),
+                    proto: HeaderValue::from_static("http"),
+                });
+                let proxy = Arc::clone(&proxy);
+                service_fn(move |req| Arc::clone(&proxy).handle(req, Arc::clone(&info)))
+            },
+            stop_rx.clone(),
+        ));
+        let (admin_stop, admin_stop_rx) = watch::channel(false);
+        let admin_for_conn = Arc::clone(&admin_state);
+        let admin_task = tokio::spawn(listener::serve(
+            "admin",
+            admin_listener,
+            conn,
+            move |_peer| {
+                let state = Arc::clone(&admin_for_conn);
+                service_fn(move |req| admin::handle(Arc::clone(&state), req))
+            },
+            admin_stop_rx,
+        ));
+
+        admin_state.ready.store(true, Ordering::Relaxed);
+        tracing::info!(
+            "listening proxy={proxy_addr} admin={admin_addr} routes={}",
+            config.routes.len()
+        );
+
+        let mut stop_watch = stop_rx;
+        let task = tokio::spawn(async move {
+            let _ = stop_watch.wait_for(|s| *s).await;
+            admin_state.ready.store(false, Ordering::Relaxed);
+            let drained = proxy_task.await.unwrap_or(Drained::TimedOut);
+            let _ = admin_stop.send(true);
+            let _ = admin_task.await;
+            tracing::info!(?drained, "stopped");
+            drained
+        });
+
+        Ok(Running {
+            proxy_addr,
+            admin_addr,
+            stop,
+            task,
+            table,
+        })
+    }
 }
 
 impl Running {
@@ -58,13 +155,18 @@ impl Running {
         self.admin_addr
     }
 
-    /// Starts a graceful shutdown: stop accepting, drain open requests and streams.
-    pub fn shutdown(&self) {
-        todo!()
+    /// The live routing table (read-only).
+    pub fn table(&self) -> Arc<crate::data::RoutingTable> {
+        self.table.load_full()
     }
 
-    /// Waits until the server has stopped (after [`Running::shutdown`] or a signal handler).
+    /// Starts a graceful shutdown: stop accepting, drain open requests and streams.
+    pub fn shutdown(&self) {
+        let _ = self.stop.send(true);
+    }
+
+    /// Waits until the server has stopped (after [`Running::shutdown`]).
     pub async fn wait(self) -> Drained {
-        todo!()
+        self.task.await.unwrap_or(Drained::TimedOut)
     }
 }

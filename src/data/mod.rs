@@ -1,1 +1,15 @@
-//! Hot path.
+//! The hot path: every proxied request runs through here.
+//!
+//! listener → table load → route match → split → pooled forward → metered streaming body.
+//! Nothing here parses bodies, allocates metric labels or takes a lock shared between requests.
+
+pub mod body;
+pub mod listener;
+pub mod proxy;
+pub mod split;
+pub mod table;
+pub mod upstream;
+
+pub use listener::Drained;
+pub use proxy::{ConnInfo, Proxy, ProxySettings};
+pub use table::{Route, RoutingTable, Target};

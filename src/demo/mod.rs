@@ -1,1 +1,6 @@
-//! `weir demo`: the whole mission on one machine (placeholder, filled in by the demo work).
+//! `weir demo` (being written).
+#[derive(clap::Args, Debug, Clone)]
+pub struct DemoOptions {}
+pub async fn run(_: DemoOptions) -> anyhow::Result<()> {
+    anyhow::bail!("demo not built yet")
+}

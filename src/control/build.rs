@@ -1,0 +1,75 @@
+//! Turns a validated [`Config`] into a [`RoutingTable`], resolving every version, header value and
+//! metric handle up front.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use crate::config::Config;
+use crate::data::split::cohort_seed;
+use crate::data::table::{Route, RoutingTable, Target};
+use crate::data::upstream::Version;
+use crate::metrics::{Metrics, Role};
+
+/// The upstream versions in use, kept across table rebuilds so in-flight counts and ejections
+/// carry over when only weights change.
+#[derive(Debug, Default)]
+pub struct VersionSet {
+    versions: HashMap<String, Arc<Version>>,
+}
+
+impl VersionSet {
+    fn get_or_create(&mut self, config: &Config, label: &str) -> Option<Arc<Version>> {
+        let wanted = config.version(label)?;
+        let reuse = self.versions.get(label).filter(|v| v.same_as(wanted));
+        if let Some(v) = reuse {
+            return Some(Arc::clone(v));
+        }
+        let v = Arc::new(Version::from_config(wanted));
+        self.versions.insert(label.to_string(), Arc::clone(&v));
+        Some(v)
+    }
+}
+
+/// Builds generation `generation` of the routing table for `config`.
+pub fn build_table(
+    config: &Config,
+    generation: u64,
+    metrics: &Metrics,
+    versions: &mut VersionSet,
+) -> Result<RoutingTable, String> {
+    let mut routes = Vec::with_capacity(config.routes.len());
+    for r in &config.routes {
+        let mut target = |label: &str, role: Role| -> Result<Target, String> {
+            let version = versions
+                .get_or_create(config, label)
+                .ok_or_else(|| format!("route {}: version {label} is not defined", r.name))?;
+            Ok(Target {
+                stats: metrics.target(&r.name, label, role),
+                version,
+                role,
+            })
+        };
+        let stable = target(&r.stable, Role::Stable)?;
+        let candidate = r
+            .candidate
+            .as_deref()
+            .map(|c| target(c, Role::Candidate))
+            .transpose()?;
+        metrics.set_weight(&r.name, r.weight);
+        routes.push(Route {
+            name: r.name.as_str().into(),
+            prefix: r.prefix.clone(),
+            host: r.host.clone(),
+            stable,
+            cohort_seed: candidate
+                .as_ref()
+                .map_or(0, |c| cohort_seed(&c.version.label)),
+            candidate,
+            weight: r.weight,
+            sticky: r.sticky.clone(),
+            allow_override: r.allow_override,
+        });
+    }
+    RoutingTable::sort_routes(&mut routes);
+    Ok(RoutingTable { generation, routes })
+}

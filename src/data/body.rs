@@ -1,0 +1,288 @@
+//! Bodies on the way through. Nothing here buffers: each frame is passed on as it arrives.
+//!
+//! - [`LimitedBody`] passes a client's request body to the backend and fails once it exceeds the
+//!   configured limit.
+//! - [`MeteredBody`] passes a backend's response body to the client, records time to first byte
+//!   and total duration, enforces the idle timeout between frames, and turns a backend failure
+//!   mid-stream into an error the client sees (never a clean-looking end).
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use pin_project_lite::pin_project;
+use tokio::time::Sleep;
+
+use super::upstream::BackendGuard;
+use crate::metrics::{ErrorKind, TargetStats};
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The request body exceeded `listener.max_request_body`.
+#[derive(Debug, thiserror::Error)]
+#[error("request body is larger than the limit of {limit} bytes")]
+pub struct BodyTooLarge {
+    pub limit: u64,
+}
+
+/// A client's request body, cut off with [`BodyTooLarge`] past the limit.
+#[derive(Debug)]
+pub struct LimitedBody {
+    inner: Incoming,
+    remaining: u64,
+    limit: u64,
+}
+
+impl LimitedBody {
+    pub fn new(inner: Incoming, limit: u64) -> LimitedBody {
+        LimitedBody {
+            inner,
+            remaining: limit,
+            limit,
+        }
+    }
+}
+
+impl Body for LimitedBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let frame = ready!(Pin::new(&mut self.inner).poll_frame(cx));
+        Poll::Ready(match frame {
+            Some(Ok(frame)) => {
+                if let Some(data) = frame.data_ref() {
+                    let len = data.len() as u64;
+                    if len > self.remaining {
+                        return Poll::Ready(Some(Err(Box::new(BodyTooLarge { limit: self.limit }))));
+                    }
+                    self.remaining -= len;
+                }
+                Some(Ok(frame))
+            }
+            Some(Err(e)) => Some(Err(Box::new(e))),
+            None => None,
+        })
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// A backend's response failed mid-body; the client's stream ends with this error.
+#[derive(Debug, thiserror::Error)]
+#[error("backend {version} {what}")]
+pub struct UpstreamBodyError {
+    version: Arc<str>,
+    what: &'static str,
+}
+
+/// Counts a request in flight from its start until its response body is done or dropped, and
+/// records its duration then.
+#[derive(Debug)]
+pub struct InFlight {
+    stats: Arc<TargetStats>,
+    started: Instant,
+}
+
+impl InFlight {
+    pub fn start(stats: Arc<TargetStats>, started: Instant) -> InFlight {
+        stats.in_flight.inc();
+        InFlight { stats, started }
+    }
+
+    pub fn stats(&self) -> &TargetStats {
+        &self.stats
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.stats.in_flight.dec();
+        self.stats
+            .duration
+            .observe(self.started.elapsed().as_secs_f64());
+    }
+}
+
+pin_project! {
+    /// A backend's response body on its way to the client.
+    pub struct MeteredBody<B> {
+        #[pin]
+        inner: B,
+        #[pin]
+        idle: Sleep,
+        idle_timeout: Duration,
+        in_flight: Option<InFlight>,
+        version: Arc<str>,
+        first_byte: bool,
+        // Keeps the backend counted in flight for as long as the body streams.
+        _backend: Option<BackendGuard>,
+    }
+}
+
+impl<B> std::fmt::Debug for MeteredBody<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MeteredBody")
+            .field("version", &self.version)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<B> MeteredBody<B> {
+    pub fn new(
+        inner: B,
+        in_flight: InFlight,
+        version: Arc<str>,
+        idle_timeout: Duration,
+        backend: Option<BackendGuard>,
+    ) -> MeteredBody<B> {
+        MeteredBody {
+            inner,
+            idle: tokio::time::sleep(idle_timeout),
+            idle_timeout,
+            in_flight: Some(in_flight),
+            version,
+            first_byte: false,
+            _backend: backend,
+        }
+    }
+}
+
+impl<B> Body for MeteredBody<B>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let mut this = self.project();
+        let Some(in_flight) = this.in_flight.as_ref() else {
+            return Poll::Ready(None);
+        };
+        match this.inner.as_mut().poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if !*this.first_byte && frame.is_data() {
+                    *this.first_byte = true;
+                    in_flight
+                        .stats
+                        .ttfb
+                        .observe(in_flight.started.elapsed().as_secs_f64());
+                }
+                let deadline = tokio::time::Instant::now() + *this.idle_timeout;
+                this.idle.as_mut().reset(deadline);
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(_))) => {
+                in_flight.stats.count_error(ErrorKind::Body);
+                // Done: duration is recorded now, and the body ends here.
+                this.in_flight.take();
+                Poll::Ready(Some(Err(Box::new(UpstreamBodyError {
+                    version: this.version.clone(),
+                    what: "broke off the response mid-body",
+                }))))
+            }
+            Poll::Ready(None) => {
+                if !*this.first_byte {
+                    in_flight
+                        .stats
+                        .ttfb
+                        .observe(in_flight.started.elapsed().as_secs_f64());
+                }
+                this.in_flight.take();
+                Poll::Ready(None)
+            }
+            Poll::Pending => {
+                ready!(this.idle.as_mut().poll(cx));
+                in_flight.stats.count_error(ErrorKind::IdleTimeout);
+                this.in_flight.take();
+                Poll::Ready(Some(Err(Box::new(UpstreamBodyError {
+                    version: this.version.clone(),
+                    what: "went silent mid-body for longer than the idle timeout",
+                }))))
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.in_flight.is_none() || self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+pin_project! {
+    /// Every response weir sends: a backend's streamed body or a small body of its own.
+    #[project = ProxyBodyProj]
+    pub enum ProxyBody {
+        Upstream { #[pin] body: MeteredBody<Incoming> },
+        Local { #[pin] body: Full<Bytes> },
+    }
+}
+
+impl std::fmt::Debug for ProxyBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ProxyBody::Upstream { body } => body.fmt(f),
+            ProxyBody::Local { .. } => f.write_str("ProxyBody::Local"),
+        }
+    }
+}
+
+impl ProxyBody {
+    pub fn local(bytes: impl Into<Bytes>) -> ProxyBody {
+        ProxyBody::Local {
+            body: Full::new(bytes.into()),
+        }
+    }
+}
+
+impl Body for ProxyBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.project() {
+            ProxyBodyProj::Upstream { body } => body.poll_frame(cx),
+            ProxyBodyProj::Local { body } => body.poll_frame(cx).map_err(|never| match never {}),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ProxyBody::Upstream { body } => body.is_end_stream(),
+            ProxyBody::Local { body } => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ProxyBody::Upstream { body } => body.size_hint(),
+            ProxyBody::Local { body } => body.size_hint(),
+        }
+    }
+}

@@ -1,0 +1,121 @@
+//! Accepting connections: HTTP/1.1 and HTTP/2 (prior knowledge) on one port, chosen per
+//! connection from its first bytes, with graceful drain on shutdown.
+//!
+//! Invariant: once shutdown starts no new connection is accepted; open connections finish their
+//! in-flight requests and streams (HTTP/1.1 closes after the current response, HTTP/2 sends
+//! GOAWAY) until the drain timeout, after which they are closed.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use http::{Request, Response};
+use http_body::Body;
+use hyper::body::Incoming;
+use hyper::service::Service;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use super::body::BoxError;
+
+/// How a drain ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Drained {
+    /// Every in-flight request and stream finished.
+    Clean,
+    /// The drain timeout passed with connections still open; they were closed.
+    TimedOut,
+}
+
+/// Connection-level settings of one listener.
+#[derive(Clone, Debug)]
+pub struct ConnSettings {
+    pub header_read_timeout: Duration,
+    pub drain_timeout: Duration,
+}
+
+/// The HTTP/1.1 + HTTP/2 connection builder every listener uses.
+pub fn http_builder(settings: &ConnSettings) -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(settings.header_read_timeout)
+        .keep_alive(true);
+    builder.http2().timer(TokioTimer::new());
+    builder
+}
+
+/// Accepts connections until `stop` turns true, then drains them.
+pub async fn serve<F, S, B>(
+    name: &'static str,
+    listener: TcpListener,
+    settings: ConnSettings,
+    service_for: F,
+    mut stop: watch::Receiver<bool>,
+) -> Drained
+where
+    F: Fn(SocketAddr) -> S,
+    S: Service<Request<Incoming>, Response = Response<B>> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    let builder = http_builder(&settings);
+    let graceful = GracefulShutdown::new();
+    let (force_close, force_closed) = watch::channel(false);
+    loop {
+        let (stream, peer) = tokio::select! {
+            biased;
+            _ = stopped(&mut stop) => break,
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(e) => {
+                    // Out of file descriptors or similar: back off instead of spinning.
+                    tracing::warn!(listener = name, error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let conn = builder
+            .serve_connection(TokioIo::new(stream), service_for(peer))
+            .into_owned();
+        let conn = graceful.watch(conn);
+        let mut force_closed = force_closed.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                result = conn => {
+                    if let Err(e) = result {
+                        tracing::debug!(listener = name, %peer, error = %e, "connection ended with an error");
+                    }
+                }
+                _ = stopped(&mut force_closed) => {}
+            }
+        });
+    }
+    drop(listener);
+    let open = graceful.count();
+    if open > 0 {
+        tracing::info!(listener = name, open, "draining open connections");
+    }
+    let drained = tokio::time::timeout(settings.drain_timeout, graceful.shutdown()).await;
+    let _ = force_close.send(true);
+    match drained {
+        Ok(()) => Drained::Clean,
+        Err(_) => {
+            tracing::warn!(listener = name, timeout = ?settings.drain_timeout, "drain timed out; closing the remaining connections");
+            Drained::TimedOut
+        }
+    }
+}
+
+/// Resolves once the flag turns true (or its sender is gone).
+async fn stopped(flag: &mut watch::Receiver<bool>) {
+    let _ = flag.wait_for(|set| *set).await;
+}

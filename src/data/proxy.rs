@@ -1,0 +1,433 @@
+//! The proxy service: route, split, forward, stream back.
+//!
+//! Per request: one lock-free table load, a route match, a split decision, a backend pick, and
+//! the forward. No body is parsed, no label is formatted, no lock is shared with other requests.
+
+use std::convert::Infallible;
+use std::error::Error as StdError;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use http::header::{self, HeaderName, HeaderValue, CONTENT_LENGTH, HOST};
+use http::{HeaderMap, Request, Response, StatusCode, Uri};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+
+use super::body::{BodyTooLarge, InFlight, LimitedBody, MeteredBody, ProxyBody};
+use super::split::{BadOverride, OVERRIDE_HEADER};
+use super::table::RoutingTable;
+use crate::config::ProxyConfig;
+use crate::metrics::ErrorKind;
+
+pub type UpstreamClient = Client<HttpConnector, LimitedBody>;
+
+/// Settings of the data path, fixed for the life of the process.
+#[derive(Debug, Clone)]
+pub struct ProxySettings {
+    pub max_request_body: u64,
+    pub response_header_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub backend_eject: Duration,
+    pub version_header: Option<HeaderName>,
+}
+
+/// Shared state of the proxy service.
+#[derive(Debug)]
+pub struct Proxy {
+    table: Arc<ArcSwap<RoutingTable>>,
+    client: UpstreamClient,
+    settings: ProxySettings,
+}
+
+/// What the proxy knows about the client connection a request came on.
+#[derive(Debug)]
+pub struct ConnInfo {
+    /// The peer's IP, for `X-Forwarded-For`.
+    pub client_ip: HeaderValue,
+    /// `http` or `https`, for `X-Forwarded-Proto`.
+    pub proto: HeaderValue,
+}
+
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+/// Hop-by-hop headers (RFC 9110 §7.6.1 and the older proxy ones), never forwarded.
+static HOP_BY_HOP: [&HeaderName; 9] = [
+    &header::CONNECTION,
+    &KEEP_ALIVE,
+    &PROXY_CONNECTION,
+    &header::PROXY_AUTHENTICATE,
+    &header::PROXY_AUTHORIZATION,
+    &header::TE,
+    &header::TRAILER,
+    &header::TRANSFER_ENCODING,
+    &header::UPGRADE,
+];
+
+/// The upstream HTTP client: pooled keep-alive connections per backend origin.
+pub fn upstream_client(config: &ProxyConfig) -> UpstreamClient {
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    connector.set_connect_timeout(Some(config.connect_timeout));
+    connector.set_keepalive(Some(Duration::from_secs(60)));
+    Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(config.pool_idle_timeout)
+        .pool_max_idle_per_host(config.pool_max_idle_per_backend)
+        .pool_timer(TokioTimer::new())
+        .timer(TokioTimer::new())
+        .build(connector)
+}
+
+/// Why a request got an answer from weir rather than from a backend.
+enum Refusal {
+    Backend(ErrorKind),
+    TooLarge(u64),
+    ClientBody,
+}
+
+impl Proxy {
+    pub fn new(
+        table: Arc<ArcSwap<RoutingTable>>,
+        client: UpstreamClient,
+        settings: ProxySettings,
+    ) -> Proxy {
+        Proxy {
+            table,
+            client,
+            settings,
+        }
+    }
+
+    /// Serves one request. Never fails: every problem becomes a JSON error response.
+    pub async fn handle(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        conn: Arc<ConnInfo>,
+    ) -> Result<Response<ProxyBody>, Infallible> {
+        let started = Instant::now();
+        // Resolve everything the request needs from one table snapshot, then let it go: the
+        // request keeps its version and handles even if the table is swapped meanwhile.
+        let (target_stats, version, route_name) = {
+            let table = self.table.load();
+            let host = request_host(&req);
+            let Some(route) = table.find(host, req.uri().path()) else {
+                return Ok(no_route(&req));
+            };
+            let target = match route.choose(req.headers()) {
+                Ok(t) => t,
+                Err(BadOverride) => return Ok(bad_override(&req, route)),
+            };
+            (
+                Arc::clone(&target.stats),
+                Arc::clone(&target.version),
+                Arc::clone(&route.name),
+            )
+        };
+        let in_flight = InFlight::start(target_stats, started);
+        let version_value = &version.label_header;
+
+        if let Some(len) = content_length(req.headers()) {
+            if len > self.settings.max_request_body {
+                return Ok(self.refuse(Refusal::TooLarge(self.settings.max_request_body), &version.label, version_value, &in_flight));
+            }
+        }
+        let Some(backend) = version.pick() else {
+            return Ok(self.refuse(Refusal::Backend(ErrorKind::NoBackend), &version.label, version_value, &in_flight));
+        };
+
+        let (mut parts, body) = req.into_parts();
+        let client_version = parts.version;
+        let b = backend.backend();
+        let mut uri = std::mem::take(&mut parts.uri).into_parts();
+        if parts.headers.get(HOST).is_none() {
+            if let Some(authority) = &uri.authority {
+                if let Ok(value) = HeaderValue::from_str(authority.as_str()) {
+                    parts.headers.insert(HOST, value);
+                }
+            }
+        }
+        uri.scheme = Some(b.scheme.clone());
+        uri.authority = Some(b.authority.clone());
+        if uri.path_and_query.is_none() {
+            uri.path_and_query = Some(http::uri::PathAndQuery::from_static("/"));
+        }
+        parts.uri = Uri::from_parts(uri).expect("scheme, authority and path are set");
+        parts.version = http::Version::HTTP_11;
+        strip_hop_by_hop(&mut parts.headers);
+        parts.headers.remove(&OVERRIDE_HEADER);
+        forwarded_headers(&mut parts.headers, &conn);
+        let upstream = Request::from_parts(
+            parts,
+            LimitedBody::new(body, self.settings.max_request_body),
+        );
+
+        let result = tokio::time::timeout(
+            self.settings.response_header_timeout,
+            self.client.request(upstream),
+        )
+        .await;
+        let response = match result {
+            Err(_elapsed) => {
+                return Ok(self.refuse(Refusal::Backend(ErrorKind::Timeout), &version.label, version_value, &in_flight));
+            }
+            Ok(Err(e)) => {
+                let refusal = classify(&e);
+                if let Refusal::Backend(ErrorKind::Connect | ErrorKind::ConnectTimeout) = refusal {
+                    if b.eject(self.settings.backend_eject) {
+                        tracing::warn!(
+                            version = %version.label,
+                            backend = %b.authority,
+                            error = %error_chain(&e),
+                            "backend refused a connection; skipping it for {:?}",
+                            self.settings.backend_eject
+                        );
+                    }
+                } else {
+                    tracing::debug!(version = %version.label, backend = %b.authority, error = %error_chain(&e), route = %route_name, "upstream request failed");
+                }
+                return Ok(self.refuse(refusal, &version.label, version_value, &in_flight));
+            }
+            Ok(Ok(response)) => response,
+        };
+
+        let (mut parts, body) = response.into_parts();
+        // Answer in the client's protocol, whatever the backend spoke.
+        parts.version = client_version;
+        strip_hop_by_hop(&mut parts.headers);
+        if let Some(name) = &self.settings.version_header {
+            parts.headers.insert(name.clone(), version_value.clone());
+        }
+        in_flight.stats().count_response(parts.status);
+        let body = MeteredBody::new(
+            body,
+            in_flight,
+            Arc::clone(&version.label),
+            self.settings.idle_timeout,
+            Some(backend),
+        );
+        Ok(Response::from_parts(parts, ProxyBody::Upstream { body }))
+    }
+
+    /// Answers a request that weir could not forward, and counts it.
+    fn refuse(
+        &self,
+        refusal: Refusal,
+        label: &str,
+        version_value: &HeaderValue,
+        in_flight: &InFlight,
+    ) -> Response<ProxyBody> {
+        let (status, kind, message) = match refusal {
+            Refusal::Backend(kind) => {
+                in_flight.stats().count_error(kind);
+                (kind.status(), kind.as_str(), backend_message(kind, label))
+            }
+            Refusal::TooLarge(limit) => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "request_too_large",
+                format!("request body is larger than the limit of {limit} bytes (listener.max_request_body)"),
+            ),
+            Refusal::ClientBody => (
+                StatusCode::BAD_REQUEST,
+                "client_body",
+                "the request body could not be read from the client".to_string(),
+            ),
+        };
+        in_flight.stats().count_response(status);
+        let mut response = json_error(
+            status,
+            serde_json::json!({"error": message, "version": label, "kind": kind}),
+        );
+        if let Some(name) = &self.settings.version_header {
+            response
+                .headers_mut()
+                .insert(name.clone(), version_value.clone());
+        }
+        response
+    }
+}
+
+fn backend_message(kind: ErrorKind, label: &str) -> String {
+    match kind {
+        ErrorKind::Connect => format!("a backend of {label} refused the connection"),
+        ErrorKind::ConnectTimeout => format!("a backend of {label} did not accept a connection within proxy.connect_timeout"),
+        ErrorKind::Reset => format!("a backend of {label} closed the connection before answering"),
+        ErrorKind::Timeout => format!("a backend of {label} sent no response within proxy.response_header_timeout"),
+        ErrorKind::Protocol => format!("a backend of {label} answered with something that is not valid HTTP"),
+        ErrorKind::NoBackend => format!("every backend of {label} is failing; none is usable right now"),
+        ErrorKind::Body | ErrorKind::IdleTimeout => format!("a backend of {label} failed mid-response"),
+    }
+}
+
+/// Sorts an upstream failure into what the client is told.
+fn classify(e: &hyper_util::client::legacy::Error) -> Refusal {
+    let chain = || {
+        std::iter::successors(Some(e as &(dyn StdError + 'static)), |e: &&(dyn StdError + 'static)| (*e).source())
+    };
+    if chain().any(|e| e.is::<BodyTooLarge>()) {
+        return Refusal::TooLarge(
+            chain()
+                .find_map(|e| e.downcast_ref::<BodyTooLarge>())
+                .map_or(0, |b| b.limit),
+        );
+    }
+    if e.is_connect() {
+        let timed_out = chain().any(|e| {
+            e.downcast_ref::<std::io::Error>()
+                .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut)
+        });
+        return Refusal::Backend(if timed_out {
+            ErrorKind::ConnectTimeout
+        } else {
+            ErrorKind::Connect
+        });
+    }
+    for err in chain() {
+        if let Some(h) = err.downcast_ref::<hyper::Error>() {
+            if h.is_parse() || h.is_parse_status() {
+                return Refusal::Backend(ErrorKind::Protocol);
+            }
+            if h.is_user() {
+                return Refusal::ClientBody;
+            }
+        }
+    }
+    Refusal::Backend(ErrorKind::Reset)
+}
+
+fn error_chain(e: &(dyn StdError + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
+/// The request's host: the URI authority (HTTP/2, absolute form) or the Host header.
+fn request_host<B>(req: &Request<B>) -> Option<&str> {
+    req.uri()
+        .host()
+        .or_else(|| req.headers().get(HOST).and_then(|h| h.to_str().ok()))
+}
+
+fn content_length(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+}
+
+/// Removes hop-by-hop headers, including any the `Connection` header names.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    if headers.contains_key(header::CONNECTION) {
+        let named: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|token| HeaderName::try_from(token.trim()).ok())
+            .collect();
+        for name in named {
+            headers.remove(name);
+        }
+    }
+    for name in HOP_BY_HOP {
+        headers.remove(name);
+    }
+}
+
+fn forwarded_headers(headers: &mut HeaderMap, conn: &ConnInfo) {
+    let xff = match headers.get(&X_FORWARDED_FOR) {
+        None => conn.client_ip.clone(),
+        Some(prior) => {
+            let mut joined = Vec::with_capacity(prior.len() + 2 + conn.client_ip.len());
+            joined.extend_from_slice(prior.as_bytes());
+            joined.extend_from_slice(b", ");
+            joined.extend_from_slice(conn.client_ip.as_bytes());
+            HeaderValue::from_bytes(&joined).unwrap_or_else(|_| conn.client_ip.clone())
+        }
+    };
+    headers.insert(X_FORWARDED_FOR.clone(), xff);
+    headers.insert(X_FORWARDED_PROTO.clone(), conn.proto.clone());
+}
+
+pub fn json_error(status: StatusCode, body: serde_json::Value) -> Response<ProxyBody> {
+    let mut response = Response::new(ProxyBody::local(Bytes::from(body.to_string())));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+fn no_route<B>(req: &Request<B>) -> Response<ProxyBody> {
+    json_error(
+        StatusCode::NOT_FOUND,
+        serde_json::json!({
+            "error": format!("no route matches {} (host {:?})", req.uri().path(), request_host(req).unwrap_or("")),
+            "kind": "no_route",
+        }),
+    )
+}
+
+fn bad_override<B>(req: &Request<B>, route: &super::table::Route) -> Response<ProxyBody> {
+    let wanted = req
+        .headers()
+        .get(&OVERRIDE_HEADER)
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+        .unwrap_or_default();
+    json_error(
+        StatusCode::BAD_REQUEST,
+        serde_json::json!({
+            "error": format!(
+                "x-weir-version: {wanted:?} is not served by route {}; it serves {}",
+                route.name, route.override_choices()
+            ),
+            "kind": "bad_override",
+        }),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_and_those_named_in_connection_are_removed() {
+        let mut h = HeaderMap::new();
+        h.insert("connection", HeaderValue::from_static("keep-alive, x-secret"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("transfer-encoding", HeaderValue::from_static("chunked"));
+        h.insert("te", HeaderValue::from_static("trailers"));
+        h.insert("upgrade", HeaderValue::from_static("h2c"));
+        h.insert("x-kept", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h);
+        let left: Vec<_> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(left, ["x-kept"]);
+    }
+
+    #[test]
+    fn forwarded_for_is_appended() {
+        let conn = ConnInfo {
+            client_ip: HeaderValue::from_static("10.0.0.2"),
+            proto: HeaderValue::from_static("http"),
+        };
+        let mut h = HeaderMap::new();
+        forwarded_headers(&mut h, &conn);
+        assert_eq!(h["x-forwarded-for"], "10.0.0.2");
+        h.insert("x-forwarded-for", HeaderValue::from_static("1.2.3.4"));
+        forwarded_headers(&mut h, &conn);
+        assert_eq!(h["x-forwarded-for"], "1.2.3.4, 10.0.0.2");
+        assert_eq!(h["x-forwarded-proto"], "http");
+    }
+}

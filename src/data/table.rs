@@ -1,0 +1,125 @@
+//! The routing table: an immutable snapshot the hot path loads once per request.
+//!
+//! Invariant: everything a request needs to route, forward and count is resolved here when the
+//! table is built — versions, backends, header values, metric handles — so routing allocates
+//! nothing and takes no lock. A request keeps the `Arc<RoutingTable>` it started with.
+
+use std::sync::Arc;
+
+use http::HeaderValue;
+
+use super::upstream::Version;
+use crate::config::StickyKey;
+use crate::metrics::{Role, TargetStats};
+
+/// One generation of routing: every route with its versions.
+#[derive(Debug)]
+pub struct RoutingTable {
+    pub generation: u64,
+    /// Sorted for matching: routes limited to a host first, then longer prefixes first.
+    pub routes: Vec<Route>,
+}
+
+/// A version as one route uses it: the shared upstream plus this route's metric handles.
+#[derive(Debug)]
+pub struct Target {
+    pub version: Arc<Version>,
+    pub role: Role,
+    pub stats: Arc<TargetStats>,
+}
+
+#[derive(Debug)]
+pub struct Route {
+    pub name: Arc<str>,
+    pub prefix: String,
+    pub host: Option<String>,
+    pub stable: Target,
+    pub candidate: Option<Target>,
+    /// Candidate share in basis points.
+    pub weight: u16,
+    pub sticky: Option<StickyKey>,
+    /// Seed of the sticky hash, derived from the candidate's label so each candidate draws its
+    /// own cohort.
+    pub cohort_seed: u64,
+    pub allow_override: bool,
+}
+
+impl RoutingTable {
+    /// The first route that matches, in match order.
+    #[inline]
+    pub fn find(&self, host: Option<&str>, path: &str) -> Option<&Route> {
+        self.routes.iter().find(|r| r.matches(host, path))
+    }
+
+    /// Puts routes in match order: host-limited before any-host, longer prefix before shorter,
+    /// config order otherwise.
+    pub fn sort_routes(routes: &mut [Route]) {
+        routes.sort_by_key(|r| (r.host.is_none(), std::cmp::Reverse(r.prefix.len())));
+    }
+}
+
+impl Route {
+    /// Whether this route serves a request for `host` (port stripped or not) and `path`.
+    #[inline]
+    pub fn matches(&self, host: Option<&str>, path: &str) -> bool {
+        if let Some(want) = &self.host {
+            let Some(host) = host else { return false };
+            let host = strip_port(host);
+            if !host.eq_ignore_ascii_case(want) {
+                return false;
+            }
+        }
+        prefix_matches(&self.prefix, path)
+    }
+
+    pub fn target(&self, role: Role) -> Option<&Target> {
+        match role {
+            Role::Stable => Some(&self.stable),
+            Role::Candidate => self.candidate.as_ref(),
+        }
+    }
+}
+
+/// Segment-aware prefix match: `/v1` matches `/v1` and `/v1/chat`, not `/v10`.
+#[inline]
+fn prefix_matches(prefix: &str, path: &str) -> bool {
+    match path.strip_prefix(prefix) {
+        None => false,
+        Some(rest) => prefix.ends_with('/') || rest.is_empty() || rest.starts_with('/'),
+    }
+}
+
+fn strip_port(host: &str) -> &str {
+    if host.starts_with('[') {
+        // IPv6 literal: keep the brackets, drop a trailing :port.
+        return host.split_once(']').map_or(host, |(h, _)| &host[..=h.len()]);
+    }
+    host.rsplit_once(':').map_or(host, |(h, _)| h)
+}
+
+/// A version label as a response header value, built once per table.
+pub fn label_header(label: &str) -> HeaderValue {
+    HeaderValue::from_str(label).unwrap_or_else(|_| HeaderValue::from_static("invalid-label"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefixes_match_on_segment_boundaries() {
+        assert!(prefix_matches("/", "/anything"));
+        assert!(prefix_matches("/v1", "/v1"));
+        assert!(prefix_matches("/v1", "/v1/chat"));
+        assert!(!prefix_matches("/v1", "/v10"));
+        assert!(prefix_matches("/v1/", "/v1/x"));
+        assert!(!prefix_matches("/v1/chat", "/v1"));
+    }
+
+    #[test]
+    fn ports_are_stripped_from_hosts() {
+        assert_eq!(strip_port("api.example:8080"), "api.example");
+        assert_eq!(strip_port("api.example"), "api.example");
+        assert_eq!(strip_port("[::1]:80"), "[::1]");
+    }
+}

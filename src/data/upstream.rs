@@ -1,0 +1,196 @@
+//! Upstream side: the backends of each version, how one is picked, and passive ejection.
+//!
+//! A `Version` outlives routing tables (tables are rebuilt, versions are reused), so in-flight
+//! counts and ejections survive a weight change. Connections are pooled per backend origin by the
+//! shared HTTP client.
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use http::uri::{Authority, Scheme};
+use http::HeaderValue;
+
+use crate::config::{Balance, VersionConfig};
+
+/// One model version and its backends.
+#[derive(Debug)]
+pub struct Version {
+    pub label: Arc<str>,
+    /// `label` as a header value, for `x-weir-version`.
+    pub label_header: HeaderValue,
+    pub backends: Box<[Backend]>,
+    balance: Balance,
+    next: AtomicUsize,
+}
+
+/// One model server.
+#[derive(Debug)]
+pub struct Backend {
+    pub scheme: Scheme,
+    pub authority: Authority,
+    in_flight: AtomicUsize,
+    /// Milliseconds since [`epoch`] until which this backend is skipped; 0 when usable.
+    ejected_until: AtomicU64,
+}
+
+/// Process-wide reference point for ejection deadlines, kept as plain integers.
+fn epoch() -> Instant {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
+fn now_millis() -> u64 {
+    epoch().elapsed().as_millis() as u64
+}
+
+impl Version {
+    pub fn from_config(config: &VersionConfig) -> Version {
+        let label = config.label();
+        Version {
+            label_header: super::table::label_header(&label),
+            label: label.into(),
+            backends: config
+                .backends
+                .iter()
+                .map(|uri| Backend {
+                    scheme: uri.scheme().cloned().unwrap_or(Scheme::HTTP),
+                    authority: uri
+                        .authority()
+                        .cloned()
+                        .expect("config validation guarantees an authority"),
+                    in_flight: AtomicUsize::new(0),
+                    ejected_until: AtomicU64::new(0),
+                })
+                .collect(),
+            balance: config.balance,
+            next: AtomicUsize::new(0),
+        }
+    }
+
+    /// Whether this version serves the same backends the same way as `config`.
+    pub fn same_as(&self, config: &VersionConfig) -> bool {
+        self.balance == config.balance
+            && self.backends.len() == config.backends.len()
+            && self
+                .backends
+                .iter()
+                .zip(&config.backends)
+                .all(|(b, uri)| Some(&b.authority) == uri.authority())
+    }
+
+    /// Picks a usable backend, or `None` when every backend is ejected.
+    pub fn pick(self: &Arc<Self>) -> Option<BackendGuard> {
+        let n = self.backends.len();
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let now = if self.backends.iter().any(|b| b.ejected_until.load(Ordering::Relaxed) != 0) {
+            now_millis()
+        } else {
+            0
+        };
+        let usable = |b: &Backend| {
+            let until = b.ejected_until.load(Ordering::Relaxed);
+            until == 0 || until <= now
+        };
+        let index = match self.balance {
+            Balance::RoundRobin => (0..n)
+                .map(|i| (start + i) % n)
+                .find(|&i| usable(&self.backends[i])),
+            Balance::LeastLoaded => (0..n)
+                .map(|i| (start + i) % n)
+                .filter(|&i| usable(&self.backends[i]))
+                .min_by_key(|&i| self.backends[i].in_flight.load(Ordering::Relaxed)),
+        }?;
+        self.backends[index].in_flight.fetch_add(1, Ordering::Relaxed);
+        Some(BackendGuard {
+            version: Arc::clone(self),
+            index,
+        })
+    }
+}
+
+impl Backend {
+    /// Skips this backend for `duration` after it refused a connection. Returns whether it was
+    /// usable until now (so the caller logs an ejection once, not per request).
+    pub fn eject(&self, duration: Duration) -> bool {
+        if duration.is_zero() {
+            return false;
+        }
+        let now = now_millis();
+        let previous = self
+            .ejected_until
+            .swap(now + duration.as_millis() as u64, Ordering::Relaxed);
+        previous == 0 || previous <= now
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+}
+
+/// A backend chosen for one request; counts it in flight until dropped.
+#[derive(Debug)]
+pub struct BackendGuard {
+    version: Arc<Version>,
+    index: usize,
+}
+
+impl BackendGuard {
+    pub fn backend(&self) -> &Backend {
+        &self.version.backends[self.index]
+    }
+}
+
+impl Drop for BackendGuard {
+    fn drop(&mut self) {
+        self.backend().in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn version(balance: Balance, n: usize) -> Arc<Version> {
+        Arc::new(Version::from_config(&VersionConfig {
+            model: "m".into(),
+            version: "v".into(),
+            backends: (0..n)
+                .map(|i| format!("http://127.0.0.1:{}/", 9000 + i).parse().unwrap())
+                .collect(),
+            balance,
+        }))
+    }
+
+    #[test]
+    fn round_robin_visits_every_backend_and_skips_ejected_ones() {
+        let v = version(Balance::RoundRobin, 3);
+        let seen: Vec<_> = (0..6)
+            .map(|_| v.pick().unwrap().backend().authority.port_u16().unwrap())
+            .collect();
+        assert_eq!(seen, [9000, 9001, 9002, 9000, 9001, 9002]);
+        assert!(v.backends[1].eject(Duration::from_secs(60)));
+        assert!(!v.backends[1].eject(Duration::from_secs(60)), "already ejected");
+        for _ in 0..6 {
+            assert_ne!(v.pick().unwrap().backend().authority.port_u16(), Some(9001));
+        }
+        v.backends[0].eject(Duration::from_secs(60));
+        v.backends[2].eject(Duration::from_secs(60));
+        assert!(v.pick().is_none());
+    }
+
+    #[test]
+    fn least_loaded_prefers_idle_backends() {
+        let v = version(Balance::LeastLoaded, 2);
+        let first = v.pick().unwrap();
+        let second = v.pick().unwrap();
+        assert_ne!(first.backend().authority, second.backend().authority);
+        let busy = first.backend().authority.clone();
+        drop(second);
+        for _ in 0..4 {
+            assert_ne!(v.pick().unwrap().backend().authority, busy);
+        }
+        drop(first);
+        assert_eq!(v.backends[0].in_flight() + v.backends[1].in_flight(), 0);
+    }
+}
