@@ -46,6 +46,30 @@ pub enum Command {
     },
     /// Run the whole canary on this machine: built-in model servers, the proxy, traffic, a live view.
     Demo(crate::demo::DemoOptions),
+    /// Run one built-in OpenAI-compatible model server (the demo's), for trying weir or load tests.
+    DemoBackend(DemoBackendArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct DemoBackendArgs {
+    /// Address to listen on.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:9001")]
+    pub listen: std::net::SocketAddr,
+    /// Model name it reports.
+    #[arg(long, default_value = "chat")]
+    pub model: String,
+    /// Version it reports (its identity is MODEL@VERSION).
+    #[arg(long, default_value = "v1")]
+    pub version: String,
+    /// Share of chat requests answered with 500, from 0 to 1.
+    #[arg(long, default_value_t = 0.0, value_name = "SHARE")]
+    pub error_rate: f64,
+    /// Delay before the first byte of each chat answer.
+    #[arg(long, default_value = "0ms", value_parser = crate::config::units::parse_duration)]
+    pub latency: std::time::Duration,
+    /// Delay between streamed tokens.
+    #[arg(long, default_value = "0ms", value_parser = crate::config::units::parse_duration)]
+    pub token_delay: std::time::Duration,
 }
 
 const SERVE_HELP: &str = "\
@@ -149,6 +173,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             runtime()?.block_on(crate::demo::run(options))?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::DemoBackend(args) => runtime()?.block_on(demo_backend(args)),
     }
 }
 
@@ -187,8 +212,9 @@ fn serve_config(args: ServeArgs) -> anyhow::Result<Config> {
         (None, None) => anyhow::bail!("give --config FILE, or --stable SPEC for quick mode"),
     };
     let addr = |flag: &str, text: &str| {
-        text.parse()
-            .with_context(|| format!("{flag}: expected an address with a port such as 127.0.0.1:8080, got {text:?}"))
+        text.parse().with_context(|| {
+            format!("{flag}: expected an address with a port such as 127.0.0.1:8080, got {text:?}")
+        })
     };
     if let Some(listen) = &args.listen {
         config.listener.addr = addr("--listen", listen)?;
@@ -222,5 +248,35 @@ async fn serve(config: Config) -> anyhow::Result<ExitCode> {
     if drained == Drained::TimedOut {
         tracing::warn!("some connections were closed before they finished");
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn demo_backend(args: DemoBackendArgs) -> anyhow::Result<ExitCode> {
+    use tokio::signal::unix::{signal, SignalKind};
+    if !(0.0..=1.0).contains(&args.error_rate) {
+        anyhow::bail!(
+            "--error-rate: expected a share from 0 to 1, got {}",
+            args.error_rate
+        );
+    }
+    let mut term = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
+    let server = crate::demo::ModelServer::new(&args.model, &args.version)
+        .error_rate(args.error_rate)
+        .latency(args.latency)
+        .token_delay(args.token_delay)
+        .spawn(args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    tracing::info!(
+        "model server {}@{} on http://{}",
+        args.model,
+        args.version,
+        server.addr()
+    );
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    server.shutdown().await;
     Ok(ExitCode::SUCCESS)
 }

@@ -113,12 +113,18 @@ impl Metrics {
     pub fn new() -> Metrics {
         let registry = Registry::new();
         let requests = IntCounterVec::new(
-            Opts::new("weir_requests_total", "Requests answered, by route, version, role and status class"),
+            Opts::new(
+                "weir_requests_total",
+                "Requests answered, by route, version, role and status class",
+            ),
             &["route", "version", "role", "status_class"],
         )
         .expect("valid metric");
         let errors = IntCounterVec::new(
-            Opts::new("weir_request_errors_total", "Requests that failed at a backend, by kind"),
+            Opts::new(
+                "weir_request_errors_total",
+                "Requests that failed at a backend, by kind",
+            ),
             &["route", "version", "kind"],
         )
         .expect("valid metric");
@@ -146,7 +152,10 @@ impl Metrics {
         )
         .expect("valid metric");
         let weight = IntGaugeVec::new(
-            Opts::new("weir_route_weight_basis_points", "Candidate share of each route, in basis points"),
+            Opts::new(
+                "weir_route_weight_basis_points",
+                "Candidate share of each route, in basis points",
+            ),
             &["route"],
         )
         .expect("valid metric");
@@ -164,7 +173,9 @@ impl Metrics {
             Box::new(weight.clone()),
             Box::new(generation.clone()),
         ] {
-            registry.register(collector).expect("metric names are unique");
+            registry
+                .register(collector)
+                .expect("metric names are unique");
         }
         Metrics {
             registry,
@@ -185,7 +196,13 @@ impl Metrics {
                 .with_label_values(&[route, version, role.as_str(), c])
         };
         Arc::new(TargetStats {
-            requests: [class("1xx"), class("2xx"), class("3xx"), class("4xx"), class("5xx")],
+            requests: [
+                class("1xx"),
+                class("2xx"),
+                class("3xx"),
+                class("4xx"),
+                class("5xx"),
+            ],
             errors: ErrorKind::ALL
                 .map(|k| self.errors.with_label_values(&[route, version, k.as_str()])),
             duration: self.duration.with_label_values(&[route, version]),

@@ -17,8 +17,8 @@ use tokio::task::JoinHandle;
 use crate::config::Config;
 use crate::control::admin::{self, AdminState};
 use crate::control::{build_table, VersionSet};
-use crate::data::listener::{self, ConnSettings};
 pub use crate::data::listener::Drained;
+use crate::data::listener::{self, ConnSettings};
 use crate::data::proxy::{upstream_client, ConnInfo, Proxy, ProxySettings};
 use crate::metrics::Metrics;
 
@@ -49,7 +49,10 @@ pub struct Running {
     table: Arc<ArcSwap<crate::data::RoutingTable>>,
 }
 
-async fn bind(what: &'static str, addr: SocketAddr) -> Result<(TcpListener, SocketAddr), StartError> {
+async fn bind(
+    what: &'static str,
+    addr: SocketAddr,
+) -> Result<(TcpListener, SocketAddr), StartError> {
     let bind_error = |source| StartError::Bind { what, addr, source };
     let listener = TcpListener::bind(addr).await.map_err(bind_error)?;
     let local = listener.local_addr().map_err(bind_error)?;

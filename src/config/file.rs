@@ -130,7 +130,9 @@ impl Checker {
 
 pub(super) fn parse(text: &str) -> Result<Config, Vec<Problem>> {
     let raw: RawConfig = toml::from_str(text).map_err(|e| vec![toml_problem(text, &e)])?;
-    let mut c = Checker { problems: Vec::new() };
+    let mut c = Checker {
+        problems: Vec::new(),
+    };
 
     let listener = ListenerConfig {
         addr: c.addr("listener.addr", &raw.listener.addr, DEFAULT_LISTEN),
@@ -169,7 +171,11 @@ pub(super) fn parse(text: &str) -> Result<Config, Vec<Problem>> {
                     .map_err(|_| format!("{name:?} is not a valid header name")),
             ),
         },
-        connect_timeout: c.duration("proxy.connect_timeout", &p.connect_timeout, d.connect_timeout),
+        connect_timeout: c.duration(
+            "proxy.connect_timeout",
+            &p.connect_timeout,
+            d.connect_timeout,
+        ),
         response_header_timeout: c.duration(
             "proxy.response_header_timeout",
             &p.response_header_timeout,
@@ -189,7 +195,10 @@ pub(super) fn parse(text: &str) -> Result<Config, Vec<Problem>> {
     };
     for (name, value) in [
         ("proxy.connect_timeout", proxy.connect_timeout),
-        ("proxy.response_header_timeout", proxy.response_header_timeout),
+        (
+            "proxy.response_header_timeout",
+            proxy.response_header_timeout,
+        ),
         ("proxy.idle_timeout", proxy.idle_timeout),
         ("listener.header_read_timeout", listener.header_read_timeout),
     ] {
@@ -221,7 +230,10 @@ pub(super) fn parse(text: &str) -> Result<Config, Vec<Problem>> {
     for (i, r) in raw.routes.iter().enumerate() {
         let path = format!("routes[{i}]");
         if !names.insert(r.name.clone()) {
-            c.problem(format!("{path}.name"), format!("route {:?} is defined more than once", r.name));
+            c.problem(
+                format!("{path}.name"),
+                format!("route {:?} is defined more than once", r.name),
+            );
         }
         let weight = match &r.weight {
             None => 0,
@@ -313,7 +325,10 @@ fn check_version(c: &mut Checker, path: &str, v: &RawVersion) -> Option<VersionC
         ok = false;
     }
     if v.backends.is_empty() {
-        c.problem(format!("{path}.backends"), "at least one backend URL is needed");
+        c.problem(
+            format!("{path}.backends"),
+            "at least one backend URL is needed",
+        );
         ok = false;
     }
     let mut backends = Vec::new();
@@ -368,7 +383,9 @@ pub(super) fn parse_backend_url(url: &str) -> Result<Uri, String> {
         return Err(format!("{url:?} has no host"));
     };
     if authority.as_str().contains('@') {
-        return Err(format!("{url:?}: credentials in backend URLs are not supported"));
+        return Err(format!(
+            "{url:?}: credentials in backend URLs are not supported"
+        ));
     }
     if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
         return Err(format!(
@@ -401,14 +418,21 @@ fn check_route(c: &mut Checker, path: &str, r: &RouteConfig, labels: &HashSet<St
     if !labels.contains(&r.stable) {
         c.problem(
             format!("{path}.stable"),
-            format!("{:?} is not a defined version (model@version); defined: {}", r.stable, known()),
+            format!(
+                "{:?} is not a defined version (model@version); defined: {}",
+                r.stable,
+                known()
+            ),
         );
     }
     if let Some(candidate) = &r.candidate {
         if !labels.contains(candidate) {
             c.problem(
                 format!("{path}.candidate"),
-                format!("{candidate:?} is not a defined version (model@version); defined: {}", known()),
+                format!(
+                    "{candidate:?} is not a defined version (model@version); defined: {}",
+                    known()
+                ),
             );
         }
         if candidate == &r.stable {
@@ -502,9 +526,15 @@ mod tests {
             "routes[1].candidate",
             "routes[1].weight",
         ] {
-            assert!(paths.contains(&expected), "{expected} missing from {problems:?}");
+            assert!(
+                paths.contains(&expected),
+                "{expected} missing from {problems:?}"
+            );
         }
-        let weight = problems.iter().find(|p| p.path == "routes[1].weight").unwrap();
+        let weight = problems
+            .iter()
+            .find(|p| p.path == "routes[1].weight")
+            .unwrap();
         assert_eq!(
             weight.to_string(),
             "routes[1].weight: expected 0..=10000 basis points or a percentage, got \"150%\""
@@ -526,5 +556,20 @@ mod tests {
         let text = MINIMAL.replace("\"0.5%\"", "0.5");
         let problems = parse(&text).unwrap_err();
         assert!(problems[0].message.contains("\"0.5%\""), "{problems:?}");
+    }
+
+    #[test]
+    fn shipped_examples_are_valid() {
+        for (name, text) in [
+            ("config/weir.toml", include_str!("../../config/weir.toml")),
+            (
+                "config/minimal.toml",
+                include_str!("../../config/minimal.toml"),
+            ),
+        ] {
+            if let Err(problems) = parse(text) {
+                panic!("{name}: {problems:?}");
+            }
+        }
     }
 }

@@ -75,7 +75,9 @@ impl QuickMode {
             let text = text.unwrap_or(default);
             text.parse::<SocketAddr>().map_err(|_| QuickSpecError {
                 flag,
-                message: format!("expected an address with a port such as \"{default}\", got {text:?}"),
+                message: format!(
+                    "expected an address with a port such as \"{default}\", got {text:?}"
+                ),
             })
         };
         let route = RouteConfig {

@@ -14,7 +14,11 @@ pub const MAX_BASIS_POINTS: u16 = 10_000;
 pub fn parse_percent(input: &str) -> Result<u16, String> {
     let text = input.trim();
     let number = text.strip_suffix('%').unwrap_or(text).trim();
-    let expected = || format!("expected a percentage between 0% and 100% such as \"5%\" or \"0.5%\", got {input:?}");
+    let expected = || {
+        format!(
+            "expected a percentage between 0% and 100% such as \"5%\" or \"0.5%\", got {input:?}"
+        )
+    };
     if number.is_empty() {
         return Err(expected());
     }
@@ -60,8 +64,9 @@ pub fn format_percent(basis_points: u16) -> String {
 
 /// Parses a duration such as `10s`, `250ms` or `1m 30s`.
 pub fn parse_duration(input: &str) -> Result<Duration, String> {
-    humantime::parse_duration(input.trim())
-        .map_err(|e| format!("expected a duration such as \"10s\" or \"250ms\", got {input:?} ({e})"))
+    humantime::parse_duration(input.trim()).map_err(|e| {
+        format!("expected a duration such as \"10s\" or \"250ms\", got {input:?} ({e})")
+    })
 }
 
 /// Parses a size such as `32MiB`, `1 MB` or `4096` (bytes).
@@ -92,7 +97,9 @@ mod tests {
 
     #[test]
     fn bad_percentages_are_refused_with_the_input_named() {
-        for bad in ["", "%", "150%", "-1%", "abc", "5%%", "1e2", "0.005%", "1.2.3", "."] {
+        for bad in [
+            "", "%", "150%", "-1%", "abc", "5%%", "1e2", "0.005%", "1.2.3", ".",
+        ] {
             let err = parse_percent(bad).unwrap_err();
             assert!(err.contains(&format!("{bad:?}")), "{bad}: {err}");
         }

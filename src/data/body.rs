@@ -63,7 +63,9 @@ impl Body for LimitedBody {
                 if let Some(data) = frame.data_ref() {
                     let len = data.len() as u64;
                     if len > self.remaining {
-                        return Poll::Ready(Some(Err(Box::new(BodyTooLarge { limit: self.limit }))));
+                        return Poll::Ready(Some(Err(Box::new(BodyTooLarge {
+                            limit: self.limit,
+                        }))));
                     }
                     self.remaining -= len;
                 }

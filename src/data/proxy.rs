@@ -134,11 +134,21 @@ impl Proxy {
 
         if let Some(len) = content_length(req.headers()) {
             if len > self.settings.max_request_body {
-                return Ok(self.refuse(Refusal::TooLarge(self.settings.max_request_body), &version.label, version_value, &in_flight));
+                return Ok(self.refuse(
+                    Refusal::TooLarge(self.settings.max_request_body),
+                    &version.label,
+                    version_value,
+                    &in_flight,
+                ));
             }
         }
         let Some(backend) = version.pick() else {
-            return Ok(self.refuse(Refusal::Backend(ErrorKind::NoBackend), &version.label, version_value, &in_flight));
+            return Ok(self.refuse(
+                Refusal::Backend(ErrorKind::NoBackend),
+                &version.label,
+                version_value,
+                &in_flight,
+            ));
         };
 
         let (mut parts, body) = req.into_parts();
@@ -174,7 +184,12 @@ impl Proxy {
         .await;
         let response = match result {
             Err(_elapsed) => {
-                return Ok(self.refuse(Refusal::Backend(ErrorKind::Timeout), &version.label, version_value, &in_flight));
+                return Ok(self.refuse(
+                    Refusal::Backend(ErrorKind::Timeout),
+                    &version.label,
+                    version_value,
+                    &in_flight,
+                ));
             }
             Ok(Err(e)) => {
                 let refusal = classify(&e);
@@ -255,19 +270,32 @@ impl Proxy {
 fn backend_message(kind: ErrorKind, label: &str) -> String {
     match kind {
         ErrorKind::Connect => format!("a backend of {label} refused the connection"),
-        ErrorKind::ConnectTimeout => format!("a backend of {label} did not accept a connection within proxy.connect_timeout"),
+        ErrorKind::ConnectTimeout => {
+            format!("a backend of {label} did not accept a connection within proxy.connect_timeout")
+        }
         ErrorKind::Reset => format!("a backend of {label} closed the connection before answering"),
-        ErrorKind::Timeout => format!("a backend of {label} sent no response within proxy.response_header_timeout"),
-        ErrorKind::Protocol => format!("a backend of {label} answered with something that is not valid HTTP"),
-        ErrorKind::NoBackend => format!("every backend of {label} is failing; none is usable right now"),
-        ErrorKind::Body | ErrorKind::IdleTimeout => format!("a backend of {label} failed mid-response"),
+        ErrorKind::Timeout => {
+            format!("a backend of {label} sent no response within proxy.response_header_timeout")
+        }
+        ErrorKind::Protocol => {
+            format!("a backend of {label} answered with something that is not valid HTTP")
+        }
+        ErrorKind::NoBackend => {
+            format!("every backend of {label} is failing; none is usable right now")
+        }
+        ErrorKind::Body | ErrorKind::IdleTimeout => {
+            format!("a backend of {label} failed mid-response")
+        }
     }
 }
 
 /// Sorts an upstream failure into what the client is told.
 fn classify(e: &hyper_util::client::legacy::Error) -> Refusal {
     let chain = || {
-        std::iter::successors(Some(e as &(dyn StdError + 'static)), |e: &&(dyn StdError + 'static)| (*e).source())
+        std::iter::successors(
+            Some(e as &(dyn StdError + 'static)),
+            |e: &&(dyn StdError + 'static)| (*e).source(),
+        )
     };
     if chain().any(|e| e.is::<BodyTooLarge>()) {
         return Refusal::TooLarge(
@@ -404,7 +432,10 @@ mod tests {
     #[test]
     fn hop_by_hop_headers_and_those_named_in_connection_are_removed() {
         let mut h = HeaderMap::new();
-        h.insert("connection", HeaderValue::from_static("keep-alive, x-secret"));
+        h.insert(
+            "connection",
+            HeaderValue::from_static("keep-alive, x-secret"),
+        );
         h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
         h.insert("x-secret", HeaderValue::from_static("1"));
         h.insert("transfer-encoding", HeaderValue::from_static("chunked"));

@@ -83,7 +83,11 @@ impl Version {
     pub fn pick(self: &Arc<Self>) -> Option<BackendGuard> {
         let n = self.backends.len();
         let start = self.next.fetch_add(1, Ordering::Relaxed);
-        let now = if self.backends.iter().any(|b| b.ejected_until.load(Ordering::Relaxed) != 0) {
+        let now = if self
+            .backends
+            .iter()
+            .any(|b| b.ejected_until.load(Ordering::Relaxed) != 0)
+        {
             now_millis()
         } else {
             0
@@ -101,7 +105,9 @@ impl Version {
                 .filter(|&i| usable(&self.backends[i]))
                 .min_by_key(|&i| self.backends[i].in_flight.load(Ordering::Relaxed)),
         }?;
-        self.backends[index].in_flight.fetch_add(1, Ordering::Relaxed);
+        self.backends[index]
+            .in_flight
+            .fetch_add(1, Ordering::Relaxed);
         Some(BackendGuard {
             version: Arc::clone(self),
             index,
@@ -170,7 +176,10 @@ mod tests {
             .collect();
         assert_eq!(seen, [9000, 9001, 9002, 9000, 9001, 9002]);
         assert!(v.backends[1].eject(Duration::from_secs(60)));
-        assert!(!v.backends[1].eject(Duration::from_secs(60)), "already ejected");
+        assert!(
+            !v.backends[1].eject(Duration::from_secs(60)),
+            "already ejected"
+        );
         for _ in 0..6 {
             assert_ne!(v.pick().unwrap().backend().authority.port_u16(), Some(9001));
         }
