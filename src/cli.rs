@@ -134,7 +134,12 @@ pub struct ServeArgs {
 /// Parses the command line and runs it.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(&cli.log_level);
+    // The demo's live view owns the terminal: only warnings interrupt it unless asked otherwise.
+    let level = match (&cli.command, cli.log_level.as_str()) {
+        (Command::Demo(_), "info") => "warn",
+        (_, level) => level,
+    };
+    init_logging(level);
     match run(cli) {
         Ok(code) => code,
         Err(e) => {

@@ -7,25 +7,27 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
-use http_body_util::channel::Channel;
 use http_body_util::{BodyExt, Either, Full, Limited};
-use hyper::body::Incoming;
+use hyper::body::{Frame, Incoming};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio::net::TcpListener;
+use tokio::sync::mpsc;
 use tokio::task::{JoinHandle, JoinSet};
 use xxhash_rust::xxh3::xxh3_64;
 
-type ReplyBody = Either<Full<Bytes>, Channel<Bytes>>;
+type ReplyBody = Either<Full<Bytes>, ChannelBody>;
 
 /// Chat requests larger than this get 413.
 const MAX_REQUEST_BODY: usize = 1 << 20;
@@ -367,7 +369,7 @@ impl Shared {
     /// Server-sent events, one token per chunk, each sent as its own body frame so it is flushed
     /// on its own. Generation stops when the client goes away.
     fn stream_reply(&self, id: String, answer: Answer) -> Response<ReplyBody> {
-        let (mut tx, body) = Channel::<Bytes>::new(1);
+        let (tx, rx) = mpsc::channel::<Bytes>(1);
         let label = self.label.clone();
         let token_delay = self.server.token_delay;
         let created = unix_now();
@@ -383,7 +385,7 @@ impl Shared {
                 Bytes::from(format!("data: {chunk}\n\n"))
             };
             let opening = chunk(json!({"role": "assistant", "content": ""}), Value::Null);
-            if tx.send_data(opening).await.is_err() {
+            if tx.send(opening).await.is_err() {
                 return;
             }
             for (i, token) in answer.tokens.iter().enumerate() {
@@ -391,7 +393,7 @@ impl Shared {
                     tokio::time::sleep(token_delay).await;
                 }
                 if tx
-                    .send_data(chunk(json!({ "content": token }), Value::Null))
+                    .send(chunk(json!({ "content": token }), Value::Null))
                     .await
                     .is_err()
                 {
@@ -399,12 +401,12 @@ impl Shared {
                 }
             }
             let closing = chunk(json!({}), json!(answer.finish_reason));
-            if tx.send_data(closing).await.is_err() {
+            if tx.send(closing).await.is_err() {
                 return;
             }
-            let _ = tx.send_data(Bytes::from_static(b"data: [DONE]\n\n")).await;
+            let _ = tx.send(Bytes::from_static(b"data: [DONE]\n\n")).await;
         });
-        let mut reply = Response::new(Either::Right(body));
+        let mut reply = Response::new(Either::Right(ChannelBody { rx }));
         let headers = reply.headers_mut();
         headers.insert(
             header::CONTENT_TYPE,
@@ -415,17 +417,98 @@ impl Shared {
     }
 }
 
+// === impl ChannelBody ===
+
+/// A response body fed one frame per message; it ends when the sender is dropped. Each message
+/// is its own frame, so hyper writes (and flushes) every token as it comes.
+#[derive(Debug)]
+struct ChannelBody {
+    rx: mpsc::Receiver<Bytes>,
+}
+
+impl hyper::body::Body for ChannelBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        self.get_mut()
+            .rx
+            .poll_recv(cx)
+            .map(|data| data.map(|d| Ok(Frame::data(d))))
+    }
+}
+
 // === impl Answer ===
 
 /// Words answers are made of; any list works, this one reads vaguely like an answer.
 const WORDS: &[&str] = &[
-    "the", "model", "answer", "is", "likely", "that", "a", "canary", "should", "carry", "some",
-    "traffic", "before", "it", "takes", "all", "of", "it", "and", "every", "version", "gets",
-    "measured", "on", "its", "own", "so", "errors", "show", "early", "when", "latency", "grows",
-    "roll", "back", "quickly", "promote", "carefully", "weights", "move", "in", "small", "steps",
-    "with", "sticky", "sessions", "users", "keep", "their", "cohort", "while", "shadow",
-    "requests", "compare", "outputs", "quietly", "then", "we", "decide", "based", "numbers",
-    "not", "hope", "today",
+    "the",
+    "model",
+    "answer",
+    "is",
+    "likely",
+    "that",
+    "a",
+    "canary",
+    "should",
+    "carry",
+    "some",
+    "traffic",
+    "before",
+    "it",
+    "takes",
+    "all",
+    "of",
+    "it",
+    "and",
+    "every",
+    "version",
+    "gets",
+    "measured",
+    "on",
+    "its",
+    "own",
+    "so",
+    "errors",
+    "show",
+    "early",
+    "when",
+    "latency",
+    "grows",
+    "roll",
+    "back",
+    "quickly",
+    "promote",
+    "carefully",
+    "weights",
+    "move",
+    "in",
+    "small",
+    "steps",
+    "with",
+    "sticky",
+    "sessions",
+    "users",
+    "keep",
+    "their",
+    "cohort",
+    "while",
+    "shadow",
+    "requests",
+    "compare",
+    "outputs",
+    "quietly",
+    "then",
+    "we",
+    "decide",
+    "based",
+    "numbers",
+    "not",
+    "hope",
+    "today",
 ];
 
 impl Answer {
@@ -635,7 +718,8 @@ mod tests {
 
     #[tokio::test]
     async fn streamed_completion_sends_one_token_per_chunk_and_ends_with_done() {
-        let backend = spawn(ModelServer::new("chat", "v2").token_delay(Duration::from_millis(1))).await;
+        let backend =
+            spawn(ModelServer::new("chat", "v2").token_delay(Duration::from_millis(1))).await;
         let (status, headers, frames) = send(
             &client(),
             &backend,
@@ -673,7 +757,11 @@ mod tests {
         assert!(tokens >= MIN_ANSWER_TOKENS as usize);
         assert_eq!(events.len(), tokens + 3);
         // Tokens were flushed one by one, not as one body.
-        assert!(frames.len() > tokens, "{} frames for {tokens} tokens", frames.len());
+        assert!(
+            frames.len() > tokens,
+            "{} frames for {tokens} tokens",
+            frames.len()
+        );
     }
 
     #[tokio::test]
@@ -710,7 +798,8 @@ mod tests {
     async fn models_health_ping_and_unknown_paths() {
         let backend = spawn(ModelServer::new("chat", "v1").latency(Duration::from_secs(60))).await;
         let client = client();
-        let (status, _, body) = send(&client, &backend, Method::GET, "/v1/models", json!(null)).await;
+        let (status, _, body) =
+            send(&client, &backend, Method::GET, "/v1/models", json!(null)).await;
         assert_eq!(status, StatusCode::OK);
         let v: Value = serde_json::from_slice(&body.concat()).unwrap();
         assert_eq!(v["data"][0]["id"], "chat@v1");
@@ -723,8 +812,14 @@ mod tests {
         assert_eq!(status, StatusCode::NOT_FOUND);
         let v: Value = serde_json::from_slice(&body.concat()).unwrap();
         assert!(v["error"]["message"].as_str().unwrap().contains("/nope"));
-        let (status, headers, _) =
-            send(&client, &backend, Method::GET, "/v1/chat/completions", json!(null)).await;
+        let (status, headers, _) = send(
+            &client,
+            &backend,
+            Method::GET,
+            "/v1/chat/completions",
+            json!(null),
+        )
+        .await;
         assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
         assert_eq!(headers[header::ALLOW], "POST");
         let (status, _, _) = send(
@@ -762,10 +857,18 @@ mod tests {
                 identical += 1;
             }
             total_tokens += v1.tokens.len();
-            shared_tokens += v1.tokens.iter().zip(&v2.tokens).filter(|(x, y)| x == y).count();
+            shared_tokens += v1
+                .tokens
+                .iter()
+                .zip(&v2.tokens)
+                .filter(|(x, y)| x == y)
+                .count();
         }
         assert!(identical < 100, "{identical} of 200 answers identical");
-        assert!(shared_tokens * 2 > total_tokens, "versions share too few tokens");
+        assert!(
+            shared_tokens * 2 > total_tokens,
+            "versions share too few tokens"
+        );
 
         let cut = Answer::generate("user: hello\n", "v1", Some(3));
         assert_eq!(cut.tokens.len(), 3);
