@@ -373,15 +373,18 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 }
 
 fn forwarded_headers(headers: &mut HeaderMap, conn: &ConnInfo) {
-    let xff = match headers.get(&X_FORWARDED_FOR) {
-        None => conn.client_ip.clone(),
-        Some(prior) => {
-            let mut joined = Vec::with_capacity(prior.len() + 2 + conn.client_ip.len());
-            joined.extend_from_slice(prior.as_bytes());
+    // Earlier hops may have sent several X-Forwarded-For lines; keep them all, in order.
+    let mut prior = headers.get_all(&X_FORWARDED_FOR).iter().peekable();
+    let xff = if prior.peek().is_none() {
+        conn.client_ip.clone()
+    } else {
+        let mut joined = Vec::with_capacity(64);
+        for value in prior {
+            joined.extend_from_slice(value.as_bytes());
             joined.extend_from_slice(b", ");
-            joined.extend_from_slice(conn.client_ip.as_bytes());
-            HeaderValue::from_bytes(&joined).unwrap_or_else(|_| conn.client_ip.clone())
         }
+        joined.extend_from_slice(conn.client_ip.as_bytes());
+        HeaderValue::from_bytes(&joined).unwrap_or_else(|_| conn.client_ip.clone())
     };
     headers.insert(X_FORWARDED_FOR.clone(), xff);
     headers.insert(X_FORWARDED_PROTO.clone(), conn.proto.clone());

@@ -1,0 +1,191 @@
+//! The command line: `weir check` reports every problem with its path, `weir serve --help` is
+//! there, and quick mode serves a split without a config file.
+
+mod common;
+
+use std::process::{Command, Output};
+
+use common::*;
+
+fn weir(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_weir"))
+        .args(args)
+        .env("NO_COLOR", "1")
+        .output()
+        .expect("weir binary runs")
+}
+
+fn all_output(output: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+const BAD: &str = r#"
+[listener]
+addr = "127.0.0.1:0"
+
+[proxy]
+connect_timeout = "soon"
+
+[[versions]]
+model = "chat"
+version = "v1"
+backends = ["http://127.0.0.1:9001"]
+
+[[routes]]
+name = "a"
+stable = "chat@v1"
+
+[[routes]]
+name = "b"
+stable = "chat@v1"
+candidate = "chat@v9"
+weight = "150%"
+"#;
+
+const GOOD: &str = r#"
+[listener]
+addr = "127.0.0.1:0"
+
+[admin]
+addr = "127.0.0.1:0"
+
+[[versions]]
+model = "chat"
+version = "v1"
+backends = ["http://127.0.0.1:9001"]
+
+[[versions]]
+model = "chat"
+version = "v2"
+backends = ["http://127.0.0.1:9002"]
+
+[[routes]]
+name = "chat"
+stable = "chat@v1"
+candidate = "chat@v2"
+weight = "5%"
+sticky_header = "x-session-id"
+"#;
+
+#[test]
+fn check_reports_every_problem_with_its_path_and_exits_1() {
+    let dir = temp_dir("check-bad");
+    let path = dir.path().join("bad.toml");
+    std::fs::write(&path, BAD).unwrap();
+    let output = weir(&["check", "--config", path.to_str().unwrap()]);
+    let text = all_output(&output);
+    assert_eq!(output.status.code(), Some(1), "output:\n{text}");
+    assert!(
+        text.contains(
+            r#"routes[1].weight: expected 0..=10000 basis points or a percentage, got "150%""#
+        ),
+        "output:\n{text}"
+    );
+    for path in ["proxy.connect_timeout", "routes[1].candidate"] {
+        assert!(text.contains(path), "{path} not reported; output:\n{text}");
+    }
+}
+
+#[test]
+fn check_accepts_a_good_config() {
+    let dir = temp_dir("check-good");
+    let path = dir.path().join("good.toml");
+    std::fs::write(&path, GOOD).unwrap();
+    let output = weir(&["check", "--config", path.to_str().unwrap()]);
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "output:\n{}",
+        all_output(&output)
+    );
+}
+
+#[test]
+fn check_names_a_missing_file() {
+    let output = weir(&["check", "--config", "/nonexistent/weir.toml"]);
+    let text = all_output(&output);
+    assert_eq!(output.status.code(), Some(1), "output:\n{text}");
+    assert!(text.contains("/nonexistent/weir.toml"), "output:\n{text}");
+}
+
+#[test]
+fn serve_help_mentions_the_quick_mode_flags() {
+    let output = weir(&["serve", "--help"]);
+    let text = all_output(&output);
+    assert!(output.status.success(), "output:\n{text}");
+    for flag in ["--stable", "--candidate", "--weight", "--config"] {
+        assert!(text.contains(flag), "{flag} missing from help:\n{text}");
+    }
+}
+
+#[test]
+fn listening_line_is_parsed() {
+    // Guards the helper the binary tests rely on.
+    let line = "2024-06-01T00:00:00Z  INFO weir::server: listening proxy=127.0.0.1:8080 admin=127.0.0.1:9901";
+    let (proxy, admin) = parse_listening(line).unwrap();
+    assert_eq!(proxy.to_string(), "127.0.0.1:8080");
+    assert_eq!(admin.to_string(), "127.0.0.1:9901");
+    let coloured = "\u{1b}[32m INFO\u{1b}[0m listening \u{1b}[3mproxy\u{1b}[0m\u{1b}[2m=\u{1b}[0m127.0.0.1:1 \u{1b}[3madmin\u{1b}[0m\u{1b}[2m=\u{1b}[0m127.0.0.1:2";
+    assert!(parse_listening(coloured).is_some());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quick_mode_serves_the_split_and_the_admin_api() {
+    let v1 = Backend::named("chat@v1").await;
+    let v2 = Backend::named("chat@v2").await;
+    let cwd = temp_dir("quick");
+    let stable = format!("chat@v1={}", v1.url());
+    let candidate = format!("chat@v2={}", v2.url());
+    let mut weir = WeirProcess::spawn(
+        &[
+            "serve",
+            "--stable",
+            &stable,
+            "--candidate",
+            &candidate,
+            "--weight",
+            "100%",
+            "--sticky-header",
+            "x-session",
+            "--allow-override",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
+        ],
+        cwd.path(),
+    );
+    let client = http1();
+    for _ in 0..5 {
+        let reply = get_with(&client, &weir.url("/v1/x"), &[("x-session", "s1")]).await;
+        assert_eq!(reply.status, 200, "{}", weir.log());
+        assert_eq!(reply.served_by(), "chat@v2");
+        assert_eq!(reply.text(), "chat@v2");
+    }
+    let reply = get_with(
+        &client,
+        &weir.url("/v1/x"),
+        &[("x-weir-version", "chat@v1")],
+    )
+    .await;
+    assert_eq!(
+        reply.served_by(),
+        "chat@v1",
+        "--allow-override was not applied"
+    );
+
+    let routes = get(&client, &weir.admin_url("/v1/routes")).await.json();
+    let route = &routes["routes"][0];
+    assert_eq!(route["name"], "default", "{routes}");
+    assert_eq!(route["stable"], "chat@v1");
+    assert_eq!(route["candidate"], "chat@v2");
+    assert_eq!(route["weight"], 10_000);
+
+    weir.sigterm();
+    let status = weir.exit_status(DEADLINE).await;
+    assert_eq!(status.code(), Some(0), "output:\n{}", weir.log());
+}

@@ -1,0 +1,496 @@
+//! Streaming both ways without buffering: SSE events in lockstep with the client, 16 MiB bodies
+//! byte-identical in both directions (content-length and chunked), the request body limit, and a
+//! client that goes away cancelling the upstream request.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::*;
+use http::{Method, Request, Response};
+use http_body_util::BodyExt;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::oneshot;
+
+const ONE_VERSION: &str = r#"
+[[versions]]
+model = "chat"
+version = "v1"
+backends = ["{v1}"]
+
+[[routes]]
+name = "chat"
+stable = "chat@v1"
+"#;
+
+const SIXTEEN_MIB: usize = 16 * 1024 * 1024;
+const CHUNK: usize = 64 * 1024;
+
+// === server-sent events ===
+
+async fn sse_in_lockstep(client: HttpClient, expected_version: http::Version) {
+    const EVENTS: usize = 8;
+    let (backend, ack) = lockstep_sse_backend(EVENTS).await;
+    let weir = Weir::start(ONE_VERSION, &[("v1", &backend.url())]).await;
+    let (head, mut events) = open_stream(&client, &weir.url("/v1/stream")).await;
+    assert_eq!(head.status, 200);
+    assert_eq!(head.version, expected_version);
+    assert_eq!(
+        head.headers.get("content-type").unwrap(),
+        "text/event-stream"
+    );
+    assert_eq!(head.headers.get("x-weir-version").unwrap(), "chat@v1");
+    for k in 0..EVENTS {
+        // The backend writes event k+1 only after this acknowledgement, so a proxy that holds
+        // back event k (buffering) times out here instead of hanging.
+        let event = events.next(Duration::from_secs(5)).await;
+        assert_eq!(event.as_deref(), Some(format!("data: {k}").as_str()));
+        let _ = ack.send(k);
+    }
+    assert_eq!(events.next(Duration::from_secs(5)).await, None);
+}
+
+#[tokio::test]
+async fn sse_events_arrive_as_they_are_written() {
+    sse_in_lockstep(http1(), http::Version::HTTP_11).await;
+}
+
+#[tokio::test]
+async fn sse_events_arrive_as_they_are_written_over_http2() {
+    sse_in_lockstep(http2(), http::Version::HTTP_2).await;
+}
+
+// === large bodies ===
+
+/// Answers with `{"len": N, "sha256": "..."}` of the request body, read as a stream.
+async fn hashing_backend() -> Backend {
+    Backend::start(|req: Request<hyper::body::Incoming>| async move {
+        let chunked = req.headers().contains_key("transfer-encoding");
+        let length = req
+            .headers()
+            .get("content-length")
+            .map(|v| v.to_str().unwrap().to_string());
+        let (len, sha) = hash_body(req.into_body()).await;
+        let json = serde_json::json!({
+            "len": len, "sha256": sha, "chunked": chunked, "content_length": length,
+        });
+        Response::new(full(json.to_string()))
+    })
+    .await
+}
+
+/// Answers with 16 MiB of `pattern(_, 7)`, with a content-length for `/length` and chunked
+/// (no length, 64 KiB frames) otherwise.
+async fn big_response_backend() -> Backend {
+    Backend::start(|req: Request<hyper::body::Incoming>| async move {
+        let data = pattern(SIXTEEN_MIB, 7);
+        if req.uri().path().ends_with("/length") {
+            return Response::new(full(data));
+        }
+        let (tx, body) = channel_body(4);
+        tokio::spawn(async move {
+            for start in (0..data.len()).step_by(CHUNK) {
+                let end = (start + CHUNK).min(data.len());
+                if tx.send(data.slice(start..end)).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Response::new(body)
+    })
+    .await
+}
+
+fn chunked_body(data: Bytes) -> Body {
+    let (tx, body) = channel_body(4);
+    tokio::spawn(async move {
+        for start in (0..data.len()).step_by(CHUNK) {
+            let end = (start + CHUNK).min(data.len());
+            if tx.send(data.slice(start..end)).await.is_err() {
+                return;
+            }
+        }
+    });
+    body
+}
+
+async fn big_request(chunked: bool) {
+    let backend = hashing_backend().await;
+    let weir = Weir::start(ONE_VERSION, &[("v1", &backend.url())]).await;
+    let data = pattern(SIXTEEN_MIB, 3);
+    let expected = sha256(&data);
+    let body = if chunked {
+        chunked_body(data)
+    } else {
+        full(data)
+    };
+    let reply = send(
+        &http1(),
+        request(Method::POST, &weir.url("/v1/upload"))
+            .body(body)
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    let seen = reply.json();
+    assert_eq!(seen["len"], SIXTEEN_MIB, "{seen}");
+    assert_eq!(seen["sha256"], expected.as_str(), "{seen}");
+    if !chunked {
+        assert_eq!(
+            seen["content_length"],
+            SIXTEEN_MIB.to_string(),
+            "content-length was not forwarded: {seen}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn request_body_16_mib_with_content_length_is_byte_identical() {
+    big_request(false).await;
+}
+
+#[tokio::test]
+async fn request_body_16_mib_chunked_is_byte_identical() {
+    big_request(true).await;
+}
+
+async fn big_response(path: &str) {
+    let backend = big_response_backend().await;
+    let weir = Weir::start(ONE_VERSION, &[("v1", &backend.url())]).await;
+    let req = request(Method::GET, &weir.url(path)).body(empty()).unwrap();
+    let response = tokio::time::timeout(DEADLINE, http1().request(req))
+        .await
+        .expect("response head within the deadline")
+        .expect("request");
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers().get("x-weir-version").unwrap(), "chat@v1");
+    if path.ends_with("/length") {
+        assert_eq!(
+            response.headers().get("content-length").unwrap(),
+            &SIXTEEN_MIB.to_string()
+        );
+    }
+    let (len, sha) = hash_body(response.into_body()).await;
+    assert_eq!(len, SIXTEEN_MIB);
+    assert_eq!(sha, sha256(&pattern(SIXTEEN_MIB, 7)));
+}
+
+#[tokio::test]
+async fn response_body_16_mib_with_content_length_is_byte_identical() {
+    big_response("/v1/download/length").await;
+}
+
+#[tokio::test]
+async fn response_body_16_mib_chunked_is_byte_identical() {
+    big_response("/v1/download/chunked").await;
+}
+
+// === request body limit ===
+
+const LIMITED: &str = r#"
+[listener]
+addr = "127.0.0.1:0"
+max_request_body = "1MiB"
+
+[[versions]]
+model = "chat"
+version = "v1"
+backends = ["{v1}"]
+
+[[routes]]
+name = "chat"
+stable = "chat@v1"
+"#;
+
+const MIB: usize = 1024 * 1024;
+
+/// Writes `head` and then `body` on a raw connection (ignoring write errors: the proxy may
+/// answer and close early) and returns the status code of the response.
+async fn raw_status(addr: SocketAddr, head: String, body: Vec<Vec<u8>>) -> u16 {
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let (mut read, mut write) = stream.into_split();
+    tokio::spawn(async move {
+        if write.write_all(head.as_bytes()).await.is_err() {
+            return;
+        }
+        for piece in body {
+            if write.write_all(&piece).await.is_err() {
+                return;
+            }
+        }
+        // Keep the write half (and so the connection) open until the test is over.
+        std::future::pending::<()>().await;
+    });
+    let mut buf = Vec::new();
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+        let mut chunk = [0u8; 4096];
+        let n = tokio::time::timeout_at(deadline, read.read(&mut chunk))
+            .await
+            .expect("response head within the deadline")
+            .unwrap_or_else(|e| panic!("connection failed before a response head: {e}"));
+        assert!(
+            n > 0,
+            "connection closed before a response head: {:?}",
+            String::from_utf8_lossy(&buf)
+        );
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    let head = String::from_utf8_lossy(&buf).into_owned();
+    let status_line = head.lines().next().unwrap_or_default();
+    status_line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("bad status line {status_line:?}"))
+}
+
+#[tokio::test]
+async fn request_over_the_body_limit_with_content_length_is_413() {
+    let backend = hashing_backend().await;
+    let weir = Weir::start(LIMITED, &[("v1", &backend.url())]).await;
+    let len = 2 * MIB;
+    let head = format!(
+        "POST /v1/upload HTTP/1.1\r\nhost: weir.test\r\ncontent-type: application/octet-stream\r\ncontent-length: {len}\r\n\r\n"
+    );
+    let body = pattern(len, 5).chunks(CHUNK).map(<[u8]>::to_vec).collect();
+    assert_eq!(raw_status(weir.proxy, head, body).await, 413);
+    assert_eq!(
+        backend.hits(),
+        0,
+        "a request known to be too large was forwarded"
+    );
+}
+
+#[tokio::test]
+async fn chunked_request_over_the_body_limit_is_413() {
+    let backend = hashing_backend().await;
+    let weir = Weir::start(LIMITED, &[("v1", &backend.url())]).await;
+    let head = "POST /v1/upload HTTP/1.1\r\nhost: weir.test\r\ntransfer-encoding: chunked\r\n\r\n"
+        .to_string();
+    let mut body: Vec<Vec<u8>> = pattern(2 * MIB, 5)
+        .chunks(CHUNK)
+        .map(|c| {
+            let mut piece = format!("{:x}\r\n", c.len()).into_bytes();
+            piece.extend_from_slice(c);
+            piece.extend_from_slice(b"\r\n");
+            piece
+        })
+        .collect();
+    body.push(b"0\r\n\r\n".to_vec());
+    assert_eq!(raw_status(weir.proxy, head, body).await, 413);
+}
+
+#[tokio::test]
+async fn request_at_the_body_limit_passes() {
+    let backend = hashing_backend().await;
+    let weir = Weir::start(LIMITED, &[("v1", &backend.url())]).await;
+    let data = pattern(MIB, 9);
+    let expected = sha256(&data);
+    let reply = send(
+        &http1(),
+        request(Method::POST, &weir.url("/v1/upload"))
+            .body(full(data))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(reply.json()["sha256"], expected.as_str());
+}
+
+// === backend failures mid-body ===
+
+/// A raw TCP backend that, on every connection, reads the request, writes `response` and then
+/// closes the socket (`hold == false`) or keeps it open and silent (`hold == true`).
+async fn scripted_backend(response: &'static [u8], hold: bool) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        loop {
+            let Ok((mut socket, _)) = listener.accept().await else {
+                continue;
+            };
+            let mut buf = [0u8; 4096];
+            let _ = socket.read(&mut buf).await;
+            let _ = socket.write_all(response).await;
+            if hold {
+                held.push(socket);
+            } else {
+                let _ = socket.shutdown().await;
+            }
+        }
+    });
+    format!("http://{addr}")
+}
+
+/// Reads a response body to its end; returns the bytes read before it ended and whether it
+/// ended with an error.
+async fn read_to_end(mut body: hyper::body::Incoming) -> (Vec<u8>, bool) {
+    let mut data = Vec::new();
+    loop {
+        let frame = tokio::time::timeout(DEADLINE, body.frame())
+            .await
+            .expect("the body neither continued nor ended within the deadline");
+        match frame {
+            None => return (data, false),
+            Some(Ok(frame)) => {
+                if let Ok(chunk) = frame.into_data() {
+                    data.extend_from_slice(&chunk);
+                }
+            }
+            Some(Err(_)) => return (data, true),
+        }
+    }
+}
+
+async fn assert_broken_body(response: &'static [u8], hold: bool, config: &str, kind: &str) {
+    let backend = scripted_backend(response, hold).await;
+    let weir = Weir::start(config, &[("v1", &backend)]).await;
+    let req = request(Method::GET, &weir.url("/v1/stream"))
+        .body(empty())
+        .unwrap();
+    let response = tokio::time::timeout(DEADLINE, http1().request(req))
+        .await
+        .expect("response head within the deadline")
+        .expect("request");
+    assert_eq!(response.status(), 200);
+    let (data, failed) = read_to_end(response.into_body()).await;
+    assert!(
+        failed,
+        "a body the backend broke off ended cleanly for the client after {:?}",
+        String::from_utf8_lossy(&data)
+    );
+    assert!(
+        data.starts_with(b"hello"),
+        "{:?}",
+        String::from_utf8_lossy(&data)
+    );
+    let labels = [("route", "chat"), ("version", "chat@v1"), ("kind", kind)];
+    assert_eventually_eq!(
+        weir.metric("weir_request_errors_total", &labels).await,
+        Some(1.0),
+        "weir_request_errors_total{labels:?}"
+    );
+}
+
+#[tokio::test]
+async fn chunked_body_broken_off_by_the_backend_fails_for_the_client() {
+    assert_broken_body(
+        b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n",
+        false,
+        ONE_VERSION,
+        "body",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn body_shorter_than_its_content_length_fails_for_the_client() {
+    assert_broken_body(
+        b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nhello",
+        false,
+        ONE_VERSION,
+        "body",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn backend_silent_mid_body_is_cut_after_the_idle_timeout() {
+    let config = format!("[proxy]\nidle_timeout = \"300ms\"\n{ONE_VERSION}");
+    let started = std::time::Instant::now();
+    assert_broken_body(
+        b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n",
+        true,
+        &config,
+        "idle_timeout",
+    )
+    .await;
+    assert!(
+        started.elapsed() >= Duration::from_millis(250),
+        "cut after {:?}, idle_timeout is 300ms",
+        started.elapsed()
+    );
+}
+
+// === cancellation ===
+
+#[tokio::test]
+async fn client_disconnect_cancels_the_upstream_request() {
+    let (cancelled_tx, cancelled_rx) = oneshot::channel::<usize>();
+    let cancelled_tx = Arc::new(Mutex::new(Some(cancelled_tx)));
+    let backend = Backend::start(move |_req| {
+        let cancelled_tx = cancelled_tx.clone();
+        async move {
+            let (tx, body) = channel_body(1);
+            tokio::spawn(async move {
+                // Endless in practice: stops only when nobody reads the body any more.
+                for sent in 0..100_000usize {
+                    let chunk = Bytes::from(format!("data: {sent}\n\n"));
+                    let failed = tokio::select! {
+                        result = tx.send(chunk) => result.is_err(),
+                        _ = tx.closed() => true,
+                    };
+                    if failed {
+                        if let Some(signal) = cancelled_tx.lock().unwrap().take() {
+                            let _ = signal.send(sent);
+                        }
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            });
+            Response::builder()
+                .header("content-type", "text/event-stream")
+                .body(body)
+                .unwrap()
+        }
+    })
+    .await;
+    let weir = Weir::start(ONE_VERSION, &[("v1", &backend.url())]).await;
+
+    let stream = TcpStream::connect(weir.proxy).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake::<_, Body>(TokioIo::new(stream))
+        .await
+        .unwrap();
+    let conn = tokio::spawn(conn);
+    let req = Request::builder()
+        .uri("/v1/stream")
+        .header("host", "weir.test")
+        .body(empty())
+        .unwrap();
+    let response = tokio::time::timeout(DEADLINE, sender.send_request(req))
+        .await
+        .expect("response head")
+        .expect("request");
+    let mut body = response.into_body();
+    let first = tokio::time::timeout(DEADLINE, body.frame())
+        .await
+        .expect("first chunk within the deadline");
+    assert!(matches!(first, Some(Ok(_))), "first chunk: {first:?}");
+
+    // Hang up: drop the body and the sender and stop the connection task, closing the socket.
+    drop(body);
+    drop(sender);
+    conn.abort();
+    let _ = conn.await;
+
+    let sent = tokio::time::timeout(DEADLINE, cancelled_rx)
+        .await
+        .expect("the backend still streams long after the client went away")
+        .unwrap();
+    assert!(sent >= 1);
+    assert_eventually!(
+        weir.metric("weir_in_flight_requests", &[("version", "chat@v1")])
+            .await
+            .unwrap_or(0.0)
+            == 0.0,
+        "weir_in_flight_requests did not return to 0 after the client left"
+    );
+}
