@@ -189,3 +189,29 @@ async fn quick_mode_serves_the_split_and_the_admin_api() {
     let status = weir.exit_status(DEADLINE).await;
     assert_eq!(status.code(), Some(0), "output:\n{}", weir.log());
 }
+
+#[test]
+fn demo_runs_a_canary_end_to_end_and_summarizes_it() {
+    let output = weir(&[
+        "demo",
+        "--duration",
+        "2s",
+        "--rps",
+        "100",
+        "--weight",
+        "50%",
+        "--candidate-error-rate",
+        "0.5",
+    ]);
+    let text = all_output(&output);
+    assert!(output.status.success(), "weir demo failed:\n{text}");
+    assert!(text.contains("Summary:"), "no summary:\n{text}");
+    for label in ["chat@v1", "chat@v2"] {
+        assert!(text.contains(label), "{label} missing from:\n{text}");
+    }
+    // Half the candidate's answers fail: the verdict must say so, from measured responses.
+    assert!(
+        text.contains("Verdict: chat@v2 is worse"),
+        "a candidate failing half its requests was not called worse:\n{text}"
+    );
+}
