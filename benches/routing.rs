@@ -6,7 +6,7 @@ use std::hint::black_box;
 use arc_swap::ArcSwap;
 use criterion::{criterion_group, criterion_main, Criterion};
 use http::{HeaderMap, HeaderValue};
-use weir::control::{build_table, VersionSet};
+use weir::control::{build_table, RoutingState, VersionSet};
 use weir::metrics::Metrics;
 use weir::Config;
 
@@ -49,7 +49,8 @@ weight = "5%"
 fn routing(c: &mut Criterion) {
     let config = Config::from_toml_str(CONFIG, "bench").expect("valid bench config");
     let metrics = Metrics::new();
-    let table = build_table(&config, 1, &metrics, &mut VersionSet::default()).expect("table");
+    let state = RoutingState::from_config(&config);
+    let table = build_table(&config, &state, &metrics, &mut VersionSet::default()).expect("table");
     let table = ArcSwap::from_pointee(table);
 
     let plain = HeaderMap::new();

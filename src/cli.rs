@@ -48,7 +48,40 @@ pub enum Command {
     Demo(crate::demo::DemoOptions),
     /// Run one built-in OpenAI-compatible model server (the demo's), for trying weir or load tests.
     DemoBackend(DemoBackendArgs),
+    /// Change the split of a running weir through its admin API.
+    #[command(after_help = ADMIN_HELP)]
+    Admin(crate::admin_client::AdminArgs),
+    /// Check the audit log.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
 }
+
+#[derive(Subcommand, Debug)]
+pub enum AuditCommand {
+    /// Verify the hash chain of an audit log; exit 1 naming the first bad record.
+    Verify {
+        /// The audit log (`<state-dir>/audit.jsonl`).
+        file: PathBuf,
+        /// The state file whose head the log must end at [default: routing-state.json beside FILE,
+        /// when it exists].
+        #[arg(long, value_name = "FILE")]
+        state: Option<PathBuf>,
+    },
+}
+
+const ADMIN_HELP: &str = "\
+The token comes from WEIR_ADMIN_TOKEN, --admin-token-file, or <state-dir>/admin.token.
+
+Examples:
+  weir admin status
+  weir admin weight chat 5%            # 5% of route chat to its candidate
+  weir admin promote chat --reason \"error rate and p99 within bounds for 2h\"
+  weir admin rollback chat             # during a canary: candidate to 0%; after a promotion: prior stable back
+  weir admin pause chat                # freeze the weight against the canary controller
+  weir admin reload                    # re-read the config file
+  weir admin --admin http://10.0.0.2:9901 --admin-token-file /run/secrets/weir status";
 
 #[derive(Args, Debug)]
 pub struct DemoBackendArgs {
@@ -129,6 +162,11 @@ pub struct ServeArgs {
     /// Directory for persisted routing state and the audit log [default: ./weir-state].
     #[arg(long, value_name = "DIR")]
     pub state_dir: Option<PathBuf>,
+
+    /// File holding the admin token (mode 0600). WEIR_ADMIN_TOKEN takes precedence; with
+    /// neither, weir generates one into <state-dir>/admin.token.
+    #[arg(long, value_name = "FILE")]
+    pub admin_token_file: Option<PathBuf>,
 }
 
 /// Parses the command line and runs it.
@@ -179,6 +217,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::DemoBackend(args) => runtime()?.block_on(demo_backend(args)),
+        Command::Admin(args) => runtime()?.block_on(crate::admin_client::run(args)),
+        Command::Audit {
+            command: AuditCommand::Verify { file, state },
+        } => Ok(audit_verify(&file, state.as_deref())),
     }
 }
 
@@ -230,17 +272,79 @@ fn serve_config(args: ServeArgs) -> anyhow::Result<Config> {
     if let Some(dir) = args.state_dir {
         config.state_dir = dir;
     }
+    if let Ok(token) = std::env::var("WEIR_ADMIN_TOKEN") {
+        config.admin.token = Some(token);
+    } else if let Some(path) = &args.admin_token_file {
+        config.admin.token = Some(crate::control::auth::read_token_file(path)?);
+    }
     Ok(config)
+}
+
+fn audit_verify(file: &std::path::Path, state: Option<&std::path::Path>) -> ExitCode {
+    use crate::control::audit::verify;
+    use crate::control::state::{StateStore, STATE_FILE};
+    let beside = file.parent().map(|d| d.join(STATE_FILE));
+    let state_path = state
+        .map(std::path::Path::to_path_buf)
+        .or_else(|| beside.filter(|p| p.exists()));
+    let head = match &state_path {
+        None => None,
+        Some(path) => {
+            let dir = path.parent().unwrap_or(std::path::Path::new("."));
+            let store = StateStore::new(dir);
+            if store.path() != path.as_path() {
+                eprintln!(
+                    "error: --state must be a {STATE_FILE} file, got {}",
+                    path.display()
+                );
+                return ExitCode::FAILURE;
+            }
+            match store.load() {
+                Ok(body) => body.and_then(|b| b.audit_head),
+                Err(e) => {
+                    println!("{e}");
+                    return ExitCode::FAILURE;
+                }
+            }
+        }
+    };
+    match verify(file, head.as_ref()) {
+        Ok(count) => {
+            match &state_path {
+                Some(p) => println!(
+                    "{}: {count} records, chain intact, ends at the head recorded in {}",
+                    file.display(),
+                    p.display()
+                ),
+                None => println!(
+                    "{}: {count} records, chain intact (no state file to check the tail against)",
+                    file.display()
+                ),
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            println!("{e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 async fn serve(config: Config) -> anyhow::Result<ExitCode> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
     let mut int = signal(SignalKind::interrupt()).context("cannot listen for SIGINT")?;
+    let mut hup = signal(SignalKind::hangup()).context("cannot listen for SIGHUP")?;
     let running = Server::start(config).await?;
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM: draining"),
-        _ = int.recv() => tracing::info!("SIGINT: draining (Ctrl-C again to stop at once)"),
+    loop {
+        tokio::select! {
+            _ = term.recv() => { tracing::info!("SIGTERM: draining"); break }
+            _ = int.recv() => { tracing::info!("SIGINT: draining (Ctrl-C again to stop at once)"); break }
+            _ = hup.recv() => match running.reload("signal:SIGHUP").await {
+                Ok(generation) => tracing::info!(generation, "SIGHUP: config reloaded"),
+                Err(e) => tracing::error!(error = %e, detail = %e.detail(), "SIGHUP: reload refused; nothing changed"),
+            },
+        }
     }
     running.shutdown();
     let drained = tokio::select! {

@@ -6,6 +6,7 @@
 #![forbid(unsafe_code)]
 #![warn(rust_2018_idioms, missing_debug_implementations)]
 
+pub mod admin_client;
 pub mod cli;
 pub mod config;
 pub mod control;

@@ -256,4 +256,14 @@ impl TargetStats {
     pub fn count_error(&self, kind: ErrorKind) {
         self.errors[kind.index()].inc();
     }
+
+    /// Responses counted so far (every status class).
+    pub fn requests_total(&self) -> u64 {
+        self.requests.iter().map(|c| c.get()).sum()
+    }
+
+    /// Responses with a 5xx status counted so far, whether weir or the backend chose it.
+    pub fn server_errors_total(&self) -> u64 {
+        self.requests[4].get()
+    }
 }

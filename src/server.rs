@@ -16,7 +16,9 @@ use tokio::task::JoinHandle;
 
 use crate::config::Config;
 use crate::control::admin::{self, AdminState};
-use crate::control::{build_table, VersionSet};
+use crate::control::auth::AdminToken;
+use crate::control::writer::{Change, Command, CommandError};
+use crate::control::Writer;
 pub use crate::data::listener::Drained;
 use crate::data::listener::{self, ConnSettings};
 use crate::data::proxy::{upstream_client, ConnInfo, Proxy, ProxySettings};
@@ -31,8 +33,10 @@ pub enum StartError {
         addr: SocketAddr,
         source: std::io::Error,
     },
-    #[error("cannot build the routing table: {0}")]
-    Table(String),
+    #[error(transparent)]
+    State(#[from] crate::control::writer::OpenError),
+    #[error(transparent)]
+    Token(#[from] crate::control::auth::TokenError),
 }
 
 /// Entry point of the proxy.
@@ -46,7 +50,7 @@ pub struct Running {
     admin_addr: SocketAddr,
     stop: watch::Sender<bool>,
     task: JoinHandle<Drained>,
-    table: Arc<ArcSwap<crate::data::RoutingTable>>,
+    writer: Arc<Writer>,
 }
 
 async fn bind(
@@ -63,14 +67,14 @@ impl Server {
     /// Binds the proxy and admin listeners and starts serving. Port 0 picks a free port; the
     /// bound addresses are on the returned [`Running`].
     pub async fn start(config: Config) -> Result<Running, StartError> {
-        let metrics = Metrics::new();
-        let mut versions = VersionSet::default();
-        let first = build_table(&config, 1, &metrics, &mut versions).map_err(StartError::Table)?;
-        metrics.set_generation(first.generation);
-        let table = Arc::new(ArcSwap::from_pointee(first));
-
-        let (proxy_listener, proxy_addr) = bind("proxy", config.listener.addr).await?;
-        let (admin_listener, admin_addr) = bind("admin", config.admin.addr).await?;
+        let token = AdminToken::resolve(&config)?;
+        let listen_addr = config.listener.addr;
+        let admin_addr = config.admin.addr;
+        // Bind before touching state, so a second weir on the same ports fails without writing.
+        let (proxy_listener, proxy_addr) = bind("proxy", listen_addr).await?;
+        let (admin_listener, admin_addr) = bind("admin", admin_addr).await?;
+        let writer = Arc::new(Writer::open(config.clone(), Metrics::new())?);
+        let table: Arc<ArcSwap<crate::data::RoutingTable>> = Arc::clone(writer.table());
 
         let proxy = Arc::new(Proxy::new(
             Arc::clone(&table),
@@ -84,8 +88,8 @@ impl Server {
             },
         ));
         let admin_state = Arc::new(AdminState {
-            table: Arc::clone(&table),
-            metrics,
+            writer: Arc::clone(&writer),
+            token,
             ready: AtomicBool::new(false),
         });
 
@@ -129,10 +133,14 @@ impl Server {
         );
 
         let mut stop_watch = stop_rx;
+        let closing = Arc::clone(&writer);
         let task = tokio::spawn(async move {
             let _ = stop_watch.wait_for(|s| *s).await;
             admin_state.ready.store(false, Ordering::Relaxed);
             let drained = proxy_task.await.unwrap_or(Drained::TimedOut);
+            if let Err(e) = closing.close().await {
+                tracing::error!(error = %e, "cannot record the last serving window in the audit log");
+            }
             let _ = admin_stop.send(true);
             let _ = admin_task.await;
             tracing::info!(?drained, "stopped");
@@ -144,7 +152,7 @@ impl Server {
             admin_addr,
             stop,
             task,
-            table,
+            writer,
         })
     }
 }
@@ -160,7 +168,26 @@ impl Running {
 
     /// The live routing table (read-only).
     pub fn table(&self) -> Arc<crate::data::RoutingTable> {
-        self.table.load_full()
+        self.writer.table().load_full()
+    }
+
+    /// The one writer of routing changes.
+    pub fn writer(&self) -> &Arc<Writer> {
+        &self.writer
+    }
+
+    /// Re-reads the config file (SIGHUP).
+    pub async fn reload(&self, actor: &str) -> Result<u64, CommandError> {
+        let applied = self
+            .writer
+            .apply(Change {
+                command: Command::Reload,
+                actor: actor.to_string(),
+                reason: None,
+                if_match: None,
+            })
+            .await?;
+        Ok(applied.generation)
     }
 
     /// Starts a graceful shutdown: stop accepting, drain open requests and streams.

@@ -40,6 +40,7 @@ struct RawListener {
 #[serde(deny_unknown_fields)]
 struct RawAdmin {
     addr: Option<String>,
+    token_file: Option<PathBuf>,
 }
 
 #[derive(Deserialize, Default)]
@@ -158,6 +159,8 @@ pub(super) fn parse(text: &str) -> Result<Config, Vec<Problem>> {
     };
     let admin = AdminConfig {
         addr: c.addr("admin.addr", &raw.admin.addr, DEFAULT_ADMIN),
+        token: None,
+        token_file: raw.admin.token_file.clone(),
     };
     let d = ProxyConfig::default();
     let p = &raw.proxy;
@@ -284,6 +287,7 @@ pub(super) fn parse(text: &str) -> Result<Config, Vec<Problem>> {
                 .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR)),
             versions,
             routes,
+            source: None,
         })
     } else {
         Err(c.problems)

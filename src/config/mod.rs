@@ -26,6 +26,8 @@ pub struct Config {
     pub state_dir: PathBuf,
     pub versions: Vec<VersionConfig>,
     pub routes: Vec<RouteConfig>,
+    /// The file this config was read from; `POST /v1/reload` and SIGHUP re-read it.
+    pub source: Option<PathBuf>,
 }
 
 #[derive(Clone, Debug)]
@@ -40,6 +42,11 @@ pub struct ListenerConfig {
 #[derive(Clone, Debug)]
 pub struct AdminConfig {
     pub addr: SocketAddr,
+    /// The admin token itself (from `WEIR_ADMIN_TOKEN` or `--admin-token-file`); never from a
+    /// config file, which is often under source control.
+    pub token: Option<String>,
+    /// A file holding the admin token (`[admin] token_file`).
+    pub token_file: Option<PathBuf>,
 }
 
 #[derive(Clone, Debug)]
@@ -190,7 +197,9 @@ impl Config {
                 message: format!("cannot read the file: {e}"),
             }],
         })?;
-        Config::from_toml_str(&text, &name)
+        let mut config = Config::from_toml_str(&text, &name)?;
+        config.source = Some(path.to_path_buf());
+        Ok(config)
     }
 
     pub fn version(&self, label: &str) -> Option<&VersionConfig> {

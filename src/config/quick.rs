@@ -98,6 +98,8 @@ impl QuickMode {
             },
             admin: AdminConfig {
                 addr: addr(self.admin.as_deref(), DEFAULT_ADMIN, "--admin")?,
+                token: None,
+                token_file: None,
             },
             proxy: ProxyConfig::default(),
             state_dir: self
@@ -105,6 +107,7 @@ impl QuickMode {
                 .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR)),
             versions: std::iter::once(stable).chain(candidate).collect(),
             routes: vec![route],
+            source: None,
         })
     }
 }

@@ -1,48 +1,76 @@
-//! The admin listener: metrics, health, readiness and the live routing table.
+//! The admin listener: metrics, health, readiness, the live routing table, and the mutating
+//! calls that move the split.
 //!
-//! Read-only endpoints are open (the listener binds loopback by default). Everything here is
-//! cold: it may allocate and format freely, and never touches a request's hot path.
+//! Read-only endpoints are open (the listener binds loopback by default); every mutating call
+//! needs the bearer token and goes through the one [`Writer`]. Everything here is cold.
 
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use arc_swap::ArcSwap;
 use bytes::Bytes;
-use http::header::{HeaderValue, CONTENT_TYPE};
+use http::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE, IF_MATCH, WWW_AUTHENTICATE};
 use http::{Method, Request, Response, StatusCode};
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
-use serde_json::json;
+use serde::Deserialize;
+use serde_json::{json, Value};
 
-use crate::config::units::format_percent;
-use crate::data::table::{RoutingTable, Target};
-use crate::metrics::Metrics;
+use super::auth::AdminToken;
+use super::writer::{Change, Command, CommandError, Writer};
+use crate::config::units::{format_percent, parse_percent};
+use crate::data::table::{Route, RoutingTable, Target};
 
-/// What the admin endpoints read.
+/// Largest admin request body.
+pub const MAX_ADMIN_BODY: usize = 64 * 1024;
+
+/// What the admin endpoints work with.
 #[derive(Debug)]
 pub struct AdminState {
-    pub table: Arc<ArcSwap<RoutingTable>>,
-    pub metrics: Metrics,
+    pub writer: Arc<Writer>,
+    pub token: AdminToken,
     /// False while starting and while draining: `/readyz` tells load balancers to stay away.
     pub ready: AtomicBool,
+}
+
+type AdminResponse = Response<Full<Bytes>>;
+
+/// A refused admin call: status, message, structured detail.
+struct Refused(StatusCode, String, Value);
+
+impl Refused {
+    fn new(status: StatusCode, message: impl Into<String>) -> Refused {
+        Refused(status, message.into(), Value::Null)
+    }
+
+    fn into_response(self) -> AdminResponse {
+        json_response(self.0, json!({"error": self.1, "detail": self.2}))
+    }
+}
+
+impl From<CommandError> for Refused {
+    fn from(e: CommandError) -> Refused {
+        Refused(e.status(), e.to_string(), e.detail())
+    }
 }
 
 pub async fn handle(
     state: Arc<AdminState>,
     req: Request<Incoming>,
-) -> Result<Response<Full<Bytes>>, Infallible> {
-    let response = match (req.method(), req.uri().path()) {
-        (&Method::GET, "/metrics") => {
-            let mut r = Response::new(Full::new(Bytes::from(state.metrics.encode())));
+) -> Result<AdminResponse, Infallible> {
+    let path = req.uri().path().to_string();
+    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let response = match (req.method().clone(), segments.as_slice()) {
+        (Method::GET, ["metrics"]) => {
+            let mut r = Response::new(Full::new(Bytes::from(state.writer.metrics().encode())));
             r.headers_mut().insert(
                 CONTENT_TYPE,
                 HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
             );
             r
         }
-        (&Method::GET, "/healthz") => json_response(StatusCode::OK, json!({"status": "ok"})),
-        (&Method::GET, "/readyz") => {
+        (Method::GET, ["healthz"]) => json_response(StatusCode::OK, json!({"status": "ok"})),
+        (Method::GET, ["readyz"]) => {
             if state.ready.load(Ordering::Relaxed) {
                 json_response(StatusCode::OK, json!({"status": "ready"}))
             } else {
@@ -52,26 +80,245 @@ pub async fn handle(
                 )
             }
         }
-        (&Method::GET, "/v1/routes") => {
-            json_response(StatusCode::OK, routes_json(&state.table.load()))
+        (Method::GET, ["v1", "routes"]) => {
+            json_response(StatusCode::OK, routes_json(&state.writer.table().load()))
         }
-        (_, "/metrics" | "/healthz" | "/readyz" | "/v1/routes") => json_response(
-            StatusCode::METHOD_NOT_ALLOWED,
-            json!({"error": format!("{} {} is not supported; use GET", req.method(), req.uri().path()), "detail": null}),
-        ),
-        (_, path) => json_response(
+        (Method::GET, ["v1", "routes", name]) => {
+            let table = state.writer.table().load();
+            match table.routes.iter().find(|r| &*r.name == *name) {
+                Some(route) => json_response(
+                    StatusCode::OK,
+                    json!({"generation": table.generation, "route": route_json(route)}),
+                ),
+                None => Refused::new(StatusCode::NOT_FOUND, format!("no route named {name:?}")).into_response(),
+            }
+        }
+        (Method::PUT, ["v1", "routes", _, "weight"])
+        | (Method::POST, ["v1", "routes", _, "promote" | "rollback" | "pause" | "resume"])
+        | (Method::POST, ["v1", "reload"]) => match mutate(&state, req).await {
+            Ok(r) => r,
+            Err(refused) => refused.into_response(),
+        },
+        (_, ["metrics" | "healthz" | "readyz"] | ["v1", "routes"] | ["v1", "routes", _]) => {
+            Refused::new(StatusCode::METHOD_NOT_ALLOWED, format!("{} {path} is not supported; use GET", req.method()))
+                .into_response()
+        }
+        (_, ["v1", "routes", _, "weight"]) => {
+            Refused::new(StatusCode::METHOD_NOT_ALLOWED, format!("{} {path} is not supported; use PUT", req.method()))
+                .into_response()
+        }
+        (_, ["v1", "routes", _, "promote" | "rollback" | "pause" | "resume"] | ["v1", "reload"]) => {
+            Refused::new(StatusCode::METHOD_NOT_ALLOWED, format!("{} {path} is not supported; use POST", req.method()))
+                .into_response()
+        }
+        _ => Refused(
             StatusCode::NOT_FOUND,
-            json!({
-                "error": format!("no admin endpoint at {path}"),
-                "detail": {"endpoints": ["GET /metrics", "GET /healthz", "GET /readyz", "GET /v1/routes"]},
-            }),
-        ),
+            format!("no admin endpoint at {path}"),
+            json!({"endpoints": [
+                "GET /metrics", "GET /healthz", "GET /readyz", "GET /v1/routes", "GET /v1/routes/{route}",
+                "PUT /v1/routes/{route}/weight", "POST /v1/routes/{route}/promote",
+                "POST /v1/routes/{route}/rollback", "POST /v1/routes/{route}/pause",
+                "POST /v1/routes/{route}/resume", "POST /v1/reload",
+            ]}),
+        )
+        .into_response(),
     };
     Ok(response)
 }
 
-/// The live table as `GET /v1/routes` shows it.
-pub fn routes_json(table: &RoutingTable) -> serde_json::Value {
+/// Body of `PUT /v1/routes/{route}/weight`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WeightBody {
+    weight: Option<Value>,
+    basis_points: Option<Value>,
+    reason: Option<String>,
+}
+
+/// Optional body of the POST calls.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct ReasonBody {
+    reason: Option<String>,
+}
+
+async fn mutate(state: &AdminState, req: Request<Incoming>) -> Result<AdminResponse, Refused> {
+    if !state.token.allows(req.headers().get(AUTHORIZATION)) {
+        let mut r = Refused::new(
+            StatusCode::UNAUTHORIZED,
+            "missing or wrong admin token: send `Authorization: Bearer <token>` (the token is in WEIR_ADMIN_TOKEN, \
+             the --admin-token-file, [admin] token_file, or <state-dir>/admin.token)",
+        )
+        .into_response();
+        r.headers_mut()
+            .insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        return Ok(r);
+    }
+    let if_match = match req.headers().get(IF_MATCH) {
+        None => None,
+        Some(v) => Some(
+            v.to_str()
+                .ok()
+                .map(|s| s.trim().trim_matches('"'))
+                .and_then(|s| s.parse::<u64>().ok())
+                .ok_or_else(|| {
+                    Refused::new(
+                        StatusCode::BAD_REQUEST,
+                        "If-Match must be a routing generation number, such as 12",
+                    )
+                })?,
+        ),
+    };
+    let path = req.uri().path().to_string();
+    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let body = read_body(req).await?;
+    let (command, reason) = match segments.as_slice() {
+        ["v1", "routes", route, "weight"] => {
+            let body: WeightBody =
+                parse_json(&body, r#"{"weight": "5%"} or {"basis_points": 500}"#)?;
+            let basis_points = match (&body.weight, &body.basis_points) {
+                (Some(w), None) => weight_from_json(w)?,
+                (None, Some(bp)) => basis_points_from_json(bp)?,
+                _ => {
+                    return Err(Refused::new(
+                        StatusCode::BAD_REQUEST,
+                        r#"give exactly one of "weight" (a percentage: "5%", "0.5%", 5) or "basis_points" (0..=10000)"#,
+                    ))
+                }
+            };
+            (
+                Command::SetWeight {
+                    route: route.to_string(),
+                    basis_points,
+                },
+                body.reason,
+            )
+        }
+        ["v1", "routes", route, action] => {
+            let body: ReasonBody = if body.iter().all(u8::is_ascii_whitespace) {
+                ReasonBody::default()
+            } else {
+                parse_json(&body, r#"no body, or {"reason": "..."}"#)?
+            };
+            let route = route.to_string();
+            let command = match *action {
+                "promote" => Command::Promote { route },
+                "rollback" => Command::Rollback { route },
+                "pause" => Command::Pause { route },
+                _ => Command::Resume { route },
+            };
+            (command, body.reason)
+        }
+        _ => {
+            let body: ReasonBody = if body.iter().all(u8::is_ascii_whitespace) {
+                ReasonBody::default()
+            } else {
+                parse_json(&body, r#"no body, or {"reason": "..."}"#)?
+            };
+            (Command::Reload, body.reason)
+        }
+    };
+    let applied = state
+        .writer
+        .apply(Change {
+            command,
+            actor: state.token.actor().to_string(),
+            reason,
+            if_match,
+        })
+        .await?;
+    let table = state.writer.table().load();
+    let route = applied
+        .route
+        .as_ref()
+        .and_then(|r| table.routes.iter().find(|t| *t.name == r.name))
+        .map(route_json);
+    Ok(json_response(
+        StatusCode::OK,
+        json!({
+            "generation": applied.generation,
+            "changed": applied.changed,
+            "route": route,
+            "notes": applied.notes,
+        }),
+    ))
+}
+
+async fn read_body(req: Request<Incoming>) -> Result<Bytes, Refused> {
+    match Limited::new(req.into_body(), MAX_ADMIN_BODY)
+        .collect()
+        .await
+    {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(Refused::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("admin request bodies are limited to {MAX_ADMIN_BODY} bytes"),
+        )),
+        Err(e) => Err(Refused::new(
+            StatusCode::BAD_REQUEST,
+            format!("cannot read the request body: {e}"),
+        )),
+    }
+}
+
+fn parse_json<T: for<'de> Deserialize<'de>>(body: &[u8], expected: &str) -> Result<T, Refused> {
+    serde_json::from_slice(body).map_err(|e| {
+        Refused(
+            StatusCode::BAD_REQUEST,
+            format!("malformed JSON body: {e}"),
+            json!({"expected": expected}),
+        )
+    })
+}
+
+/// `"5%"`, `"0.5%"`, `"5"` or `5` / `0.5` (a bare number is a percentage).
+fn weight_from_json(value: &Value) -> Result<u16, Refused> {
+    let text = match value {
+        Value::String(s) => s.clone(),
+        Value::Number(n) => n.to_string(),
+        other => {
+            return Err(Refused::new(
+                StatusCode::BAD_REQUEST,
+                format!("\"weight\" must be a percentage such as \"5%\" or 5, got {other}"),
+            ))
+        }
+    };
+    let number = text.trim().trim_end_matches('%').trim();
+    match number.parse::<f64>() {
+        Err(_) => Err(Refused::new(
+            StatusCode::BAD_REQUEST,
+            format!("\"weight\" must be a percentage such as \"5%\" or \"0.5%\", got {text:?}"),
+        )),
+        Ok(n) if !(0.0..=100.0).contains(&n) => Err(Refused::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!("\"weight\" must be between 0% and 100%, got {text:?}"),
+        )),
+        Ok(_) => {
+            parse_percent(&text).map_err(|e| Refused::new(StatusCode::UNPROCESSABLE_ENTITY, e))
+        }
+    }
+}
+
+fn basis_points_from_json(value: &Value) -> Result<u16, Refused> {
+    match value.as_u64() {
+        Some(bp) if bp <= 10_000 => Ok(bp as u16),
+        Some(bp) => Err(Refused::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!("\"basis_points\" must be between 0 and 10000, got {bp}"),
+        )),
+        None if value.is_number() => Err(Refused::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!("\"basis_points\" must be a whole number between 0 and 10000, got {value}"),
+        )),
+        None => Err(Refused::new(
+            StatusCode::BAD_REQUEST,
+            format!("\"basis_points\" must be a whole number between 0 and 10000, got {value}"),
+        )),
+    }
+}
+
+/// One route as the admin API shows it.
+pub fn route_json(r: &Route) -> Value {
     let target = |t: &Target| {
         json!({
             "version": &*t.version.label,
@@ -81,35 +328,38 @@ pub fn routes_json(table: &RoutingTable) -> serde_json::Value {
             })).collect::<Vec<_>>(),
         })
     };
-    let routes: Vec<_> = table
-        .routes
-        .iter()
-        .map(|r| {
-            json!({
-                "name": &*r.name,
-                "prefix": r.prefix,
-                "host": r.host,
-                "stable": &*r.stable.version.label,
-                "candidate": r.candidate.as_ref().map(|c| &*c.version.label),
-                "weight": r.weight,
-                "weight_percent": format_percent(r.weight),
-                "state": if r.candidate.is_some() { "canary" } else { "stable" },
-                "sticky": r.sticky.as_ref().map(|s| match s {
-                    crate::config::StickyKey::Header(h) => json!({"header": h.as_str()}),
-                    crate::config::StickyKey::Cookie(c) => json!({"cookie": c}),
-                }),
-                "allow_override": r.allow_override,
-                "targets": {
-                    "stable": target(&r.stable),
-                    "candidate": r.candidate.as_ref().map(target),
-                },
-            })
-        })
-        .collect();
-    json!({"generation": table.generation, "routes": routes})
+    json!({
+        "name": &*r.name,
+        "prefix": r.prefix,
+        "host": r.host,
+        "stable": r.state.stable,
+        "candidate": r.state.candidate,
+        "weight": r.state.weight,
+        "weight_percent": format_percent(r.state.weight),
+        "state": r.state.status(),
+        "paused": r.state.paused,
+        "rollback_target": r.state.rollback_target,
+        "sticky": r.sticky.as_ref().map(|s| match s {
+            crate::config::StickyKey::Header(h) => json!({"header": h.as_str()}),
+            crate::config::StickyKey::Cookie(c) => json!({"cookie": c}),
+        }),
+        "allow_override": r.allow_override,
+        "targets": {
+            "stable": target(&r.stable),
+            "candidate": r.candidate.as_ref().map(target),
+        },
+    })
 }
 
-fn json_response(status: StatusCode, body: serde_json::Value) -> Response<Full<Bytes>> {
+/// The live table as `GET /v1/routes` shows it.
+pub fn routes_json(table: &RoutingTable) -> Value {
+    json!({
+        "generation": table.generation,
+        "routes": table.routes.iter().map(route_json).collect::<Vec<_>>(),
+    })
+}
+
+fn json_response(status: StatusCode, body: Value) -> AdminResponse {
     let mut r = Response::new(Full::new(Bytes::from(body.to_string())));
     *r.status_mut() = status;
     r.headers_mut()

@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use super::state::RoutingState;
 use crate::config::Config;
 use crate::data::split::cohort_seed;
 use crate::data::table::{Route, RoutingTable, Target};
@@ -30,15 +31,19 @@ impl VersionSet {
     }
 }
 
-/// Builds generation `generation` of the routing table for `config`.
+/// Builds the routing table for `state` over the routes and versions of `config`: the config
+/// gives each route its match and stickiness, the state its versions and weight.
 pub fn build_table(
     config: &Config,
-    generation: u64,
+    state: &RoutingState,
     metrics: &Metrics,
     versions: &mut VersionSet,
 ) -> Result<RoutingTable, String> {
     let mut routes = Vec::with_capacity(config.routes.len());
     for r in &config.routes {
+        let live = state
+            .route(&r.name)
+            .ok_or_else(|| format!("route {} has no state", r.name))?;
         let mut target = |label: &str, role: Role| -> Result<Target, String> {
             let version = versions
                 .get_or_create(config, label)
@@ -49,13 +54,13 @@ pub fn build_table(
                 role,
             })
         };
-        let stable = target(&r.stable, Role::Stable)?;
-        let candidate = r
-            .candidate
-            .as_deref()
+        let stable = target(&live.stable, Role::Stable)?;
+        let candidate = live
+            .serving_candidate()
             .map(|c| target(c, Role::Candidate))
             .transpose()?;
-        metrics.set_weight(&r.name, r.weight);
+        let weight = if candidate.is_some() { live.weight } else { 0 };
+        metrics.set_weight(&r.name, weight);
         routes.push(Route {
             name: r.name.as_str().into(),
             prefix: r.prefix.clone(),
@@ -65,11 +70,15 @@ pub fn build_table(
                 .as_ref()
                 .map_or(0, |c| cohort_seed(&c.version.label)),
             candidate,
-            weight: r.weight,
+            weight,
             sticky: r.sticky.clone(),
             allow_override: r.allow_override,
+            state: live.clone(),
         });
     }
     RoutingTable::sort_routes(&mut routes);
-    Ok(RoutingTable { generation, routes })
+    Ok(RoutingTable {
+        generation: state.generation,
+        routes,
+    })
 }

@@ -1,11 +1,17 @@
-//! The cold path: building routing tables from configuration and serving the admin API.
+//! The cold path: routing state, the one writer that changes it, the audit log, and the admin API.
 //!
-//! Invariant: the hot path only ever sees a complete, validated [`RoutingTable`]; tables are
-//! built whole here and swapped in atomically.
+//! Invariant: the hot path only ever sees a complete, validated [`RoutingTable`] that was
+//! persisted and audited first; tables are built whole here and swapped in atomically.
 //!
 //! [`RoutingTable`]: crate::data::RoutingTable
 
 pub mod admin;
+pub mod audit;
+pub mod auth;
 mod build;
+pub mod state;
+pub mod writer;
 
 pub use build::{build_table, VersionSet};
+pub use state::{RouteState, RoutingState};
+pub use writer::{Command, CommandError, Writer};

@@ -167,7 +167,8 @@ mod tests {
             "#
         );
         let config = crate::Config::from_toml_str(&text, "test").unwrap();
-        build_table(&config, 1, &Metrics::new(), &mut VersionSet::default()).unwrap()
+        let state = crate::control::RoutingState::from_config(&config);
+        build_table(&config, &state, &Metrics::new(), &mut VersionSet::default()).unwrap()
     }
 
     #[test]

@@ -42,6 +42,8 @@ pub struct Route {
     /// own cohort.
     pub cohort_seed: u64,
     pub allow_override: bool,
+    /// The admin view of this route (status, pause, rollback target); cold, never read per request.
+    pub state: crate::control::RouteState,
 }
 
 impl RoutingTable {

@@ -1,0 +1,402 @@
+//! The audit log: one JSON line per routing change, chained by SHA-256.
+//!
+//! Each record carries the hash of the record before it (`prev`) and its own `hash`, the SHA-256
+//! of its canonical bytes: the exact line with the trailing `,"hash":"…"` removed. Editing,
+//! deleting, inserting or reordering a line breaks the chain; the state file remembers the head,
+//! so cutting off the tail is caught too.
+
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::state::{sha256_hex, AuditHead};
+
+pub const AUDIT_FILE: &str = "audit.jsonl";
+/// `prev` of the first record.
+pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
+/// One change, as it is written.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Record {
+    pub seq: u64,
+    pub time: String,
+    /// Who made the change: `admin:<token fingerprint>`, `config`, `canary`, `weir`.
+    pub actor: String,
+    pub action: String,
+    pub route: Option<String>,
+    pub before: Value,
+    pub after: Value,
+    /// The generation this change starts.
+    pub generation: u64,
+    pub reason: Option<String>,
+    /// The serving window this change closes: the generation before it, who served how much.
+    pub window: Option<Value>,
+    pub prev: String,
+}
+
+/// A record ready to append: its line and hash are final.
+#[derive(Clone, Debug)]
+pub struct Prepared {
+    pub seq: u64,
+    pub hash: String,
+    pub line: String,
+}
+
+impl Prepared {
+    pub fn head(&self) -> AuditHead {
+        AuditHead {
+            seq: self.seq,
+            hash: self.hash.clone(),
+            line: self.line.clone(),
+        }
+    }
+}
+
+/// The append-only audit file.
+#[derive(Debug)]
+pub struct AuditLog {
+    path: PathBuf,
+    file: File,
+    next_seq: u64,
+    head: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AuditError {
+    #[error("cannot open the audit log {path}: {source}")]
+    Open {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot append to the audit log {path}: {source}")]
+    Append {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "the audit log {path} does not end where the state file says it should ({detail}); it was cut off \
+         or edited. Run `weir audit verify {path}` to find the first bad record"
+    )]
+    HeadMismatch { path: PathBuf, detail: String },
+}
+
+/// The seq and hash of the last line of a log, checking only that line.
+fn last_record(path: &Path) -> Result<Option<(u64, String)>, String> {
+    let file = match File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e.to_string()),
+    };
+    let mut last = None;
+    for line in BufReader::new(file).lines() {
+        let line = line.map_err(|e| e.to_string())?;
+        if !line.is_empty() {
+            last = Some(line);
+        }
+    }
+    match last {
+        None => Ok(None),
+        Some(line) => {
+            let (seq, hash) = check_line(&line)?;
+            Ok(Some((seq, hash)))
+        }
+    }
+}
+
+/// Checks one line's own hash; returns its seq and hash.
+fn check_line(line: &str) -> Result<(u64, String), String> {
+    let record: Value = serde_json::from_str(line).map_err(|e| format!("not JSON: {e}"))?;
+    let hash = record["hash"].as_str().ok_or("no hash field")?.to_string();
+    let suffix = format!(",\"hash\":\"{hash}\"}}");
+    let canonical = line
+        .strip_suffix(&suffix)
+        .ok_or("the hash is not the last field")?;
+    let actual = sha256_hex(format!("{canonical}}}").as_bytes());
+    if actual != hash {
+        return Err(format!(
+            "its content hashes to {actual}, not to its recorded {hash}: it was edited"
+        ));
+    }
+    let seq = record["seq"].as_u64().ok_or("no seq field")?;
+    Ok((seq, hash))
+}
+
+impl AuditLog {
+    /// Opens the log in `dir`, making sure it ends at `expected` (the head the state file
+    /// remembers). A log exactly one record short of it — a crash between writing the state and
+    /// appending — is repaired from the record the state file keeps.
+    pub fn open(dir: &Path, expected: Option<&AuditHead>) -> Result<AuditLog, AuditError> {
+        let path = dir.join(AUDIT_FILE);
+        let open_error = |source| AuditError::Open {
+            path: path.clone(),
+            source,
+        };
+        std::fs::create_dir_all(dir).map_err(open_error)?;
+        let mismatch = |detail: String| AuditError::HeadMismatch {
+            path: path.clone(),
+            detail,
+        };
+        let last =
+            last_record(&path).map_err(|e| mismatch(format!("its last record is bad: {e}")))?;
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(open_error)?;
+        let (mut next_seq, mut head) = match &last {
+            Some((seq, hash)) => (seq + 1, hash.clone()),
+            None => (1, GENESIS.to_string()),
+        };
+        let mut log = AuditLog {
+            path: path.clone(),
+            file,
+            next_seq,
+            head: head.clone(),
+        };
+        if let Some(expected) = expected {
+            if head != expected.hash {
+                let (pending_seq, pending_prev) = serde_json::from_str::<Value>(&expected.line)
+                    .ok()
+                    .and_then(|v| Some((v["seq"].as_u64()?, v["prev"].as_str()?.to_string())))
+                    .unwrap_or((0, String::new()));
+                let repairable = pending_seq == next_seq
+                    && pending_prev == head
+                    && check_line(&expected.line).is_ok_and(|(_, h)| h == expected.hash);
+                if !repairable {
+                    return Err(mismatch(format!(
+                        "the state's head is record {} ({}), the log ends at record {} ({})",
+                        expected.seq,
+                        expected.hash,
+                        next_seq - 1,
+                        head
+                    )));
+                }
+                tracing::warn!(seq = pending_seq, "the audit log missed its last record (a crash between state and log); appending it from the state file");
+                log.append(&Prepared {
+                    seq: pending_seq,
+                    hash: expected.hash.clone(),
+                    line: expected.line.clone(),
+                })?;
+                next_seq = log.next_seq;
+                head = log.head.clone();
+            }
+        }
+        log.next_seq = next_seq;
+        log.head = head;
+        Ok(log)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Builds the next record's line without writing it.
+    pub fn prepare(&self, entry: Entry<'_>) -> Prepared {
+        let mut record = entry.into_record();
+        record.seq = self.next_seq;
+        record.prev = self.head.clone();
+        let canonical = serde_json::to_string(&record).expect("records serialize");
+        let hash = sha256_hex(canonical.as_bytes());
+        let line = format!(
+            "{},\"hash\":\"{hash}\"}}",
+            &canonical[..canonical.len() - 1]
+        );
+        Prepared {
+            seq: record.seq,
+            hash,
+            line,
+        }
+    }
+
+    /// Appends a prepared record and fsyncs it.
+    pub fn append(&mut self, prepared: &Prepared) -> Result<(), AuditError> {
+        let append_error = |source| AuditError::Append {
+            path: self.path.clone(),
+            source,
+        };
+        let mut line = Vec::with_capacity(prepared.line.len() + 1);
+        line.extend_from_slice(prepared.line.as_bytes());
+        line.push(b'\n');
+        self.file.write_all(&line).map_err(append_error)?;
+        self.file.sync_data().map_err(append_error)?;
+        self.next_seq = prepared.seq + 1;
+        self.head = prepared.hash.clone();
+        Ok(())
+    }
+}
+
+/// A change to record; [`AuditLog::prepare`] adds time, `seq` and `prev`.
+#[derive(Debug)]
+pub struct Entry<'a> {
+    pub actor: &'a str,
+    pub action: &'a str,
+    pub route: Option<&'a str>,
+    pub before: Value,
+    pub after: Value,
+    pub generation: u64,
+    pub reason: Option<&'a str>,
+    pub window: Option<Value>,
+}
+
+impl Entry<'_> {
+    fn into_record(self) -> Record {
+        Record {
+            seq: 0,
+            time: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
+            actor: self.actor.to_string(),
+            action: self.action.to_string(),
+            route: self.route.map(str::to_string),
+            before: self.before,
+            after: self.after,
+            generation: self.generation,
+            reason: self.reason.map(str::to_string),
+            window: self.window,
+            prev: String::new(),
+        }
+    }
+}
+
+/// What `weir audit verify` found wrong first.
+#[derive(Debug, thiserror::Error)]
+#[error("{path}: line {line}: {message}")]
+pub struct VerifyError {
+    pub path: PathBuf,
+    pub line: usize,
+    pub message: String,
+}
+
+/// Checks the whole chain of a log: each record's own hash, its link to the one before, and
+/// consecutive sequence numbers; then, when given, that the log ends at the state's head.
+/// Returns the number of records.
+pub fn verify(path: &Path, state_head: Option<&AuditHead>) -> Result<u64, VerifyError> {
+    let fail = |line: usize, message: String| VerifyError {
+        path: path.to_path_buf(),
+        line,
+        message,
+    };
+    let file = File::open(path).map_err(|e| fail(0, format!("cannot open: {e}")))?;
+    let mut prev = GENESIS.to_string();
+    let mut expected_seq = 1u64;
+    let mut count = 0;
+    for (i, line) in BufReader::new(file).lines().enumerate() {
+        let n = i + 1;
+        let line = line.map_err(|e| fail(n, format!("cannot read: {e}")))?;
+        let (seq, hash) = check_line(&line).map_err(|e| fail(n, format!("record is bad: {e}")))?;
+        let record: Value = serde_json::from_str(&line).map_err(|e| fail(n, e.to_string()))?;
+        if seq != expected_seq {
+            return Err(fail(
+                n,
+                format!("record {seq} where record {expected_seq} belongs: a record was deleted, inserted or moved"),
+            ));
+        }
+        if record["prev"].as_str() != Some(prev.as_str()) {
+            return Err(fail(
+                n,
+                format!(
+                    "record {seq} does not link to the record before it: the chain was rewritten"
+                ),
+            ));
+        }
+        prev = hash;
+        expected_seq += 1;
+        count += 1;
+    }
+    if let Some(head) = state_head {
+        if head.hash != prev {
+            return Err(fail(
+                count as usize,
+                format!(
+                    "the log ends at record {count} but the state file's head is record {}: records were cut off the end",
+                    head.seq
+                ),
+            ));
+        }
+    }
+    Ok(count)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn dir(tag: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("weir-audit-unit-{}-{tag}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        d
+    }
+
+    fn write_three(d: &Path) -> Vec<Prepared> {
+        let mut log = AuditLog::open(d, None).unwrap();
+        (1..=3)
+            .map(|i| {
+                let p = log.prepare(Entry {
+                    actor: "test",
+                    action: "set_weight",
+                    route: Some("r"),
+                    before: json!(i - 1),
+                    after: json!(i),
+                    generation: i,
+                    reason: None,
+                    window: None,
+                });
+                log.append(&p).unwrap();
+                p
+            })
+            .collect()
+    }
+
+    #[test]
+    fn an_untouched_chain_verifies_and_edits_are_caught() {
+        let d = dir("chain");
+        let records = write_three(&d);
+        let path = d.join(AUDIT_FILE);
+        assert_eq!(verify(&path, Some(&records[2].head())).unwrap(), 3);
+
+        let text = std::fs::read_to_string(&path).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        let edited = text.replacen("\"after\":2", "\"after\":9", 1);
+        std::fs::write(&path, edited).unwrap();
+        let err = verify(&path, None).unwrap_err();
+        assert_eq!(err.line, 2, "{err}");
+
+        std::fs::write(&path, format!("{}\n{}\n", lines[0], lines[2])).unwrap();
+        assert_eq!(verify(&path, None).unwrap_err().line, 2);
+
+        std::fs::write(&path, format!("{}\n{}\n{}\n", lines[1], lines[0], lines[2])).unwrap();
+        assert_eq!(verify(&path, None).unwrap_err().line, 1);
+
+        std::fs::write(&path, format!("{}\n{}\n", lines[0], lines[1])).unwrap();
+        assert!(
+            verify(&path, None).is_ok(),
+            "a cut tail alone looks fine..."
+        );
+        let err = verify(&path, Some(&records[2].head())).unwrap_err();
+        assert!(
+            err.message.contains("cut off"),
+            "...but not next to the state's head: {err}"
+        );
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn a_log_one_record_short_of_the_state_is_repaired_and_others_are_refused() {
+        let d = dir("repair");
+        let records = write_three(&d);
+        let path = d.join(AUDIT_FILE);
+        let text = std::fs::read_to_string(&path).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        std::fs::write(&path, format!("{}\n{}\n", lines[0], lines[1])).unwrap();
+        AuditLog::open(&d, Some(&records[2].head())).unwrap();
+        assert_eq!(verify(&path, Some(&records[2].head())).unwrap(), 3);
+
+        std::fs::write(&path, format!("{}\n", lines[0])).unwrap();
+        let err = AuditLog::open(&d, Some(&records[2].head())).unwrap_err();
+        assert!(err.to_string().contains("weir audit verify"), "{err}");
+        let _ = std::fs::remove_dir_all(&d);
+    }
+}

@@ -1,0 +1,393 @@
+//! Routing state: what admin calls and the canary change (stable, candidate, weight, pause,
+//! rollback), persisted so a restart serves what was last acknowledged.
+//!
+//! Invariant: the state file on disk is always complete — written to a temp file, fsynced,
+//! renamed, the directory fsynced — and carries a SHA-256 of its body, so a torn or edited file
+//! is refused instead of silently replaced by the config's weights.
+
+use std::fs::{self, File};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::config::{Config, RouteConfig, StickyKey};
+
+/// The live, changeable part of one route.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteState {
+    pub name: String,
+    pub stable: String,
+    pub candidate: Option<String>,
+    /// Candidate share in basis points; traffic sees 0 while the candidate is rolled back.
+    pub weight: u16,
+    /// Frozen against the canary controller (admins may still change the weight).
+    pub paused: bool,
+    /// The candidate was rolled back: it takes no traffic until an admin sets a weight again.
+    pub rolled_back: bool,
+    /// The prior stable version after a promotion: where a rollback returns to.
+    pub rollback_target: Option<String>,
+    /// SHA-256 of the config definition this state grew from; a changed definition wins.
+    pub config_digest: String,
+}
+
+impl RouteState {
+    pub fn from_config(route: &RouteConfig) -> RouteState {
+        RouteState {
+            name: route.name.clone(),
+            stable: route.stable.clone(),
+            candidate: route.candidate.clone(),
+            weight: route.weight,
+            paused: false,
+            rolled_back: false,
+            rollback_target: None,
+            config_digest: config_digest(route),
+        }
+    }
+
+    /// `stable`, `canary`, `paused` or `rolled_back`.
+    pub fn status(&self) -> &'static str {
+        match (&self.candidate, self.rolled_back, self.paused) {
+            (None, _, _) => "stable",
+            (Some(_), true, _) => "rolled_back",
+            (Some(_), false, true) => "paused",
+            (Some(_), false, false) => "canary",
+        }
+    }
+
+    /// The candidate that takes traffic, if any.
+    pub fn serving_candidate(&self) -> Option<&str> {
+        self.candidate.as_deref().filter(|_| !self.rolled_back)
+    }
+}
+
+/// Every route's state, at one generation.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RoutingState {
+    pub generation: u64,
+    pub routes: Vec<RouteState>,
+}
+
+impl RoutingState {
+    /// Generation 1 straight from the config, nothing persisted.
+    pub fn from_config(config: &Config) -> RoutingState {
+        RoutingState {
+            generation: 1,
+            routes: config.routes.iter().map(RouteState::from_config).collect(),
+        }
+    }
+
+    pub fn route(&self, name: &str) -> Option<&RouteState> {
+        self.routes.iter().find(|r| r.name == name)
+    }
+}
+
+/// The head of the audit chain as the state file remembers it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditHead {
+    pub seq: u64,
+    pub hash: String,
+    /// The whole record line, so a crash between writing the state and appending the record can
+    /// be repaired exactly on restart.
+    pub line: String,
+}
+
+/// What the state file holds.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StateBody {
+    pub format: u32,
+    pub state: RoutingState,
+    pub audit_head: Option<AuditHead>,
+}
+
+pub const STATE_FORMAT: u32 = 1;
+pub const STATE_FILE: &str = "routing-state.json";
+
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("cannot read the state file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "the state file {path} is corrupt ({why}). weir will not fall back to the config's weights on its own: \
+         restore the file from a backup, or move it aside to start from the config (the audit log keeps the history)"
+    )]
+    Corrupt { path: PathBuf, why: String },
+    #[error("cannot write the state file {path}: {source}")]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// The state file in a state directory.
+#[derive(Debug)]
+pub struct StateStore {
+    dir: PathBuf,
+    path: PathBuf,
+}
+
+impl StateStore {
+    pub fn new(dir: &Path) -> StateStore {
+        StateStore {
+            dir: dir.to_path_buf(),
+            path: dir.join(STATE_FILE),
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Reads and checks the state file; `None` when there is none yet.
+    pub fn load(&self) -> Result<Option<StateBody>, StateError> {
+        let bytes = match fs::read(&self.path) {
+            Ok(bytes) => bytes,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(source) => {
+                return Err(StateError::Read {
+                    path: self.path.clone(),
+                    source,
+                })
+            }
+        };
+        decode(&bytes).map(Some).map_err(|why| StateError::Corrupt {
+            path: self.path.clone(),
+            why,
+        })
+    }
+
+    /// Writes the state durably: temp file, fsync, rename, fsync of the directory.
+    pub fn save(&self, body: &StateBody) -> Result<(), StateError> {
+        let write_error = |source| StateError::Write {
+            path: self.path.clone(),
+            source,
+        };
+        fs::create_dir_all(&self.dir).map_err(write_error)?;
+        let tmp = self.dir.join(format!("{STATE_FILE}.tmp"));
+        let mut file = File::create(&tmp).map_err(write_error)?;
+        file.write_all(&encode(body)).map_err(write_error)?;
+        file.sync_all().map_err(write_error)?;
+        drop(file);
+        fs::rename(&tmp, &self.path).map_err(write_error)?;
+        File::open(&self.dir)
+            .and_then(|d| d.sync_all())
+            .map_err(write_error)?;
+        Ok(())
+    }
+}
+
+/// Two lines: the body as JSON, then `sha256:<hex of the first line's bytes>`.
+fn encode(body: &StateBody) -> Vec<u8> {
+    let json = serde_json::to_string(body).expect("state serializes");
+    format!("{json}\nsha256:{}\n", sha256_hex(json.as_bytes())).into_bytes()
+}
+
+fn decode(bytes: &[u8]) -> Result<StateBody, String> {
+    let text = std::str::from_utf8(bytes).map_err(|_| "not UTF-8".to_string())?;
+    let mut lines = text.split('\n');
+    let json = lines.next().unwrap_or_default();
+    let Some(sum) = lines.next().and_then(|l| l.strip_prefix("sha256:")) else {
+        return Err("the checksum line is missing: the file was cut short".into());
+    };
+    if lines.any(|l| !l.is_empty()) {
+        return Err("unexpected content after the checksum line".into());
+    }
+    let actual = sha256_hex(json.as_bytes());
+    if sum != actual {
+        return Err(format!(
+            "checksum mismatch: the file says {sum}, its content hashes to {actual}"
+        ));
+    }
+    let body: StateBody =
+        serde_json::from_str(json).map_err(|e| format!("unreadable content: {e}"))?;
+    if body.format != STATE_FORMAT {
+        return Err(format!(
+            "format {} is not {STATE_FORMAT}, the one this weir reads",
+            body.format
+        ));
+    }
+    Ok(body)
+}
+
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    let digest = Sha256::digest(bytes);
+    let mut out = String::with_capacity(64);
+    for b in digest {
+        out.push_str(&format!("{b:02x}"));
+    }
+    out
+}
+
+/// SHA-256 of a route's definition in the config (everything but its name).
+pub fn config_digest(route: &RouteConfig) -> String {
+    let sticky = route.sticky.as_ref().map(|s| match s {
+        StickyKey::Header(h) => format!("header:{h}"),
+        StickyKey::Cookie(c) => format!("cookie:{c}"),
+    });
+    // serde_json maps keep keys sorted, so this is canonical.
+    let definition = serde_json::json!({
+        "prefix": route.prefix,
+        "host": route.host,
+        "stable": route.stable,
+        "candidate": route.candidate,
+        "weight": route.weight,
+        "sticky": sticky,
+        "allow_override": route.allow_override,
+    });
+    sha256_hex(definition.to_string().as_bytes())
+}
+
+/// One decision taken while merging persisted state with the config, for the log and the audit.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Reconciled {
+    pub route: String,
+    pub outcome: &'static str,
+    pub detail: String,
+}
+
+/// Merges persisted route states with the config.
+///
+/// Precedence: a route whose config definition is unchanged keeps its persisted state (weights,
+/// versions, pause, rollback). A route that is new, or whose definition in the config changed,
+/// starts from the config. A persisted route naming a version the config no longer defines also
+/// starts from the config. Routes no longer in the config are dropped.
+pub fn reconcile(
+    config: &Config,
+    persisted: Option<&RoutingState>,
+) -> (Vec<RouteState>, Vec<Reconciled>) {
+    let mut notes = Vec::new();
+    let mut routes = Vec::with_capacity(config.routes.len());
+    for route in &config.routes {
+        let fresh = RouteState::from_config(route);
+        let kept = persisted.and_then(|p| p.route(&route.name));
+        let state = match kept {
+            None => {
+                if persisted.is_some() {
+                    notes.push(Reconciled {
+                        route: route.name.clone(),
+                        outcome: "added",
+                        detail: "new route in the config".into(),
+                    });
+                }
+                fresh
+            }
+            Some(old) if old.config_digest != fresh.config_digest => {
+                notes.push(Reconciled {
+                    route: route.name.clone(),
+                    outcome: "config_changed",
+                    detail: "its definition in the config changed: the config wins over the persisted state".into(),
+                });
+                fresh
+            }
+            Some(old) => {
+                let missing = [
+                    Some(&old.stable),
+                    old.candidate.as_ref(),
+                    old.rollback_target.as_ref(),
+                ]
+                .into_iter()
+                .flatten()
+                .find(|label| config.version(label).is_none());
+                match missing {
+                    Some(label) => {
+                        notes.push(Reconciled {
+                            route: route.name.clone(),
+                            outcome: "version_removed",
+                            detail: format!("persisted state names {label}, which the config no longer defines: the config wins"),
+                        });
+                        fresh
+                    }
+                    None => old.clone(),
+                }
+            }
+        };
+        routes.push(state);
+    }
+    if let Some(p) = persisted {
+        for old in &p.routes {
+            if config.routes.iter().all(|r| r.name != old.name) {
+                notes.push(Reconciled {
+                    route: old.name.clone(),
+                    outcome: "removed",
+                    detail: "no longer in the config".into(),
+                });
+            }
+        }
+    }
+    (routes, notes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn body() -> StateBody {
+        StateBody {
+            format: STATE_FORMAT,
+            state: RoutingState {
+                generation: 7,
+                routes: vec![RouteState {
+                    name: "chat".into(),
+                    stable: "m@v1".into(),
+                    candidate: Some("m@v2".into()),
+                    weight: 500,
+                    paused: false,
+                    rolled_back: false,
+                    rollback_target: None,
+                    config_digest: "x".into(),
+                }],
+            },
+            audit_head: None,
+        }
+    }
+
+    fn temp_dir(tag: &str) -> PathBuf {
+        let dir =
+            std::env::temp_dir().join(format!("weir-state-unit-{}-{tag}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        dir
+    }
+
+    #[test]
+    fn state_round_trips_and_leaves_no_temp_file() {
+        let dir = temp_dir("roundtrip");
+        let store = StateStore::new(&dir);
+        assert_eq!(store.load().unwrap(), None);
+        store.save(&body()).unwrap();
+        assert_eq!(store.load().unwrap(), Some(body()));
+        assert!(!dir.join(format!("{STATE_FILE}.tmp")).exists());
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn truncated_or_edited_files_are_refused_with_the_reason() {
+        let dir = temp_dir("corrupt");
+        let store = StateStore::new(&dir);
+        store.save(&body()).unwrap();
+        let good = fs::read(store.path()).unwrap();
+
+        fs::write(store.path(), &good[..good.len() / 2]).unwrap();
+        let err = store.load().unwrap_err().to_string();
+        assert!(
+            err.contains("corrupt") && err.contains("cut short"),
+            "{err}"
+        );
+
+        let edited = String::from_utf8(good.clone())
+            .unwrap()
+            .replace("500", "900");
+        fs::write(store.path(), edited).unwrap();
+        let err = store.load().unwrap_err().to_string();
+        assert!(err.contains("checksum mismatch"), "{err}");
+        assert!(err.contains(&store.path().display().to_string()), "{err}");
+        let _ = fs::remove_dir_all(&dir);
+    }
+}

@@ -1,0 +1,566 @@
+//! The one writer: every routing change — admin call, reload, later the canary controller — is a
+//! [`Command`] applied here, one at a time.
+//!
+//! Order of a change: validate → build the new table (generation + 1) → persist the state →
+//! append the audit record → swap the table in. A change that fails before the swap leaves
+//! traffic, state file and audit log as they were; a change is acknowledged only after the swap.
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use arc_swap::ArcSwap;
+use http::StatusCode;
+use serde_json::{json, Value};
+use tokio::sync::Mutex;
+
+use super::audit::{AuditError, AuditLog, Entry};
+use super::build::{build_table, VersionSet};
+use super::state::{
+    reconcile, AuditHead, RouteState, RoutingState, StateBody, StateError, StateStore, STATE_FORMAT,
+};
+use crate::config::units::MAX_BASIS_POINTS;
+use crate::config::{Config, ConfigError};
+use crate::data::RoutingTable;
+use crate::metrics::{Metrics, TargetStats};
+
+/// Actor of changes made by the canary controller; only it is held back by a pause.
+pub const CANARY_ACTOR: &str = "canary";
+
+/// A routing change.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Command {
+    SetWeight {
+        route: String,
+        basis_points: u16,
+    },
+    Promote {
+        route: String,
+    },
+    Rollback {
+        route: String,
+    },
+    Pause {
+        route: String,
+    },
+    Resume {
+        route: String,
+    },
+    /// Re-read the config file and merge it with the live state.
+    Reload,
+}
+
+impl Command {
+    pub fn action(&self) -> &'static str {
+        match self {
+            Command::SetWeight { .. } => "set_weight",
+            Command::Promote { .. } => "promote",
+            Command::Rollback { .. } => "rollback",
+            Command::Pause { .. } => "pause",
+            Command::Resume { .. } => "resume",
+            Command::Reload => "reload",
+        }
+    }
+
+    pub fn route(&self) -> Option<&str> {
+        match self {
+            Command::SetWeight { route, .. }
+            | Command::Promote { route }
+            | Command::Rollback { route }
+            | Command::Pause { route }
+            | Command::Resume { route } => Some(route),
+            Command::Reload => None,
+        }
+    }
+}
+
+/// A command with who asks for it and under which conditions.
+#[derive(Clone, Debug)]
+pub struct Change {
+    pub command: Command,
+    /// `admin:<token fingerprint>`, `canary`, `signal:SIGHUP`, …
+    pub actor: String,
+    pub reason: Option<String>,
+    /// Apply only if the live generation is still this one.
+    pub if_match: Option<u64>,
+}
+
+/// The outcome of an accepted change.
+#[derive(Clone, Debug)]
+pub struct Applied {
+    pub generation: u64,
+    /// False when the command left everything as it was (nothing was written).
+    pub changed: bool,
+    pub route: Option<RouteState>,
+    pub notes: Vec<String>,
+}
+
+/// Why a change was refused. Nothing changed in any of these cases.
+#[derive(Debug, thiserror::Error)]
+pub enum CommandError {
+    #[error("no route named {route:?}; routes: {known}")]
+    UnknownRoute { route: String, known: String },
+    #[error("route {0} has no candidate: set `candidate` for it in the config and reload")]
+    NoCandidate(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("the routing table is at generation {current}, not {expected} (If-Match): re-read it and retry")]
+    GenerationMoved { expected: u64, current: u64 },
+    #[error("{0}")]
+    OutOfRange(String),
+    #[error("the config file is not valid; nothing was changed")]
+    InvalidConfig(#[source] ConfigError),
+    #[error("the change could not be made durable, so it was not applied: {0}")]
+    Persist(String),
+}
+
+impl CommandError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            CommandError::UnknownRoute { .. } => StatusCode::NOT_FOUND,
+            CommandError::NoCandidate(_)
+            | CommandError::Conflict(_)
+            | CommandError::GenerationMoved { .. } => StatusCode::CONFLICT,
+            CommandError::OutOfRange(_) | CommandError::InvalidConfig(_) => {
+                StatusCode::UNPROCESSABLE_ENTITY
+            }
+            CommandError::Persist(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// Structured detail for the JSON error body.
+    pub fn detail(&self) -> Value {
+        match self {
+            CommandError::InvalidConfig(e) => json!({
+                "file": e.source_name,
+                "problems": e.problems.iter().map(|p| p.to_string()).collect::<Vec<_>>(),
+            }),
+            CommandError::GenerationMoved { expected, current } => {
+                json!({"expected": expected, "current": current})
+            }
+            _ => Value::Null,
+        }
+    }
+}
+
+/// Why the writer could not open its state.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error(transparent)]
+    Audit(#[from] AuditError),
+    #[error("cannot build the routing table: {0}")]
+    Table(String),
+}
+
+/// The single writer of routing state.
+#[derive(Debug)]
+pub struct Writer {
+    inner: Mutex<Inner>,
+    table: Arc<ArcSwap<RoutingTable>>,
+    metrics: Metrics,
+}
+
+#[derive(Debug)]
+struct Inner {
+    config: Config,
+    state: RoutingState,
+    head: Option<AuditHead>,
+    versions: VersionSet,
+    store: StateStore,
+    audit: AuditLog,
+    window: Window,
+}
+
+impl Writer {
+    /// Restores the persisted state (merged with `config`, see [`reconcile`]), records the start
+    /// in the audit log, and returns the writer with the table it built.
+    pub fn open(config: Config, metrics: Metrics) -> Result<Writer, OpenError> {
+        let store = StateStore::new(&config.state_dir);
+        let persisted = store.load()?;
+        let audit = AuditLog::open(
+            &config.state_dir,
+            persisted.as_ref().and_then(|p| p.audit_head.as_ref()),
+        )?;
+        let previous = persisted.as_ref().map(|p| &p.state);
+        let (routes, notes) = reconcile(&config, previous);
+        let state = RoutingState {
+            generation: previous.map_or(0, |p| p.generation) + 1,
+            routes,
+        };
+        let mut versions = VersionSet::default();
+        let table =
+            build_table(&config, &state, &metrics, &mut versions).map_err(OpenError::Table)?;
+        for note in &notes {
+            tracing::warn!(route = %note.route, outcome = note.outcome, "{}", note.detail);
+        }
+        if previous.is_some() {
+            tracing::info!(generation = state.generation, path = %store.path().display(), "restored the persisted routing state");
+        }
+        let reason = notes
+            .iter()
+            .map(|n| format!("{}: {} ({})", n.route, n.outcome, n.detail))
+            .collect::<Vec<_>>()
+            .join("; ");
+        let prepared = audit.prepare(Entry {
+            actor: "weir",
+            action: "start",
+            route: None,
+            before: previous.map_or(Value::Null, state_json),
+            after: state_json(&state),
+            generation: state.generation,
+            reason: (!reason.is_empty()).then_some(reason.as_str()),
+            window: None,
+        });
+        store.save(&StateBody {
+            format: STATE_FORMAT,
+            state: state.clone(),
+            audit_head: Some(prepared.head()),
+        })?;
+        let mut audit = audit;
+        audit.append(&prepared)?;
+        let table = Arc::new(table);
+        publish(&metrics, &table);
+        let writer = Writer {
+            table: Arc::new(ArcSwap::new(Arc::clone(&table))),
+            metrics,
+            inner: Mutex::new(Inner {
+                window: Window::open(&table),
+                config,
+                state,
+                head: Some(prepared.head()),
+                versions,
+                store,
+                audit,
+            }),
+        };
+        Ok(writer)
+    }
+
+    /// The live table, shared with the data path.
+    pub fn table(&self) -> &Arc<ArcSwap<RoutingTable>> {
+        &self.table
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// Applies one change: validate, build, persist, audit, swap. Returns after the swap.
+    pub async fn apply(&self, change: Change) -> Result<Applied, CommandError> {
+        let mut inner = self.inner.lock().await;
+        let inner = &mut *inner;
+        if let Some(expected) = change.if_match {
+            if expected != inner.state.generation {
+                return Err(CommandError::GenerationMoved {
+                    expected,
+                    current: inner.state.generation,
+                });
+            }
+        }
+        let (routes, new_config, notes) = match &change.command {
+            Command::Reload => {
+                let Some(path) = inner.config.source.clone() else {
+                    return Err(CommandError::Conflict(
+                        "weir was started without a config file (quick mode): there is nothing to reload".into(),
+                    ));
+                };
+                let mut fresh = Config::from_file(&path).map_err(CommandError::InvalidConfig)?;
+                // The token came from the environment or a flag, not from the file.
+                fresh.admin.token = inner.config.admin.token.clone();
+                warn_about_restart_only_settings(&inner.config, &fresh);
+                let (routes, notes) = reconcile(&fresh, Some(&inner.state));
+                let notes: Vec<String> = notes
+                    .into_iter()
+                    .map(|n| format!("{}: {} ({})", n.route, n.outcome, n.detail))
+                    .collect();
+                (routes, Some(fresh), notes)
+            }
+            command => {
+                let mut routes = inner.state.routes.clone();
+                let name = command.route().unwrap_or_default();
+                let Some(route) = routes.iter_mut().find(|r| r.name == name) else {
+                    return Err(CommandError::UnknownRoute {
+                        route: name.to_string(),
+                        known: inner
+                            .state
+                            .routes
+                            .iter()
+                            .map(|r| r.name.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", "),
+                    });
+                };
+                mutate(route, command, &change.actor)?;
+                (routes, None, Vec::new())
+            }
+        };
+        let route_name = change.command.route();
+        let before_route = route_name.and_then(|n| inner.state.route(n)).cloned();
+        if new_config.is_none() && routes == inner.state.routes {
+            return Ok(Applied {
+                generation: inner.state.generation,
+                changed: false,
+                route: before_route,
+                notes,
+            });
+        }
+
+        let new_state = RoutingState {
+            generation: inner.state.generation + 1,
+            routes,
+        };
+        let config = new_config.as_ref().unwrap_or(&inner.config);
+        let table = build_table(config, &new_state, &self.metrics, &mut inner.versions)
+            .map_err(CommandError::Persist)?;
+        let after_route = route_name.and_then(|n| new_state.route(n)).cloned();
+        let (before, after) = match route_name {
+            Some(_) => (json!(before_route), json!(after_route)),
+            None => (state_json(&inner.state), state_json(&new_state)),
+        };
+        let reason = match (&change.reason, notes.is_empty()) {
+            (Some(r), true) => Some(r.clone()),
+            (Some(r), false) => Some(format!("{r}; {}", notes.join("; "))),
+            (None, false) => Some(notes.join("; ")),
+            (None, true) => None,
+        };
+        let prepared = inner.audit.prepare(Entry {
+            actor: &change.actor,
+            action: change.command.action(),
+            route: route_name,
+            before,
+            after,
+            generation: new_state.generation,
+            reason: reason.as_deref(),
+            window: Some(inner.window.close()),
+        });
+        inner
+            .store
+            .save(&StateBody {
+                format: STATE_FORMAT,
+                state: new_state.clone(),
+                audit_head: Some(prepared.head()),
+            })
+            .map_err(|e| CommandError::Persist(e.to_string()))?;
+        if let Err(e) = inner.audit.append(&prepared) {
+            // Put the previous state back so state and log agree on what happened: nothing.
+            let restored = inner.store.save(&StateBody {
+                format: STATE_FORMAT,
+                state: inner.state.clone(),
+                audit_head: inner.head.clone(),
+            });
+            if let Err(r) = restored {
+                tracing::error!(error = %r, "cannot restore the state file after a failed audit append; the next start will repair the log from it");
+            }
+            return Err(CommandError::Persist(e.to_string()));
+        }
+
+        let table = Arc::new(table);
+        self.table.store(Arc::clone(&table));
+        publish(&self.metrics, &table);
+        tracing::info!(
+            actor = %change.actor,
+            action = change.command.action(),
+            route = route_name.unwrap_or("*"),
+            generation = new_state.generation,
+            "routing changed"
+        );
+        inner.head = Some(prepared.head());
+        inner.window = Window::open(&table);
+        inner.state = new_state;
+        if let Some(config) = new_config {
+            inner.config = config;
+        }
+        Ok(Applied {
+            generation: inner.state.generation,
+            changed: true,
+            route: after_route,
+            notes,
+        })
+    }
+
+    /// Closes the last serving window with a `stop` record (graceful shutdown).
+    pub async fn close(&self) -> Result<(), CommandError> {
+        let mut inner = self.inner.lock().await;
+        let inner = &mut *inner;
+        let prepared = inner.audit.prepare(Entry {
+            actor: "weir",
+            action: "stop",
+            route: None,
+            before: Value::Null,
+            after: Value::Null,
+            generation: inner.state.generation,
+            reason: None,
+            window: Some(inner.window.close()),
+        });
+        inner
+            .store
+            .save(&StateBody {
+                format: STATE_FORMAT,
+                state: inner.state.clone(),
+                audit_head: Some(prepared.head()),
+            })
+            .map_err(|e| CommandError::Persist(e.to_string()))?;
+        inner
+            .audit
+            .append(&prepared)
+            .map_err(|e| CommandError::Persist(e.to_string()))?;
+        inner.head = Some(prepared.head());
+        inner.window = Window::open(&self.table.load());
+        Ok(())
+    }
+}
+
+/// Applies one route command to a route's state.
+fn mutate(route: &mut RouteState, command: &Command, actor: &str) -> Result<(), CommandError> {
+    let name = route.name.clone();
+    match command {
+        Command::SetWeight { basis_points, .. } => {
+            if *basis_points > MAX_BASIS_POINTS {
+                return Err(CommandError::OutOfRange(format!(
+                    "weight {basis_points} basis points is above 10000 (100%)"
+                )));
+            }
+            if route.candidate.is_none() {
+                return Err(CommandError::NoCandidate(name));
+            }
+            if route.paused && actor == CANARY_ACTOR {
+                return Err(CommandError::Conflict(format!(
+                    "route {name} is paused: the canary controller may not change its weight until it is resumed"
+                )));
+            }
+            if route.rolled_back || route.weight != *basis_points {
+                route.weight = *basis_points;
+                // An explicit weight from an admin brings a rolled-back candidate back.
+                route.rolled_back = false;
+            }
+        }
+        Command::Promote { .. } => {
+            let Some(candidate) = route.candidate.clone() else {
+                return Err(CommandError::NoCandidate(name));
+            };
+            if route.rolled_back {
+                return Err(CommandError::Conflict(format!(
+                    "route {name}: candidate {candidate} was rolled back; set a weight to bring it back before promoting it"
+                )));
+            }
+            route.rollback_target = Some(std::mem::replace(&mut route.stable, candidate));
+            route.candidate = None;
+            route.weight = 0;
+            route.paused = false;
+        }
+        Command::Rollback { .. } => {
+            if route.candidate.is_some() && !route.rolled_back {
+                route.weight = 0;
+                route.rolled_back = true;
+            } else if let Some(prior) = route.rollback_target.take() {
+                // Undo the promotion: the prior stable returns, the demoted version is kept as a
+                // rolled-back candidate so the table says what was undone.
+                route.candidate = Some(std::mem::replace(&mut route.stable, prior));
+                route.rolled_back = true;
+                route.weight = 0;
+            } else {
+                return Err(CommandError::Conflict(format!(
+                    "route {name}: nothing to roll back (no active candidate and no prior stable version)"
+                )));
+            }
+        }
+        Command::Pause { .. } => route.paused = true,
+        Command::Resume { .. } => route.paused = false,
+        Command::Reload => unreachable!("reload is not a route command"),
+    }
+    Ok(())
+}
+
+fn warn_about_restart_only_settings(old: &Config, new: &Config) {
+    if old.listener.addr != new.listener.addr || old.admin.addr != new.admin.addr {
+        tracing::warn!(
+            "listener addresses changed in the config; they take effect at the next restart"
+        );
+    }
+    if format!("{:?}{:?}", old.proxy, old.listener) != format!("{:?}{:?}", new.proxy, new.listener)
+    {
+        tracing::warn!("[proxy] and [listener] settings changed in the config; they take effect at the next restart");
+    }
+}
+
+/// Publishes a live table's gauges.
+fn publish(metrics: &Metrics, table: &RoutingTable) {
+    metrics.set_generation(table.generation);
+    for route in &table.routes {
+        metrics.set_weight(&route.name, route.weight);
+    }
+}
+
+fn state_json(state: &RoutingState) -> Value {
+    json!(state)
+}
+
+// === impl Window ===
+
+/// The traffic one table generation served, measured from the metric counters.
+#[derive(Debug)]
+struct Window {
+    generation: u64,
+    started: SystemTime,
+    targets: Vec<WindowTarget>,
+}
+
+#[derive(Debug)]
+struct WindowTarget {
+    route: Arc<str>,
+    version: Arc<str>,
+    role: &'static str,
+    weight: u16,
+    stats: Arc<TargetStats>,
+    requests_at_start: u64,
+    errors_at_start: u64,
+}
+
+impl Window {
+    fn open(table: &RoutingTable) -> Window {
+        let mut targets = Vec::new();
+        for route in &table.routes {
+            for target in std::iter::once(&route.stable).chain(&route.candidate) {
+                targets.push(WindowTarget {
+                    route: Arc::clone(&route.name),
+                    version: Arc::clone(&target.version.label),
+                    role: target.role.as_str(),
+                    weight: route.weight,
+                    requests_at_start: target.stats.requests_total(),
+                    errors_at_start: target.stats.server_errors_total(),
+                    stats: Arc::clone(&target.stats),
+                });
+            }
+        }
+        Window {
+            generation: table.generation,
+            started: SystemTime::now(),
+            targets,
+        }
+    }
+
+    /// The window as an audit value: who served how many requests (and 5xx) in it.
+    fn close(&self) -> Value {
+        let served: Vec<Value> = self
+            .targets
+            .iter()
+            .map(|t| {
+                json!({
+                    "route": &*t.route,
+                    "version": &*t.version,
+                    "role": t.role,
+                    "weight": t.weight,
+                    "requests": t.stats.requests_total() - t.requests_at_start,
+                    "errors": t.stats.server_errors_total() - t.errors_at_start,
+                })
+            })
+            .collect();
+        json!({
+            "generation": self.generation,
+            "start": humantime::format_rfc3339_millis(self.started).to_string(),
+            "end": humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
+            "served": served,
+        })
+    }
+}
