@@ -117,7 +117,9 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<ExitCode> {
     let response = client
         .request(request)
         .await
-        .with_context(|| format!("cannot reach weir's admin API at {base}"))?;
+        .with_context(|| {
+            format!("cannot reach weir's admin API at {base} (is weir running there? --admin URL)")
+        })?;
     let status = response.status();
     let bytes = response.into_body().collect().await?.to_bytes();
     let answer: Value = serde_json::from_slice(&bytes)
