@@ -114,12 +114,9 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<ExitCode> {
         .body(Full::new(body))
         .with_context(|| format!("bad admin URL {base:?}"))?;
     let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
-    let response = client
-        .request(request)
-        .await
-        .with_context(|| {
-            format!("cannot reach weir's admin API at {base} (is weir running there? --admin URL)")
-        })?;
+    let response = client.request(request).await.with_context(|| {
+        format!("cannot reach weir's admin API at {base} (is weir running there? --admin URL)")
+    })?;
     let status = response.status();
     let bytes = response.into_body().collect().await?.to_bytes();
     let answer: Value = serde_json::from_slice(&bytes)

@@ -51,6 +51,8 @@ pub enum Command {
     /// Change the split of a running weir through its admin API.
     #[command(after_help = ADMIN_HELP)]
     Admin(crate::admin_client::AdminArgs),
+    /// Register model versions, move them through their stages, approve and verify them.
+    Registry(crate::registry_cli::RegistryArgs),
     /// Check the audit log.
     Audit {
         #[command(subcommand)]
@@ -218,6 +220,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::DemoBackend(args) => runtime()?.block_on(demo_backend(args)),
         Command::Admin(args) => runtime()?.block_on(crate::admin_client::run(args)),
+        Command::Registry(args) => crate::registry_cli::run(args),
         Command::Audit {
             command: AuditCommand::Verify { file, state },
         } => Ok(audit_verify(&file, state.as_deref())),

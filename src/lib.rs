@@ -13,6 +13,8 @@ pub mod control;
 pub mod data;
 pub mod demo;
 pub mod metrics;
+pub mod registry;
+pub mod registry_cli;
 mod server;
 
 pub use config::Config;

@@ -194,6 +194,25 @@ impl AuditLog {
         &self.path
     }
 
+    /// The hash of the last record (the genesis hash when empty).
+    pub fn head(&self) -> &str {
+        &self.head
+    }
+
+    /// Re-reads the tail, in case another process (a `weir registry` command holding the state
+    /// lock) appended since this log last wrote.
+    pub fn refresh(&mut self) -> Result<(), AuditError> {
+        let last = last_record(&self.path).map_err(|detail| AuditError::HeadMismatch {
+            path: self.path.clone(),
+            detail: format!("its last record is bad: {detail}"),
+        })?;
+        (self.next_seq, self.head) = match last {
+            Some((seq, hash)) => (seq + 1, hash),
+            None => (1, GENESIS.to_string()),
+        };
+        Ok(())
+    }
+
     /// Builds the next record's line without writing it.
     pub fn prepare(&self, entry: Entry<'_>) -> Prepared {
         let mut record = entry.into_record();

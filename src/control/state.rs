@@ -184,6 +184,48 @@ impl StateStore {
     }
 }
 
+/// An exclusive lock on a state directory, held while the state file and audit log change, so a
+/// running weir and `weir registry` commands append to one chain in turn.
+#[derive(Debug)]
+pub struct StateLock {
+    _file: File,
+}
+
+impl StateLock {
+    pub fn acquire(dir: &Path) -> std::io::Result<StateLock> {
+        fs::create_dir_all(dir)?;
+        let file = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(dir.join("lock"))?;
+        file.lock()?;
+        Ok(StateLock { _file: file })
+    }
+}
+
+/// Appends one record from outside the running writer (the registry commands): under the state
+/// lock, continuing the chain and moving the state file's head with it.
+pub fn record_offline(dir: &Path, entry: super::audit::Entry<'_>) -> Result<(), String> {
+    let _lock =
+        StateLock::acquire(dir).map_err(|e| format!("cannot lock {}: {e}", dir.display()))?;
+    let store = StateStore::new(dir);
+    let body = store.load().map_err(|e| e.to_string())?;
+    let mut log =
+        super::audit::AuditLog::open(dir, body.as_ref().and_then(|b| b.audit_head.as_ref()))
+            .map_err(|e| e.to_string())?;
+    let entry = super::audit::Entry {
+        generation: body.as_ref().map_or(0, |b| b.state.generation),
+        ..entry
+    };
+    let prepared = log.prepare(entry);
+    if let Some(mut body) = body {
+        body.audit_head = Some(prepared.head());
+        store.save(&body).map_err(|e| e.to_string())?;
+    }
+    log.append(&prepared).map_err(|e| e.to_string())
+}
+
 /// Two lines: the body as JSON, then `sha256:<hex of the first line's bytes>`.
 fn encode(body: &StateBody) -> Vec<u8> {
     let json = serde_json::to_string(body).expect("state serializes");

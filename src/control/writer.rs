@@ -16,7 +16,7 @@ use tokio::sync::Mutex;
 use super::audit::{AuditError, AuditLog, Entry};
 use super::build::{build_table, VersionSet};
 use super::state::{
-    reconcile, AuditHead, RouteState, RoutingState, StateBody, StateError, StateStore, STATE_FORMAT,
+    reconcile, RouteState, RoutingState, StateBody, StateError, StateLock, StateStore, STATE_FORMAT,
 };
 use crate::config::units::MAX_BASIS_POINTS;
 use crate::config::{Config, ConfigError};
@@ -165,7 +165,6 @@ pub struct Writer {
 struct Inner {
     config: Config,
     state: RoutingState,
-    head: Option<AuditHead>,
     versions: VersionSet,
     store: StateStore,
     audit: AuditLog,
@@ -228,7 +227,6 @@ impl Writer {
                 window: Window::open(&table),
                 config,
                 state,
-                head: Some(prepared.head()),
                 versions,
                 store,
                 audit,
@@ -314,6 +312,18 @@ impl Writer {
         let table = build_table(config, &new_state, &self.metrics, &mut inner.versions)
             .map_err(CommandError::Persist)?;
         let after_route = route_name.and_then(|n| new_state.route(n)).cloned();
+        let _lock = StateLock::acquire(&inner.config.state_dir)
+            .map_err(|e| CommandError::Persist(format!("cannot lock the state directory: {e}")))?;
+        inner
+            .audit
+            .refresh()
+            .map_err(|e| CommandError::Persist(e.to_string()))?;
+        // What is on disk now (another process may have moved its audit head): put back as is
+        // if the audit append fails.
+        let on_disk = inner
+            .store
+            .load()
+            .map_err(|e| CommandError::Persist(e.to_string()))?;
         let (before, after) = match route_name {
             Some(_) => (json!(before_route), json!(after_route)),
             None => (state_json(&inner.state), state_json(&new_state)),
@@ -344,11 +354,10 @@ impl Writer {
             .map_err(|e| CommandError::Persist(e.to_string()))?;
         if let Err(e) = inner.audit.append(&prepared) {
             // Put the previous state back so state and log agree on what happened: nothing.
-            let restored = inner.store.save(&StateBody {
-                format: STATE_FORMAT,
-                state: inner.state.clone(),
-                audit_head: inner.head.clone(),
-            });
+            let restored = match &on_disk {
+                Some(body) => inner.store.save(body),
+                None => Ok(()),
+            };
             if let Err(r) = restored {
                 tracing::error!(error = %r, "cannot restore the state file after a failed audit append; the next start will repair the log from it");
             }
@@ -365,7 +374,6 @@ impl Writer {
             generation = new_state.generation,
             "routing changed"
         );
-        inner.head = Some(prepared.head());
         inner.window = Window::open(&table);
         inner.state = new_state;
         if let Some(config) = new_config {
@@ -383,6 +391,12 @@ impl Writer {
     pub async fn close(&self) -> Result<(), CommandError> {
         let mut inner = self.inner.lock().await;
         let inner = &mut *inner;
+        let _lock = StateLock::acquire(&inner.config.state_dir)
+            .map_err(|e| CommandError::Persist(format!("cannot lock the state directory: {e}")))?;
+        inner
+            .audit
+            .refresh()
+            .map_err(|e| CommandError::Persist(e.to_string()))?;
         let prepared = inner.audit.prepare(Entry {
             actor: "weir",
             action: "stop",
@@ -405,7 +419,6 @@ impl Writer {
             .audit
             .append(&prepared)
             .map_err(|e| CommandError::Persist(e.to_string()))?;
-        inner.head = Some(prepared.head());
         inner.window = Window::open(&self.table.load());
         Ok(())
     }

@@ -841,3 +841,218 @@ impl Drop for WeirProcess {
         }
     }
 }
+
+// === admin API, routing state and audit log ===
+
+/// The full TOML text [`Weir::start`] would run: the template with its backends filled in, both
+/// listeners on 127.0.0.1:0 and the state in `state_dir` (unless the template sets them).
+pub fn config_text(
+    template: &str,
+    backends: &[(&str, &str)],
+    state_dir: &std::path::Path,
+) -> String {
+    let mut text = template.to_string();
+    for (name, url) in backends {
+        text = text.replace(&format!("{{{name}}}"), url);
+    }
+    let mut prelude = String::new();
+    if !text.contains("[listener]") {
+        prelude.push_str("[listener]\naddr = \"127.0.0.1:0\"\n");
+    }
+    if !text.contains("[admin]") {
+        prelude.push_str("[admin]\naddr = \"127.0.0.1:0\"\n");
+    }
+    if !text.contains("[state]") {
+        prelude.push_str(&format!(
+            "[state]\ndir = {:?}\n",
+            state_dir.display().to_string()
+        ));
+    }
+    format!("{prelude}\n{text}")
+}
+
+/// Writes [`config_text`] to `path`.
+pub fn write_config(
+    path: &std::path::Path,
+    template: &str,
+    backends: &[(&str, &str)],
+    state_dir: &std::path::Path,
+) {
+    std::fs::write(path, config_text(template, backends, state_dir)).unwrap();
+}
+
+impl Weir {
+    /// Starts weir from a config file (so `POST /v1/reload` and SIGHUP have a file to re-read),
+    /// keeping its state in `state_dir`.
+    pub async fn start_file(path: &std::path::Path, state_dir: TempDir) -> Weir {
+        let config = match weir::Config::from_file(path) {
+            Ok(config) => config,
+            Err(e) => panic!("test config {} is invalid: {e}", path.display()),
+        };
+        Weir::start_config(config, state_dir).await
+    }
+
+    /// Starts weir from a validated config whose `state_dir` is `state_dir`.
+    pub async fn start_config(config: weir::Config, state_dir: TempDir) -> Weir {
+        assert_eq!(
+            config.state_dir,
+            state_dir.path(),
+            "config and state dir disagree"
+        );
+        let running = weir::Server::start(config).await.expect("weir starts");
+        Weir {
+            proxy: running.proxy_addr(),
+            admin: running.admin_addr(),
+            running: Some(running),
+            state_dir,
+        }
+    }
+
+    /// Graceful shutdown (the `stop` audit record closes the last window); hands back the state
+    /// directory so a test can restart on it.
+    pub async fn stop(mut self) -> TempDir {
+        let running = self.running.take().expect("weir is running");
+        running.shutdown();
+        tokio::time::timeout(DEADLINE, running.wait())
+            .await
+            .expect("weir stops within the deadline");
+        self.state_dir
+    }
+
+    /// The admin token weir generated into its state directory.
+    pub fn token(&self) -> String {
+        admin_token(self.state_dir.path())
+    }
+
+    /// `Authorization: Bearer <token>` admin call with an optional JSON body.
+    pub async fn admin(&self, method: Method, path: &str, body: Option<&str>) -> Reply {
+        admin_call(
+            &self.admin_url(path),
+            method,
+            Some(&self.token()),
+            body,
+            &[],
+        )
+        .await
+    }
+
+    pub async fn generation(&self) -> u64 {
+        self.routes().await["generation"]
+            .as_u64()
+            .expect("/v1/routes has a generation")
+    }
+
+    /// One route of `/v1/routes`.
+    pub async fn route(&self, name: &str) -> serde_json::Value {
+        let routes = self.routes().await;
+        routes["routes"]
+            .as_array()
+            .expect("/v1/routes has routes")
+            .iter()
+            .find(|r| r["name"] == name)
+            .cloned()
+            .unwrap_or_else(|| panic!("no route {name} in {routes}"))
+    }
+
+    pub fn audit(&self) -> Vec<serde_json::Value> {
+        audit_records(self.state_dir.path())
+    }
+}
+
+/// The token in `<state_dir>/admin.token`.
+pub fn admin_token(state_dir: &std::path::Path) -> String {
+    let path = state_dir.join("admin.token");
+    std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()))
+        .trim()
+        .to_string()
+}
+
+/// An admin call: `token` goes in `Authorization: Bearer`, `body` (when given) is sent as is.
+pub async fn admin_call(
+    url: &str,
+    method: Method,
+    token: Option<&str>,
+    body: Option<&str>,
+    headers: &[(&str, &str)],
+) -> Reply {
+    let mut builder = request(method, url);
+    if let Some(token) = token {
+        builder = builder.header("authorization", format!("Bearer {token}"));
+    }
+    if body.is_some() {
+        builder = builder.header("content-type", "application/json");
+    }
+    for (name, value) in headers {
+        builder = builder.header(*name, *value);
+    }
+    let body = body.map_or_else(empty, |b| full(b.to_string()));
+    send(&http1(), builder.body(body).unwrap()).await
+}
+
+/// The raw lines of `<state_dir>/audit.jsonl` ([] when there is none).
+pub fn audit_lines(state_dir: &std::path::Path) -> Vec<String> {
+    match std::fs::read_to_string(state_dir.join("audit.jsonl")) {
+        Ok(text) => text.lines().map(str::to_string).collect(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => panic!("cannot read the audit log: {e}"),
+    }
+}
+
+/// Every record of `<state_dir>/audit.jsonl`, parsed.
+pub fn audit_records(state_dir: &std::path::Path) -> Vec<serde_json::Value> {
+    audit_lines(state_dir)
+        .iter()
+        .map(|line| {
+            serde_json::from_str(line)
+                .unwrap_or_else(|e| panic!("audit line is not JSON ({e}): {line}"))
+        })
+        .collect()
+}
+
+/// Runs `weir ARGS` to completion, failing the test if it has not exited after `wait`.
+pub async fn run_weir(
+    args: &[&str],
+    cwd: &std::path::Path,
+    wait: Duration,
+) -> std::process::Output {
+    use std::process::{Command, Stdio};
+    let mut child = Command::new(env!("CARGO_BIN_EXE_weir"))
+        .args(args)
+        .current_dir(cwd)
+        .env("NO_COLOR", "1")
+        .env_remove("RUST_LOG")
+        .env_remove("WEIR_ADMIN_TOKEN")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("weir binary starts");
+    let deadline = std::time::Instant::now() + wait;
+    loop {
+        if child.try_wait().unwrap().is_some() {
+            return child.wait_with_output().unwrap();
+        }
+        if std::time::Instant::now() >= deadline {
+            let _ = child.kill();
+            let output = child.wait_with_output().unwrap();
+            panic!(
+                "weir {args:?} did not exit within {wait:?}; stderr:\n{}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+impl WeirProcess {
+    /// Sends a signal (`"HUP"`, `"KILL"`, …) to the process by its pid.
+    pub fn signal(&self, name: &str) {
+        let pid = self.child.id().to_string();
+        let status = std::process::Command::new("kill")
+            .args([&format!("-{name}"), &pid])
+            .status()
+            .expect("kill runs");
+        assert!(status.success(), "kill -{name} {pid} failed");
+    }
+}

@@ -1,0 +1,419 @@
+//! `weir registry`: register artifacts, move them through their stages, approve them, verify a
+//! copy on disk. A refused step exits 1 naming the rule and what is missing; with `--state-dir`
+//! every step (refusals included) is recorded in that directory's audit log.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::SystemTime;
+
+use anyhow::Context;
+use clap::{Args, Subcommand};
+use serde_json::{json, Value};
+
+use crate::control::audit::Entry;
+use crate::control::state::record_offline;
+use crate::registry::{
+    check_stage_change, days, diff_manifests, digest::sha256_file, digest_artifact, format_time,
+    parse_time, Approval, ModelVersion, Reference, Registry, Stage,
+};
+
+#[derive(Args, Debug)]
+pub struct RegistryArgs {
+    /// The registry file (TOML; created by `add` when missing).
+    #[arg(
+        long,
+        value_name = "FILE",
+        global = true,
+        default_value = "registry.toml"
+    )]
+    pub registry: PathBuf,
+    /// Record every step in this state directory's audit log.
+    #[arg(long, value_name = "DIR", global = true)]
+    pub state_dir: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: RegistryCommand,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum RegistryCommand {
+    /// Register a version: hash its artifact (a file or a directory) and record it as a draft.
+    Add(AddArgs),
+    /// Move a version to another stage (draft → candidate → approved → production → deprecated → retired).
+    Stage {
+        #[arg(long)]
+        model: String,
+        #[arg(long)]
+        version: String,
+        /// The stage to move to.
+        #[arg(long, value_name = "STAGE")]
+        to: Stage,
+    },
+    /// Record an approval of a version by a role.
+    Approve {
+        #[arg(long)]
+        model: String,
+        #[arg(long)]
+        version: String,
+        /// The approving role (the policy needs platform, product and security by default).
+        #[arg(long)]
+        role: String,
+        /// Who approves.
+        #[arg(long)]
+        by: String,
+        /// Days until the approval expires [default: the policy's approval_days, 90].
+        #[arg(long, value_name = "DAYS")]
+        days: Option<u32>,
+    },
+    /// Check an artifact on disk against the registered digest; exit 1 naming what differs.
+    Verify {
+        #[arg(long)]
+        model: String,
+        #[arg(long)]
+        version: String,
+        #[arg(long, value_name = "PATH")]
+        artifact: PathBuf,
+        /// Follow symlinks inside the artifact instead of refusing them.
+        #[arg(long)]
+        allow_symlinks: bool,
+    },
+    /// List every registered version.
+    List,
+    /// Show one version in full, with the state of its approvals.
+    Show {
+        #[arg(long)]
+        model: String,
+        #[arg(long)]
+        version: String,
+    },
+}
+
+#[derive(Args, Debug)]
+pub struct AddArgs {
+    #[arg(long)]
+    pub model: String,
+    #[arg(long)]
+    pub version: String,
+    /// The artifact: a weights file or a model directory.
+    #[arg(long, value_name = "PATH")]
+    pub artifact: PathBuf,
+    /// Where the artifact lives for deployments (s3://…, oci://…); default: the --artifact path.
+    #[arg(long, value_name = "URI")]
+    pub uri: Option<String>,
+    /// Provenance attestation file (hashed and referenced).
+    #[arg(long, value_name = "FILE")]
+    pub provenance: Option<PathBuf>,
+    /// SBOM file (hashed and referenced).
+    #[arg(long, value_name = "FILE")]
+    pub sbom: Option<PathBuf>,
+    #[arg(long)]
+    pub owner: Option<String>,
+    #[arg(long)]
+    pub backup_owner: Option<String>,
+    #[arg(long)]
+    pub license: Option<String>,
+    /// The model this one derives from.
+    #[arg(long)]
+    pub base_model: Option<String>,
+    /// How it was fine-tuned (full, lora, …).
+    #[arg(long)]
+    pub fine_tune_method: Option<String>,
+    /// Risk rating (low, medium, high).
+    #[arg(long)]
+    pub risk: Option<String>,
+    /// What the model server reports as its identity [default: MODEL@VERSION].
+    #[arg(long)]
+    pub identity: Option<String>,
+    /// An allowed use (repeatable).
+    #[arg(long = "allowed-use", value_name = "USE")]
+    pub allowed_uses: Vec<String>,
+    /// A prohibited use (repeatable).
+    #[arg(long = "prohibited-use", value_name = "USE")]
+    pub prohibited_uses: Vec<String>,
+    /// Follow symlinks inside the artifact instead of refusing them.
+    #[arg(long)]
+    pub allow_symlinks: bool,
+}
+
+/// Who runs the command, for the audit log.
+fn actor() -> String {
+    format!(
+        "registry:{}",
+        std::env::var("USER").unwrap_or_else(|_| "unknown".into())
+    )
+}
+
+fn audit(
+    args: &RegistryArgs,
+    action: &str,
+    label: &str,
+    before: Value,
+    after: Value,
+    reason: Option<&str>,
+) -> anyhow::Result<()> {
+    let Some(dir) = &args.state_dir else {
+        return Ok(());
+    };
+    record_offline(
+        dir,
+        Entry {
+            actor: &actor(),
+            action,
+            route: None,
+            before,
+            after: json!({"version": label, "detail": after}),
+            generation: 0,
+            reason,
+            window: None,
+        },
+    )
+    .map_err(|e| anyhow::anyhow!("the step was not recorded in the audit log: {e}"))
+}
+
+fn reference(path: &Path) -> anyhow::Result<Reference> {
+    Ok(Reference {
+        uri: path.display().to_string(),
+        sha256: sha256_file(path)?,
+    })
+}
+
+pub fn run(args: RegistryArgs) -> anyhow::Result<ExitCode> {
+    let path = args.registry.clone();
+    match &args.command {
+        RegistryCommand::Add(add) => {
+            let mut registry = Registry::load_or_new(&path)?;
+            let label = format!("{}@{}", add.model, add.version);
+            if add.version.eq_ignore_ascii_case("latest")
+                || add.model.contains('@')
+                || add.version.contains('@')
+            {
+                anyhow::bail!("{label:?} is not a pin: use an explicit version, never \"latest\", and no '@' in names");
+            }
+            if registry.find(&label).is_some() {
+                anyhow::bail!("{label} is already registered in {}; a version's artifact never changes — register a new version", path.display());
+            }
+            let digest = digest_artifact(&add.artifact, add.allow_symlinks)?;
+            let version = ModelVersion {
+                model: add.model.clone(),
+                version: add.version.clone(),
+                digest: digest.digest.clone(),
+                stage: Stage::Draft,
+                identity: add.identity.clone(),
+                artifact_uri: Some(
+                    add.uri
+                        .clone()
+                        .unwrap_or_else(|| add.artifact.display().to_string()),
+                ),
+                base_model: add.base_model.clone(),
+                fine_tune_method: add.fine_tune_method.clone(),
+                license: add.license.clone(),
+                allowed_uses: add.allowed_uses.clone(),
+                prohibited_uses: add.prohibited_uses.clone(),
+                risk: add.risk.clone(),
+                owner: add.owner.clone(),
+                backup_owner: add.backup_owner.clone(),
+                provenance: add.provenance.as_deref().map(reference).transpose()?,
+                sbom: add.sbom.as_deref().map(reference).transpose()?,
+                training_data: Vec::new(),
+                eval_data: Vec::new(),
+                approvals: Vec::new(),
+                exceptions: Vec::new(),
+                manifest: digest.manifest.clone(),
+            };
+            registry.versions.push(version);
+            registry.save(&path)?;
+            let what = if digest.manifest.is_empty() {
+                "file".to_string()
+            } else {
+                format!("directory of {} files", digest.manifest.len())
+            };
+            audit(
+                &args,
+                "registry_add",
+                &label,
+                Value::Null,
+                json!({"digest": digest.digest, "stage": "draft"}),
+                None,
+            )?;
+            println!(
+                "registered {label} as draft: sha256 {} ({what})",
+                digest.digest
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        RegistryCommand::Stage { model, version, to } => {
+            let mut registry = Registry::load(&path)?;
+            let label = format!("{model}@{version}");
+            let policy = registry.policy.clone();
+            let Some(v) = registry.find_mut(&label) else {
+                anyhow::bail!("{label} is not in the registry {}", path.display());
+            };
+            let from = v.stage;
+            if let Err(refusals) = check_stage_change(&policy, v, *to, SystemTime::now()) {
+                let reason: Vec<String> = refusals.iter().map(|r| r.to_string()).collect();
+                audit(
+                    &args,
+                    "registry_refused",
+                    &label,
+                    json!({"stage": from}),
+                    json!({"wanted": to}),
+                    Some(&reason.join("; ")),
+                )?;
+                eprintln!("refused: {label} stays {from}");
+                for r in &refusals {
+                    eprintln!("  {r}");
+                }
+                return Ok(ExitCode::FAILURE);
+            }
+            v.stage = *to;
+            registry.save(&path)?;
+            audit(
+                &args,
+                "registry_stage",
+                &label,
+                json!({"stage": from}),
+                json!({"stage": to}),
+                None,
+            )?;
+            println!("{label}: {from} → {to}");
+            Ok(ExitCode::SUCCESS)
+        }
+        RegistryCommand::Approve {
+            model,
+            version,
+            role,
+            by,
+            days: valid_days,
+        } => {
+            let mut registry = Registry::load(&path)?;
+            let label = format!("{model}@{version}");
+            let valid_for = valid_days.unwrap_or(registry.policy.approval_days);
+            if !registry.policy.approval_roles.contains(role) {
+                eprintln!(
+                    "note: the policy does not need role {role:?} (it needs {})",
+                    registry.policy.approval_roles.join(", ")
+                );
+            }
+            let Some(v) = registry.find_mut(&label) else {
+                anyhow::bail!("{label} is not in the registry {}", path.display());
+            };
+            let now = SystemTime::now();
+            let approval = Approval {
+                by: by.clone(),
+                role: role.clone(),
+                at: format_time(now),
+                expires_at: format_time(now + days(valid_for)),
+            };
+            v.approvals.push(approval.clone());
+            registry.save(&path)?;
+            audit(
+                &args,
+                "registry_approve",
+                &label,
+                Value::Null,
+                json!(approval),
+                None,
+            )?;
+            println!(
+                "{label}: approved by {by} as {role}, until {}",
+                approval.expires_at
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        RegistryCommand::Verify {
+            model,
+            version,
+            artifact,
+            allow_symlinks,
+        } => {
+            let registry = Registry::load(&path)?;
+            let label = format!("{model}@{version}");
+            let Some(v) = registry.find(&label) else {
+                anyhow::bail!("{label} is not in the registry {}", path.display());
+            };
+            let actual = digest_artifact(artifact, *allow_symlinks)
+                .with_context(|| format!("cannot hash {}", artifact.display()))?;
+            println!("{label}: {}", artifact.display());
+            println!("  expected sha256 {}", v.digest);
+            println!("  actual   sha256 {}", actual.digest);
+            if actual.digest == v.digest {
+                audit(
+                    &args,
+                    "registry_verify",
+                    &label,
+                    Value::Null,
+                    json!({"artifact": artifact, "result": "match"}),
+                    None,
+                )?;
+                println!("  match");
+                return Ok(ExitCode::SUCCESS);
+            }
+            let diff = diff_manifests(&v.manifest, &actual.manifest);
+            for (what, files) in [
+                ("differs", &diff.changed),
+                ("missing", &diff.missing),
+                ("extra", &diff.extra),
+            ] {
+                for file in files {
+                    println!("  {what}: {file}");
+                }
+            }
+            audit(
+                &args,
+                "registry_verify",
+                &label,
+                Value::Null,
+                json!({"artifact": artifact, "result": "mismatch", "actual": actual.digest,
+                       "changed": diff.changed, "missing": diff.missing, "extra": diff.extra}),
+                None,
+            )?;
+            println!("  MISMATCH: this is not the registered artifact of {label}");
+            Ok(ExitCode::FAILURE)
+        }
+        RegistryCommand::List => {
+            let registry = Registry::load(&path)?;
+            println!(
+                "{:<32} {:<11} {:<14} {:<12} approvals",
+                "version", "stage", "sha256", "owner"
+            );
+            let now = SystemTime::now();
+            for v in &registry.versions {
+                let valid = v
+                    .approvals
+                    .iter()
+                    .filter(|a| parse_time(&a.expires_at).is_ok_and(|t| t > now))
+                    .map(|a| a.role.as_str())
+                    .collect::<Vec<_>>()
+                    .join(",");
+                println!(
+                    "{:<32} {:<11} {:<14} {:<12} {}",
+                    v.label(),
+                    v.stage,
+                    &v.digest[..12.min(v.digest.len())],
+                    v.owner.as_deref().unwrap_or("-"),
+                    if valid.is_empty() { "-" } else { &valid }
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        RegistryCommand::Show { model, version } => {
+            let registry = Registry::load(&path)?;
+            let label = format!("{model}@{version}");
+            let Some(v) = registry.find(&label) else {
+                anyhow::bail!("{label} is not in the registry {}", path.display());
+            };
+            print!("{}", toml::to_string_pretty(v)?);
+            let now = SystemTime::now();
+            for a in &v.approvals {
+                let state = match parse_time(&a.expires_at) {
+                    Ok(t) if t > now => "valid",
+                    _ => "EXPIRED",
+                };
+                println!(
+                    "# approval {} by {}: {state} (expires {})",
+                    a.role, a.by, a.expires_at
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
