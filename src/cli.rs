@@ -130,7 +130,7 @@ SIGTERM or Ctrl-C stops accepting and lets open requests and streams finish (pro
 #[derive(Args, Debug)]
 pub struct ServeArgs {
     /// Config file (TOML). Without it, the quick-mode flags below define one route named `default`.
-    #[arg(long, value_name = "FILE", conflicts_with_all = ["stable", "candidate", "weight", "sticky_header", "allow_override"])]
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["stable", "candidate", "weight", "sticky_header", "allow_override", "registry", "identity_probe", "identity_interval"])]
     pub config: Option<PathBuf>,
 
     /// Production version: SPEC (see below).
@@ -164,6 +164,21 @@ pub struct ServeArgs {
     /// Directory for persisted routing state and the audit log [default: ./weir-state].
     #[arg(long, value_name = "DIR")]
     pub state_dir: Option<PathBuf>,
+
+    /// Model registry (TOML): every routed version must be registered at a stage that allows its
+    /// role. Without one weir runs unpinned and says so.
+    #[arg(long, value_name = "FILE")]
+    pub registry: Option<PathBuf>,
+
+    /// Ask each backend what it serves: PATH#/json/pointer or PATH#header:NAME, e.g.
+    /// '/v1/models#/data/0/id'. A backend reporting another identity than the registry's is taken
+    /// out of rotation.
+    #[arg(long, value_name = "PATH#POINTER")]
+    pub identity_probe: Option<String>,
+
+    /// How often the identity probe runs [default: 30s].
+    #[arg(long, value_name = "DUR")]
+    pub identity_interval: Option<String>,
 
     /// File holding the admin token (mode 0600). WEIR_ADMIN_TOKEN takes precedence; with
     /// neither, weir generates one into <state-dir>/admin.token.
@@ -230,6 +245,18 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 fn check(path: &std::path::Path) -> ExitCode {
     match Config::from_file(path) {
         Ok(config) => {
+            if let Err(problems) = check_pins(&config) {
+                println!(
+                    "{}: {} problem{}",
+                    path.display(),
+                    problems.len(),
+                    if problems.len() == 1 { "" } else { "s" }
+                );
+                for p in problems {
+                    println!("  {p}");
+                }
+                return ExitCode::FAILURE;
+            }
             println!(
                 "{}: ok ({} versions, {} routes)",
                 path.display(),
@@ -245,6 +272,40 @@ fn check(path: &std::path::Path) -> ExitCode {
     }
 }
 
+/// The registry's verdict on the config's routes, as `weir check` problems.
+fn check_pins(config: &Config) -> Result<(), Vec<String>> {
+    use crate::control::pins::{load_registry, pin_refusals};
+    use crate::control::state::{RoutingState, StateStore};
+    let registry = match load_registry(config) {
+        Ok(Some(registry)) => registry,
+        Ok(None) => return Ok(()),
+        Err(e) => return Err(vec![format!("registry: {e}")]),
+    };
+    // What already serves (from the state directory, when there is one) may stay if deprecated.
+    let persisted = StateStore::new(&config.state_dir)
+        .load()
+        .ok()
+        .flatten()
+        .map(|b| b.state);
+    let wanted = RoutingState::from_config(config);
+    let problems: Vec<String> = pin_refusals(&registry, &wanted.routes, persisted.as_ref())
+        .into_iter()
+        .map(|r| {
+            let index = config
+                .routes
+                .iter()
+                .position(|c| c.name == r.route)
+                .unwrap_or(0);
+            format!("routes[{index}].{}: {}", r.field, r.refusal)
+        })
+        .collect();
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(problems)
+    }
+}
+
 fn serve_config(args: ServeArgs) -> anyhow::Result<Config> {
     let mut config = match (&args.config, &args.stable) {
         (Some(path), _) => Config::from_file(path)?,
@@ -257,6 +318,9 @@ fn serve_config(args: ServeArgs) -> anyhow::Result<Config> {
             listen: None,
             admin: None,
             state_dir: None,
+            registry: args.registry.clone(),
+            identity_probe: args.identity_probe.clone(),
+            identity_interval: args.identity_interval.clone(),
         }
         .into_config()?,
         (None, None) => anyhow::bail!("give --config FILE, or --stable SPEC for quick mode"),

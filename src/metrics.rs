@@ -101,6 +101,8 @@ pub struct Metrics {
     in_flight: IntGaugeVec,
     weight: IntGaugeVec,
     generation: IntGauge,
+    pinned: IntGauge,
+    mismatch: IntGaugeVec,
 }
 
 /// Latency buckets from 1 ms to 5 min: inference spans fast embeddings to long generations.
@@ -164,6 +166,19 @@ impl Metrics {
             "Generation of the routing table in use",
         )
         .expect("valid metric");
+        let pinned = IntGauge::new(
+            "weir_registry_pinned",
+            "1 when routed versions are checked against a model registry, 0 when weir runs unpinned",
+        )
+        .expect("valid metric");
+        let mismatch = IntGaugeVec::new(
+            Opts::new(
+                "weir_backend_version_mismatch",
+                "1 while a backend reports another identity than the registry's for its version",
+            ),
+            &["route", "version", "backend"],
+        )
+        .expect("valid metric");
         for collector in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(errors.clone()),
@@ -172,6 +187,8 @@ impl Metrics {
             Box::new(in_flight.clone()),
             Box::new(weight.clone()),
             Box::new(generation.clone()),
+            Box::new(pinned.clone()),
+            Box::new(mismatch.clone()),
         ] {
             registry
                 .register(collector)
@@ -186,7 +203,19 @@ impl Metrics {
             in_flight,
             weight,
             generation,
+            pinned,
+            mismatch,
         }
+    }
+
+    pub fn set_pinned(&self, pinned: bool) {
+        self.pinned.set(i64::from(pinned));
+    }
+
+    pub fn set_mismatch(&self, route: &str, version: &str, backend: &str, mismatched: bool) {
+        self.mismatch
+            .with_label_values(&[route, version, backend])
+            .set(i64::from(mismatched));
     }
 
     /// Resolves every handle one (route, version, role) needs.

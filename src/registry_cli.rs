@@ -37,7 +37,7 @@ pub struct RegistryArgs {
 #[derive(Subcommand, Debug)]
 pub enum RegistryCommand {
     /// Register a version: hash its artifact (a file or a directory) and record it as a draft.
-    Add(AddArgs),
+    Add(Box<AddArgs>),
     /// Move a version to another stage (draft → candidate → approved → production → deprecated → retired).
     Stage {
         #[arg(long)]

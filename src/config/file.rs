@@ -22,6 +22,8 @@ struct RawConfig {
     proxy: RawProxy,
     #[serde(default)]
     state: RawState,
+    registry: Option<RawRegistry>,
+    identity: Option<RawIdentity>,
     #[serde(default)]
     versions: Vec<RawVersion>,
     #[serde(default)]
@@ -54,6 +56,20 @@ struct RawProxy {
     backend_eject: Option<String>,
     pool_idle_timeout: Option<String>,
     pool_max_idle_per_backend: Option<usize>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRegistry {
+    file: PathBuf,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawIdentity {
+    probe: String,
+    interval: Option<String>,
+    timeout: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -276,6 +292,23 @@ pub(super) fn parse(text: &str) -> Result<Config, Vec<Problem>> {
         routes.push(route);
     }
 
+    let identity = raw.identity.as_ref().and_then(|i| {
+        let interval = c.duration(
+            "identity.interval",
+            &i.interval,
+            IdentityProbe::DEFAULT_INTERVAL,
+        );
+        let timeout = c.duration(
+            "identity.timeout",
+            &i.timeout,
+            IdentityProbe::DEFAULT_TIMEOUT,
+        );
+        c.check(
+            "identity.probe",
+            IdentityProbe::parse(&i.probe, interval, timeout),
+        )
+    });
+
     if c.problems.is_empty() {
         Ok(Config {
             listener,
@@ -288,6 +321,8 @@ pub(super) fn parse(text: &str) -> Result<Config, Vec<Problem>> {
             versions,
             routes,
             source: None,
+            registry: raw.registry.map(|r| r.file),
+            identity,
         })
     } else {
         Err(c.problems)

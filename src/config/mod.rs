@@ -28,6 +28,65 @@ pub struct Config {
     pub routes: Vec<RouteConfig>,
     /// The file this config was read from; `POST /v1/reload` and SIGHUP re-read it.
     pub source: Option<PathBuf>,
+    /// The model registry whose pins routes must satisfy; `None` runs unpinned.
+    pub registry: Option<PathBuf>,
+    /// How backends are asked which model they serve.
+    pub identity: Option<IdentityProbe>,
+}
+
+/// A backend identity probe: `GET path`, then read the identity from a JSON pointer of the body
+/// or from a response header.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IdentityProbe {
+    pub path: String,
+    pub source: IdentitySource,
+    pub interval: Duration,
+    pub timeout: Duration,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum IdentitySource {
+    /// RFC 6901 pointer into the JSON body, e.g. `/data/0/id`.
+    JsonPointer(String),
+    Header(HeaderName),
+}
+
+impl IdentityProbe {
+    pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(30);
+    pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(2);
+
+    /// Parses `PATH#/json/pointer` or `PATH#header:NAME`.
+    pub fn parse(
+        spec: &str,
+        interval: Duration,
+        timeout: Duration,
+    ) -> Result<IdentityProbe, String> {
+        let expected = || {
+            format!(
+                "expected PATH#/json/pointer or PATH#header:NAME, such as \"/v1/models#/data/0/id\", got {spec:?}"
+            )
+        };
+        let (path, what) = spec.split_once('#').ok_or_else(expected)?;
+        if !path.starts_with('/') {
+            return Err(expected());
+        }
+        let source = if let Some(name) = what.strip_prefix("header:") {
+            IdentitySource::Header(HeaderName::try_from(name).map_err(|_| expected())?)
+        } else if what.starts_with('/') {
+            IdentitySource::JsonPointer(what.to_string())
+        } else {
+            return Err(expected());
+        };
+        if interval.is_zero() || timeout.is_zero() {
+            return Err("the identity probe interval and timeout must be longer than zero".into());
+        }
+        Ok(IdentityProbe {
+            path: path.to_string(),
+            source,
+            interval,
+            timeout,
+        })
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -199,6 +258,12 @@ impl Config {
         })?;
         let mut config = Config::from_toml_str(&text, &name)?;
         config.source = Some(path.to_path_buf());
+        // A relative registry path is relative to the config file, wherever weir runs from.
+        if let (Some(registry), Some(dir)) = (&config.registry, path.parent()) {
+            if registry.is_relative() {
+                config.registry = Some(dir.join(registry));
+            }
+        }
         Ok(config)
     }
 

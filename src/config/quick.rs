@@ -22,6 +22,10 @@ pub struct QuickMode {
     pub listen: Option<String>,
     pub admin: Option<String>,
     pub state_dir: Option<PathBuf>,
+    pub registry: Option<PathBuf>,
+    /// `PATH#POINTER`, e.g. `/v1/models#/data/0/id`.
+    pub identity_probe: Option<String>,
+    pub identity_interval: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -108,6 +112,21 @@ impl QuickMode {
             versions: std::iter::once(stable).chain(candidate).collect(),
             routes: vec![route],
             source: None,
+            registry: self.registry,
+            identity: match &self.identity_probe {
+                None => None,
+                Some(spec) => {
+                    let interval = match &self.identity_interval {
+                        None => IdentityProbe::DEFAULT_INTERVAL,
+                        Some(text) => super::units::parse_duration(text)
+                            .map_err(flag_error("--identity-interval"))?,
+                    };
+                    Some(
+                        IdentityProbe::parse(spec, interval, IdentityProbe::DEFAULT_TIMEOUT)
+                            .map_err(flag_error("--identity-probe"))?,
+                    )
+                }
+            },
         })
     }
 }

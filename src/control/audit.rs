@@ -299,9 +299,8 @@ pub fn verify(path: &Path, state_head: Option<&AuditHead>) -> Result<u64, Verify
     };
     let file = File::open(path).map_err(|e| fail(0, format!("cannot open: {e}")))?;
     let mut prev = GENESIS.to_string();
-    let mut expected_seq = 1u64;
     let mut count = 0;
-    for (i, line) in BufReader::new(file).lines().enumerate() {
+    for (expected_seq, (i, line)) in (1u64..).zip(BufReader::new(file).lines().enumerate()) {
         let n = i + 1;
         let line = line.map_err(|e| fail(n, format!("cannot read: {e}")))?;
         let (seq, hash) = check_line(&line).map_err(|e| fail(n, format!("record is bad: {e}")))?;
@@ -321,7 +320,6 @@ pub fn verify(path: &Path, state_head: Option<&AuditHead>) -> Result<u64, Verify
             ));
         }
         prev = hash;
-        expected_seq += 1;
         count += 1;
     }
     if let Some(head) = state_head {

@@ -15,6 +15,7 @@ use tokio::sync::Mutex;
 
 use super::audit::{AuditError, AuditLog, Entry};
 use super::build::{build_table, VersionSet};
+use super::pins::{load_registry, pin_refusals, RouteRefusal};
 use super::state::{
     reconcile, RouteState, RoutingState, StateBody, StateError, StateLock, StateStore, STATE_FORMAT,
 };
@@ -22,6 +23,7 @@ use crate::config::units::MAX_BASIS_POINTS;
 use crate::config::{Config, ConfigError};
 use crate::data::RoutingTable;
 use crate::metrics::{Metrics, TargetStats};
+use crate::registry::{check_promotion, Registry, RegistryError, RuleRefusal, Stage};
 
 /// Actor of changes made by the canary controller; only it is held back by a pause.
 pub const CANARY_ACTOR: &str = "canary";
@@ -111,6 +113,15 @@ pub enum CommandError {
     InvalidConfig(#[source] ConfigError),
     #[error("the change could not be made durable, so it was not applied: {0}")]
     Persist(String),
+    #[error("the registry refuses this routing: {}", .0.iter().map(|r| r.to_string()).collect::<Vec<_>>().join("; "))]
+    Pins(Vec<RouteRefusal>),
+    #[error("the registry refuses to promote {label}: {}", .refusals.iter().map(|r| r.to_string()).collect::<Vec<_>>().join("; "))]
+    Promotion {
+        label: String,
+        refusals: Vec<RuleRefusal>,
+    },
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
 }
 
 impl CommandError {
@@ -119,10 +130,12 @@ impl CommandError {
             CommandError::UnknownRoute { .. } => StatusCode::NOT_FOUND,
             CommandError::NoCandidate(_)
             | CommandError::Conflict(_)
-            | CommandError::GenerationMoved { .. } => StatusCode::CONFLICT,
-            CommandError::OutOfRange(_) | CommandError::InvalidConfig(_) => {
-                StatusCode::UNPROCESSABLE_ENTITY
-            }
+            | CommandError::GenerationMoved { .. }
+            | CommandError::Pins(_)
+            | CommandError::Promotion { .. } => StatusCode::CONFLICT,
+            CommandError::OutOfRange(_)
+            | CommandError::InvalidConfig(_)
+            | CommandError::Registry(_) => StatusCode::UNPROCESSABLE_ENTITY,
             CommandError::Persist(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -137,6 +150,14 @@ impl CommandError {
             CommandError::GenerationMoved { expected, current } => {
                 json!({"expected": expected, "current": current})
             }
+            CommandError::Pins(refusals) => json!(refusals
+                .iter()
+                .map(|r| json!({"route": r.route, "field": r.field, "version": r.refusal.label, "rule": r.refusal.rule, "message": r.refusal.message}))
+                .collect::<Vec<_>>()),
+            CommandError::Promotion { refusals, .. } => json!(refusals
+                .iter()
+                .map(|r| json!({"rule": r.rule, "message": r.message}))
+                .collect::<Vec<_>>()),
             _ => Value::Null,
         }
     }
@@ -151,6 +172,10 @@ pub enum OpenError {
     Audit(#[from] AuditError),
     #[error("cannot build the routing table: {0}")]
     Table(String),
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    #[error("the registry refuses the configured routing:\n  {}", .0.iter().map(|r| r.to_string()).collect::<Vec<_>>().join("\n  "))]
+    Pins(Vec<RouteRefusal>),
 }
 
 /// The single writer of routing state.
@@ -187,6 +212,19 @@ impl Writer {
             generation: previous.map_or(0, |p| p.generation) + 1,
             routes,
         };
+        match load_registry(&config)? {
+            Some(registry) => {
+                let refusals = pin_refusals(&registry, &state.routes, previous);
+                if !refusals.is_empty() {
+                    return Err(OpenError::Pins(refusals));
+                }
+                metrics.set_pinned(true);
+            }
+            None => {
+                tracing::warn!("no model registry configured: routed versions are not checked against approved pins (unpinned); set [registry] file or --registry");
+                metrics.set_pinned(false);
+            }
+        }
         let mut versions = VersionSet::default();
         let table =
             build_table(&config, &state, &metrics, &mut versions).map_err(OpenError::Table)?;
@@ -256,7 +294,7 @@ impl Writer {
                 });
             }
         }
-        let (routes, new_config, notes) = match &change.command {
+        let (routes, new_config, mut notes) = match &change.command {
             Command::Reload => {
                 let Some(path) = inner.config.source.clone() else {
                     return Err(CommandError::Conflict(
@@ -309,6 +347,27 @@ impl Writer {
             routes,
         };
         let config = new_config.as_ref().unwrap_or(&inner.config);
+        // The registry is re-read for every change, so stages and approvals recorded with
+        // `weir registry` count at once.
+        let registry_path = config.registry.clone();
+        let mut registry = load_registry(config)?;
+        let mut promoted_stage = None;
+        if let (Some(reg), Command::Promote { route }) = (registry.as_mut(), &change.command) {
+            let label = new_state
+                .route(route)
+                .map(|r| r.stable.clone())
+                .unwrap_or_default();
+            promoted_stage = promote_in_registry(reg, &label)?;
+            if let Some(from) = promoted_stage {
+                notes.push(format!("registry: {label} {from} → production"));
+            }
+        }
+        if let Some(reg) = &registry {
+            let refusals = pin_refusals(reg, &new_state.routes, Some(&inner.state));
+            if !refusals.is_empty() {
+                return Err(CommandError::Pins(refusals));
+            }
+        }
         let table = build_table(config, &new_state, &self.metrics, &mut inner.versions)
             .map_err(CommandError::Persist)?;
         let after_route = route_name.and_then(|n| new_state.route(n)).cloned();
@@ -324,6 +383,22 @@ impl Writer {
             .store
             .load()
             .map_err(|e| CommandError::Persist(e.to_string()))?;
+        // Promotion moves the registry stage; written first and put back if the change fails.
+        let registry_before = match (&registry_path, promoted_stage) {
+            (Some(path), Some(_)) => {
+                let before = Registry::load(path)?;
+                registry.as_ref().expect("loaded above").save(path)?;
+                Some((path.clone(), before))
+            }
+            _ => None,
+        };
+        let undo_registry = |registry_before: &Option<(std::path::PathBuf, Registry)>| {
+            if let Some((path, before)) = registry_before {
+                if let Err(e) = before.save(path) {
+                    tracing::error!(error = %e, "cannot put the registry back after a failed promotion");
+                }
+            }
+        };
         let (before, after) = match route_name {
             Some(_) => (json!(before_route), json!(after_route)),
             None => (state_json(&inner.state), state_json(&new_state)),
@@ -344,15 +419,16 @@ impl Writer {
             reason: reason.as_deref(),
             window: Some(inner.window.close()),
         });
-        inner
-            .store
-            .save(&StateBody {
-                format: STATE_FORMAT,
-                state: new_state.clone(),
-                audit_head: Some(prepared.head()),
-            })
-            .map_err(|e| CommandError::Persist(e.to_string()))?;
+        if let Err(e) = inner.store.save(&StateBody {
+            format: STATE_FORMAT,
+            state: new_state.clone(),
+            audit_head: Some(prepared.head()),
+        }) {
+            undo_registry(&registry_before);
+            return Err(CommandError::Persist(e.to_string()));
+        }
         if let Err(e) = inner.audit.append(&prepared) {
+            undo_registry(&registry_before);
             // Put the previous state back so state and log agree on what happened: nothing.
             let restored = match &on_disk {
                 Some(body) => inner.store.save(body),
@@ -422,6 +498,30 @@ impl Writer {
         inner.window = Window::open(&self.table.load());
         Ok(())
     }
+}
+
+/// Moves a promoted version to the production stage in `registry` (a copy, saved by the caller).
+/// Returns the stage it had, or `None` when it already was production.
+fn promote_in_registry(
+    registry: &mut Registry,
+    label: &str,
+) -> Result<Option<Stage>, CommandError> {
+    let policy = registry.policy.clone();
+    let Some(version) = registry.find_mut(label) else {
+        return Ok(None); // the pin check names an unregistered version
+    };
+    if version.stage == Stage::Production {
+        return Ok(None);
+    }
+    check_promotion(&policy, version, std::time::SystemTime::now()).map_err(|refusals| {
+        CommandError::Promotion {
+            label: label.to_string(),
+            refusals,
+        }
+    })?;
+    let before = version.stage;
+    version.stage = Stage::Production;
+    Ok(Some(before))
 }
 
 /// Applies one route command to a route's state.

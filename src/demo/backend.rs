@@ -522,7 +522,7 @@ impl Answer {
         let tokens = (0..len)
             .map(|i| {
                 let own = splitmix64(seed ^ version_seed ^ i.wrapping_mul(0x9e37));
-                let pick = if own % 6 == 0 {
+                let pick = if own.is_multiple_of(6) {
                     own >> 8
                 } else {
                     splitmix64(seed.wrapping_add(i))

@@ -95,6 +95,32 @@ pub fn check_stage_change(
     }
 }
 
+/// Checks promoting `v` (a candidate or approved version) to production: the production rules
+/// (provenance, SBOM, unexpired approvals) without the one-step lifecycle walk.
+pub fn check_promotion(
+    policy: &Policy,
+    v: &ModelVersion,
+    now: SystemTime,
+) -> Result<(), Vec<RuleRefusal>> {
+    match v.stage {
+        Stage::Production => Ok(()),
+        Stage::Candidate | Stage::Approved => {
+            let as_approved = ModelVersion {
+                stage: Stage::Approved,
+                ..v.clone()
+            };
+            check_stage_change(policy, &as_approved, Stage::Production, now)
+        }
+        other => Err(vec![RuleRefusal {
+            rule: "lifecycle",
+            message: format!(
+                "{} is {other}; only candidate or approved versions can be promoted",
+                v.label()
+            ),
+        }]),
+    }
+}
+
 /// Missing or expired approvals for entering `to`.
 fn approval_refusals(
     policy: &Policy,

@@ -1,0 +1,57 @@
+//! Version pins against the registry: which routed versions the registry allows, checked at
+//! `weir check`, start, reload and every admin change.
+
+use crate::config::Config;
+use crate::control::state::{RouteState, RoutingState};
+use crate::metrics::Role;
+use crate::registry::{check_servable, PinRefusal, Registry, RegistryError};
+
+/// The registry the config names, or `None` when weir runs unpinned.
+pub fn load_registry(config: &Config) -> Result<Option<Registry>, RegistryError> {
+    config.registry.as_deref().map(Registry::load).transpose()
+}
+
+/// A pin refused in one route.
+#[derive(Clone, Debug)]
+pub struct RouteRefusal {
+    pub route: String,
+    pub field: &'static str,
+    pub refusal: PinRefusal,
+}
+
+impl std::fmt::Display for RouteRefusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "route {}: {}", self.route, self.refusal)
+    }
+}
+
+/// Every pin of `routes` the registry refuses. A version already serving in the same route in
+/// `previous` counts as existing there (deprecated versions may keep serving, not spread).
+pub fn pin_refusals(
+    registry: &Registry,
+    routes: &[RouteState],
+    previous: Option<&RoutingState>,
+) -> Vec<RouteRefusal> {
+    let mut refusals = Vec::new();
+    for route in routes {
+        let before = previous.and_then(|p| p.route(&route.name));
+        let served_before = |label: &str| {
+            before.is_some_and(|b| b.stable == label || b.serving_candidate() == Some(label))
+        };
+        let pins = [
+            ("stable", Some(route.stable.as_str()), Role::Stable),
+            ("candidate", route.serving_candidate(), Role::Candidate),
+        ];
+        for (field, label, role) in pins {
+            let Some(label) = label else { continue };
+            if let Err(refusal) = check_servable(registry, label, role, !served_before(label)) {
+                refusals.push(RouteRefusal {
+                    route: route.name.clone(),
+                    field,
+                    refusal,
+                });
+            }
+        }
+    }
+    refusals
+}
