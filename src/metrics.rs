@@ -24,6 +24,8 @@ pub enum ErrorKind {
     Protocol,
     /// Every backend of the version is ejected.
     NoBackend,
+    /// No backend of the version reports the registry's identity: weir fails closed.
+    Unverified,
     /// The response body broke off mid-stream.
     Body,
     /// The backend went silent mid-body for longer than the idle timeout.
@@ -31,13 +33,14 @@ pub enum ErrorKind {
 }
 
 impl ErrorKind {
-    pub const ALL: [ErrorKind; 8] = [
+    pub const ALL: [ErrorKind; 9] = [
         ErrorKind::Connect,
         ErrorKind::ConnectTimeout,
         ErrorKind::Reset,
         ErrorKind::Timeout,
         ErrorKind::Protocol,
         ErrorKind::NoBackend,
+        ErrorKind::Unverified,
         ErrorKind::Body,
         ErrorKind::IdleTimeout,
     ];
@@ -50,6 +53,7 @@ impl ErrorKind {
             ErrorKind::Timeout => "timeout",
             ErrorKind::Protocol => "protocol",
             ErrorKind::NoBackend => "no_backend",
+            ErrorKind::Unverified => "unverified",
             ErrorKind::Body => "body",
             ErrorKind::IdleTimeout => "idle_timeout",
         }
@@ -62,7 +66,7 @@ impl ErrorKind {
             ErrorKind::ConnectTimeout | ErrorKind::Timeout | ErrorKind::IdleTimeout => {
                 S::GATEWAY_TIMEOUT
             }
-            ErrorKind::NoBackend => S::SERVICE_UNAVAILABLE,
+            ErrorKind::NoBackend | ErrorKind::Unverified => S::SERVICE_UNAVAILABLE,
             ErrorKind::Connect | ErrorKind::Reset | ErrorKind::Protocol | ErrorKind::Body => {
                 S::BAD_GATEWAY
             }

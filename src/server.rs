@@ -17,6 +17,7 @@ use tokio::task::JoinHandle;
 use crate::config::Config;
 use crate::control::admin::{self, AdminState};
 use crate::control::auth::AdminToken;
+use crate::control::identity::{self, probe_once, Prober};
 use crate::control::writer::{Change, Command, CommandError};
 use crate::control::Writer;
 pub use crate::data::listener::Drained;
@@ -75,6 +76,12 @@ impl Server {
         let (admin_listener, admin_addr) = bind("admin", admin_addr).await?;
         let writer = Arc::new(Writer::open(config.clone(), Metrics::new())?);
         let table: Arc<ArcSwap<crate::data::RoutingTable>> = Arc::clone(writer.table());
+        let prober = Arc::new(Prober::default());
+        if config.identity.is_some() {
+            // Nothing is served before the backends have said what they serve.
+            let verified = probe_once(&writer, &prober).await;
+            tracing::info!(verified, "identity probe: first round done");
+        }
 
         let proxy = Arc::new(Proxy::new(
             Arc::clone(&table),
@@ -132,6 +139,9 @@ impl Server {
             config.routes.len()
         );
 
+        if config.identity.is_some() {
+            tokio::spawn(identity::run(Arc::clone(&writer), prober, stop_rx.clone()));
+        }
         let mut stop_watch = stop_rx;
         let closing = Arc::clone(&writer);
         let task = tokio::spawn(async move {

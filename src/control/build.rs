@@ -16,16 +16,25 @@ use crate::metrics::{Metrics, Role};
 #[derive(Debug, Default)]
 pub struct VersionSet {
     versions: HashMap<String, Arc<Version>>,
+    /// With an identity probe, new backends wait for it before taking traffic.
+    probing: bool,
 }
 
 impl VersionSet {
+    pub fn new(probing: bool) -> VersionSet {
+        VersionSet {
+            versions: HashMap::new(),
+            probing,
+        }
+    }
+
     fn get_or_create(&mut self, config: &Config, label: &str) -> Option<Arc<Version>> {
         let wanted = config.version(label)?;
         let reuse = self.versions.get(label).filter(|v| v.same_as(wanted));
         if let Some(v) = reuse {
             return Some(Arc::clone(v));
         }
-        let v = Arc::new(Version::from_config(wanted));
+        let v = Arc::new(Version::from_config(wanted, !self.probing));
         self.versions.insert(label.to_string(), Arc::clone(&v));
         Some(v)
     }

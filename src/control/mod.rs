@@ -9,6 +9,7 @@ pub mod admin;
 pub mod audit;
 pub mod auth;
 mod build;
+pub mod identity;
 pub mod pins;
 pub mod state;
 pub mod writer;

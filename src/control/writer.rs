@@ -184,6 +184,8 @@ pub struct Writer {
     inner: Mutex<Inner>,
     table: Arc<ArcSwap<RoutingTable>>,
     metrics: Metrics,
+    /// Wakes whoever watches the table (the identity prober) after each swap.
+    swapped: tokio::sync::Notify,
 }
 
 #[derive(Debug)]
@@ -225,7 +227,7 @@ impl Writer {
                 metrics.set_pinned(false);
             }
         }
-        let mut versions = VersionSet::default();
+        let mut versions = VersionSet::new(config.identity.is_some());
         let table =
             build_table(&config, &state, &metrics, &mut versions).map_err(OpenError::Table)?;
         for note in &notes {
@@ -261,6 +263,7 @@ impl Writer {
         let writer = Writer {
             table: Arc::new(ArcSwap::new(Arc::clone(&table))),
             metrics,
+            swapped: tokio::sync::Notify::new(),
             inner: Mutex::new(Inner {
                 window: Window::open(&table),
                 config,
@@ -443,6 +446,7 @@ impl Writer {
         let table = Arc::new(table);
         self.table.store(Arc::clone(&table));
         publish(&self.metrics, &table);
+        self.swapped.notify_waiters();
         tracing::info!(
             actor = %change.actor,
             action = change.command.action(),
@@ -461,6 +465,57 @@ impl Writer {
             route: after_route,
             notes,
         })
+    }
+
+    /// Resolves after the next table swap.
+    pub async fn swapped(&self) {
+        self.swapped.notified().await;
+    }
+
+    /// The config in force (cold: clones it).
+    pub async fn config(&self) -> Config {
+        self.inner.lock().await.config.clone()
+    }
+
+    /// Records an event that changes no routing (an identity mismatch, say) in the audit chain.
+    pub async fn record(
+        &self,
+        actor: &str,
+        action: &str,
+        route: Option<&str>,
+        detail: Value,
+        reason: &str,
+    ) -> Result<(), CommandError> {
+        let mut inner = self.inner.lock().await;
+        let inner = &mut *inner;
+        let _lock = StateLock::acquire(&inner.config.state_dir)
+            .map_err(|e| CommandError::Persist(format!("cannot lock the state directory: {e}")))?;
+        inner
+            .audit
+            .refresh()
+            .map_err(|e| CommandError::Persist(e.to_string()))?;
+        let prepared = inner.audit.prepare(Entry {
+            actor,
+            action,
+            route,
+            before: Value::Null,
+            after: detail,
+            generation: inner.state.generation,
+            reason: Some(reason),
+            window: None,
+        });
+        inner
+            .store
+            .save(&StateBody {
+                format: STATE_FORMAT,
+                state: inner.state.clone(),
+                audit_head: Some(prepared.head()),
+            })
+            .map_err(|e| CommandError::Persist(e.to_string()))?;
+        inner
+            .audit
+            .append(&prepared)
+            .map_err(|e| CommandError::Persist(e.to_string()))
     }
 
     /// Closes the last serving window with a `stop` record (graceful shutdown).

@@ -143,8 +143,13 @@ impl Proxy {
             }
         }
         let Some(backend) = version.pick() else {
+            let kind = if version.any_verified() {
+                ErrorKind::NoBackend
+            } else {
+                ErrorKind::Unverified
+            };
             return Ok(self.refuse(
-                Refusal::Backend(ErrorKind::NoBackend),
+                Refusal::Backend(kind),
                 &version.label,
                 version_value,
                 &in_flight,
@@ -283,6 +288,9 @@ fn backend_message(kind: ErrorKind, label: &str) -> String {
         ErrorKind::NoBackend => {
             format!("every backend of {label} is failing; none is usable right now")
         }
+        ErrorKind::Unverified => format!(
+            "no backend of {label} reports the identity the registry expects; weir will not serve an unverified model"
+        ),
         ErrorKind::Body | ErrorKind::IdleTimeout => {
             format!("a backend of {label} failed mid-response")
         }

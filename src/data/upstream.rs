@@ -4,7 +4,7 @@
 //! counts and ejections survive a weight change. Connections are pooled per backend origin by the
 //! shared HTTP client.
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -32,6 +32,9 @@ pub struct Backend {
     in_flight: AtomicUsize,
     /// Milliseconds since [`epoch`] until which this backend is skipped; 0 when usable.
     ejected_until: AtomicU64,
+    /// Whether the backend reports the identity the registry expects. Always true without an
+    /// identity probe; with one, false until the first probe says so.
+    verified: AtomicBool,
 }
 
 /// Process-wide reference point for ejection deadlines, kept as plain integers.
@@ -45,7 +48,8 @@ fn now_millis() -> u64 {
 }
 
 impl Version {
-    pub fn from_config(config: &VersionConfig) -> Version {
+    /// A version whose backends start out verified (`verified`) or waiting for an identity probe.
+    pub fn from_config(config: &VersionConfig, verified: bool) -> Version {
         let label = config.label();
         Version {
             label_header: super::table::label_header(&label),
@@ -61,6 +65,7 @@ impl Version {
                         .expect("config validation guarantees an authority"),
                     in_flight: AtomicUsize::new(0),
                     ejected_until: AtomicU64::new(0),
+                    verified: AtomicBool::new(verified),
                 })
                 .collect(),
             balance: config.balance,
@@ -94,7 +99,7 @@ impl Version {
         };
         let usable = |b: &Backend| {
             let until = b.ejected_until.load(Ordering::Relaxed);
-            until == 0 || until <= now
+            (until == 0 || until <= now) && b.verified.load(Ordering::Relaxed)
         };
         let index = match self.balance {
             Balance::RoundRobin => (0..n)
@@ -132,6 +137,22 @@ impl Backend {
     pub fn in_flight(&self) -> usize {
         self.in_flight.load(Ordering::Relaxed)
     }
+
+    pub fn is_verified(&self) -> bool {
+        self.verified.load(Ordering::Relaxed)
+    }
+
+    /// Puts the backend in or out of rotation by its identity; returns the previous verdict.
+    pub fn set_verified(&self, verified: bool) -> bool {
+        self.verified.swap(verified, Ordering::Relaxed)
+    }
+}
+
+impl Version {
+    /// Whether any backend currently reports the expected identity.
+    pub fn any_verified(&self) -> bool {
+        self.backends.iter().any(Backend::is_verified)
+    }
 }
 
 /// A backend chosen for one request; counts it in flight until dropped.
@@ -158,14 +179,17 @@ mod tests {
     use super::*;
 
     fn version(balance: Balance, n: usize) -> Arc<Version> {
-        Arc::new(Version::from_config(&VersionConfig {
-            model: "m".into(),
-            version: "v".into(),
-            backends: (0..n)
-                .map(|i| format!("http://127.0.0.1:{}/", 9000 + i).parse().unwrap())
-                .collect(),
-            balance,
-        }))
+        Arc::new(Version::from_config(
+            &VersionConfig {
+                model: "m".into(),
+                version: "v".into(),
+                backends: (0..n)
+                    .map(|i| format!("http://127.0.0.1:{}/", 9000 + i).parse().unwrap())
+                    .collect(),
+                balance,
+            },
+            true,
+        ))
     }
 
     #[test]
