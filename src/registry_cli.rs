@@ -14,7 +14,7 @@ use crate::control::audit::Entry;
 use crate::control::state::record_offline;
 use crate::registry::{
     check_stage_change, days, diff_manifests, digest::sha256_file, digest_artifact, format_time,
-    parse_time, Approval, ModelVersion, Reference, Registry, Stage,
+    parse_time, Approval, Dataset, ModelVersion, Reference, Registry, Stage,
 };
 
 #[derive(Args, Debug)]
@@ -129,9 +129,33 @@ pub struct AddArgs {
     /// A prohibited use (repeatable).
     #[arg(long = "prohibited-use", value_name = "USE")]
     pub prohibited_uses: Vec<String>,
+    /// A training data set, NAME or NAME@WINDOW (e.g. crawl-2024@2024-01-01..2024-05-31); repeatable.
+    #[arg(long = "training-data", value_name = "NAME[@WINDOW]")]
+    pub training_data: Vec<String>,
+    /// An evaluation data set, NAME or NAME@WINDOW; repeatable.
+    #[arg(long = "eval-data", value_name = "NAME[@WINDOW]")]
+    pub eval_data: Vec<String>,
     /// Follow symlinks inside the artifact instead of refusing them.
     #[arg(long)]
     pub allow_symlinks: bool,
+}
+
+fn datasets(specs: &[String]) -> Vec<Dataset> {
+    specs
+        .iter()
+        .map(|spec| {
+            let (name, window) = match spec.split_once('@') {
+                Some((name, window)) => (name, Some(window.to_string())),
+                None => (spec.as_str(), None),
+            };
+            Dataset {
+                name: name.to_string(),
+                uri: None,
+                sha256: None,
+                window,
+            }
+        })
+        .collect()
 }
 
 /// Who runs the command, for the audit log.
@@ -213,8 +237,8 @@ pub fn run(args: RegistryArgs) -> anyhow::Result<ExitCode> {
                 backup_owner: add.backup_owner.clone(),
                 provenance: add.provenance.as_deref().map(reference).transpose()?,
                 sbom: add.sbom.as_deref().map(reference).transpose()?,
-                training_data: Vec::new(),
-                eval_data: Vec::new(),
+                training_data: datasets(&add.training_data),
+                eval_data: datasets(&add.eval_data),
                 approvals: Vec::new(),
                 exceptions: Vec::new(),
                 manifest: digest.manifest.clone(),
