@@ -13,6 +13,7 @@ use bytes::Bytes;
 use common::*;
 use http::{Method, Response, StatusCode};
 use http_body_util::BodyExt;
+use serde_json::Value;
 
 const CONFIG: &str = r#"
 [[versions]]
@@ -855,7 +856,8 @@ async fn sighup_reloads_the_binary_and_a_bad_file_on_sighup_changes_nothing() {
         dir.path(),
     );
     let client = http1();
-    let routes = || async { get(&client, &weir.admin_url("/v1/routes")).await.json() };
+    let routes_url = weir.admin_url("/v1/routes");
+    let routes = || async { get(&client, &routes_url).await.json() };
     let chat_weight = |routes: serde_json::Value| {
         routes["routes"]
             .as_array()
@@ -1137,4 +1139,135 @@ async fn hundreds_of_changes_under_load_fail_no_request_and_split_no_stream() {
             && served.get("chat@v2").is_some_and(|n| *n > 0),
         "both versions should have served during the changes: {served:?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_calls_with_the_same_if_match_let_exactly_one_through() {
+    let s = setup().await;
+    let weir = &s.weir;
+    let token = weir.token();
+    let generation = weir.generation().await;
+    let audit = weir.audit().len();
+    let calls: Vec<_> = (1..=8)
+        .map(|percent| {
+            let url = weir.admin_url("/v1/routes/chat/weight");
+            let token = token.clone();
+            let if_match = generation.to_string();
+            tokio::spawn(async move {
+                let body = format!(r#"{{"weight": "{percent}%"}}"#);
+                let reply = admin_call(
+                    &url,
+                    Method::PUT,
+                    Some(&token),
+                    Some(&body),
+                    &[("if-match", &if_match)],
+                )
+                .await;
+                (percent, reply)
+            })
+        })
+        .collect();
+    let mut winners = Vec::new();
+    for call in calls {
+        let (percent, reply) = call.await.unwrap();
+        match reply.status.as_u16() {
+            200 => winners.push(percent * 100),
+            409 => assert_eq!(reply.json()["detail"]["current"], generation + 1),
+            _ => panic!("{percent}%: {} {}", reply.status, reply.text()),
+        }
+    }
+    assert_eq!(
+        winners.len(),
+        1,
+        "exactly one call may apply at generation {generation}"
+    );
+    assert_eq!(weir.generation().await, generation + 1);
+    assert_eq!(weir.route("chat").await["weight"], winners[0]);
+    assert_eq!(weir.audit().len(), audit + 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_of_exactly_64_kib_is_accepted_and_one_byte_more_is_413() {
+    let s = setup().await;
+    let weir = &s.weir;
+    let body_of = |len: usize| {
+        let frame = r#"{"weight": "5%", "reason": ""}"#;
+        let body = format!(
+            r#"{{"weight": "5%", "reason": "{}"}}"#,
+            "r".repeat(len - frame.len())
+        );
+        assert_eq!(body.len(), len);
+        body
+    };
+    let generation = weir.generation().await;
+    let reply = weir
+        .admin(
+            Method::PUT,
+            "/v1/routes/chat/weight",
+            Some(&body_of(64 * 1024 + 1)),
+        )
+        .await;
+    assert_admin_error(&reply, 413, "a 64 KiB + 1 byte body");
+    assert_eq!(weir.generation().await, generation);
+    let reply = weir
+        .admin(
+            Method::PUT,
+            "/v1/routes/chat/weight",
+            Some(&body_of(64 * 1024)),
+        )
+        .await;
+    assert_eq!(
+        reply.status,
+        StatusCode::OK,
+        "a 64 KiB body: {}",
+        &reply.text()[..200.min(reply.text().len())]
+    );
+    assert_eq!(weir.generation().await, generation + 1);
+    let last = weir.audit().pop().unwrap();
+    assert_eq!(last["reason"].as_str().map(str::len), Some(64 * 1024 - 30));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_route_holds_off_the_canary_controller_but_not_an_admin() {
+    use weir::control::writer::{Change, Command, CANARY_ACTOR};
+    let s = setup().await;
+    let weir = &s.weir;
+    let writer = weir.running.as_ref().unwrap().writer().clone();
+    let canary = |basis_points: u16| Change {
+        command: Command::SetWeight {
+            route: "chat".into(),
+            basis_points,
+        },
+        actor: CANARY_ACTOR.into(),
+        reason: Some("step".into()),
+        if_match: None,
+    };
+    writer
+        .apply(canary(100))
+        .await
+        .expect("the controller may move an unpaused route");
+    assert_eq!(weir.route("chat").await["weight"], 100);
+    let reply = weir
+        .admin(Method::POST, "/v1/routes/chat/pause", None)
+        .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    let generation = weir.generation().await;
+    let refused = writer
+        .apply(canary(200))
+        .await
+        .expect_err("a paused route refuses the controller");
+    assert_eq!(refused.status(), StatusCode::CONFLICT, "{refused}");
+    assert_eq!(weir.generation().await, generation);
+    assert_eq!(weir.route("chat").await["weight"], 100);
+    let reply = weir
+        .admin(
+            Method::PUT,
+            "/v1/routes/chat/weight",
+            Some(r#"{"basis_points": 300}"#),
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    assert_eq!(reply.json()["route"]["paused"], true);
+    let actors: Vec<Value> = weir.audit().iter().map(|r| r["actor"].clone()).collect();
+    assert_eq!(actors[1], "canary", "{actors:?}");
 }

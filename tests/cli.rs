@@ -215,3 +215,11 @@ fn demo_runs_a_canary_end_to_end_and_summarizes_it() {
         "a candidate failing half its requests was not called worse:\n{text}"
     );
 }
+
+#[test]
+fn the_shipped_config_and_registry_pass_check() {
+    let config = concat!(env!("CARGO_MANIFEST_DIR"), "/config/weir.toml");
+    let output = weir(&["check", "--config", config]);
+    assert!(output.status.success(), "{}", all_output(&output));
+    assert!(all_output(&output).contains("ok (3 versions, 3 routes)"));
+}

@@ -265,7 +265,7 @@ impl Writer {
             metrics,
             swapped: tokio::sync::Notify::new(),
             inner: Mutex::new(Inner {
-                window: Window::open(&table),
+                window: Window::open(&table, None),
                 config,
                 state,
                 versions,
@@ -454,7 +454,7 @@ impl Writer {
             generation = new_state.generation,
             "routing changed"
         );
-        inner.window = Window::open(&table);
+        inner.window = Window::open(&table, Some(&inner.window));
         inner.state = new_state;
         if let Some(config) = new_config {
             inner.config = config;
@@ -550,7 +550,7 @@ impl Writer {
             .audit
             .append(&prepared)
             .map_err(|e| CommandError::Persist(e.to_string()))?;
-        inner.window = Window::open(&self.table.load());
+        inner.window = Window::open(&self.table.load(), Some(&inner.window));
         Ok(())
     }
 }
@@ -683,10 +683,15 @@ struct WindowTarget {
     stats: Arc<TargetStats>,
     requests_at_start: u64,
     errors_at_start: u64,
+    /// Not in this window's table: kept because requests it started may still be answered.
+    carried: bool,
 }
 
 impl Window {
-    fn open(table: &RoutingTable) -> Window {
+    /// Opens the window of `table`. Targets of the `previous` window that the new table dropped
+    /// stay counted while they may still answer: responses are counted when their head is sent,
+    /// so a request routed under the old table can land in the new window.
+    fn open(table: &RoutingTable, previous: Option<&Window>) -> Window {
         let mut targets = Vec::new();
         for route in &table.routes {
             for target in std::iter::once(&route.stable).chain(&route.candidate) {
@@ -698,6 +703,32 @@ impl Window {
                     requests_at_start: target.stats.requests_total(),
                     errors_at_start: target.stats.server_errors_total(),
                     stats: Arc::clone(&target.stats),
+                    carried: false,
+                });
+            }
+        }
+        for old in previous.map(|p| p.targets.as_slice()).unwrap_or_default() {
+            // Same labels, same counters (tables resolve new handles to the same series).
+            if targets
+                .iter()
+                .any(|t| t.route == old.route && t.version == old.version && t.role == old.role)
+            {
+                continue;
+            }
+            // A target that just left the table is kept one window; after that only while it
+            // has requests in flight or answered some in the window that just closed.
+            let still_answering = old.stats.in_flight.get() > 0
+                || old.stats.requests_total() != old.requests_at_start;
+            if !old.carried || still_answering {
+                targets.push(WindowTarget {
+                    route: Arc::clone(&old.route),
+                    version: Arc::clone(&old.version),
+                    role: old.role,
+                    weight: 0,
+                    requests_at_start: old.stats.requests_total(),
+                    errors_at_start: old.stats.server_errors_total(),
+                    stats: Arc::clone(&old.stats),
+                    carried: true,
                 });
             }
         }

@@ -312,3 +312,28 @@ pub fn format_time(time: SystemTime) -> String {
 pub fn days(n: u32) -> Duration {
     Duration::from_secs(u64::from(n) * 86_400)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_shipped_example_registry_parses_and_round_trips() {
+        let registry = Registry::parse(include_str!("../../config/registry.toml")).unwrap();
+        assert_eq!(registry.versions.len(), 3);
+        assert_eq!(registry.versions[0].stage, Stage::Production);
+        assert_eq!(
+            registry.versions[0].training_data[0].window.as_deref(),
+            Some("2023-01-01..2024-04-30")
+        );
+        let again = Registry::parse(&toml::to_string_pretty(&registry).unwrap()).unwrap();
+        assert_eq!(again, registry);
+    }
+
+    #[test]
+    fn bad_digests_and_duplicates_are_refused() {
+        let text =
+            "[[versions]]\nmodel = \"m\"\nversion = \"v\"\ndigest = \"abc\"\nstage = \"draft\"\n";
+        assert!(Registry::parse(text).unwrap_err().contains("64 hex digits"));
+    }
+}
