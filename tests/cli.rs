@@ -223,3 +223,78 @@ fn the_shipped_config_and_registry_pass_check() {
     assert!(output.status.success(), "{}", all_output(&output));
     assert!(all_output(&output).contains("ok (3 versions, 3 routes)"));
 }
+
+const ONE_CANARY: &str = r#"
+[[versions]]
+model = "chat"
+version = "v1"
+backends = ["{v1}"]
+[[versions]]
+model = "chat"
+version = "v2"
+backends = ["{v2}"]
+[[routes]]
+name = "chat"
+stable = "chat@v1"
+candidate = "chat@v2"
+"#;
+
+/// Runs `weir admin --admin URL --state-dir DIR ARGS...` off the async runtime.
+async fn weir_admin(admin: &str, state_dir: &std::path::Path, args: &[&str]) -> Output {
+    let mut full: Vec<String> = vec![
+        "admin".into(),
+        "--admin".into(),
+        admin.into(),
+        "--state-dir".into(),
+    ];
+    full.push(state_dir.display().to_string());
+    full.extend(args.iter().map(|s| s.to_string()));
+    tokio::task::spawn_blocking(move || {
+        let refs: Vec<&str> = full.iter().map(String::as_str).collect();
+        weir(&refs)
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn weir_admin_moves_the_split_and_reports_refusals() {
+    let v1 = Backend::named("v1").await;
+    let v2 = Backend::named("v2").await;
+    let server = Weir::start(ONE_CANARY, &[("v1", &v1.url()), ("v2", &v2.url())]).await;
+    let admin = format!("http://{}", server.admin);
+    let dir = server.state_dir.path();
+
+    let out = weir_admin(&admin, dir, &["weight", "chat", "5%"]).await;
+    assert!(out.status.success(), "{}", all_output(&out));
+    assert!(
+        all_output(&out).contains("weight 5%"),
+        "{}",
+        all_output(&out)
+    );
+    assert_eq!(server.routes().await["routes"][0]["weight"], 500);
+
+    let out = weir_admin(&admin, dir, &["weight", "chat", "150%"]).await;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        all_output(&out).contains("between 0% and 100%"),
+        "{}",
+        all_output(&out)
+    );
+
+    let out = weir_admin(&admin, dir, &["promote", "chat", "--reason", "looks good"]).await;
+    assert!(out.status.success(), "{}", all_output(&out));
+    let status = weir_admin(&admin, dir, &["status"]).await;
+    assert!(
+        all_output(&status).contains("chat@v2"),
+        "{}",
+        all_output(&status)
+    );
+    assert_eq!(server.routes().await["routes"][0]["stable"], "chat@v2");
+
+    let audit = std::fs::read_to_string(dir.join("audit.jsonl")).unwrap();
+    assert!(
+        audit.contains("\"reason\":\"looks good\""),
+        "the reason reaches the audit log"
+    );
+}
