@@ -130,7 +130,7 @@ SIGTERM or Ctrl-C stops accepting and lets open requests and streams finish (pro
 #[derive(Args, Debug)]
 pub struct ServeArgs {
     /// Config file (TOML). Without it, the quick-mode flags below define one route named `default`.
-    #[arg(long, value_name = "FILE", conflicts_with_all = ["stable", "candidate", "weight", "sticky_header", "allow_override", "registry", "identity_probe", "identity_interval"])]
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["stable", "candidate", "weight", "sticky_header", "allow_override", "registry", "identity_probe", "identity_interval", "mirror"])]
     pub config: Option<PathBuf>,
 
     /// Production version: SPEC (see below).
@@ -164,6 +164,11 @@ pub struct ServeArgs {
     /// Directory for persisted routing state and the audit log [default: ./weir-state].
     #[arg(long, value_name = "DIR")]
     pub state_dir: Option<PathBuf>,
+
+    /// Share of stable-routed requests also sent to the candidate as shadows (PCT); their
+    /// answers are compared with the stable ones, never returned to clients.
+    #[arg(long, value_name = "PCT")]
+    pub mirror: Option<String>,
 
     /// Model registry (TOML): every routed version must be registered at a stage that allows its
     /// role. Without one weir runs unpinned and says so.
@@ -321,6 +326,7 @@ fn serve_config(args: ServeArgs) -> anyhow::Result<Config> {
             registry: args.registry.clone(),
             identity_probe: args.identity_probe.clone(),
             identity_interval: args.identity_interval.clone(),
+            mirror: args.mirror.clone(),
         }
         .into_config()?,
         (None, None) => anyhow::bail!("give --config FILE, or --stable SPEC for quick mode"),

@@ -107,6 +107,8 @@ pub struct Metrics {
     generation: IntGauge,
     pinned: IntGauge,
     mismatch: IntGaugeVec,
+    mirror: IntCounterVec,
+    comparisons: IntCounterVec,
 }
 
 /// Latency buckets from 1 ms to 5 min: inference spans fast embeddings to long generations.
@@ -183,6 +185,22 @@ impl Metrics {
             &["route", "version", "backend"],
         )
         .expect("valid metric");
+        let mirror = IntCounterVec::new(
+            Opts::new(
+                "weir_mirror_requests_total",
+                "Mirror decisions by outcome: sent, dropped, too_large, failed, timeout",
+            ),
+            &["route", "version", "outcome"],
+        )
+        .expect("valid metric");
+        let comparisons = IntCounterVec::new(
+            Opts::new(
+                "weir_mirror_comparisons_total",
+                "Shadow answers compared with stable answers, by comparator and result",
+            ),
+            &["route", "version", "comparator", "result"],
+        )
+        .expect("valid metric");
         for collector in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(errors.clone()),
@@ -193,6 +211,8 @@ impl Metrics {
             Box::new(generation.clone()),
             Box::new(pinned.clone()),
             Box::new(mismatch.clone()),
+            Box::new(mirror.clone()),
+            Box::new(comparisons.clone()),
         ] {
             registry
                 .register(collector)
@@ -209,7 +229,26 @@ impl Metrics {
             generation,
             pinned,
             mismatch,
+            mirror,
+            comparisons,
         }
+    }
+
+    /// Handles for shadowing `candidate` in `route`.
+    pub fn shadow(&self, route: &str, candidate: &str) -> crate::data::shadow::ShadowStats {
+        use crate::config::Comparator;
+        use crate::data::shadow::MirrorOutcome;
+        let outcomes = MirrorOutcome::ALL.map(|o| {
+            self.mirror
+                .with_label_values(&[route, candidate, o.as_str()])
+        });
+        let comparisons = Comparator::ALL.map(|c| {
+            ["agree", "disagree", "error"].map(|r| {
+                self.comparisons
+                    .with_label_values(&[route, candidate, c.as_str(), r])
+            })
+        });
+        crate::data::shadow::ShadowStats::new(outcomes, comparisons)
     }
 
     pub fn set_pinned(&self, pinned: bool) {

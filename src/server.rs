@@ -18,6 +18,7 @@ use crate::config::Config;
 use crate::control::admin::{self, AdminState};
 use crate::control::auth::AdminToken;
 use crate::control::identity::{self, probe_once, Prober};
+use crate::control::shadow::Shadower;
 use crate::control::writer::{Change, Command, CommandError};
 use crate::control::Writer;
 pub use crate::data::listener::Drained;
@@ -93,6 +94,7 @@ impl Server {
                 backend_eject: config.proxy.backend_eject,
                 version_header: config.proxy.version_header.clone(),
             },
+            Arc::new(Shadower::new(&config.shadow, &config.state_dir)),
         ));
         let admin_state = Arc::new(AdminState {
             writer: Arc::clone(&writer),

@@ -25,6 +25,8 @@ struct RawConfig {
     registry: Option<RawRegistry>,
     identity: Option<RawIdentity>,
     #[serde(default)]
+    shadow: RawShadow,
+    #[serde(default)]
     versions: Vec<RawVersion>,
     #[serde(default)]
     routes: Vec<RawRoute>,
@@ -100,6 +102,22 @@ struct RawRoute {
     sticky_cookie: Option<String>,
     #[serde(default)]
     allow_override: bool,
+    mirror: Option<RawScalar>,
+    comparators: Option<Vec<String>>,
+    json_pointers: Option<Vec<String>>,
+    number_tolerance: Option<f64>,
+    text_threshold: Option<f64>,
+    vector_threshold: Option<f64>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawShadow {
+    max_in_flight: Option<usize>,
+    max_body: Option<RawScalar>,
+    timeout: Option<String>,
+    samples: Option<bool>,
+    samples_max_bytes: Option<RawScalar>,
 }
 
 /// A number or a string, checked after parsing.
@@ -260,7 +278,16 @@ pub(super) fn parse(text: &str) -> Result<Config, Vec<Problem>> {
                 .check(&format!("{path}.weight"), weight_from(raw))
                 .unwrap_or(0),
         };
+        let mirror = match &r.mirror {
+            None => 0,
+            Some(raw) => c
+                .check(&format!("{path}.mirror"), weight_from(raw))
+                .unwrap_or(0),
+        };
+        let compare = check_compare(&mut c, &path, r);
         let route = RouteConfig {
+            mirror,
+            compare,
             name: r.name.clone(),
             prefix: r.prefix.clone().unwrap_or_else(|| "/".to_string()),
             host: r.host.as_ref().map(|h| h.to_ascii_lowercase()),
@@ -292,6 +319,19 @@ pub(super) fn parse(text: &str) -> Result<Config, Vec<Problem>> {
         routes.push(route);
     }
 
+    let ds = ShadowConfig::default();
+    let shadow = ShadowConfig {
+        max_in_flight: raw.shadow.max_in_flight.unwrap_or(ds.max_in_flight),
+        max_body: size_from(&mut c, "shadow.max_body", &raw.shadow.max_body, ds.max_body),
+        timeout: c.duration("shadow.timeout", &raw.shadow.timeout, ds.timeout),
+        samples: raw.shadow.samples.unwrap_or(ds.samples),
+        samples_max_bytes: size_from(
+            &mut c,
+            "shadow.samples_max_bytes",
+            &raw.shadow.samples_max_bytes,
+            ds.samples_max_bytes,
+        ),
+    };
     let identity = raw.identity.as_ref().and_then(|i| {
         let interval = c.duration(
             "identity.interval",
@@ -323,9 +363,73 @@ pub(super) fn parse(text: &str) -> Result<Config, Vec<Problem>> {
             source: None,
             registry: raw.registry.map(|r| r.file),
             identity,
+            shadow,
         })
     } else {
         Err(c.problems)
+    }
+}
+
+fn check_compare(c: &mut Checker, path: &str, r: &RawRoute) -> CompareConfig {
+    let d = CompareConfig::default();
+    let comparators = r.comparators.as_ref().map(|names| {
+        names
+            .iter()
+            .enumerate()
+            .filter_map(|(i, n)| c.check(&format!("{path}.comparators[{i}]"), Comparator::parse(n)))
+            .collect::<Vec<_>>()
+    });
+    let json_pointers = r.json_pointers.clone().unwrap_or_default();
+    for (i, p) in json_pointers.iter().enumerate() {
+        if !p.starts_with('/') {
+            c.problem(
+                format!("{path}.json_pointers[{i}]"),
+                format!("expected a JSON pointer such as \"/choices/0/finish_reason\", got {p:?}"),
+            );
+        }
+    }
+    if comparators
+        .as_ref()
+        .is_some_and(|cs| cs.contains(&Comparator::Json))
+        && json_pointers.is_empty()
+    {
+        c.problem(
+            format!("{path}.json_pointers"),
+            "the json comparator needs at least one pointer to compare",
+        );
+    }
+    let mut unit = |name: &str, value: Option<f64>, default: f64| match value {
+        Some(v) if (0.0..=1.0).contains(&v) => v,
+        Some(v) => {
+            c.problem(
+                format!("{path}.{name}"),
+                format!("expected a number from 0 to 1, got {v}"),
+            );
+            default
+        }
+        None => default,
+    };
+    CompareConfig {
+        comparators,
+        json_pointers,
+        number_tolerance: unit("number_tolerance", r.number_tolerance, d.number_tolerance),
+        text_threshold: unit("text_threshold", r.text_threshold, d.text_threshold),
+        vector_threshold: unit("vector_threshold", r.vector_threshold, d.vector_threshold),
+    }
+}
+
+fn size_from(c: &mut Checker, path: &str, raw: &Option<RawScalar>, default: u64) -> u64 {
+    match raw {
+        None => default,
+        Some(RawScalar::Int(n)) if *n >= 0 => *n as u64,
+        Some(RawScalar::Str(s)) => c.check(path, parse_size(s)).unwrap_or(default),
+        Some(_) => {
+            c.problem(
+                path,
+                "expected a size such as \"1MiB\" or a whole number of bytes",
+            );
+            default
+        }
     }
 }
 
@@ -480,11 +584,19 @@ fn check_route(c: &mut Checker, path: &str, r: &RouteConfig, labels: &HashSet<St
                 "the candidate must differ from the stable version",
             );
         }
-    } else if r.weight > 0 {
-        c.problem(
-            format!("{path}.weight"),
-            "a weight above 0 needs a candidate version",
-        );
+    } else {
+        if r.weight > 0 {
+            c.problem(
+                format!("{path}.weight"),
+                "a weight above 0 needs a candidate version",
+            );
+        }
+        if r.mirror > 0 {
+            c.problem(
+                format!("{path}.mirror"),
+                "mirroring needs a candidate version",
+            );
+        }
     }
 }
 

@@ -32,6 +32,7 @@ pub struct Config {
     pub registry: Option<PathBuf>,
     /// How backends are asked which model they serve.
     pub identity: Option<IdentityProbe>,
+    pub shadow: ShadowConfig,
 }
 
 /// A backend identity probe: `GET path`, then read the identity from a JSON pointer of the body
@@ -195,6 +196,104 @@ pub struct RouteConfig {
     pub sticky: Option<StickyKey>,
     /// Whether `x-weir-version` may pin a request to this route's stable or candidate version.
     pub allow_override: bool,
+    /// Share of stable-routed requests also sent to the candidate as shadows, in basis points.
+    pub mirror: u16,
+    /// How shadow answers are compared with the stable ones.
+    pub compare: CompareConfig,
+}
+
+/// One way of comparing a candidate's shadow answer with the stable answer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Comparator {
+    /// Same status class.
+    Status,
+    /// Identical body bytes.
+    Exact,
+    /// The listed JSON pointers hold equal values (numbers within a tolerance).
+    Json,
+    /// Generated text similar above a threshold (token-level, normalised).
+    Text,
+    /// Embeddings with a cosine similarity above a threshold.
+    Vector,
+}
+
+impl Comparator {
+    pub const ALL: [Comparator; 5] = [
+        Comparator::Status,
+        Comparator::Exact,
+        Comparator::Json,
+        Comparator::Text,
+        Comparator::Vector,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Comparator::Status => "status",
+            Comparator::Exact => "exact",
+            Comparator::Json => "json",
+            Comparator::Text => "text",
+            Comparator::Vector => "vector",
+        }
+    }
+
+    pub fn parse(text: &str) -> Result<Comparator, String> {
+        Comparator::ALL
+            .into_iter()
+            .find(|c| c.as_str() == text)
+            .ok_or_else(|| {
+                format!("expected one of status, exact, json, text, vector; got {text:?}")
+            })
+    }
+}
+
+/// A route's comparison settings.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CompareConfig {
+    /// `None`: by request path — chat and completions get status + text, embeddings status +
+    /// vector, anything else status + exact.
+    pub comparators: Option<Vec<Comparator>>,
+    pub json_pointers: Vec<String>,
+    /// Largest relative difference for numbers to count as equal in `json`.
+    pub number_tolerance: f64,
+    pub text_threshold: f64,
+    pub vector_threshold: f64,
+}
+
+impl Default for CompareConfig {
+    fn default() -> Self {
+        CompareConfig {
+            comparators: None,
+            json_pointers: Vec::new(),
+            number_tolerance: 1e-6,
+            text_threshold: 0.8,
+            vector_threshold: 0.99,
+        }
+    }
+}
+
+/// Bounds of shadow traffic, shared by every route.
+#[derive(Clone, Debug)]
+pub struct ShadowConfig {
+    /// Shadow requests in flight at most; more are dropped and counted.
+    pub max_in_flight: usize,
+    /// Larger request or response bodies are not mirrored or compared.
+    pub max_body: u64,
+    pub timeout: Duration,
+    /// Keep a rotating file of disagreement samples in the state dir (prompts may be sensitive).
+    pub samples: bool,
+    pub samples_max_bytes: u64,
+}
+
+impl Default for ShadowConfig {
+    fn default() -> Self {
+        ShadowConfig {
+            max_in_flight: 64,
+            max_body: 1024 * 1024,
+            timeout: Duration::from_secs(30),
+            samples: false,
+            samples_max_bytes: 1024 * 1024,
+        }
+    }
 }
 
 /// One problem in a configuration, with the path of the offending value.

@@ -26,6 +26,8 @@ pub struct QuickMode {
     /// `PATH#POINTER`, e.g. `/v1/models#/data/0/id`.
     pub identity_probe: Option<String>,
     pub identity_interval: Option<String>,
+    /// Share of stable-routed requests shadowed to the candidate.
+    pub mirror: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -84,7 +86,18 @@ impl QuickMode {
                 ),
             })
         };
+        let mirror = match &self.mirror {
+            None => 0,
+            Some(m) => parse_percent(m).map_err(flag_error("--mirror"))?,
+        };
+        if mirror > 0 && candidate.is_none() {
+            return Err(flag_error("--mirror")(
+                "mirroring needs --candidate".to_string(),
+            ));
+        }
         let route = RouteConfig {
+            mirror,
+            compare: CompareConfig::default(),
             name: "default".to_string(),
             prefix: "/".to_string(),
             host: None,
@@ -112,6 +125,7 @@ impl QuickMode {
             versions: std::iter::once(stable).chain(candidate).collect(),
             routes: vec![route],
             source: None,
+            shadow: ShadowConfig::default(),
             registry: self.registry,
             identity: match &self.identity_probe {
                 None => None,

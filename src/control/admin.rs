@@ -344,6 +344,15 @@ pub fn route_json(r: &Route) -> Value {
             crate::config::StickyKey::Cookie(c) => json!({"cookie": c}),
         }),
         "allow_override": r.allow_override,
+        "shadow": r.shadow.as_ref().map(|s| {
+            let (agreement, compared) = s.stats.agreement();
+            json!({
+                "mirror": s.mirror,
+                "mirror_percent": format_percent(s.mirror),
+                "agreement": agreement,
+                "compared": compared,
+            })
+        }),
         "targets": {
             "stable": target(&r.stable),
             "candidate": r.candidate.as_ref().map(target),

@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use super::state::RoutingState;
 use crate::config::Config;
+use crate::data::shadow::{ShadowRoute, ShadowStats};
 use crate::data::split::cohort_seed;
 use crate::data::table::{Route, RoutingTable, Target};
 use crate::data::upstream::Version;
@@ -16,6 +17,8 @@ use crate::metrics::{Metrics, Role};
 #[derive(Debug, Default)]
 pub struct VersionSet {
     versions: HashMap<String, Arc<Version>>,
+    /// Shadow counters per (route, candidate), kept so the rolling agreement survives rebuilds.
+    shadows: HashMap<(String, String), Arc<ShadowStats>>,
     /// With an identity probe, new backends wait for it before taking traffic.
     probing: bool,
 }
@@ -24,6 +27,7 @@ impl VersionSet {
     pub fn new(probing: bool) -> VersionSet {
         VersionSet {
             versions: HashMap::new(),
+            shadows: HashMap::new(),
             probing,
         }
     }
@@ -69,6 +73,20 @@ pub fn build_table(
             .map(|c| target(c, Role::Candidate))
             .transpose()?;
         let weight = if candidate.is_some() { live.weight } else { 0 };
+        let shadow = match (&candidate, r.mirror) {
+            (Some(c), mirror) if mirror > 0 => {
+                let stats = versions
+                    .shadows
+                    .entry((r.name.clone(), c.version.label.to_string()))
+                    .or_insert_with(|| Arc::new(metrics.shadow(&r.name, &c.version.label)));
+                Some(Arc::new(ShadowRoute {
+                    mirror,
+                    compare: Arc::new(r.compare.clone()),
+                    stats: Arc::clone(stats),
+                }))
+            }
+            _ => None,
+        };
         metrics.set_weight(&r.name, weight);
         routes.push(Route {
             name: r.name.as_str().into(),
@@ -82,6 +100,7 @@ pub fn build_table(
             weight,
             sticky: r.sticky.clone(),
             allow_override: r.allow_override,
+            shadow,
             state: live.clone(),
         });
     }

@@ -9,8 +9,10 @@ pub mod admin;
 pub mod audit;
 pub mod auth;
 mod build;
+pub mod compare;
 pub mod identity;
 pub mod pins;
+pub mod shadow;
 pub mod state;
 pub mod writer;
 

@@ -19,6 +19,7 @@ use hyper::body::Incoming;
 use pin_project_lite::pin_project;
 use tokio::time::Sleep;
 
+use super::shadow::{RequestTee, ResponseTee};
 use super::upstream::BackendGuard;
 use crate::metrics::{ErrorKind, TargetStats};
 
@@ -37,14 +38,23 @@ pub struct LimitedBody {
     inner: Incoming,
     remaining: u64,
     limit: u64,
+    /// A copy for the shadow request, when this request is mirrored.
+    tee: Option<RequestTee>,
 }
 
 impl LimitedBody {
-    pub fn new(inner: Incoming, limit: u64) -> LimitedBody {
+    pub fn new(inner: Incoming, limit: u64, mut tee: Option<RequestTee>) -> LimitedBody {
+        if inner.is_end_stream() {
+            // No body to stream: the backend may never poll it, so the tee is complete now.
+            if let Some(tee) = tee.as_mut() {
+                tee.finish();
+            }
+        }
         LimitedBody {
             inner,
             remaining: limit,
             limit,
+            tee,
         }
     }
 }
@@ -68,11 +78,24 @@ impl Body for LimitedBody {
                         }))));
                     }
                     self.remaining -= len;
+                    let ended = self.inner.is_end_stream();
+                    if let Some(tee) = self.tee.as_mut() {
+                        tee.push(data);
+                        // A sender may stop polling once the length is reached, before `None`.
+                        if ended {
+                            tee.finish();
+                        }
+                    }
                 }
                 Some(Ok(frame))
             }
             Some(Err(e)) => Some(Err(Box::new(e))),
-            None => None,
+            None => {
+                if let Some(tee) = self.tee.as_mut() {
+                    tee.finish();
+                }
+                None
+            }
         })
     }
 
@@ -134,6 +157,8 @@ pin_project! {
         first_byte: bool,
         // Keeps the backend counted in flight for as long as the body streams.
         _backend: Option<BackendGuard>,
+        // A copy for comparison with a shadow answer, when this request was mirrored.
+        tee: Option<ResponseTee>,
     }
 }
 
@@ -152,6 +177,7 @@ impl<B> MeteredBody<B> {
         version: Arc<str>,
         idle_timeout: Duration,
         backend: Option<BackendGuard>,
+        tee: Option<ResponseTee>,
     ) -> MeteredBody<B> {
         MeteredBody {
             inner,
@@ -161,6 +187,7 @@ impl<B> MeteredBody<B> {
             version,
             first_byte: false,
             _backend: backend,
+            tee,
         }
     }
 }
@@ -192,6 +219,13 @@ where
                 }
                 let deadline = tokio::time::Instant::now() + *this.idle_timeout;
                 this.idle.as_mut().reset(deadline);
+                if let (Some(tee), Some(data)) = (this.tee.as_mut(), frame.data_ref()) {
+                    tee.push(data);
+                    // The server stops polling once the body says it has ended, before `None`.
+                    if this.inner.is_end_stream() {
+                        tee.finish();
+                    }
+                }
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(Some(Err(_))) => {
@@ -204,6 +238,9 @@ where
                 }))))
             }
             Poll::Ready(None) => {
+                if let Some(tee) = this.tee.as_mut() {
+                    tee.finish();
+                }
                 if !*this.first_byte {
                     in_flight
                         .stats

@@ -6,6 +6,7 @@
 pub mod body;
 pub mod listener;
 pub mod proxy;
+pub mod shadow;
 pub mod split;
 pub mod table;
 pub mod upstream;

@@ -21,7 +21,10 @@ use super::body::{BodyTooLarge, InFlight, LimitedBody, MeteredBody, ProxyBody};
 use super::split::{BadOverride, OVERRIDE_HEADER};
 use super::table::RoutingTable;
 use crate::config::ProxyConfig;
+use crate::control::shadow::{ShadowPlan, Shadower};
 use crate::metrics::ErrorKind;
+use crate::metrics::Role;
+use rand::Rng;
 
 pub type UpstreamClient = Client<HttpConnector, LimitedBody>;
 
@@ -41,6 +44,7 @@ pub struct Proxy {
     table: Arc<ArcSwap<RoutingTable>>,
     client: UpstreamClient,
     settings: ProxySettings,
+    shadower: Arc<Shadower>,
 }
 
 /// What the proxy knows about the client connection a request came on.
@@ -96,11 +100,13 @@ impl Proxy {
         table: Arc<ArcSwap<RoutingTable>>,
         client: UpstreamClient,
         settings: ProxySettings,
+        shadower: Arc<Shadower>,
     ) -> Proxy {
         Proxy {
             table,
             client,
             settings,
+            shadower,
         }
     }
 
@@ -113,7 +119,7 @@ impl Proxy {
         let started = Instant::now();
         // Resolve everything the request needs from one table snapshot, then let it go: the
         // request keeps its version and handles even if the table is swapped meanwhile.
-        let (target_stats, version, route_name) = {
+        let (target_stats, version, route_name, shadow_plan) = {
             let table = self.table.load();
             let host = request_host(&req);
             let Some(route) = table.find(host, req.uri().path()) else {
@@ -123,16 +129,31 @@ impl Proxy {
                 Ok(t) => t,
                 Err(BadOverride) => return Ok(bad_override(&req, route)),
             };
+            let shadow_plan = match (&route.shadow, &route.candidate, target.role) {
+                (Some(shadow), Some(candidate), Role::Stable)
+                    if rand::rng().random_range(0..10_000u16) < shadow.mirror =>
+                {
+                    Some(ShadowPlan {
+                        route: Arc::clone(&route.name),
+                        stable: Arc::clone(&target.version.label),
+                        candidate: Arc::clone(&candidate.version),
+                        shadow: Arc::clone(shadow),
+                    })
+                }
+                _ => None,
+            };
             (
                 Arc::clone(&target.stats),
                 Arc::clone(&target.version),
                 Arc::clone(&route.name),
+                shadow_plan,
             )
         };
         let in_flight = InFlight::start(target_stats, started);
         let version_value = &version.label_header;
 
-        if let Some(len) = content_length(req.headers()) {
+        let request_length = content_length(req.headers());
+        if let Some(len) = request_length {
             if len > self.settings.max_request_body {
                 return Ok(self.refuse(
                     Refusal::TooLarge(self.settings.max_request_body),
@@ -177,9 +198,20 @@ impl Proxy {
         strip_hop_by_hop(&mut parts.headers);
         parts.headers.remove(&OVERRIDE_HEADER);
         forwarded_headers(&mut parts.headers, &conn);
+        // A mirrored request starts its shadow now; the shadow gets the body as it streams.
+        let mut shadow = shadow_plan.and_then(|plan| {
+            self.shadower.begin(
+                plan,
+                &parts.method,
+                &parts.uri,
+                &parts.headers,
+                request_length,
+            )
+        });
+        let request_tee = shadow.as_mut().map(|s| s.take_request_tee());
         let upstream = Request::from_parts(
             parts,
-            LimitedBody::new(body, self.settings.max_request_body),
+            LimitedBody::new(body, self.settings.max_request_body, request_tee),
         );
 
         let result = tokio::time::timeout(
@@ -224,12 +256,14 @@ impl Proxy {
             parts.headers.insert(name.clone(), version_value.clone());
         }
         in_flight.stats().count_response(parts.status);
+        let response_tee = shadow.map(|s| s.response_tee(parts.status.as_u16(), &parts.headers));
         let body = MeteredBody::new(
             body,
             in_flight,
             Arc::clone(&version.label),
             self.settings.idle_timeout,
             Some(backend),
+            response_tee,
         );
         Ok(Response::from_parts(parts, ProxyBody::Upstream { body }))
     }

@@ -42,6 +42,8 @@ pub struct Route {
     /// own cohort.
     pub cohort_seed: u64,
     pub allow_override: bool,
+    /// Shadowing to the candidate, when the route mirrors and has a serving candidate.
+    pub shadow: Option<Arc<super::shadow::ShadowRoute>>,
     /// The admin view of this route (status, pause, rollback target); cold, never read per request.
     pub state: crate::control::RouteState,
 }

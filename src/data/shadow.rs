@@ -1,0 +1,237 @@
+//! The hot-path side of shadowing: deciding to mirror a request, and teeing its request and
+//! response bodies as they stream, without waiting and without unbounded buffering.
+//!
+//! Invariant: a client never waits for a shadow. Tees copy `Bytes` handles (no byte copies) up to
+//! the cap and give up beyond it; the shadow itself runs in its own task
+//! (`control::shadow`), holding one of a fixed number of permits.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+
+use bytes::{Bytes, BytesMut};
+use prometheus::IntCounter;
+use tokio::sync::oneshot;
+
+use crate::config::{Comparator, CompareConfig};
+use crate::control::compare::{Answer, Verdict};
+
+/// What happened to one mirror decision: exactly one outcome is counted per decision.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MirrorOutcome {
+    /// The shadow request was sent and answered.
+    Sent,
+    /// Not mirrored: the in-flight shadow limit was reached, or the client went away first.
+    Dropped,
+    /// Not mirrored: the request body is larger than the cap.
+    TooLarge,
+    /// Sent, but the candidate refused, reset or answered garbage.
+    Failed,
+    /// Sent, but no complete answer within the shadow timeout.
+    Timeout,
+}
+
+impl MirrorOutcome {
+    pub const ALL: [MirrorOutcome; 5] = [
+        MirrorOutcome::Sent,
+        MirrorOutcome::Dropped,
+        MirrorOutcome::TooLarge,
+        MirrorOutcome::Failed,
+        MirrorOutcome::Timeout,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MirrorOutcome::Sent => "sent",
+            MirrorOutcome::Dropped => "dropped",
+            MirrorOutcome::TooLarge => "too_large",
+            MirrorOutcome::Failed => "failed",
+            MirrorOutcome::Timeout => "timeout",
+        }
+    }
+}
+
+/// How many comparisons the rolling agreement rate covers.
+pub const AGREEMENT_WINDOW: usize = 1000;
+
+/// Counters of one (route, candidate), kept across table rebuilds so the rolling agreement
+/// survives weight changes.
+#[derive(Debug)]
+pub struct ShadowStats {
+    pub outcomes: [IntCounter; 5],
+    /// Indexed by comparator (`Comparator::ALL` order), then verdict (agree, disagree, error).
+    pub comparisons: [[IntCounter; 3]; 5],
+    /// Overall verdicts of the last comparisons (true: agree); cold, touched by shadow tasks only.
+    rolling: Mutex<VecDeque<bool>>,
+}
+
+impl ShadowStats {
+    pub fn new(outcomes: [IntCounter; 5], comparisons: [[IntCounter; 3]; 5]) -> ShadowStats {
+        ShadowStats {
+            outcomes,
+            comparisons,
+            rolling: Mutex::new(VecDeque::with_capacity(AGREEMENT_WINDOW)),
+        }
+    }
+
+    pub fn count(&self, outcome: MirrorOutcome) {
+        self.outcomes[MirrorOutcome::ALL
+            .iter()
+            .position(|o| *o == outcome)
+            .unwrap_or(0)]
+        .inc();
+    }
+
+    pub fn count_comparison(&self, comparator: Comparator, verdict: Verdict) {
+        let c = Comparator::ALL
+            .iter()
+            .position(|x| *x == comparator)
+            .unwrap_or(0);
+        let v = match verdict {
+            Verdict::Agree => 0,
+            Verdict::Disagree => 1,
+            Verdict::Error => 2,
+        };
+        self.comparisons[c][v].inc();
+    }
+
+    pub fn record_agreement(&self, agreed: bool) {
+        let mut rolling = self.rolling.lock().unwrap_or_else(|p| p.into_inner());
+        if rolling.len() == AGREEMENT_WINDOW {
+            rolling.pop_front();
+        }
+        rolling.push_back(agreed);
+    }
+
+    /// Agreement rate over the last comparisons, and how many it covers.
+    pub fn agreement(&self) -> (Option<f64>, usize) {
+        let rolling = self.rolling.lock().unwrap_or_else(|p| p.into_inner());
+        let n = rolling.len();
+        let agreed = rolling.iter().filter(|a| **a).count();
+        ((n > 0).then(|| agreed as f64 / n as f64), n)
+    }
+}
+
+/// A route's shadowing, resolved when the table is built.
+#[derive(Debug)]
+pub struct ShadowRoute {
+    /// Share of stable-routed requests mirrored, in basis points.
+    pub mirror: u16,
+    pub compare: Arc<CompareConfig>,
+    pub stats: Arc<ShadowStats>,
+}
+
+// === impl RequestTee ===
+
+/// Collects a request body as it streams to the stable backend, for the shadow.
+#[derive(Debug)]
+pub struct RequestTee {
+    chunks: Vec<Bytes>,
+    size: u64,
+    cap: u64,
+    /// `Some(body)` at the end, `None` when the body outgrew the cap; dropped if the client left.
+    done: Option<oneshot::Sender<Option<Bytes>>>,
+}
+
+impl RequestTee {
+    pub fn new(cap: u64, done: oneshot::Sender<Option<Bytes>>) -> RequestTee {
+        RequestTee {
+            chunks: Vec::new(),
+            size: 0,
+            cap,
+            done: Some(done),
+        }
+    }
+
+    /// Keeps a handle to one chunk; gives up (and says so) past the cap.
+    pub fn push(&mut self, chunk: &Bytes) {
+        if self.done.is_none() {
+            return;
+        }
+        self.size += chunk.len() as u64;
+        if self.size > self.cap {
+            self.chunks.clear();
+            if let Some(done) = self.done.take() {
+                let _ = done.send(None);
+            }
+            return;
+        }
+        self.chunks.push(chunk.clone());
+    }
+
+    pub fn finish(&mut self) {
+        if let Some(done) = self.done.take() {
+            let _ = done.send(Some(concat(std::mem::take(&mut self.chunks))));
+        }
+    }
+}
+
+fn concat(chunks: Vec<Bytes>) -> Bytes {
+    match chunks.len() {
+        0 => Bytes::new(),
+        1 => chunks.into_iter().next().unwrap_or_default(),
+        _ => {
+            let mut all = BytesMut::with_capacity(chunks.iter().map(Bytes::len).sum());
+            for c in chunks {
+                all.extend_from_slice(&c);
+            }
+            all.freeze()
+        }
+    }
+}
+
+// === impl ResponseTee ===
+
+/// Collects the stable response for comparison as it streams to the client.
+#[derive(Debug)]
+pub struct ResponseTee {
+    status: u16,
+    event_stream: bool,
+    chunks: Vec<Bytes>,
+    size: u64,
+    cap: u64,
+    done: Option<oneshot::Sender<Option<Answer>>>,
+}
+
+impl ResponseTee {
+    pub fn new(
+        status: u16,
+        event_stream: bool,
+        cap: u64,
+        done: oneshot::Sender<Option<Answer>>,
+    ) -> ResponseTee {
+        ResponseTee {
+            status,
+            event_stream,
+            chunks: Vec::new(),
+            size: 0,
+            cap,
+            done: Some(done),
+        }
+    }
+
+    pub fn push(&mut self, chunk: &Bytes) {
+        if self.done.is_none() {
+            return;
+        }
+        self.size += chunk.len() as u64;
+        if self.size > self.cap {
+            self.chunks.clear();
+            if let Some(done) = self.done.take() {
+                let _ = done.send(None);
+            }
+            return;
+        }
+        self.chunks.push(chunk.clone());
+    }
+
+    pub fn finish(&mut self) {
+        if let Some(done) = self.done.take() {
+            let body = concat(std::mem::take(&mut self.chunks)).to_vec();
+            let _ = done.send(Some(Answer {
+                status: self.status,
+                event_stream: self.event_stream,
+                body,
+            }));
+        }
+    }
+}
