@@ -53,11 +53,38 @@ pub enum Command {
     Admin(crate::admin_client::AdminArgs),
     /// Register model versions, move them through their stages, approve and verify them.
     Registry(crate::registry_cli::RegistryArgs),
+    /// Run a held-out evaluation set against a version; exit 1 below the threshold.
+    Eval(EvalArgs),
     /// Check the audit log.
     Audit {
         #[command(subcommand)]
         command: AuditCommand,
     },
+}
+
+#[derive(Args, Debug)]
+pub struct EvalArgs {
+    /// The evaluation set: JSONL, one case per line (request, expectations).
+    #[arg(long, value_name = "FILE")]
+    pub file: PathBuf,
+    /// Send the cases straight to this model server.
+    #[arg(long, value_name = "URL", conflicts_with = "proxy")]
+    pub url: Option<String>,
+    /// Send the cases through this weir, pinned to --version with x-weir-version.
+    #[arg(long, value_name = "URL", requires = "version")]
+    pub proxy: Option<String>,
+    /// The version to evaluate through the proxy (MODEL@VERSION, the route's stable or candidate).
+    #[arg(long, value_name = "MODEL@VERSION")]
+    pub version: Option<String>,
+    /// Share of cases that must pass, from 0 to 1.
+    #[arg(long, default_value_t = 1.0)]
+    pub threshold: f64,
+    /// Longest wait for one case.
+    #[arg(long, default_value = "60s", value_parser = crate::config::units::parse_duration)]
+    pub timeout: std::time::Duration,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Subcommand, Debug)]
@@ -130,7 +157,7 @@ SIGTERM or Ctrl-C stops accepting and lets open requests and streams finish (pro
 #[derive(Args, Debug)]
 pub struct ServeArgs {
     /// Config file (TOML). Without it, the quick-mode flags below define one route named `default`.
-    #[arg(long, value_name = "FILE", conflicts_with_all = ["stable", "candidate", "weight", "sticky_header", "allow_override", "registry", "identity_probe", "identity_interval", "mirror"])]
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["stable", "candidate", "weight", "sticky_header", "allow_override", "registry", "identity_probe", "identity_interval", "mirror", "canary", "canary_interval", "canary_min_requests"])]
     pub config: Option<PathBuf>,
 
     /// Production version: SPEC (see below).
@@ -169,6 +196,19 @@ pub struct ServeArgs {
     /// answers are compared with the stable ones, never returned to clients.
     #[arg(long, value_name = "PCT")]
     pub mirror: Option<String>,
+
+    /// Let the canary controller step the candidate up through these weights, e.g. 10%,50%,100%,
+    /// promoting it when every step passes its gates and rolling it back when one fails.
+    #[arg(long, value_name = "STEPS")]
+    pub canary: Option<String>,
+
+    /// Time between canary analyses [default: 60s].
+    #[arg(long, value_name = "DUR")]
+    pub canary_interval: Option<String>,
+
+    /// Responses each version needs in a window before the canary judges it [default: 200].
+    #[arg(long, value_name = "N")]
+    pub canary_min_requests: Option<u64>,
 
     /// Model registry (TOML): every routed version must be registered at a stage that allows its
     /// role. Without one weir runs unpinned and says so.
@@ -241,6 +281,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::DemoBackend(args) => runtime()?.block_on(demo_backend(args)),
         Command::Admin(args) => runtime()?.block_on(crate::admin_client::run(args)),
         Command::Registry(args) => crate::registry_cli::run(args),
+        Command::Eval(args) => runtime()?.block_on(eval(args)),
         Command::Audit {
             command: AuditCommand::Verify { file, state },
         } => Ok(audit_verify(&file, state.as_deref())),
@@ -327,6 +368,9 @@ fn serve_config(args: ServeArgs) -> anyhow::Result<Config> {
             identity_probe: args.identity_probe.clone(),
             identity_interval: args.identity_interval.clone(),
             mirror: args.mirror.clone(),
+            canary: args.canary.clone(),
+            canary_interval: args.canary_interval.clone(),
+            canary_min_requests: args.canary_min_requests,
         }
         .into_config()?,
         (None, None) => anyhow::bail!("give --config FILE, or --stable SPEC for quick mode"),
@@ -461,4 +505,54 @@ async fn demo_backend(args: DemoBackendArgs) -> anyhow::Result<ExitCode> {
     }
     server.shutdown().await;
     Ok(ExitCode::SUCCESS)
+}
+
+async fn eval(args: EvalArgs) -> anyhow::Result<ExitCode> {
+    use crate::eval::{EvalSet, EvalTarget};
+    if !(0.0..=1.0).contains(&args.threshold) {
+        anyhow::bail!(
+            "--threshold: expected a share from 0 to 1, got {}",
+            args.threshold
+        );
+    }
+    let base_url = match (&args.url, &args.proxy) {
+        (Some(url), None) => url.clone(),
+        (None, Some(proxy)) => proxy.clone(),
+        _ => anyhow::bail!(
+            "give --url URL (a model server) or --proxy URL --version MODEL@VERSION (through weir)"
+        ),
+    };
+    let set = EvalSet::load(&args.file)?;
+    let target = EvalTarget {
+        base_url,
+        version: args.version.clone().filter(|_| args.proxy.is_some()),
+        timeout: args.timeout,
+    };
+    let report = crate::eval::run(&set, &target, args.threshold).await;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        for case in &report.cases {
+            let mark = if case.passed { "pass" } else { "FAIL" };
+            println!("{mark}  {}", case.name);
+            for failure in &case.failures {
+                println!("        {failure}");
+            }
+        }
+        println!(
+            "{}/{} passed ({:.1}%), threshold {:.1}%: {}  [{} sha256 {}]",
+            report.passed,
+            report.total,
+            report.pass_rate * 100.0,
+            report.threshold * 100.0,
+            if report.ok { "ok" } else { "BELOW THRESHOLD" },
+            report.file,
+            report.sha256
+        );
+    }
+    Ok(if report.ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }

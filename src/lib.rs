@@ -12,6 +12,7 @@ pub mod config;
 pub mod control;
 pub mod data;
 pub mod demo;
+pub mod eval;
 pub mod metrics;
 pub mod registry;
 pub mod registry_cli;

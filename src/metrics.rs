@@ -109,6 +109,7 @@ pub struct Metrics {
     mismatch: IntGaugeVec,
     mirror: IntCounterVec,
     comparisons: IntCounterVec,
+    canary: IntCounterVec,
 }
 
 /// Latency buckets from 1 ms to 5 min: inference spans fast embeddings to long generations.
@@ -201,6 +202,14 @@ impl Metrics {
             &["route", "version", "comparator", "result"],
         )
         .expect("valid metric");
+        let canary = IntCounterVec::new(
+            Opts::new(
+                "weir_canary_decisions_total",
+                "Canary controller decisions: advance, hold, promote, rollback",
+            ),
+            &["route", "decision"],
+        )
+        .expect("valid metric");
         for collector in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(errors.clone()),
@@ -213,6 +222,7 @@ impl Metrics {
             Box::new(mismatch.clone()),
             Box::new(mirror.clone()),
             Box::new(comparisons.clone()),
+            Box::new(canary.clone()),
         ] {
             registry
                 .register(collector)
@@ -231,7 +241,12 @@ impl Metrics {
             mismatch,
             mirror,
             comparisons,
+            canary,
         }
+    }
+
+    pub fn count_canary_decision(&self, route: &str, decision: &str) {
+        self.canary.with_label_values(&[route, decision]).inc();
     }
 
     /// Handles for shadowing `candidate` in `route`.

@@ -144,6 +144,13 @@ impl Server {
         if config.identity.is_some() {
             tokio::spawn(identity::run(Arc::clone(&writer), prober, stop_rx.clone()));
         }
+        if config.routes.iter().any(|r| r.canary.is_some()) || config.source.is_some() {
+            // Reloads may add a canary policy, so a file-based weir always runs the controller.
+            tokio::spawn(crate::control::canary::run(
+                Arc::clone(&writer),
+                stop_rx.clone(),
+            ));
+        }
         let mut stop_watch = stop_rx;
         let closing = Arc::clone(&writer);
         let task = tokio::spawn(async move {

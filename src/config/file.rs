@@ -108,6 +108,36 @@ struct RawRoute {
     number_tolerance: Option<f64>,
     text_threshold: Option<f64>,
     vector_threshold: Option<f64>,
+    canary: Option<RawCanary>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCanary {
+    steps: Vec<RawScalar>,
+    interval: Option<String>,
+    min_requests: Option<u64>,
+    significance: Option<f64>,
+    error_rate_tolerance: Option<f64>,
+    max_error_rate_increase: Option<f64>,
+    max_p99_ratio: Option<f64>,
+    max_ttfb_p99_ratio: Option<f64>,
+    min_agreement: Option<f64>,
+    min_comparisons: Option<usize>,
+    failure_limit: Option<u32>,
+    progress_deadline: Option<String>,
+    #[serde(default)]
+    confirm_promotion: bool,
+    eval: Option<RawEval>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEval {
+    file: PathBuf,
+    threshold: Option<f64>,
+    before_first_step: Option<bool>,
+    before_promotion: Option<bool>,
 }
 
 #[derive(Deserialize, Default)]
@@ -285,7 +315,18 @@ pub(super) fn parse(text: &str) -> Result<Config, Vec<Problem>> {
                 .unwrap_or(0),
         };
         let compare = check_compare(&mut c, &path, r);
+        let canary = r
+            .canary
+            .as_ref()
+            .and_then(|raw| check_canary(&mut c, &format!("{path}.canary"), raw));
+        if canary.is_some() && r.candidate.is_none() {
+            c.problem(
+                format!("{path}.canary"),
+                "a canary policy needs a candidate version",
+            );
+        }
         let route = RouteConfig {
+            canary,
             mirror,
             compare,
             name: r.name.clone(),
@@ -416,6 +457,80 @@ fn check_compare(c: &mut Checker, path: &str, r: &RawRoute) -> CompareConfig {
         text_threshold: unit("text_threshold", r.text_threshold, d.text_threshold),
         vector_threshold: unit("vector_threshold", r.vector_threshold, d.vector_threshold),
     }
+}
+
+fn check_canary(c: &mut Checker, path: &str, raw: &RawCanary) -> Option<CanaryPolicy> {
+    let steps: Vec<u16> = raw
+        .steps
+        .iter()
+        .enumerate()
+        .filter_map(|(i, s)| c.check(&format!("{path}.steps[{i}]"), weight_from(s)))
+        .collect();
+    if steps.is_empty() {
+        c.problem(
+            format!("{path}.steps"),
+            "at least one step is needed, such as [\"5%\", \"25%\", \"100%\"]",
+        );
+    }
+    if steps.windows(2).any(|w| w[0] >= w[1]) || steps.first() == Some(&0) {
+        c.problem(format!("{path}.steps"), "steps must rise, each above 0%");
+    }
+    let mut p = CanaryPolicy::with_steps(steps);
+    p.interval = c.duration(&format!("{path}.interval"), &raw.interval, p.interval);
+    p.progress_deadline = c.duration(
+        &format!("{path}.progress_deadline"),
+        &raw.progress_deadline,
+        p.progress_deadline,
+    );
+    p.min_requests = raw.min_requests.unwrap_or(p.min_requests);
+    let mut unit = |name: &str, value: Option<f64>, default: f64| match value {
+        Some(v) if (0.0..=1.0).contains(&v) => v,
+        Some(v) => {
+            c.problem(
+                format!("{path}.{name}"),
+                format!("expected a number from 0 to 1, got {v}"),
+            );
+            default
+        }
+        None => default,
+    };
+    p.significance = unit("significance", raw.significance, p.significance);
+    p.error_rate_tolerance = unit(
+        "error_rate_tolerance",
+        raw.error_rate_tolerance,
+        p.error_rate_tolerance,
+    );
+    p.max_error_rate_increase = unit(
+        "max_error_rate_increase",
+        raw.max_error_rate_increase,
+        p.max_error_rate_increase,
+    );
+    p.min_agreement = raw
+        .min_agreement
+        .map(|v| unit("min_agreement", Some(v), 0.9));
+    p.eval = raw.eval.as_ref().map(|e| EvalGate {
+        file: e.file.clone(),
+        threshold: unit("eval.threshold", e.threshold, 1.0),
+        before_first_step: e.before_first_step.unwrap_or(true),
+        before_promotion: e.before_promotion.unwrap_or(true),
+    });
+    for (name, value) in [
+        ("max_p99_ratio", raw.max_p99_ratio),
+        ("max_ttfb_p99_ratio", raw.max_ttfb_p99_ratio),
+    ] {
+        if value.is_some_and(|v| v < 1.0) {
+            c.problem(
+                format!("{path}.{name}"),
+                "a ratio cap below 1 would fail a candidate as fast as stable",
+            );
+        }
+    }
+    p.max_p99_ratio = raw.max_p99_ratio.unwrap_or(p.max_p99_ratio);
+    p.max_ttfb_p99_ratio = raw.max_ttfb_p99_ratio;
+    p.min_comparisons = raw.min_comparisons.unwrap_or(p.min_comparisons);
+    p.failure_limit = raw.failure_limit.unwrap_or(p.failure_limit).max(1);
+    p.confirm_promotion = raw.confirm_promotion;
+    Some(p)
 }
 
 fn size_from(c: &mut Checker, path: &str, raw: &Option<RawScalar>, default: u64) -> u64 {

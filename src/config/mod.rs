@@ -200,6 +200,71 @@ pub struct RouteConfig {
     pub mirror: u16,
     /// How shadow answers are compared with the stable ones.
     pub compare: CompareConfig,
+    /// Progressive delivery of the candidate by the canary controller.
+    pub canary: Option<CanaryPolicy>,
+}
+
+/// How the canary controller moves a route's candidate through its steps.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CanaryPolicy {
+    /// Candidate weights in basis points, rising; the last is normally 10000.
+    pub steps: Vec<u16>,
+    /// Time between analyses.
+    pub interval: Duration,
+    /// Responses each version needs in a window before it is judged.
+    pub min_requests: u64,
+    /// One-sided two-proportion z-test: a candidate error rate higher than stable's at this
+    /// significance (and by more than `error_rate_tolerance`) fails.
+    pub significance: f64,
+    pub error_rate_tolerance: f64,
+    /// Absolute cap: the candidate's error rate may exceed stable's by at most this.
+    pub max_error_rate_increase: f64,
+    /// Candidate p99 latency / stable p99 latency at most this.
+    pub max_p99_ratio: f64,
+    /// Candidate p99 time to first byte / stable's at most this (streaming routes).
+    pub max_ttfb_p99_ratio: Option<f64>,
+    /// Rolling shadow agreement at least this (when the route mirrors).
+    pub min_agreement: Option<f64>,
+    /// Shadow comparisons needed before the agreement gate judges.
+    pub min_comparisons: usize,
+    /// Failed analyses in a row before rolling back (1: at once).
+    pub failure_limit: u32,
+    /// A step that cannot be judged for this long (too little data) is rolled back.
+    pub progress_deadline: Duration,
+    /// After the last step passes, wait for an admin to promote.
+    pub confirm_promotion: bool,
+    pub eval: Option<EvalGate>,
+}
+
+/// A held-out evaluation the candidate must pass.
+#[derive(Clone, Debug, PartialEq)]
+pub struct EvalGate {
+    pub file: PathBuf,
+    /// Share of cases that must pass (0..=1).
+    pub threshold: f64,
+    pub before_first_step: bool,
+    pub before_promotion: bool,
+}
+
+impl CanaryPolicy {
+    pub fn with_steps(steps: Vec<u16>) -> CanaryPolicy {
+        CanaryPolicy {
+            steps,
+            interval: Duration::from_secs(60),
+            min_requests: 200,
+            significance: 0.01,
+            error_rate_tolerance: 0.005,
+            max_error_rate_increase: 0.05,
+            max_p99_ratio: 1.5,
+            max_ttfb_p99_ratio: None,
+            min_agreement: None,
+            min_comparisons: 20,
+            failure_limit: 1,
+            progress_deadline: Duration::from_secs(600),
+            confirm_promotion: false,
+            eval: None,
+        }
+    }
 }
 
 /// One way of comparing a candidate's shadow answer with the stable answer.
@@ -358,9 +423,15 @@ impl Config {
         let mut config = Config::from_toml_str(&text, &name)?;
         config.source = Some(path.to_path_buf());
         // A relative registry path is relative to the config file, wherever weir runs from.
-        if let (Some(registry), Some(dir)) = (&config.registry, path.parent()) {
-            if registry.is_relative() {
-                config.registry = Some(dir.join(registry));
+        if let Some(dir) = path.parent() {
+            if let Some(registry) = config.registry.as_mut().filter(|r| r.is_relative()) {
+                *registry = dir.join(&*registry);
+            }
+            for route in &mut config.routes {
+                let eval = route.canary.as_mut().and_then(|c| c.eval.as_mut());
+                if let Some(eval) = eval.filter(|e| e.file.is_relative()) {
+                    eval.file = dir.join(&eval.file);
+                }
             }
         }
         Ok(config)

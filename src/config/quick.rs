@@ -28,6 +28,10 @@ pub struct QuickMode {
     pub identity_interval: Option<String>,
     /// Share of stable-routed requests shadowed to the candidate.
     pub mirror: Option<String>,
+    /// `10%,50%,100%`: canary steps.
+    pub canary: Option<String>,
+    pub canary_interval: Option<String>,
+    pub canary_min_requests: Option<u64>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -95,7 +99,38 @@ impl QuickMode {
                 "mirroring needs --candidate".to_string(),
             ));
         }
+        let canary = match &self.canary {
+            None => None,
+            Some(spec) => {
+                let steps = spec
+                    .split(',')
+                    .map(|s| parse_percent(s.trim()))
+                    .collect::<Result<Vec<u16>, _>>()
+                    .map_err(flag_error("--canary"))?;
+                if steps.is_empty() || steps.windows(2).any(|w| w[0] >= w[1]) || steps[0] == 0 {
+                    return Err(flag_error("--canary")(format!(
+                        "steps must rise, each above 0%, such as 10%,50%,100%; got {spec:?}"
+                    )));
+                }
+                if candidate.is_none() {
+                    return Err(flag_error("--canary")(
+                        "a canary needs --candidate".to_string(),
+                    ));
+                }
+                let mut policy = CanaryPolicy::with_steps(steps);
+                if let Some(interval) = &self.canary_interval {
+                    policy.interval = super::units::parse_duration(interval)
+                        .map_err(flag_error("--canary-interval"))?;
+                }
+                if let Some(n) = self.canary_min_requests {
+                    policy.min_requests = n;
+                }
+                policy.progress_deadline = policy.progress_deadline.max(policy.interval * 10);
+                Some(policy)
+            }
+        };
         let route = RouteConfig {
+            canary,
             mirror,
             compare: CompareConfig::default(),
             name: "default".to_string(),

@@ -81,15 +81,21 @@ pub async fn handle(
             }
         }
         (Method::GET, ["v1", "routes"]) => {
-            json_response(StatusCode::OK, routes_json(&state.writer.table().load()))
+            let mut all = routes_json(&state.writer.table().load());
+            for route in all["routes"].as_array_mut().into_iter().flatten() {
+                let name = route["name"].as_str().unwrap_or_default().to_string();
+                route["canary"] = state.writer.canary_status(&name).unwrap_or(Value::Null);
+            }
+            json_response(StatusCode::OK, all)
         }
         (Method::GET, ["v1", "routes", name]) => {
             let table = state.writer.table().load();
             match table.routes.iter().find(|r| &*r.name == *name) {
-                Some(route) => json_response(
-                    StatusCode::OK,
-                    json!({"generation": table.generation, "route": route_json(route)}),
-                ),
+                Some(route) => {
+                    let mut route = route_json(route);
+                    route["canary"] = state.writer.canary_status(name).unwrap_or(Value::Null);
+                    json_response(StatusCode::OK, json!({"generation": table.generation, "route": route}))
+                }
                 None => Refused::new(StatusCode::NOT_FOUND, format!("no route named {name:?}")).into_response(),
             }
         }

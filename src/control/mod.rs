@@ -9,6 +9,7 @@ pub mod admin;
 pub mod audit;
 pub mod auth;
 mod build;
+pub mod canary;
 pub mod compare;
 pub mod identity;
 pub mod pins;

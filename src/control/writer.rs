@@ -186,6 +186,8 @@ pub struct Writer {
     metrics: Metrics,
     /// Wakes whoever watches the table (the identity prober) after each swap.
     swapped: tokio::sync::Notify,
+    /// The canary controller's last word per route, for `GET /v1/routes`.
+    canary_status: std::sync::Mutex<std::collections::HashMap<String, Value>>,
 }
 
 #[derive(Debug)]
@@ -264,6 +266,7 @@ impl Writer {
             table: Arc::new(ArcSwap::new(Arc::clone(&table))),
             metrics,
             swapped: tokio::sync::Notify::new(),
+            canary_status: std::sync::Mutex::new(std::collections::HashMap::new()),
             inner: Mutex::new(Inner {
                 window: Window::open(&table, None),
                 config,
@@ -465,6 +468,22 @@ impl Writer {
             route: after_route,
             notes,
         })
+    }
+
+    pub fn set_canary_status(&self, route: &str, status: Option<Value>) {
+        let mut all = self.canary_status.lock().unwrap_or_else(|p| p.into_inner());
+        match status {
+            Some(s) => all.insert(route.to_string(), s),
+            None => all.remove(route),
+        };
+    }
+
+    pub fn canary_status(&self, route: &str) -> Option<Value> {
+        self.canary_status
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(route)
+            .cloned()
     }
 
     /// Resolves after the next table swap.

@@ -1,0 +1,664 @@
+//! The canary controller: steps a route's candidate up through its policy's weights, judging each
+//! window of traffic against stable, and promotes or rolls back.
+//!
+//! Invariant: the controller never edits the table; every change is a command through the one
+//! [`Writer`] with actor `canary`, and every decision (advance, hold, promote, rollback) is an
+//! audit record with its evidence. Not enough data is a hold, never a pass. Paused routes are
+//! left alone.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use prometheus::core::Metric as _;
+use serde_json::{json, Value};
+use tokio::sync::watch;
+
+use super::pins::load_registry;
+use super::writer::{Change, Command, CANARY_ACTOR};
+use super::Writer;
+use crate::config::units::format_percent;
+use crate::config::{CanaryPolicy, Config, EvalGate};
+use crate::data::table::{Route, Target};
+use crate::eval::{EvalSet, EvalTarget};
+use crate::metrics::TargetStats;
+
+// === gates ===
+
+/// One gate's verdict with its evidence.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Gate {
+    pub name: &'static str,
+    pub passed: bool,
+    pub observed: Option<f64>,
+    pub threshold: f64,
+    pub stable_samples: u64,
+    pub candidate_samples: u64,
+    pub p_value: Option<f64>,
+    pub note: String,
+}
+
+impl Gate {
+    fn json(&self) -> Value {
+        json!({
+            "gate": self.name, "passed": self.passed, "observed": self.observed, "threshold": self.threshold,
+            "stable_samples": self.stable_samples, "candidate_samples": self.candidate_samples,
+            "p_value": self.p_value, "note": self.note,
+        })
+    }
+}
+
+/// Standard normal CDF (Abramowitz–Stegun 7.1.26 erf, |error| < 1.5e-7).
+fn normal_cdf(z: f64) -> f64 {
+    let x = z.abs() / std::f64::consts::SQRT_2;
+    let t = 1.0 / (1.0 + 0.3275911 * x);
+    let poly = t
+        * (0.254829592
+            + t * (-0.284496736 + t * (1.421413741 + t * (-1.453152027 + t * 1.061405429))));
+    let erf = 1.0 - poly * (-x * x).exp();
+    if z >= 0.0 {
+        0.5 * (1.0 + erf)
+    } else {
+        0.5 * (1.0 - erf)
+    }
+}
+
+/// Error rate: fails when the candidate's rate is higher than stable's with one-sided
+/// two-proportion z-test significance (and by more than the tolerance), or by more than the cap.
+pub fn error_gate(policy: &CanaryPolicy, stable: (u64, u64), candidate: (u64, u64)) -> Gate {
+    let (n_s, e_s) = stable;
+    let (n_c, e_c) = candidate;
+    let p_s = e_s as f64 / n_s.max(1) as f64;
+    let p_c = e_c as f64 / n_c.max(1) as f64;
+    let increase = p_c - p_s;
+    let pooled = (e_s + e_c) as f64 / (n_s + n_c).max(1) as f64;
+    let se = (pooled * (1.0 - pooled) * (1.0 / n_s.max(1) as f64 + 1.0 / n_c.max(1) as f64)).sqrt();
+    let p_value = if se > 0.0 {
+        Some(1.0 - normal_cdf(increase / se))
+    } else {
+        None
+    };
+    let significant =
+        p_value.is_some_and(|p| p < policy.significance) && increase > policy.error_rate_tolerance;
+    let over_cap = increase > policy.max_error_rate_increase;
+    Gate {
+        name: "error_rate",
+        passed: !significant && !over_cap,
+        observed: Some(increase),
+        threshold: policy.max_error_rate_increase,
+        stable_samples: n_s,
+        candidate_samples: n_c,
+        p_value,
+        note: format!(
+            "candidate {:.2}% vs stable {:.2}% errors{}",
+            p_c * 100.0,
+            p_s * 100.0,
+            if significant {
+                " (significantly higher)"
+            } else if over_cap {
+                " (above the cap)"
+            } else {
+                ""
+            }
+        ),
+    }
+}
+
+/// A latency quantile from the change in a histogram's cumulative buckets, interpolated within
+/// the bucket it falls in.
+pub fn quantile(start: &[(f64, u64)], end: &[(f64, u64)], q: f64) -> Option<f64> {
+    let delta: Vec<(f64, u64)> = end
+        .iter()
+        .zip(start)
+        .map(|((bound, now), (_, then))| (*bound, now.saturating_sub(*then)))
+        .collect();
+    let total = delta.last().map(|(_, c)| *c)?;
+    if total == 0 {
+        return None;
+    }
+    let rank = q * total as f64;
+    let mut lower = 0.0;
+    let mut below = 0u64;
+    for (bound, cumulative) in &delta {
+        if *cumulative as f64 >= rank {
+            if bound.is_infinite() {
+                return Some(lower);
+            }
+            let inside = (*cumulative - below).max(1) as f64;
+            return Some(
+                lower + (bound - lower) * ((rank - below as f64) / inside).clamp(0.0, 1.0),
+            );
+        }
+        lower = *bound;
+        below = *cumulative;
+    }
+    Some(lower)
+}
+
+fn ratio_gate(
+    name: &'static str,
+    cap: f64,
+    stable: Option<f64>,
+    candidate: Option<f64>,
+    samples: (u64, u64),
+) -> Gate {
+    let observed = match (stable, candidate) {
+        (Some(s), Some(c)) if s > 0.0 => Some(c / s),
+        _ => None,
+    };
+    Gate {
+        name,
+        passed: observed.is_none_or(|r| r <= cap),
+        observed,
+        threshold: cap,
+        stable_samples: samples.0,
+        candidate_samples: samples.1,
+        p_value: None,
+        note: format!(
+            "p99 candidate {} vs stable {}",
+            candidate.map_or("-".into(), |c| format!("{:.1}ms", c * 1000.0)),
+            stable.map_or("-".into(), |s| format!("{:.1}ms", s * 1000.0))
+        ),
+    }
+}
+
+// === windows ===
+
+#[derive(Clone, Debug)]
+struct Counts {
+    requests: u64,
+    errors: u64,
+    latency: Vec<(f64, u64)>,
+    ttfb: Vec<(f64, u64)>,
+}
+
+fn buckets(h: &prometheus::Histogram) -> Vec<(f64, u64)> {
+    let metric = h.metric();
+    let histogram = metric.get_histogram();
+    let mut out: Vec<(f64, u64)> = histogram
+        .get_bucket()
+        .iter()
+        .map(|b| (b.upper_bound(), b.cumulative_count()))
+        .collect();
+    out.push((f64::INFINITY, histogram.get_sample_count()));
+    out
+}
+
+fn counts(stats: &TargetStats) -> Counts {
+    Counts {
+        requests: stats.requests_total(),
+        errors: stats.server_errors_total(),
+        latency: buckets(&stats.duration),
+        ttfb: buckets(&stats.ttfb),
+    }
+}
+
+/// The controller's memory of one route's canary.
+#[derive(Debug)]
+struct Run {
+    candidate: String,
+    generation: u64,
+    /// When the last analysis ran (the next one is due an interval later).
+    window_start: Instant,
+    step_start: Instant,
+    stable_at_start: Counts,
+    candidate_at_start: Counts,
+    failures: u32,
+    evaluated_first: bool,
+}
+
+/// What one analysis concluded.
+#[derive(Debug, PartialEq)]
+enum Outcome {
+    Pass,
+    Hold(String),
+    Fail,
+}
+
+fn analyse(
+    policy: &CanaryPolicy,
+    route: &Route,
+    candidate: &Target,
+    run: &Run,
+) -> (Outcome, Vec<Gate>) {
+    let stable_now = counts(&route.stable.stats);
+    let candidate_now = counts(&candidate.stats);
+    let n_s = stable_now.requests - run.stable_at_start.requests;
+    let n_c = candidate_now.requests - run.candidate_at_start.requests;
+    let e_s = stable_now.errors - run.stable_at_start.errors;
+    let e_c = candidate_now.errors - run.candidate_at_start.errors;
+    // At 100% stable takes no traffic: judge the candidate against the cap alone.
+    let stable_needed = if route.weight >= 10_000 {
+        0
+    } else {
+        policy.min_requests
+    };
+    if n_c < policy.min_requests || n_s < stable_needed {
+        return (
+            Outcome::Hold(format!(
+                "not enough data: candidate {n_c}/{}, stable {n_s}/{stable_needed} responses this window",
+                policy.min_requests
+            )),
+            Vec::new(),
+        );
+    }
+    let mut gates = vec![error_gate(policy, (n_s, e_s), (n_c, e_c))];
+    let p99 = |start: &[(f64, u64)], end: &[(f64, u64)]| quantile(start, end, 0.99);
+    gates.push(ratio_gate(
+        "latency_p99_ratio",
+        policy.max_p99_ratio,
+        p99(&run.stable_at_start.latency, &stable_now.latency),
+        p99(&run.candidate_at_start.latency, &candidate_now.latency),
+        (n_s, n_c),
+    ));
+    if let Some(cap) = policy.max_ttfb_p99_ratio {
+        gates.push(ratio_gate(
+            "ttfb_p99_ratio",
+            cap,
+            p99(&run.stable_at_start.ttfb, &stable_now.ttfb),
+            p99(&run.candidate_at_start.ttfb, &candidate_now.ttfb),
+            (n_s, n_c),
+        ));
+    }
+    if let (Some(min), Some(shadow)) = (policy.min_agreement, &route.shadow) {
+        let (agreement, compared) = shadow.stats.agreement();
+        if compared < policy.min_comparisons {
+            return (
+                Outcome::Hold(format!(
+                    "not enough shadow comparisons: {compared}/{}",
+                    policy.min_comparisons
+                )),
+                gates,
+            );
+        }
+        gates.push(Gate {
+            name: "agreement",
+            passed: agreement.is_some_and(|a| a >= min),
+            observed: agreement,
+            threshold: min,
+            stable_samples: compared as u64,
+            candidate_samples: compared as u64,
+            p_value: None,
+            note: format!("rolling agreement over the last {compared} shadow comparisons"),
+        });
+    }
+    let outcome = if gates.iter().all(|g| g.passed) {
+        Outcome::Pass
+    } else {
+        Outcome::Fail
+    };
+    (outcome, gates)
+}
+
+// === impl Controller ===
+
+/// Runs the canary controller until `stop`.
+pub async fn run(writer: Arc<Writer>, mut stop: watch::Receiver<bool>) {
+    let mut runs: HashMap<String, Run> = HashMap::new();
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+            _ = stopped(&mut stop) => return,
+        }
+        let config = writer.config().await;
+        tick(&writer, &config, &mut runs).await;
+    }
+}
+
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}
+
+async fn tick(writer: &Writer, config: &Config, runs: &mut HashMap<String, Run>) {
+    let table = writer.table().load_full();
+    for rc in &config.routes {
+        let Some(policy) = &rc.canary else { continue };
+        let Some(route) = table.routes.iter().find(|r| *r.name == rc.name) else {
+            continue;
+        };
+        let Some(candidate) = &route.candidate else {
+            if runs.remove(&rc.name).is_some() {
+                writer.set_canary_status(&rc.name, None);
+            }
+            continue;
+        };
+        if route.state.paused {
+            continue;
+        }
+        let label = candidate.version.label.to_string();
+        let fresh = runs.get(&rc.name).is_none_or(|r| r.candidate != label);
+        if fresh {
+            let now = Instant::now();
+            runs.insert(
+                rc.name.clone(),
+                Run {
+                    candidate: label.clone(),
+                    generation: table.generation,
+                    window_start: now,
+                    step_start: now,
+                    stable_at_start: counts(&route.stable.stats),
+                    candidate_at_start: counts(&candidate.stats),
+                    failures: 0,
+                    evaluated_first: false,
+                },
+            );
+        }
+        let run = runs.get_mut(&rc.name).expect("inserted above");
+        if run.generation != table.generation {
+            // The table moved (a step, an admin): the window starts again on the new weights.
+            run.generation = table.generation;
+            run.window_start = Instant::now();
+            run.stable_at_start = counts(&route.stable.stats);
+            run.candidate_at_start = counts(&candidate.stats);
+        }
+
+        // Not started yet: the first step (after the eval, when the policy wants one).
+        if route.weight < policy.steps[0] && !run.evaluated_first {
+            run.evaluated_first = true;
+            if let Some(gate) = policy.eval.as_ref().filter(|e| e.before_first_step) {
+                if let Err(evidence) = eval_gate(gate, candidate).await {
+                    decide(
+                        writer,
+                        config,
+                        route,
+                        &label,
+                        "rollback",
+                        vec![evidence],
+                        "the held-out evaluation failed before the first step",
+                    )
+                    .await;
+                    continue;
+                }
+            }
+            let step = policy.steps[0];
+            decide_step(
+                writer,
+                config,
+                route,
+                &label,
+                step,
+                Vec::new(),
+                "first step",
+            )
+            .await;
+            run.step_start = Instant::now();
+            continue;
+        }
+        if run.window_start.elapsed() < policy.interval {
+            continue;
+        }
+        let (outcome, gates) = analyse(policy, route, candidate, run);
+        run.window_start = Instant::now();
+        if !matches!(outcome, Outcome::Hold(_)) || !gates.is_empty() {
+            // A judged window is closed; a window short of data keeps accumulating.
+            run.stable_at_start = counts(&route.stable.stats);
+            run.candidate_at_start = counts(&candidate.stats);
+        }
+        let evidence: Vec<Value> = gates.iter().map(Gate::json).collect();
+        match outcome {
+            Outcome::Hold(why) => {
+                if run.step_start.elapsed() > policy.progress_deadline {
+                    let reason = format!(
+                        "progress deadline of {:?} passed: {why}",
+                        policy.progress_deadline
+                    );
+                    decide(writer, config, route, &label, "rollback", evidence, &reason).await;
+                } else {
+                    decide(writer, config, route, &label, "hold", evidence, &why).await;
+                }
+            }
+            Outcome::Fail => {
+                run.failures += 1;
+                let failing: Vec<String> = gates
+                    .iter()
+                    .filter(|g| !g.passed)
+                    .map(|g| {
+                        format!(
+                            "{} {} (threshold {}; {})",
+                            g.name,
+                            g.observed.map_or("-".into(), |o| format!("{o:.4}")),
+                            g.threshold,
+                            g.note
+                        )
+                    })
+                    .collect();
+                let reason = format!("failed gate: {}", failing.join("; "));
+                if run.failures >= policy.failure_limit {
+                    decide(writer, config, route, &label, "rollback", evidence, &reason).await;
+                } else {
+                    let reason = format!(
+                        "{reason} ({} of {} failures allowed)",
+                        run.failures, policy.failure_limit
+                    );
+                    decide(writer, config, route, &label, "hold", evidence, &reason).await;
+                }
+            }
+            Outcome::Pass => {
+                run.failures = 0;
+                match policy.steps.iter().find(|s| **s > route.weight) {
+                    Some(next) => {
+                        decide_step(
+                            writer,
+                            config,
+                            route,
+                            &label,
+                            *next,
+                            evidence,
+                            "every gate passed",
+                        )
+                        .await;
+                        run.step_start = Instant::now();
+                    }
+                    None if policy.confirm_promotion => {
+                        decide(
+                            writer,
+                            config,
+                            route,
+                            &label,
+                            "hold",
+                            evidence,
+                            "every step passed; awaiting an admin's promotion (confirm_promotion)",
+                        )
+                        .await;
+                    }
+                    None => {
+                        let mut evidence = evidence;
+                        if let Some(gate) = policy.eval.as_ref().filter(|e| e.before_promotion) {
+                            match eval_gate(gate, candidate).await {
+                                Ok(passed) => evidence.push(passed),
+                                Err(failed) => {
+                                    evidence.push(failed);
+                                    decide(
+                                        writer,
+                                        config,
+                                        route,
+                                        &label,
+                                        "rollback",
+                                        evidence,
+                                        "the held-out evaluation failed before promotion",
+                                    )
+                                    .await;
+                                    continue;
+                                }
+                            }
+                        }
+                        decide(
+                            writer,
+                            config,
+                            route,
+                            &label,
+                            "promote",
+                            evidence,
+                            "every step passed",
+                        )
+                        .await;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Runs the eval set against one of the candidate's backends; the evidence either way.
+async fn eval_gate(gate: &EvalGate, candidate: &Target) -> Result<Value, Value> {
+    let set = match EvalSet::load(&gate.file) {
+        Ok(set) => set,
+        Err(e) => return Err(json!({"gate": "eval", "passed": false, "note": e.to_string()})),
+    };
+    let Some(backend) = candidate.version.backends.iter().find(|b| b.is_verified()) else {
+        return Err(
+            json!({"gate": "eval", "passed": false, "note": "no verified backend to evaluate"}),
+        );
+    };
+    let target = EvalTarget {
+        base_url: format!("{}://{}", backend.scheme, backend.authority),
+        version: None,
+        timeout: Duration::from_secs(30),
+    };
+    let report = crate::eval::run(&set, &target, gate.threshold).await;
+    let evidence = json!({
+        "gate": "eval", "passed": report.ok, "observed": report.pass_rate, "threshold": gate.threshold,
+        "file": report.file, "sha256": report.sha256, "passed_cases": report.passed, "cases": report.total,
+    });
+    if report.ok {
+        Ok(evidence)
+    } else {
+        Err(evidence)
+    }
+}
+
+async fn decide_step(
+    writer: &Writer,
+    config: &Config,
+    route: &Route,
+    label: &str,
+    step: u16,
+    evidence: Vec<Value>,
+    why: &str,
+) {
+    let reason = format!("{why}: step to {}", format_percent(step));
+    if decide(writer, config, route, label, "advance", evidence, &reason).await {
+        let change = Change {
+            command: Command::SetWeight {
+                route: route.name.to_string(),
+                basis_points: step,
+            },
+            actor: CANARY_ACTOR.to_string(),
+            reason: Some(reason),
+            if_match: None,
+        };
+        if let Err(e) = writer.apply(change).await {
+            tracing::error!(route = %route.name, error = %e, "canary step refused");
+        }
+    }
+}
+
+/// Records a decision (audit, metric, status) and carries out promote and rollback. Returns
+/// whether the decision was recorded.
+async fn decide(
+    writer: &Writer,
+    config: &Config,
+    route: &Route,
+    label: &str,
+    decision: &str,
+    gates: Vec<Value>,
+    reason: &str,
+) -> bool {
+    let digest = load_registry(config)
+        .ok()
+        .flatten()
+        .and_then(|r| r.find(label).map(|v| v.digest.clone()));
+    let detail = json!({
+        "decision": decision, "version": label, "digest": digest, "weight": route.weight,
+        "weight_percent": format_percent(route.weight), "gates": gates,
+    });
+    writer
+        .metrics()
+        .count_canary_decision(&route.name, decision);
+    writer.set_canary_status(
+        &route.name,
+        Some(json!({"last_decision": decision, "reason": reason, "evidence": detail.clone()})),
+    );
+    if decision == "hold" {
+        tracing::info!(route = %route.name, version = label, "canary hold: {reason}");
+    } else {
+        tracing::warn!(route = %route.name, version = label, decision, "canary: {reason}");
+    }
+    if let Err(e) = writer
+        .record(
+            CANARY_ACTOR,
+            "canary_decision",
+            Some(&route.name),
+            detail,
+            reason,
+        )
+        .await
+    {
+        tracing::error!(error = %e, "cannot record the canary decision; not acting on it");
+        return false;
+    }
+    let command = match decision {
+        "promote" => Command::Promote {
+            route: route.name.to_string(),
+        },
+        "rollback" => Command::Rollback {
+            route: route.name.to_string(),
+        },
+        _ => return true,
+    };
+    let change = Change {
+        command,
+        actor: CANARY_ACTOR.to_string(),
+        reason: Some(reason.to_string()),
+        if_match: None,
+    };
+    if let Err(e) = writer.apply(change).await {
+        tracing::error!(route = %route.name, error = %e, "canary {decision} refused");
+    }
+    true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn normal_cdf_matches_known_values() {
+        assert!((normal_cdf(0.0) - 0.5).abs() < 1e-7);
+        assert!((normal_cdf(1.96) - 0.975).abs() < 1e-3);
+        assert!((normal_cdf(-2.326) - 0.01).abs() < 1e-3);
+    }
+
+    #[test]
+    fn error_gate_fails_a_worse_candidate_and_passes_an_equal_one() {
+        let policy = CanaryPolicy::with_steps(vec![1000]);
+        let bad = error_gate(&policy, (1000, 10), (200, 60));
+        assert!(!bad.passed, "{bad:?}");
+        assert!(bad.p_value.unwrap() < 0.001);
+        let equal = error_gate(&policy, (1000, 10), (200, 2));
+        assert!(equal.passed, "{equal:?}");
+        let clean = error_gate(&policy, (1000, 0), (200, 0));
+        assert!(clean.passed && clean.p_value.is_none());
+        // A small but significant increase under the tolerance passes; over the cap fails.
+        let capped = error_gate(
+            &CanaryPolicy {
+                max_error_rate_increase: 0.01,
+                ..policy.clone()
+            },
+            (100_000, 0),
+            (100_000, 1_500),
+        );
+        assert!(!capped.passed);
+    }
+
+    #[test]
+    fn quantiles_interpolate_within_buckets() {
+        let start = [(0.01, 0), (0.1, 0), (f64::INFINITY, 0)];
+        let end = [(0.01, 50), (0.1, 100), (f64::INFINITY, 100)];
+        let p50 = quantile(&start, &end, 0.5).unwrap();
+        assert!((p50 - 0.01).abs() < 1e-9, "{p50}");
+        let p99 = quantile(&start, &end, 0.99).unwrap();
+        assert!(p99 > 0.09 && p99 <= 0.1, "{p99}");
+        assert_eq!(quantile(&start, &start, 0.99), None);
+    }
+}
