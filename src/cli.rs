@@ -37,7 +37,7 @@ pub struct Cli {
 pub enum Command {
     /// Run the proxy, from a config file or from flags (quick mode).
     #[command(after_help = SERVE_HELP)]
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Validate a config file: print every problem with its path, exit 1 if there is any.
     Check {
         /// The config file to check.
@@ -271,7 +271,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Check { config } => Ok(check(&config)),
         Command::Serve(args) => {
-            let config = serve_config(args)?;
+            let config = serve_config(*args)?;
             runtime()?.block_on(serve(config))
         }
         Command::Demo(options) => {
