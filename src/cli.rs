@@ -236,7 +236,7 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     // The demo's live view owns the terminal: only warnings interrupt it unless asked otherwise.
     let level = match (&cli.command, cli.log_level.as_str()) {
-        (Command::Demo(_), "info") => "warn",
+        (Command::Demo(_), "info") => "error",
         (_, level) => level,
     };
     init_logging(level);

@@ -317,9 +317,8 @@ async fn tick(writer: &Writer, config: &Config, runs: &mut HashMap<String, Run>)
             continue;
         };
         let Some(candidate) = &route.candidate else {
-            if runs.remove(&rc.name).is_some() {
-                writer.set_canary_status(&rc.name, None);
-            }
+            // Promoted or rolled back: forget the run, keep the last decision on show.
+            runs.remove(&rc.name);
             continue;
         };
         if route.state.paused {
