@@ -157,7 +157,7 @@ SIGTERM or Ctrl-C stops accepting and lets open requests and streams finish (pro
 #[derive(Args, Debug)]
 pub struct ServeArgs {
     /// Config file (TOML). Without it, the quick-mode flags below define one route named `default`.
-    #[arg(long, value_name = "FILE", conflicts_with_all = ["stable", "candidate", "weight", "sticky_header", "allow_override", "registry", "identity_probe", "identity_interval", "mirror", "canary", "canary_interval", "canary_min_requests"])]
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["stable", "candidate", "weight", "sticky_header", "allow_override", "registry", "identity_probe", "identity_interval", "mirror", "canary", "canary_interval", "canary_min_requests", "tls_cert", "tls_key", "tls_client_ca"])]
     pub config: Option<PathBuf>,
 
     /// Production version: SPEC (see below).
@@ -209,6 +209,18 @@ pub struct ServeArgs {
     /// Responses each version needs in a window before the canary judges it [default: 200].
     #[arg(long, value_name = "N")]
     pub canary_min_requests: Option<u64>,
+
+    /// Serve TLS on the proxy listener with this PEM certificate chain (with --tls-key).
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// PEM private key for --tls-cert.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
+    /// Require client certificates signed by this PEM CA (mTLS).
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
 
     /// Model registry (TOML): every routed version must be registered at a stage that allows its
     /// role. Without one weir runs unpinned and says so.
@@ -371,6 +383,9 @@ fn serve_config(args: ServeArgs) -> anyhow::Result<Config> {
             canary: args.canary.clone(),
             canary_interval: args.canary_interval.clone(),
             canary_min_requests: args.canary_min_requests,
+            tls_cert: args.tls_cert.clone(),
+            tls_key: args.tls_key.clone(),
+            tls_client_ca: args.tls_client_ca.clone(),
         }
         .into_config()?,
         (None, None) => anyhow::bail!("give --config FILE, or --stable SPEC for quick mode"),
@@ -457,10 +472,17 @@ async fn serve(config: Config) -> anyhow::Result<ExitCode> {
         tokio::select! {
             _ = term.recv() => { tracing::info!("SIGTERM: draining"); break }
             _ = int.recv() => { tracing::info!("SIGINT: draining (Ctrl-C again to stop at once)"); break }
-            _ = hup.recv() => match running.reload("signal:SIGHUP").await {
-                Ok(generation) => tracing::info!(generation, "SIGHUP: config reloaded"),
-                Err(e) => tracing::error!(error = %e, detail = %e.detail(), "SIGHUP: reload refused; nothing changed"),
-            },
+            _ = hup.recv() => {
+                match running.reload_tls() {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(listeners = n, "SIGHUP: certificates re-read"),
+                    Err(e) => tracing::error!(error = %e, "SIGHUP: certificates not reloaded; the old ones stay"),
+                }
+                match running.reload("signal:SIGHUP").await {
+                    Ok(generation) => tracing::info!(generation, "SIGHUP: config reloaded"),
+                    Err(e) => tracing::error!(error = %e, detail = %e.detail(), "SIGHUP: reload refused; nothing changed"),
+                }
+            }
         }
     }
     running.shutdown();

@@ -17,6 +17,7 @@ pub mod metrics;
 pub mod registry;
 pub mod registry_cli;
 mod server;
+pub mod tls;
 
 pub use config::Config;
 pub use server::{Drained, Running, Server, StartError};

@@ -22,7 +22,7 @@ use crate::control::shadow::Shadower;
 use crate::control::writer::{Change, Command, CommandError};
 use crate::control::Writer;
 pub use crate::data::listener::Drained;
-use crate::data::listener::{self, ConnSettings};
+use crate::data::listener::{self, ConnSettings, TlsConfigCell};
 use crate::data::proxy::{upstream_client, ConnInfo, Proxy, ProxySettings};
 use crate::metrics::Metrics;
 
@@ -39,6 +39,8 @@ pub enum StartError {
     State(#[from] crate::control::writer::OpenError),
     #[error(transparent)]
     Token(#[from] crate::control::auth::TokenError),
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
 }
 
 /// Entry point of the proxy.
@@ -53,6 +55,8 @@ pub struct Running {
     stop: watch::Sender<bool>,
     task: JoinHandle<Drained>,
     writer: Arc<Writer>,
+    /// TLS of the listeners as configured at start, re-read by [`Running::reload_tls`].
+    tls: Vec<(crate::config::TlsConfig, TlsConfigCell)>,
 }
 
 async fn bind(
@@ -86,7 +90,7 @@ impl Server {
 
         let proxy = Arc::new(Proxy::new(
             Arc::clone(&table),
-            upstream_client(&config.proxy),
+            upstream_client(&config.proxy)?,
             ProxySettings {
                 max_request_body: config.listener.max_request_body,
                 response_header_timeout: config.proxy.response_header_timeout,
@@ -102,6 +106,15 @@ impl Server {
             ready: AtomicBool::new(false),
         });
 
+        let cell =
+            |tls: &Option<crate::config::TlsConfig>| -> Result<Option<TlsConfigCell>, StartError> {
+                Ok(match tls {
+                    None => None,
+                    Some(t) => Some(Arc::new(ArcSwap::new(crate::tls::server_config(t)?))),
+                })
+            };
+        let proxy_tls = cell(&config.listener.tls)?;
+        let admin_tls = cell(&config.admin.tls)?;
         let (stop, stop_rx) = watch::channel(false);
         let conn = ConnSettings {
             header_read_timeout: config.listener.header_read_timeout,
@@ -111,11 +124,12 @@ impl Server {
             "proxy",
             proxy_listener,
             conn.clone(),
-            move |peer: SocketAddr| {
+            proxy_tls.clone(),
+            move |peer: SocketAddr, secure: bool| {
                 let info = Arc::new(ConnInfo {
                     client_ip: HeaderValue::from_str(&peer.ip().to_string())
                         .expect("an IP address is a valid header value"),
-                    proto: HeaderValue::from_static("http"),
+                    proto: HeaderValue::from_static(if secure { "https" } else { "http" }),
                 });
                 let proxy = Arc::clone(&proxy);
                 service_fn(move |req| Arc::clone(&proxy).handle(req, Arc::clone(&info)))
@@ -128,7 +142,8 @@ impl Server {
             "admin",
             admin_listener,
             conn,
-            move |_peer| {
+            admin_tls.clone(),
+            move |_peer, _secure| {
                 let state = Arc::clone(&admin_for_conn);
                 service_fn(move |req| admin::handle(Arc::clone(&state), req))
             },
@@ -172,6 +187,13 @@ impl Server {
             stop,
             task,
             writer,
+            tls: [
+                (config.listener.tls.clone(), proxy_tls),
+                (config.admin.tls.clone(), admin_tls),
+            ]
+            .into_iter()
+            .filter_map(|(config, cell)| Some((config?, cell?)))
+            .collect(),
         })
     }
 }
@@ -193,6 +215,19 @@ impl Running {
     /// The one writer of routing changes.
     pub fn writer(&self) -> &Arc<Writer> {
         &self.writer
+    }
+
+    /// Re-reads the listeners' certificates and keys (SIGHUP): new handshakes use them, open
+    /// connections keep theirs. A file that does not load leaves the old material in place.
+    pub fn reload_tls(&self) -> Result<usize, crate::tls::TlsError> {
+        let mut fresh = Vec::with_capacity(self.tls.len());
+        for (config, _) in &self.tls {
+            fresh.push(crate::tls::server_config(config)?);
+        }
+        for ((_, cell), config) in self.tls.iter().zip(fresh) {
+            cell.store(config);
+        }
+        Ok(self.tls.len())
     }
 
     /// Re-reads the config file (SIGHUP).

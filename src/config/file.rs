@@ -38,6 +38,23 @@ struct RawListener {
     addr: Option<String>,
     header_read_timeout: Option<String>,
     max_request_body: Option<RawScalar>,
+    tls: Option<RawTls>,
+}
+
+#[derive(Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    cert: PathBuf,
+    key: PathBuf,
+    client_ca: Option<PathBuf>,
+}
+
+#[derive(Deserialize, Default, Clone)]
+#[serde(deny_unknown_fields)]
+struct RawBackendTls {
+    ca: Option<PathBuf>,
+    client_cert: Option<PathBuf>,
+    client_key: Option<PathBuf>,
 }
 
 #[derive(Deserialize, Default)]
@@ -45,6 +62,7 @@ struct RawListener {
 struct RawAdmin {
     addr: Option<String>,
     token_file: Option<PathBuf>,
+    tls: Option<RawTls>,
 }
 
 #[derive(Deserialize, Default)]
@@ -58,6 +76,8 @@ struct RawProxy {
     backend_eject: Option<String>,
     pool_idle_timeout: Option<String>,
     pool_max_idle_per_backend: Option<usize>,
+    #[serde(default)]
+    backend_tls: RawBackendTls,
 }
 
 #[derive(Deserialize)]
@@ -200,6 +220,7 @@ pub(super) fn parse(text: &str) -> Result<Config, Vec<Problem>> {
     };
 
     let listener = ListenerConfig {
+        tls: None,
         addr: c.addr("listener.addr", &raw.listener.addr, DEFAULT_LISTEN),
         header_read_timeout: c.duration(
             "listener.header_read_timeout",
@@ -221,10 +242,15 @@ pub(super) fn parse(text: &str) -> Result<Config, Vec<Problem>> {
             }
         },
     };
+    let listener = ListenerConfig {
+        tls: raw.listener.tls.clone().map(tls_from),
+        ..listener
+    };
     let admin = AdminConfig {
         addr: c.addr("admin.addr", &raw.admin.addr, DEFAULT_ADMIN),
         token: None,
         token_file: raw.admin.token_file.clone(),
+        tls: raw.admin.tls.clone().map(tls_from),
     };
     let d = ProxyConfig::default();
     let p = &raw.proxy;
@@ -259,7 +285,18 @@ pub(super) fn parse(text: &str) -> Result<Config, Vec<Problem>> {
         pool_max_idle_per_backend: p
             .pool_max_idle_per_backend
             .unwrap_or(d.pool_max_idle_per_backend),
+        backend_tls: BackendTls {
+            ca: p.backend_tls.ca.clone(),
+            client_cert: p.backend_tls.client_cert.clone(),
+            client_key: p.backend_tls.client_key.clone(),
+        },
     };
+    if proxy.backend_tls.client_cert.is_some() != proxy.backend_tls.client_key.is_some() {
+        c.problem(
+            "proxy.backend_tls",
+            "client_cert and client_key go together",
+        );
+    }
     for (name, value) in [
         ("proxy.connect_timeout", proxy.connect_timeout),
         (
@@ -459,6 +496,14 @@ fn check_compare(c: &mut Checker, path: &str, r: &RawRoute) -> CompareConfig {
     }
 }
 
+fn tls_from(raw: RawTls) -> TlsConfig {
+    TlsConfig {
+        cert: raw.cert,
+        key: raw.key,
+        client_ca: raw.client_ca,
+    }
+}
+
 fn check_canary(c: &mut Checker, path: &str, raw: &RawCanary) -> Option<CanaryPolicy> {
     let steps: Vec<u16> = raw
         .steps
@@ -624,19 +669,15 @@ pub(super) fn parse_backend_url(url: &str) -> Result<Uri, String> {
     let uri: Uri = url
         .parse()
         .map_err(|_| format!("expected a URL such as \"http://127.0.0.1:8000\", got {url:?}"))?;
-    match uri.scheme_str() {
-        Some("http") => {}
-        Some("https") => {
-            return Err(format!(
-                "{url:?}: https backends are not supported yet; use http://"
-            ))
-        }
+    let scheme = match uri.scheme_str() {
+        Some("http") => "http",
+        Some("https") => "https",
         _ => {
             return Err(format!(
                 "expected a URL such as \"http://127.0.0.1:8000\", got {url:?}"
             ))
         }
-    }
+    };
     let Some(authority) = uri.authority() else {
         return Err(format!("{url:?} has no host"));
     };
@@ -651,7 +692,7 @@ pub(super) fn parse_backend_url(url: &str) -> Result<Uri, String> {
         ));
     }
     Uri::builder()
-        .scheme("http")
+        .scheme(scheme)
         .authority(authority.clone())
         .path_and_query("/")
         .build()

@@ -97,6 +97,26 @@ pub struct ListenerConfig {
     pub header_read_timeout: Duration,
     /// Request bodies larger than this get 413.
     pub max_request_body: u64,
+    /// Terminate TLS on this listener.
+    pub tls: Option<TlsConfig>,
+}
+
+/// TLS termination on a listener: PEM certificate chain and key, and optionally the CA whose
+/// client certificates are required (mTLS).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TlsConfig {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub client_ca: Option<PathBuf>,
+}
+
+/// How weir talks to `https://` backends: system roots plus an optional private CA, and an
+/// optional client certificate.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct BackendTls {
+    pub ca: Option<PathBuf>,
+    pub client_cert: Option<PathBuf>,
+    pub client_key: Option<PathBuf>,
 }
 
 #[derive(Clone, Debug)]
@@ -107,6 +127,7 @@ pub struct AdminConfig {
     pub token: Option<String>,
     /// A file holding the admin token (`[admin] token_file`).
     pub token_file: Option<PathBuf>,
+    pub tls: Option<TlsConfig>,
 }
 
 #[derive(Clone, Debug)]
@@ -124,6 +145,7 @@ pub struct ProxyConfig {
     pub backend_eject: Duration,
     pub pool_idle_timeout: Duration,
     pub pool_max_idle_per_backend: usize,
+    pub backend_tls: BackendTls,
 }
 
 impl Default for ProxyConfig {
@@ -137,6 +159,7 @@ impl Default for ProxyConfig {
             backend_eject: Duration::from_secs(2),
             pool_idle_timeout: Duration::from_secs(90),
             pool_max_idle_per_backend: 256,
+            backend_tls: BackendTls::default(),
         }
     }
 }

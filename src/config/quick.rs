@@ -28,6 +28,9 @@ pub struct QuickMode {
     pub identity_interval: Option<String>,
     /// Share of stable-routed requests shadowed to the candidate.
     pub mirror: Option<String>,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    pub tls_client_ca: Option<PathBuf>,
     /// `10%,50%,100%`: canary steps.
     pub canary: Option<String>,
     pub canary_interval: Option<String>,
@@ -147,11 +150,25 @@ impl QuickMode {
                 addr: addr(self.listen.as_deref(), DEFAULT_LISTEN, "--listen")?,
                 header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
                 max_request_body: DEFAULT_MAX_REQUEST_BODY,
+                tls: match (&self.tls_cert, &self.tls_key) {
+                    (Some(cert), Some(key)) => Some(TlsConfig {
+                        cert: cert.clone(),
+                        key: key.clone(),
+                        client_ca: self.tls_client_ca.clone(),
+                    }),
+                    (None, None) => None,
+                    _ => {
+                        return Err(flag_error("--tls-cert")(
+                            "--tls-cert and --tls-key go together".to_string(),
+                        ))
+                    }
+                },
             },
             admin: AdminConfig {
                 addr: addr(self.admin.as_deref(), DEFAULT_ADMIN, "--admin")?,
                 token: None,
                 token_file: None,
+                tls: None,
             },
             proxy: ProxyConfig::default(),
             state_dir: self

@@ -6,7 +6,10 @@
 //! GOAWAY) until the drain timeout, after which they are closed.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
+
+use arc_swap::ArcSwap;
 
 use http::{Request, Response};
 use http_body::Body;
@@ -48,16 +51,21 @@ pub fn http_builder(settings: &ConnSettings) -> auto::Builder<TokioExecutor> {
     builder
 }
 
-/// Accepts connections until `stop` turns true, then drains them.
+/// The live TLS config of a listener; swapped on SIGHUP, read at each handshake.
+pub type TlsConfigCell = Arc<ArcSwap<rustls::ServerConfig>>;
+
+/// Accepts connections until `stop` turns true, then drains them. With `tls`, each connection
+/// completes a TLS handshake (within the header read timeout) before HTTP starts.
 pub async fn serve<F, S, B>(
     name: &'static str,
     listener: TcpListener,
     settings: ConnSettings,
+    tls: Option<TlsConfigCell>,
     service_for: F,
     mut stop: watch::Receiver<bool>,
 ) -> Drained
 where
-    F: Fn(SocketAddr) -> S,
+    F: Fn(SocketAddr, bool) -> S,
     S: Service<Request<Incoming>, Response = Response<B>> + Send + 'static,
     S::Future: Send + 'static,
     S::Error: Into<BoxError>,
@@ -83,18 +91,43 @@ where
             },
         };
         let _ = stream.set_nodelay(true);
-        let conn = builder
-            .serve_connection(TokioIo::new(stream), service_for(peer))
-            .into_owned();
-        let conn = graceful.watch(conn);
+        let service = service_for(peer, tls.is_some());
+        let watcher = graceful.watcher();
+        let builder = builder.clone();
         let mut force_closed = force_closed.clone();
+        let tls = tls.as_ref().map(|cell| cell.load_full());
+        let handshake_timeout = settings.header_read_timeout;
         tokio::spawn(async move {
-            tokio::select! {
-                result = conn => {
-                    if let Err(e) = result {
-                        tracing::debug!(listener = name, %peer, error = %e, "connection ended with an error");
+            let serving = async {
+                match tls {
+                    None => {
+                        let conn = builder.serve_connection(TokioIo::new(stream), service);
+                        if let Err(e) = watcher.watch(conn.into_owned()).await {
+                            tracing::debug!(listener = name, %peer, error = %e, "connection ended with an error");
+                        }
+                    }
+                    Some(config) => {
+                        let accept = tokio_rustls::TlsAcceptor::from(config).accept(stream);
+                        let stream = match tokio::time::timeout(handshake_timeout, accept).await {
+                            Ok(Ok(stream)) => stream,
+                            Ok(Err(e)) => {
+                                tracing::debug!(listener = name, %peer, error = %e, "TLS handshake failed");
+                                return;
+                            }
+                            Err(_) => {
+                                tracing::debug!(listener = name, %peer, "TLS handshake timed out");
+                                return;
+                            }
+                        };
+                        let conn = builder.serve_connection(TokioIo::new(stream), service);
+                        if let Err(e) = watcher.watch(conn.into_owned()).await {
+                            tracing::debug!(listener = name, %peer, error = %e, "connection ended with an error");
+                        }
                     }
                 }
+            };
+            tokio::select! {
+                _ = serving => {}
                 _ = stopped(&mut force_closed) => {}
             }
         });

@@ -13,6 +13,7 @@ use bytes::Bytes;
 use http::header::{self, HeaderName, HeaderValue, CONTENT_LENGTH, HOST};
 use http::{HeaderMap, Request, Response, StatusCode, Uri};
 use hyper::body::Incoming;
+use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
@@ -26,7 +27,7 @@ use crate::metrics::ErrorKind;
 use crate::metrics::Role;
 use rand::Rng;
 
-pub type UpstreamClient = Client<HttpConnector, LimitedBody>;
+pub type UpstreamClient = Client<HttpsConnector<HttpConnector>, LimitedBody>;
 
 /// Settings of the data path, fixed for the life of the process.
 #[derive(Debug, Clone)]
@@ -74,18 +75,24 @@ static HOP_BY_HOP: [&HeaderName; 9] = [
     &header::UPGRADE,
 ];
 
-/// The upstream HTTP client: pooled keep-alive connections per backend origin.
-pub fn upstream_client(config: &ProxyConfig) -> UpstreamClient {
+/// The upstream HTTP client: pooled keep-alive connections per backend origin, plain or TLS.
+pub fn upstream_client(config: &ProxyConfig) -> Result<UpstreamClient, crate::tls::TlsError> {
     let mut connector = HttpConnector::new();
     connector.set_nodelay(true);
     connector.set_connect_timeout(Some(config.connect_timeout));
     connector.set_keepalive(Some(Duration::from_secs(60)));
-    Client::builder(TokioExecutor::new())
+    connector.enforce_http(false);
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(crate::tls::backend_client_config(&config.backend_tls)?)
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(connector);
+    Ok(Client::builder(TokioExecutor::new())
         .pool_idle_timeout(config.pool_idle_timeout)
         .pool_max_idle_per_host(config.pool_max_idle_per_backend)
         .pool_timer(TokioTimer::new())
         .timer(TokioTimer::new())
-        .build(connector)
+        .build(connector))
 }
 
 /// Why a request got an answer from weir rather than from a backend.
