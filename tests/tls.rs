@@ -1,0 +1,359 @@
+//! TLS: weir terminates TLS (h2 and HTTP/1.1 by ALPN) for rustls clients and curl, shrugs off
+//! plain HTTP on its TLS port, enforces client certificates under mTLS, and reaches https
+//! backends signed by a private CA.
+
+mod common;
+
+use std::convert::Infallible;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use common::*;
+use http_body_util::{BodyExt, Empty};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// A private CA with leaf certificates written as PEM files.
+struct Pki {
+    dir: TempDir,
+    ca: CertifiedIssuer<'static, KeyPair>,
+}
+
+impl Pki {
+    fn new() -> Pki {
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        // Distinct names: OpenSSL (curl) takes a leaf whose subject equals its issuer as self-signed.
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "weir test CA");
+        let ca = CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap();
+        let pki = Pki {
+            dir: temp_dir("pki"),
+            ca,
+        };
+        std::fs::write(pki.path("ca.pem"), pki.ca.pem()).unwrap();
+        pki
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// Issues `name.pem` / `name.key` for localhost and 127.0.0.1.
+    fn issue(&self, name: &str) -> (PathBuf, PathBuf) {
+        let key = KeyPair::generate().unwrap();
+        let params =
+            CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
+        let cert = params.signed_by(&key, &self.ca).unwrap();
+        let (cert_path, key_path) = (
+            self.path(&format!("{name}.pem")),
+            self.path(&format!("{name}.key")),
+        );
+        std::fs::write(&cert_path, cert.pem()).unwrap();
+        std::fs::write(&key_path, key.serialize_pem()).unwrap();
+        (cert_path, key_path)
+    }
+
+    fn roots(&self) -> rustls::RootCertStore {
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in CertificateDer::pem_file_iter(self.path("ca.pem")).unwrap() {
+            roots.add(cert.unwrap()).unwrap();
+        }
+        roots
+    }
+
+    fn client_config(&self, client_cert: Option<(PathBuf, PathBuf)>) -> rustls::ClientConfig {
+        let roots = self.roots();
+        let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots);
+        match client_cert {
+            None => builder.with_no_client_auth(),
+            Some((cert, key)) => builder
+                .with_client_auth_cert(
+                    CertificateDer::pem_file_iter(cert)
+                        .unwrap()
+                        .map(Result::unwrap)
+                        .collect(),
+                    PrivateKeyDer::from_pem_file(key).unwrap(),
+                )
+                .unwrap(),
+        }
+    }
+
+    fn client(
+        &self,
+        h2: bool,
+        client_cert: Option<(PathBuf, PathBuf)>,
+    ) -> Client<
+        hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
+        Empty<Bytes>,
+    > {
+        let builder = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(self.client_config(client_cert))
+            .https_only();
+        let connector = if h2 {
+            builder.enable_http2().build()
+        } else {
+            builder.enable_http1().build()
+        };
+        Client::builder(TokioExecutor::new())
+            .http2_only(h2)
+            .build(connector)
+    }
+}
+
+fn tls_config(pki: &Pki, client_ca: bool) -> String {
+    let (cert, key) = pki.issue("server");
+    format!(
+        r#"
+        [listener]
+        addr = "127.0.0.1:0"
+        [listener.tls]
+        cert = {cert:?}
+        key = {key:?}
+        {}
+        [[versions]]
+        model = "chat"
+        version = "v1"
+        backends = ["{{v1}}"]
+        [[routes]]
+        name = "chat"
+        stable = "chat@v1"
+        "#,
+        if client_ca {
+            format!("client_ca = {:?}", pki.path("ca.pem"))
+        } else {
+            String::new()
+        },
+    )
+}
+
+async fn get_tls(
+    client: &Client<
+        hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
+        Empty<Bytes>,
+    >,
+    url: &str,
+) -> Result<(http::Version, serde_json::Value), String> {
+    let response = tokio::time::timeout(DEADLINE, client.get(url.parse().unwrap()))
+        .await
+        .map_err(|_| "timed out".to_string())?
+        .map_err(|e| format!("{e:?}"))?;
+    let version = response.version();
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?
+        .to_bytes();
+    Ok((
+        version,
+        serde_json::from_slice(&body).map_err(|e| format!("{e}: {body:?}"))?,
+    ))
+}
+
+#[tokio::test]
+async fn rustls_clients_reach_weir_over_h2_and_http1_and_backends_see_https() {
+    let pki = Pki::new();
+    let backend = Backend::echo("v1").await;
+    let weir = Weir::start(&tls_config(&pki, false), &[("v1", &backend.url())]).await;
+    let url = format!("https://localhost:{}/v1/models", weir.proxy.port());
+
+    let (version, echo) = get_tls(&pki.client(true, None), &url).await.unwrap();
+    assert_eq!(version, http::Version::HTTP_2);
+    assert_eq!(echoed_header(&echo, "x-forwarded-proto"), ["https"]);
+
+    let (version, echo) = get_tls(&pki.client(false, None), &url).await.unwrap();
+    assert_eq!(version, http::Version::HTTP_11);
+    assert_eq!(echo["path"], "/v1/models");
+}
+
+#[tokio::test]
+async fn curl_reaches_weir_over_tls_with_h2_and_http1() {
+    let pki = Pki::new();
+    let backend = Backend::named("v1").await;
+    let weir = Weir::start(&tls_config(&pki, false), &[("v1", &backend.url())]).await;
+    let url = format!("https://localhost:{}/", weir.proxy.port());
+    let ca = pki.path("ca.pem");
+    for (flag, expected) in [("--http2", "2"), ("--http1.1", "1.1")] {
+        let (url, ca) = (url.clone(), ca.clone());
+        let output = tokio::task::spawn_blocking(move || {
+            std::process::Command::new("curl")
+                .args(["-sS", "--max-time", "10", "--cacert"])
+                .arg(&ca)
+                .args([flag, "-w", "\n%{http_version} %{http_code}", &url])
+                .output()
+                .expect("curl runs (install it: apt-get install curl)")
+        })
+        .await
+        .unwrap();
+        let text = String::from_utf8_lossy(&output.stdout).to_string();
+        assert!(
+            output.status.success(),
+            "curl {flag}: {text} {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        assert!(
+            text.ends_with(&format!("{expected} 200")),
+            "curl {flag}: {text}"
+        );
+        assert!(text.starts_with("v1"), "{text}");
+    }
+}
+
+#[tokio::test]
+async fn plain_http_on_the_tls_port_does_no_harm() {
+    let pki = Pki::new();
+    let backend = Backend::named("v1").await;
+    let weir = Weir::start(&tls_config(&pki, false), &[("v1", &backend.url())]).await;
+    for _ in 0..20 {
+        let mut raw = tokio::net::TcpStream::connect(weir.proxy).await.unwrap();
+        raw.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = Vec::new();
+        let read = tokio::time::timeout(DEADLINE, raw.read_to_end(&mut buf)).await;
+        assert!(
+            read.is_ok(),
+            "a plain-HTTP connection to the TLS port was left hanging"
+        );
+        assert!(
+            !String::from_utf8_lossy(&buf).contains("v1"),
+            "plain HTTP must not be served"
+        );
+    }
+    assert_eq!(backend.hits(), 0);
+    let url = format!("https://localhost:{}/", weir.proxy.port());
+    let response = pki
+        .client(false, None)
+        .get(url.parse().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(
+        response.status(),
+        200,
+        "TLS still works after plain-HTTP junk"
+    );
+}
+
+#[tokio::test]
+async fn mtls_refuses_a_client_without_a_certificate() {
+    let pki = Pki::new();
+    let backend = Backend::echo("v1").await;
+    let weir = Weir::start(&tls_config(&pki, true), &[("v1", &backend.url())]).await;
+    let url = format!("https://localhost:{}/", weir.proxy.port());
+
+    let refused = get_tls(&pki.client(false, None), &url).await;
+    assert!(
+        refused.is_err(),
+        "a client without a certificate got through: {refused:?}"
+    );
+    assert_eq!(backend.hits(), 0);
+
+    let client_cert = pki.issue("client");
+    let (_, echo) = get_tls(&pki.client(false, Some(client_cert)), &url)
+        .await
+        .unwrap();
+    assert_eq!(echo["path"], "/");
+
+    // A certificate from another CA is refused too.
+    let other = Pki::new();
+    let stranger = other.issue("stranger");
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(pki.roots())
+    .with_client_auth_cert(
+        CertificateDer::pem_file_iter(&stranger.0)
+            .unwrap()
+            .map(Result::unwrap)
+            .collect(),
+        PrivateKeyDer::from_pem_file(&stranger.1).unwrap(),
+    )
+    .unwrap();
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(config)
+        .https_only()
+        .enable_http1()
+        .build();
+    let client: Client<_, Empty<Bytes>> = Client::builder(TokioExecutor::new()).build(connector);
+    assert!(
+        get_tls(&client, &url).await.is_err(),
+        "a certificate from another CA got through"
+    );
+}
+
+#[tokio::test]
+async fn an_https_backend_with_a_private_ca_works() {
+    let pki = Pki::new();
+    let (cert, key) = pki.issue("backend");
+    let server_config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(
+        CertificateDer::pem_file_iter(&cert)
+            .unwrap()
+            .map(Result::unwrap)
+            .collect(),
+        PrivateKeyDer::from_pem_file(&key).unwrap(),
+    )
+    .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server_config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let service = hyper::service::service_fn(|_req| async {
+                    Ok::<_, Infallible>(http::Response::new(full("secret backend")))
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tls), service)
+                    .await;
+            });
+        }
+    });
+    let config = format!(
+        r#"
+        [proxy.backend_tls]
+        ca = {:?}
+        [[versions]]
+        model = "chat"
+        version = "v1"
+        backends = ["https://localhost:{port}"]
+        [[routes]]
+        name = "chat"
+        stable = "chat@v1"
+        "#,
+        pki.path("ca.pem")
+    );
+    let weir = Weir::start(&config, &[]).await;
+    let reply = get(&http1(), &weir.url("/")).await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(reply.text(), "secret backend");
+
+    // Without the private CA the backend's certificate is not trusted: 502, not a silent pass.
+    let untrusting = config.replace(&format!("ca = {:?}", pki.path("ca.pem")), "");
+    let weir = Weir::start(&untrusting, &[]).await;
+    let reply = get(&http1(), &weir.url("/")).await;
+    assert_weir_error(&reply, 502, "connect", Some("chat@v1"));
+}
