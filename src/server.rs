@@ -119,6 +119,7 @@ impl Server {
         let conn = ConnSettings {
             header_read_timeout: config.listener.header_read_timeout,
             drain_timeout: config.proxy.drain_timeout,
+            limits: config.listener.limits.clone(),
         };
         let proxy_task = tokio::spawn(listener::serve(
             "proxy",

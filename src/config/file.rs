@@ -39,6 +39,11 @@ struct RawListener {
     header_read_timeout: Option<String>,
     max_request_body: Option<RawScalar>,
     tls: Option<RawTls>,
+    max_header_bytes: Option<RawScalar>,
+    max_headers: Option<usize>,
+    max_connections: Option<usize>,
+    http2_max_concurrent_streams: Option<u32>,
+    http2_max_pending_resets: Option<usize>,
 }
 
 #[derive(Deserialize, Clone)]
@@ -221,6 +226,7 @@ pub(super) fn parse(text: &str) -> Result<Config, Vec<Problem>> {
 
     let listener = ListenerConfig {
         tls: None,
+        limits: ConnLimits::default(),
         addr: c.addr("listener.addr", &raw.listener.addr, DEFAULT_LISTEN),
         header_read_timeout: c.duration(
             "listener.header_read_timeout",
@@ -242,8 +248,39 @@ pub(super) fn parse(text: &str) -> Result<Config, Vec<Problem>> {
             }
         },
     };
+    let dl = ConnLimits::default();
+    let rl = &raw.listener;
+    let limits = ConnLimits {
+        max_header_bytes: size_from(
+            &mut c,
+            "listener.max_header_bytes",
+            &rl.max_header_bytes,
+            dl.max_header_bytes as u64,
+        ) as usize,
+        max_headers: rl.max_headers.unwrap_or(dl.max_headers),
+        max_connections: rl.max_connections.unwrap_or(dl.max_connections),
+        http2_max_concurrent_streams: rl
+            .http2_max_concurrent_streams
+            .unwrap_or(dl.http2_max_concurrent_streams),
+        http2_max_pending_resets: rl
+            .http2_max_pending_resets
+            .unwrap_or(dl.http2_max_pending_resets),
+    };
+    if limits.max_header_bytes < 8192 {
+        c.problem("listener.max_header_bytes", "must be at least 8KiB");
+    }
+    if limits.max_connections == 0
+        || limits.max_headers == 0
+        || limits.http2_max_concurrent_streams == 0
+    {
+        c.problem(
+            "listener",
+            "max_connections, max_headers and http2_max_concurrent_streams must be above 0",
+        );
+    }
     let listener = ListenerConfig {
         tls: raw.listener.tls.clone().map(tls_from),
+        limits,
         ..listener
     };
     let admin = AdminConfig {

@@ -99,6 +99,34 @@ pub struct ListenerConfig {
     pub max_request_body: u64,
     /// Terminate TLS on this listener.
     pub tls: Option<TlsConfig>,
+    pub limits: ConnLimits,
+}
+
+/// What one client may hold or send; beyond these weir refuses rather than stalls.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConnLimits {
+    /// Largest request head (request line plus headers); larger gets 431.
+    pub max_header_bytes: usize,
+    /// Most header fields in one request; more gets 431.
+    pub max_headers: usize,
+    /// Open client connections at most; more wait in the kernel's accept queue.
+    pub max_connections: usize,
+    /// HTTP/2 streams one connection may have open at once.
+    pub http2_max_concurrent_streams: u32,
+    /// HTTP/2 streams a client may reset before they are accepted (rapid-reset protection).
+    pub http2_max_pending_resets: usize,
+}
+
+impl Default for ConnLimits {
+    fn default() -> Self {
+        ConnLimits {
+            max_header_bytes: 64 * 1024,
+            max_headers: 100,
+            max_connections: 10_000,
+            http2_max_concurrent_streams: 256,
+            http2_max_pending_resets: 20,
+        }
+    }
 }
 
 /// TLS termination on a listener: PEM certificate chain and key, and optionally the CA whose

@@ -150,6 +150,7 @@ impl QuickMode {
                 addr: addr(self.listen.as_deref(), DEFAULT_LISTEN, "--listen")?,
                 header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
                 max_request_body: DEFAULT_MAX_REQUEST_BODY,
+                limits: ConnLimits::default(),
                 tls: match (&self.tls_cert, &self.tls_key) {
                     (Some(cert), Some(key)) => Some(TlsConfig {
                         cert: cert.clone(),

@@ -37,17 +37,28 @@ pub enum Drained {
 pub struct ConnSettings {
     pub header_read_timeout: Duration,
     pub drain_timeout: Duration,
+    pub limits: crate::config::ConnLimits,
 }
 
 /// The HTTP/1.1 + HTTP/2 connection builder every listener uses.
 pub fn http_builder(settings: &ConnSettings) -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
+    let limits = &settings.limits;
     builder
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(settings.header_read_timeout)
-        .keep_alive(true);
-    builder.http2().timer(TokioTimer::new());
+        .keep_alive(true)
+        .max_buf_size(limits.max_header_bytes)
+        .max_headers(limits.max_headers);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(limits.http2_max_concurrent_streams)
+        .max_pending_accept_reset_streams(limits.http2_max_pending_resets)
+        .max_header_list_size(limits.max_header_bytes as u32)
+        .keep_alive_interval(Some(Duration::from_secs(30)))
+        .keep_alive_timeout(Duration::from_secs(20));
     builder
 }
 
@@ -76,7 +87,18 @@ where
     let builder = http_builder(&settings);
     let graceful = GracefulShutdown::new();
     let (force_close, force_closed) = watch::channel(false);
+    let connections = Arc::new(tokio::sync::Semaphore::new(settings.limits.max_connections));
     loop {
+        // At the connection limit, stop accepting: new clients wait in the kernel's queue
+        // instead of taking memory here.
+        let permit = tokio::select! {
+            biased;
+            _ = stopped(&mut stop) => break,
+            permit = Arc::clone(&connections).acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_) => break,
+            },
+        };
         let (stream, peer) = tokio::select! {
             biased;
             _ = stopped(&mut stop) => break,
@@ -98,6 +120,7 @@ where
         let tls = tls.as_ref().map(|cell| cell.load_full());
         let handshake_timeout = settings.header_read_timeout;
         tokio::spawn(async move {
+            let _permit = permit;
             let serving = async {
                 match tls {
                     None => {
