@@ -263,6 +263,10 @@ fn analyse(
     if let (Some(min), Some(shadow)) = (policy.min_agreement, &route.shadow) {
         let (agreement, compared) = shadow.stats.agreement();
         if compared < policy.min_comparisons {
+            // A gate that already failed is not held back for want of comparisons.
+            if gates.iter().any(|g| !g.passed) {
+                return (Outcome::Fail, gates);
+            }
             return (
                 Outcome::Hold(format!(
                     "not enough shadow comparisons: {compared}/{}",
@@ -322,6 +326,10 @@ async fn tick(writer: &Writer, config: &Config, runs: &mut HashMap<String, Run>)
             continue;
         };
         if route.state.paused {
+            // The deadline is for progress the controller may make: a pause stops its clock.
+            if let Some(run) = runs.get_mut(&rc.name) {
+                run.step_start = Instant::now();
+            }
             continue;
         }
         let label = candidate.version.label.to_string();
@@ -354,32 +362,19 @@ async fn tick(writer: &Writer, config: &Config, runs: &mut HashMap<String, Run>)
         // Not started yet: the first step (after the eval, when the policy wants one).
         if route.weight < policy.steps[0] && !run.evaluated_first {
             run.evaluated_first = true;
+            let mut evidence = Vec::new();
             if let Some(gate) = policy.eval.as_ref().filter(|e| e.before_first_step) {
-                if let Err(evidence) = eval_gate(gate, candidate).await {
-                    decide(
-                        writer,
-                        config,
-                        route,
-                        &label,
-                        "rollback",
-                        vec![evidence],
-                        "the held-out evaluation failed before the first step",
-                    )
-                    .await;
-                    continue;
+                match eval_gate(gate, candidate).await {
+                    Ok(passed) => evidence.push(passed),
+                    Err(failed) => {
+                        let why = "the held-out evaluation failed before the first step";
+                        decide(writer, config, route, &label, "rollback", vec![failed], why).await;
+                        continue;
+                    }
                 }
             }
             let step = policy.steps[0];
-            decide_step(
-                writer,
-                config,
-                route,
-                &label,
-                step,
-                Vec::new(),
-                "first step",
-            )
-            .await;
+            decide_step(writer, config, route, &label, step, evidence, "first step").await;
             run.step_start = Instant::now();
             continue;
         }
