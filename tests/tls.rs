@@ -357,3 +357,44 @@ async fn an_https_backend_with_a_private_ca_works() {
     let reply = get(&http1(), &weir.url("/")).await;
     assert_weir_error(&reply, 502, "connect", Some("chat@v1"));
 }
+
+#[tokio::test]
+async fn certificates_are_reread_without_dropping_open_connections() {
+    let old_ca = Pki::new();
+    let backend = Backend::named("v1").await;
+    let weir = Weir::start(&tls_config(&old_ca, false), &[("v1", &backend.url())]).await;
+    let url = format!("https://localhost:{}/", weir.proxy.port());
+    let old_client = old_ca.client(false, None);
+    let first = old_client.get(url.parse().unwrap()).await.unwrap();
+    assert_eq!(first.status(), 200);
+    first.into_body().collect().await.unwrap();
+
+    // Replace the files with a certificate from another CA and re-read them (what SIGHUP does).
+    let new_ca = Pki::new();
+    let (cert, key) = new_ca.issue("server2");
+    std::fs::copy(cert, old_ca.path("server.pem")).unwrap();
+    std::fs::copy(key, old_ca.path("server.key")).unwrap();
+    let reloaded = weir.running.as_ref().unwrap().reload_tls().unwrap();
+    assert_eq!(reloaded, 1);
+
+    let fresh = new_ca
+        .client(false, None)
+        .get(url.parse().unwrap())
+        .await
+        .map(|r| r.status());
+    assert!(
+        fresh.is_ok(),
+        "a new handshake does not present the new certificate: {fresh:?}"
+    );
+    // The old client trusts only the old CA: its request can only succeed on its open connection.
+    let again = old_client.get(url.parse().unwrap()).await;
+    assert!(
+        again.is_ok_and(|r| r.status() == 200),
+        "the open connection was dropped by the reload"
+    );
+    let stranger = Pki::new()
+        .client(false, None)
+        .get(url.parse().unwrap())
+        .await;
+    assert!(stranger.is_err(), "an unrelated CA must not be accepted");
+}
