@@ -177,8 +177,17 @@ impl<B> MeteredBody<B> {
         version: Arc<str>,
         idle_timeout: Duration,
         backend: Option<BackendGuard>,
-        tee: Option<ResponseTee>,
-    ) -> MeteredBody<B> {
+        mut tee: Option<ResponseTee>,
+    ) -> MeteredBody<B>
+    where
+        B: Body,
+    {
+        if inner.is_end_stream() {
+            // An empty answer is never polled: its copy for comparison is complete now.
+            if let Some(tee) = tee.as_mut() {
+                tee.finish();
+            }
+        }
         MeteredBody {
             inner,
             idle: tokio::time::sleep(idle_timeout),

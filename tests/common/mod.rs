@@ -1056,3 +1056,153 @@ impl WeirProcess {
         assert!(status.success(), "kill -{name} {pid} failed");
     }
 }
+
+// === recording and misbehaving backends ===
+
+/// One request as a backend received it, body read to the end.
+#[derive(Clone, Debug)]
+pub struct Seen {
+    pub method: Method,
+    /// Path and query, as the request line had them.
+    pub target: String,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Seen {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+}
+
+/// A backend that records every request it receives (after reading its body) and answers with
+/// `answer(seen)`. It also tracks how many requests its handler holds at once.
+pub struct RecordingBackend {
+    pub backend: Backend,
+    seen: Arc<std::sync::Mutex<Vec<Seen>>>,
+    active: Arc<AtomicUsize>,
+    peak: Arc<AtomicUsize>,
+}
+
+impl RecordingBackend {
+    pub async fn start<F, Fut>(answer: F) -> RecordingBackend
+    where
+        F: Fn(Seen) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Response<Body>> + Send + 'static,
+    {
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let active = Arc::new(AtomicUsize::new(0));
+        let peak = Arc::new(AtomicUsize::new(0));
+        let answer = Arc::new(answer);
+        let (log, now, most) = (seen.clone(), active.clone(), peak.clone());
+        let backend = Backend::start(move |req: Request<Incoming>| {
+            let (log, now, most, answer) = (log.clone(), now.clone(), most.clone(), answer.clone());
+            async move {
+                let held = now.fetch_add(1, Ordering::SeqCst) + 1;
+                most.fetch_max(held, Ordering::SeqCst);
+                let (parts, body) = req.into_parts();
+                let body = body
+                    .collect()
+                    .await
+                    .map(|c| c.to_bytes())
+                    .unwrap_or_default();
+                let seen = Seen {
+                    method: parts.method,
+                    target: parts
+                        .uri
+                        .path_and_query()
+                        .map_or("/", |p| p.as_str())
+                        .to_string(),
+                    headers: parts.headers,
+                    body,
+                };
+                log.lock().unwrap().push(seen.clone());
+                let response = (*answer)(seen).await;
+                now.fetch_sub(1, Ordering::SeqCst);
+                response
+            }
+        })
+        .await;
+        RecordingBackend {
+            backend,
+            seen,
+            active,
+            peak,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        self.backend.url()
+    }
+
+    /// Every request received so far, in arrival order.
+    pub fn seen(&self) -> Vec<Seen> {
+        self.seen.lock().unwrap().clone()
+    }
+
+    pub fn count(&self) -> usize {
+        self.seen.lock().unwrap().len()
+    }
+
+    /// Requests whose answer is being worked on right now.
+    pub fn active(&self) -> usize {
+        self.active.load(Ordering::SeqCst)
+    }
+
+    /// The most requests worked on at once so far.
+    pub fn peak(&self) -> usize {
+        self.peak.load(Ordering::SeqCst)
+    }
+}
+
+/// A TCP server that reads whatever a connection sends first, then writes `reply` (possibly
+/// nothing) and closes it: a backend that resets or talks garbage. Stops when dropped.
+pub struct RawBackend {
+    pub addr: SocketAddr,
+    connections: Arc<AtomicUsize>,
+    accept: JoinHandle<()>,
+}
+
+impl RawBackend {
+    pub async fn start(reply: &'static [u8]) -> RawBackend {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let connections = Arc::new(AtomicUsize::new(0));
+        let counter = connections.clone();
+        let accept = tokio::spawn(async move {
+            loop {
+                let Ok((mut stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                counter.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 4096];
+                    let _ = stream.read(&mut buf).await;
+                    let _ = stream.write_all(reply).await;
+                    let _ = stream.shutdown().await;
+                });
+            }
+        });
+        RawBackend {
+            addr,
+            connections,
+            accept,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Connections accepted so far.
+    pub fn connections(&self) -> usize {
+        self.connections.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for RawBackend {
+    fn drop(&mut self) {
+        self.accept.abort();
+    }
+}
