@@ -88,9 +88,10 @@ bad=$(printf '%s\n' "${plain[@]}" "${mirrored[@]}" | awk '{ s += $4 } END { prin
 hwm=$(awk '/^VmHWM/ { print $2, $3 }' /proc/$mirror_pid/status)
 sent=$(mirror_outcome sent) dropped=$(mirror_outcome dropped) failed=$(mirror_outcome failed)
 timeout=$(mirror_outcome timeout) too_large=$(mirror_outcome too_large)
-# Each permit is held about CANDIDATE_LATENCY, so at most this many shadows can have been sent.
+# Each permit is held about CANDIDATE_LATENCY, so in each round at most MAX_IN_FLIGHT shadows start
+# per CANDIDATE_LATENCY, plus one batch whose permits free after the round ends.
 bound=$(awk -v r="$ROUNDS" -v d="$(seconds "$DURATION")" -v c="$(seconds $CANDIDATE_LATENCY)" -v m=$MAX_IN_FLIGHT \
-  'BEGIN { print int(m * (r * d / (c * 0.9) + 1)) + 1 }')
+  'BEGIN { print int(m * r * (d / (c * 0.9) + 1)) + 1 }')
 
 echo
 echo "median of $ROUNDS rounds, wrk -t$THREADS -c$CONNS -d$DURATION, POST /v1/chat/completions"
