@@ -1323,3 +1323,69 @@ fn min_comparisons_beyond_the_agreement_window_is_refused() {
         .to_string();
     assert!(err.contains("routes[0].canary.min_comparisons"), "{err}");
 }
+
+#[tokio::test]
+async fn a_rollback_can_ramp_down_through_its_steps_first() {
+    let (v1, _) = healthy(PARIS).await;
+    let (v2, _) = model_backend(PARIS, Duration::ZERO, |n| n % 10 < 3).await;
+    // Rollback steps must fall.
+    let rising = config(
+        "",
+        "",
+        &policy(r#"["20%", "100%"]"#, "rollback_steps = [\"5%\", \"10%\"]"),
+    )
+    .replace("{v1}", &v1.url())
+    .replace("{v2}", &v2.url());
+    let err = weir::Config::from_toml_str(&rising, "rising.toml")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("canary.rollback_steps"), "{err}");
+    // Rollback steps must fall: the config above is refused, this one is used.
+    let weir = start(
+        &config(
+            "",
+            "",
+            &policy(
+                r#"["20%", "100%"]"#,
+                "min_requests = 30\nrollback_steps = [\"10%\", \"5%\"]",
+            ),
+        ),
+        &v1,
+        &v2,
+    )
+    .await;
+    let load = Load::start(&weir, 4, Kind::Get);
+    eventually!(
+        CANARY_DEADLINE,
+        weir.route(ROUTE).await["state"] == "rolled_back",
+        "the candidate was never rolled back: {}{}",
+        weir.route(ROUTE).await,
+        summary(&weir)
+    );
+    load.stop().await;
+    let changes = canary_changes(&weir);
+    let steps: Vec<(String, Value)> = changes
+        .iter()
+        .map(|c| {
+            (
+                c["action"].as_str().unwrap().to_string(),
+                c["after"]["weight"].clone(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        steps,
+        [
+            ("set_weight".to_string(), Value::from(2000)),
+            ("set_weight".to_string(), Value::from(1000)),
+            ("set_weight".to_string(), Value::from(500)),
+            ("rollback".to_string(), Value::from(0)),
+        ],
+        "{changes:#?}"
+    );
+    assert_eq!(
+        acts(&decisions(&weir)),
+        ["advance", "rollback"],
+        "one decision, carried out in steps"
+    );
+}

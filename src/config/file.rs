@@ -153,6 +153,8 @@ struct RawCanary {
     progress_deadline: Option<String>,
     #[serde(default)]
     confirm_promotion: bool,
+    #[serde(default)]
+    rollback_steps: Vec<RawScalar>,
     eval: Option<RawEval>,
 }
 
@@ -621,6 +623,18 @@ fn check_canary(c: &mut Checker, path: &str, raw: &RawCanary) -> Option<CanaryPo
     }
     p.failure_limit = raw.failure_limit.unwrap_or(p.failure_limit).max(1);
     p.confirm_promotion = raw.confirm_promotion;
+    p.rollback_steps = raw
+        .rollback_steps
+        .iter()
+        .enumerate()
+        .filter_map(|(i, s)| c.check(&format!("{path}.rollback_steps[{i}]"), weight_from(s)))
+        .collect();
+    if p.rollback_steps.windows(2).any(|w| w[0] <= w[1]) {
+        c.problem(
+            format!("{path}.rollback_steps"),
+            "rollback steps must fall, such as [\"5%\", \"1%\"]",
+        );
+    }
     Some(p)
 }
 

@@ -284,6 +284,8 @@ pub struct CanaryPolicy {
     pub progress_deadline: Duration,
     /// After the last step passes, wait for an admin to promote.
     pub confirm_promotion: bool,
+    /// Weights to ramp down through (one per interval) before a rollback; empty: at once.
+    pub rollback_steps: Vec<u16>,
     pub eval: Option<EvalGate>,
 }
 
@@ -313,6 +315,7 @@ impl CanaryPolicy {
             failure_limit: 1,
             progress_deadline: Duration::from_secs(600),
             confirm_promotion: false,
+            rollback_steps: Vec::new(),
             eval: None,
         }
     }

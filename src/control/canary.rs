@@ -205,6 +205,8 @@ struct Run {
     candidate_at_start: Counts,
     failures: u32,
     evaluated_first: bool,
+    /// After a rollback decision with `rollback_steps`: the weights still to ramp down through.
+    ramp: Option<Vec<u16>>,
 }
 
 /// What one analysis concluded.
@@ -347,6 +349,7 @@ async fn tick(writer: &Writer, config: &Config, runs: &mut HashMap<String, Run>)
                     candidate_at_start: counts(&candidate.stats),
                     failures: 0,
                     evaluated_first: false,
+                    ramp: None,
                 },
             );
         }
@@ -359,6 +362,49 @@ async fn tick(writer: &Writer, config: &Config, runs: &mut HashMap<String, Run>)
             run.candidate_at_start = counts(&candidate.stats);
         }
 
+        // Ramping down after a rollback decision: one step per interval, then the rollback.
+        if let Some(ramp) = run.ramp.as_mut() {
+            if run.window_start.elapsed() < policy.interval {
+                continue;
+            }
+            run.window_start = Instant::now();
+            let (command, reason) = match ramp.first().copied() {
+                Some(weight) => {
+                    ramp.remove(0);
+                    let reason = format!(
+                        "ramping down before the rollback: {}",
+                        format_percent(weight)
+                    );
+                    (
+                        Command::SetWeight {
+                            route: rc.name.clone(),
+                            basis_points: weight,
+                        },
+                        reason,
+                    )
+                }
+                None => {
+                    run.ramp = None;
+                    (
+                        Command::Rollback {
+                            route: rc.name.clone(),
+                        },
+                        "ramp-down done: rolling back".to_string(),
+                    )
+                }
+            };
+            let change = Change {
+                command,
+                actor: CANARY_ACTOR.to_string(),
+                reason: Some(reason),
+                if_match: None,
+            };
+            if let Err(e) = writer.apply(change).await {
+                tracing::error!(route = %rc.name, error = %e, "canary ramp-down step refused");
+            }
+            continue;
+        }
+
         // Not started yet: the first step (after the eval, when the policy wants one).
         if route.weight < policy.steps[0] && !run.evaluated_first {
             run.evaluated_first = true;
@@ -369,6 +415,7 @@ async fn tick(writer: &Writer, config: &Config, runs: &mut HashMap<String, Run>)
                     Err(failed) => {
                         let why = "the held-out evaluation failed before the first step";
                         decide(writer, config, route, &label, "rollback", vec![failed], why).await;
+                        run.ramp = ramp_down(policy, route.weight);
                         continue;
                     }
                 }
@@ -397,6 +444,7 @@ async fn tick(writer: &Writer, config: &Config, runs: &mut HashMap<String, Run>)
                         policy.progress_deadline
                     );
                     decide(writer, config, route, &label, "rollback", evidence, &reason).await;
+                    run.ramp = ramp_down(policy, route.weight);
                 } else {
                     decide(writer, config, route, &label, "hold", evidence, &why).await;
                 }
@@ -419,6 +467,7 @@ async fn tick(writer: &Writer, config: &Config, runs: &mut HashMap<String, Run>)
                 let reason = format!("failed gate: {}", failing.join("; "));
                 if run.failures >= policy.failure_limit {
                     decide(writer, config, route, &label, "rollback", evidence, &reason).await;
+                    run.ramp = ramp_down(policy, route.weight);
                 } else {
                     let reason = format!(
                         "{reason} ({} of {} failures allowed)",
@@ -472,6 +521,7 @@ async fn tick(writer: &Writer, config: &Config, runs: &mut HashMap<String, Run>)
                                         "the held-out evaluation failed before promotion",
                                     )
                                     .await;
+                                    run.ramp = ramp_down(policy, route.weight);
                                     continue;
                                 }
                             }
@@ -491,6 +541,17 @@ async fn tick(writer: &Writer, config: &Config, runs: &mut HashMap<String, Run>)
             }
         }
     }
+}
+
+/// The weights a rollback ramps down through from `weight` (`None`: roll back at once).
+fn ramp_down(policy: &CanaryPolicy, weight: u16) -> Option<Vec<u16>> {
+    let steps: Vec<u16> = policy
+        .rollback_steps
+        .iter()
+        .copied()
+        .filter(|s| *s < weight)
+        .collect();
+    (!steps.is_empty()).then_some(steps)
 }
 
 /// Runs the eval set against one of the candidate's backends; the evidence either way.
@@ -591,7 +652,15 @@ async fn decide(
         tracing::error!(error = %e, "cannot record the canary decision; not acting on it");
         return false;
     }
+    let ramps = config
+        .routes
+        .iter()
+        .find(|r| *r.name == *route.name)
+        .and_then(|r| r.canary.as_ref())
+        .and_then(|p| ramp_down(p, route.weight))
+        .is_some();
     let command = match decision {
+        "rollback" if ramps => return true,
         "promote" => Command::Promote {
             route: route.name.to_string(),
         },
