@@ -978,8 +978,10 @@ async fn bodies_over_the_cap_are_not_mirrored_and_big_answers_are_not_judged() {
 fn samples(weir: &Weir) -> Option<Vec<Value>> {
     let path = weir.state_dir.path().join("disagreements.jsonl");
     match std::fs::read_to_string(&path) {
+        // Only complete lines: the file may be read while a sample is being appended.
         Ok(text) => Some(
-            text.lines()
+            text.split_inclusive('\n')
+                .filter(|l| l.ends_with('\n'))
                 .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
                 .collect(),
         ),

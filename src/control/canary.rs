@@ -14,6 +14,8 @@ use prometheus::core::Metric as _;
 use serde_json::{json, Value};
 use tokio::sync::watch;
 
+use crate::data::listener::stopped;
+
 use super::pins::load_registry;
 use super::writer::{Change, Command, CANARY_ACTOR};
 use super::Writer;
@@ -309,10 +311,6 @@ pub async fn run(writer: Arc<Writer>, mut stop: watch::Receiver<bool>) {
         let config = writer.config().await;
         tick(&writer, &config, &mut runs).await;
     }
-}
-
-async fn stopped(stop: &mut watch::Receiver<bool>) {
-    let _ = stop.wait_for(|s| *s).await;
 }
 
 async fn tick(writer: &Writer, config: &Config, runs: &mut HashMap<String, Run>) {

@@ -16,6 +16,8 @@ use hyper_util::rt::TokioExecutor;
 use serde_json::{json, Value};
 use tokio::sync::watch;
 
+use crate::data::listener::stopped;
+
 use super::pins::load_registry;
 use super::Writer;
 use crate::config::{IdentityProbe, IdentitySource};
@@ -229,10 +231,6 @@ pub async fn run(writer: Arc<Writer>, prober: Arc<Prober>, mut stop: watch::Rece
         }
         probe_once(&writer, &prober).await;
     }
-}
-
-async fn stopped(stop: &mut watch::Receiver<bool>) {
-    let _ = stop.wait_for(|s| *s).await;
 }
 
 #[cfg(test)]

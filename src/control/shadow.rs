@@ -271,11 +271,13 @@ impl SampleLog {
         if size >= self.max_bytes {
             let _ = std::fs::rename(&self.path, self.path.with_extension("jsonl.1"));
         }
+        // One write per line, so a reader never sees half a sample.
+        let line = format!("{sample}\n");
         let written = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&self.path)
-            .and_then(|mut f| writeln!(f, "{sample}"));
+            .and_then(|mut f| f.write_all(line.as_bytes()));
         if let Err(e) = written {
             tracing::warn!(path = %self.path.display(), error = %e, "cannot write a disagreement sample");
         }

@@ -506,71 +506,56 @@ impl Writer {
         reason: &str,
     ) -> Result<(), CommandError> {
         let mut inner = self.inner.lock().await;
-        let inner = &mut *inner;
-        let _lock = StateLock::acquire(&inner.config.state_dir)
-            .map_err(|e| CommandError::Persist(format!("cannot lock the state directory: {e}")))?;
-        inner
-            .audit
-            .refresh()
-            .map_err(|e| CommandError::Persist(e.to_string()))?;
-        let prepared = inner.audit.prepare(Entry {
+        let generation = inner.state.generation;
+        inner.append_event(Entry {
             actor,
             action,
             route,
             before: Value::Null,
             after: detail,
-            generation: inner.state.generation,
+            generation,
             reason: Some(reason),
             window: None,
-        });
-        inner
-            .store
-            .save(&StateBody {
-                format: STATE_FORMAT,
-                state: inner.state.clone(),
-                audit_head: Some(prepared.head()),
-            })
-            .map_err(|e| CommandError::Persist(e.to_string()))?;
-        inner
-            .audit
-            .append(&prepared)
-            .map_err(|e| CommandError::Persist(e.to_string()))
+        })
     }
 
     /// Closes the last serving window with a `stop` record (graceful shutdown).
     pub async fn close(&self) -> Result<(), CommandError> {
         let mut inner = self.inner.lock().await;
-        let inner = &mut *inner;
-        let _lock = StateLock::acquire(&inner.config.state_dir)
-            .map_err(|e| CommandError::Persist(format!("cannot lock the state directory: {e}")))?;
-        inner
-            .audit
-            .refresh()
-            .map_err(|e| CommandError::Persist(e.to_string()))?;
-        let prepared = inner.audit.prepare(Entry {
+        let generation = inner.state.generation;
+        let window = inner.window.close();
+        inner.append_event(Entry {
             actor: "weir",
             action: "stop",
             route: None,
             before: Value::Null,
             after: Value::Null,
-            generation: inner.state.generation,
+            generation,
             reason: None,
-            window: Some(inner.window.close()),
-        });
-        inner
-            .store
-            .save(&StateBody {
-                format: STATE_FORMAT,
-                state: inner.state.clone(),
-                audit_head: Some(prepared.head()),
-            })
-            .map_err(|e| CommandError::Persist(e.to_string()))?;
-        inner
-            .audit
-            .append(&prepared)
-            .map_err(|e| CommandError::Persist(e.to_string()))?;
+            window: Some(window),
+        })?;
         inner.window = Window::open(&self.table.load(), Some(&inner.window));
         Ok(())
+    }
+}
+
+impl Inner {
+    /// Appends a record that changes no routing: under the state lock, after any record another
+    /// process appended, with the state file's head moved along.
+    fn append_event(&mut self, entry: Entry<'_>) -> Result<(), CommandError> {
+        let persist = |e: &dyn std::fmt::Display| CommandError::Persist(e.to_string());
+        let _lock = StateLock::acquire(&self.config.state_dir)
+            .map_err(|e| CommandError::Persist(format!("cannot lock the state directory: {e}")))?;
+        self.audit.refresh().map_err(|e| persist(&e))?;
+        let prepared = self.audit.prepare(entry);
+        self.store
+            .save(&StateBody {
+                format: STATE_FORMAT,
+                state: self.state.clone(),
+                audit_head: Some(prepared.head()),
+            })
+            .map_err(|e| persist(&e))?;
+        self.audit.append(&prepared).map_err(|e| persist(&e))
     }
 }
 

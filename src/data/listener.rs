@@ -172,6 +172,6 @@ where
 }
 
 /// Resolves once the flag turns true (or its sender is gone).
-async fn stopped(flag: &mut watch::Receiver<bool>) {
+pub(crate) async fn stopped(flag: &mut watch::Receiver<bool>) {
     let _ = flag.wait_for(|set| *set).await;
 }

@@ -120,14 +120,47 @@ pub struct ShadowRoute {
     pub stats: Arc<ShadowStats>,
 }
 
+// === impl Capped ===
+
+/// Handles to the chunks of one body, up to a cap.
+#[derive(Debug)]
+struct Capped {
+    chunks: Vec<Bytes>,
+    size: u64,
+    cap: u64,
+}
+
+impl Capped {
+    fn new(cap: u64) -> Capped {
+        Capped {
+            chunks: Vec::new(),
+            size: 0,
+            cap,
+        }
+    }
+
+    /// Keeps a handle to `chunk`; false (and nothing kept) once the body outgrows the cap.
+    fn push(&mut self, chunk: &Bytes) -> bool {
+        self.size += chunk.len() as u64;
+        if self.size > self.cap {
+            self.chunks.clear();
+            return false;
+        }
+        self.chunks.push(chunk.clone());
+        true
+    }
+
+    fn take(&mut self) -> Bytes {
+        concat(std::mem::take(&mut self.chunks))
+    }
+}
+
 // === impl RequestTee ===
 
 /// Collects a request body as it streams to the stable backend, for the shadow.
 #[derive(Debug)]
 pub struct RequestTee {
-    chunks: Vec<Bytes>,
-    size: u64,
-    cap: u64,
+    body: Capped,
     /// `Some(body)` at the end, `None` when the body outgrew the cap; dropped if the client left.
     done: Option<oneshot::Sender<Option<Bytes>>>,
 }
@@ -135,32 +168,23 @@ pub struct RequestTee {
 impl RequestTee {
     pub fn new(cap: u64, done: oneshot::Sender<Option<Bytes>>) -> RequestTee {
         RequestTee {
-            chunks: Vec::new(),
-            size: 0,
-            cap,
+            body: Capped::new(cap),
             done: Some(done),
         }
     }
 
     /// Keeps a handle to one chunk; gives up (and says so) past the cap.
     pub fn push(&mut self, chunk: &Bytes) {
-        if self.done.is_none() {
-            return;
-        }
-        self.size += chunk.len() as u64;
-        if self.size > self.cap {
-            self.chunks.clear();
+        if self.done.is_some() && !self.body.push(chunk) {
             if let Some(done) = self.done.take() {
                 let _ = done.send(None);
             }
-            return;
         }
-        self.chunks.push(chunk.clone());
     }
 
     pub fn finish(&mut self) {
         if let Some(done) = self.done.take() {
-            let _ = done.send(Some(concat(std::mem::take(&mut self.chunks))));
+            let _ = done.send(Some(self.body.take()));
         }
     }
 }
@@ -186,9 +210,7 @@ fn concat(chunks: Vec<Bytes>) -> Bytes {
 pub struct ResponseTee {
     status: u16,
     event_stream: bool,
-    chunks: Vec<Bytes>,
-    size: u64,
-    cap: u64,
+    body: Capped,
     done: Option<oneshot::Sender<Option<Answer>>>,
 }
 
@@ -202,35 +224,25 @@ impl ResponseTee {
         ResponseTee {
             status,
             event_stream,
-            chunks: Vec::new(),
-            size: 0,
-            cap,
+            body: Capped::new(cap),
             done: Some(done),
         }
     }
 
     pub fn push(&mut self, chunk: &Bytes) {
-        if self.done.is_none() {
-            return;
-        }
-        self.size += chunk.len() as u64;
-        if self.size > self.cap {
-            self.chunks.clear();
+        if self.done.is_some() && !self.body.push(chunk) {
             if let Some(done) = self.done.take() {
                 let _ = done.send(None);
             }
-            return;
         }
-        self.chunks.push(chunk.clone());
     }
 
     pub fn finish(&mut self) {
         if let Some(done) = self.done.take() {
-            let body = concat(std::mem::take(&mut self.chunks)).to_vec();
             let _ = done.send(Some(Answer {
                 status: self.status,
                 event_stream: self.event_stream,
-                body,
+                body: self.body.take().to_vec(),
             }));
         }
     }
