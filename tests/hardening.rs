@@ -172,15 +172,23 @@ async fn an_idle_keep_alive_connection_is_closed_after_the_header_read_timeout()
     let backend = Backend::named("v1").await;
     let weir = start("header_read_timeout = \"300ms\"", &backend).await;
     let mut conn = TcpStream::connect(weir.proxy).await.unwrap();
-    conn.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    conn.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
     let mut seen = Vec::new();
     let mut buf = [0u8; 1024];
     while !seen.ends_with(b"v1") {
-        let n = tokio::time::timeout(DEADLINE, conn.read(&mut buf)).await.unwrap().unwrap();
+        let n = tokio::time::timeout(DEADLINE, conn.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
         assert!(n > 0);
         seen.extend_from_slice(&buf[..n]);
     }
     // Now idle: the next request head never comes, so the connection is closed.
     let closed = tokio::time::timeout(DEADLINE, conn.read(&mut buf)).await;
-    assert!(matches!(closed, Ok(Ok(0)) | Ok(Err(_))), "an idle keep-alive connection stayed open: {closed:?}");
+    assert!(
+        matches!(closed, Ok(Ok(0)) | Ok(Err(_))),
+        "an idle keep-alive connection stayed open: {closed:?}"
+    );
 }

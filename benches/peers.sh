@@ -1,0 +1,303 @@
+#!/usr/bin/env bash
+# Side by side with the peers: two built-in model servers behind weir, nginx and HAProxy, each
+# configured for the same 90/10 split with upstream keep-alive. Each proxy is pinned to core 0, the
+# backends and wrk to core 1, so a proxy's CPU time per request is measured on a core of its own.
+# Rounds interleave backend direct (ceiling), weir, nginx and HAProxy; the report is the medians of
+# req/s, p50, p99 and proxy CPU µs per request, the weir/peer ratios, weir's split as counted by its
+# own /metrics, each proxy's RSS per idle keep-alive client connection (1,000 and 10,000), and
+# HTTP/2 (h2c) load against weir alone.
+#
+# usage: benches/peers.sh [DURATION=10s] [CONNECTIONS=64] [ROUNDS=3]
+# env:   POST=0 skips the POST /v1/chat/completions pass; H2=0 skips h2load; MEM=0 skips memory.
+# needs: wrk, curl, python3, nginx, haproxy, h2load (apt-get install -y wrk nginx haproxy
+#        nghttp2-client); everything else is built here. Loopback only.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DURATION=${1:-10s}
+CONNS=${2:-64}
+ROUNDS=${3:-3}
+POST=${POST:-1}
+H2=${H2:-1}
+MEM=${MEM:-1}
+B1=127.0.0.1:18401 B2=127.0.0.1:18402
+WEIR=127.0.0.1:18480 ADMIN=127.0.0.1:18490 NGINX=127.0.0.1:18481 HAPROXY=127.0.0.1:18482
+IDLE_MAX=10000 # largest idle-connection count tried (weir's default listener max_connections)
+
+for tool in wrk curl python3 nginx haproxy; do
+  command -v $tool >/dev/null || { echo "$tool is missing (apt-get install -y wrk nginx haproxy nghttp2-client)" >&2; exit 1; }
+done
+# Raise the fd limit for the 10,000-connection memory test (proxy side: client + upstream fds).
+ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+FDS=$(ulimit -n)
+
+if [ "$(nproc)" -ge 2 ]; then
+  PROXY_CPU=(taskset -c 0) LOAD_CPU=(taskset -c 1) PINNING="proxies on core 0, backends and wrk on core 1"
+else
+  PROXY_CPU=() LOAD_CPU=() PINNING="UNPINNED: nproc=$(nproc) < 2, proxies and load share the core"
+fi
+TICK=$(getconf CLK_TCK)
+
+for a in $B1 $B2 $WEIR $ADMIN $NGINX $HAPROXY; do
+  if ss -Htln "( sport = :${a##*:} )" | grep -q .; then echo "port ${a##*:} is already in use: $(ss -Htlnp "( sport = :${a##*:} )")" >&2; exit 1; fi
+done
+cargo build --release --quiet
+BIN=target/release/weir
+work=$(mktemp -d)
+pids=()
+cleanup() {
+  [ -n "${mem_pid:-}" ] && kill "$mem_pid" 2>/dev/null
+  kill "${pids[@]}" 2>/dev/null || true
+  wait 2>/dev/null || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# --- backends and proxies; every start execs, so $! is the process itself ---------------------
+"${LOAD_CPU[@]}" $BIN --log-level warn demo-backend --listen $B1 --model chat --version v1 & pids+=($!)
+"${LOAD_CPU[@]}" $BIN --log-level warn demo-backend --listen $B2 --model chat --version v2 & pids+=($!)
+
+mkdir -p "$work/state" "$work/nginx/logs"
+"${PROXY_CPU[@]}" $BIN --log-level warn serve --stable chat@v1=http://$B1 --candidate chat@v2=http://$B2 \
+  --weight 10% --listen $WEIR --admin $ADMIN --state-dir "$work/state" & pids+=($!)
+weir_pid=$!
+
+cat >"$work/nginx.conf" <<EOF
+worker_processes 1;
+worker_rlimit_nofile $FDS;
+user root;
+pid $work/nginx/nginx.pid;
+error_log $work/nginx/error.log warn;
+events { worker_connections $((FDS - 64)); multi_accept on; }
+http {
+  access_log off;
+  client_body_temp_path $work/nginx/body;
+  proxy_temp_path $work/nginx/proxy;
+  fastcgi_temp_path $work/nginx/fastcgi;
+  uwsgi_temp_path $work/nginx/uwsgi;
+  scgi_temp_path $work/nginx/scgi;
+  keepalive_requests 100000000;
+  keepalive_timeout 120s;
+  split_clients "\${request_id}" \$backend { 10% v2; * v1; }
+  upstream v1 { server $B1; keepalive 64; keepalive_requests 100000000; }
+  upstream v2 { server $B2; keepalive 64; keepalive_requests 100000000; }
+  server {
+    listen $NGINX;
+    location / {
+      proxy_pass http://\$backend;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+    }
+  }
+}
+EOF
+"${PROXY_CPU[@]}" nginx -p "$work/nginx/" -c "$work/nginx.conf" -g 'daemon off;' & pids+=($!)
+nginx_pid=$!
+
+cat >"$work/haproxy.cfg" <<EOF
+global
+  nbthread 1
+  maxconn $((IDLE_MAX + 100))
+  no strict-limits # warns when 2 x maxconn > the fd limit; idle clients need one fd each
+defaults
+  mode http
+  timeout connect 5s
+  timeout client 120s
+  timeout server 120s
+  timeout http-keep-alive 120s
+  timeout http-request 120s
+frontend fe
+  bind $HAPROXY
+  default_backend be
+backend be
+  http-reuse always
+  server v1 $B1 weight 90
+  server v2 $B2 weight 10
+EOF
+"${PROXY_CPU[@]}" haproxy -db -f "$work/haproxy.cfg" 2>"$work/haproxy.log" & pids+=($!)
+haproxy_pid=$!
+
+ready=0
+for _ in $(seq 150); do
+  if curl -fs http://$B1/ping >/dev/null 2>&1 && curl -fs http://$B2/ping >/dev/null 2>&1 &&
+    curl -fs http://$ADMIN/readyz >/dev/null 2>&1 && curl -fs http://$WEIR/ping >/dev/null 2>&1 &&
+    curl -fs http://$NGINX/ping >/dev/null 2>&1 && curl -fs http://$HAPROXY/ping >/dev/null 2>&1; then
+    ready=1 && break
+  fi
+  sleep 0.1
+done
+[ $ready = 1 ] || { echo "not ready after 15 s; nginx log: $(cat "$work/nginx/error.log" 2>/dev/null)" >&2; exit 1; }
+
+# --- measurement helpers ----------------------------------------------------------------------
+proxy_pids() { # NAME -> the PIDs whose CPU counts for it
+  case $1 in
+    weir) echo "$weir_pid" ;;
+    nginx) echo "$nginx_pid $(pgrep -P "$nginx_pid" | tr '\n' ' ')" ;;
+    haproxy) echo "$haproxy_pid $(pgrep -P "$haproxy_pid" | tr '\n' ' ')" ;;
+    direct) echo "" ;;
+  esac
+}
+cpu_ticks() { # PIDS... -> utime+stime summed, in clock ticks (comm has no spaces for these)
+  local t=0 p
+  for p in "$@"; do t=$((t + $(awk '{ print $14 + $15 }' "/proc/$p/stat"))); done
+  echo $t
+}
+rss_kib() { # PIDS... -> VmRSS summed, KiB
+  local t=0 p
+  for p in "$@"; do t=$((t + $(awk '/^VmRSS:/ { print $2 }' "/proc/$p/status"))); done
+  echo $t
+}
+cat >"$work/post.lua" <<'EOF'
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+wrk.body = '{"model":"chat","messages":[{"role":"user","content":"hi"}],"max_tokens":16}'
+EOF
+
+# Prints "req/s p50_ms p99_ms cpu_us_per_req requests errors" for one wrk run against NAME.
+run_wrk() { # NAME URL [wrk args...]
+  local name=$1 url=$2 pl t0 t1 out
+  pl=$(proxy_pids "$name")
+  t0=$(cpu_ticks $pl)
+  out=$("${LOAD_CPU[@]}" wrk -t1 -c"$CONNS" -d"$DURATION" --latency "${@:3}" "$url")
+  t1=$(cpu_ticks $pl)
+  awk -v dt=$((t1 - t0)) -v tick="$TICK" -v proxied="$pl" '
+    function ms(v) { if (v ~ /us$/) return v / 1000; if (v ~ /ms$/) return v + 0; if (v ~ /s$/) return v * 1000; return v }
+    /requests in/ { n = $1 }
+    /Requests\/sec/ { rps = $2 }
+    $1 == "50%" { p50 = $2 } $1 == "99%" { p99 = $2 }
+    /Non-2xx/ { err += $NF } /Socket errors/ { gsub(/,/, ""); err += $4 + $6 + $8 + $10 }
+    END {
+      cpu = (proxied == "" || n == 0) ? "-" : sprintf("%.2f", dt / tick * 1e6 / n)
+      printf "%.0f %.3f %.3f %s %d %d\n", rps, ms(p50), ms(p99), cpu, n, err
+    }' <<<"$out"
+}
+median() { sort -g | awk '{ v[NR] = $1 } END { print (NR ? v[int((NR + 1) / 2)] : "-") }'; }
+
+TARGETS=(direct weir nginx haproxy)
+declare -A URL=([direct]=http://$B1 [weir]=http://$WEIR [nginx]=http://$NGINX [haproxy]=http://$HAPROXY)
+declare -A LABEL=([direct]="backend direct" [weir]=weir [nginx]="nginx $(nginx -v 2>&1 | sed 's|.*/||')"
+  [haproxy]="haproxy $(haproxy -v | awk 'NR == 1 { sub(/-.*/, "", $3); print $3 }')")
+
+bench() { # TITLE PATH [wrk args...]: ROUNDS interleaved rounds over TARGETS, then the table
+  local title=$1 path=$2 r t
+  declare -A res=()
+  for r in $(seq "$ROUNDS"); do
+    local line="round $r:"
+    for t in "${TARGETS[@]}"; do
+      res[$t]+="$(run_wrk "$t" "${URL[$t]}$path" "${@:3}")"$'\n'
+      line+=" $t $(tail -n1 <<<"${res[$t]%$'\n'}" | awk '{ print $1 "rps/" $3 "ms/" $4 "us" }')"
+    done
+    echo "$line" >&2
+  done
+  declare -A med=()
+  for t in "${TARGETS[@]}"; do
+    for c in 1 2 3 4 6; do med[$t,$c]=$(awk -v c=$c 'NF { print $c }' <<<"${res[$t]}" | median); done
+  done
+  echo
+  echo "== $title: median of $ROUNDS interleaved rounds, wrk -t1 -c$CONNS -d$DURATION"
+  printf '%-22s %10s %9s %9s %14s %8s\n' "" "req/s" "p50 ms" "p99 ms" "proxy CPU us/req" "errors"
+  for t in "${TARGETS[@]}"; do
+    printf '%-22s %10s %9s %9s %14s %8s\n' "${LABEL[$t]}" "${med[$t,1]}" "${med[$t,2]}" "${med[$t,3]}" "${med[$t,4]}" "${med[$t,6]}"
+  done
+  for p in nginx haproxy; do
+    awk -v p=$p -v r1="${med[weir,1]}" -v r2="${med[$p,1]}" -v c1="${med[weir,4]}" -v c2="${med[$p,4]}" \
+      -v q1="${med[weir,3]}" -v q2="${med[$p,3]}" 'BEGIN {
+      printf "weir / %-8s throughput %.2fx   CPU per request %.2fx   p99 %.2fx\n", p, r1 / r2, c1 / c2, q1 / q2 }'
+  done
+  awk -v r1="${med[weir,1]}" -v r2="${med[direct,1]}" 'BEGIN { printf "weir / direct   throughput %.2fx\n", r1 / r2 }'
+}
+
+echo "peers benchmark: $PINNING; fd limit $FDS; CPU from /proc/PID/stat (nginx: master+worker)"
+bench "GET /ping" /ping
+if [ "$POST" = 1 ]; then
+  bench "POST /v1/chat/completions (non-streaming, ~300 B answer)" /v1/chat/completions -s "$work/post.lua"
+fi
+
+echo
+echo "== weir's own count (weir_requests_total, 2xx) over all runs above"
+curl -fs http://$ADMIN/metrics | awk '/^weir_requests_total/ && /status_class="2xx"/ {
+  match($0, /version="[^"]*"/); v = substr($0, RSTART + 9, RLENGTH - 10); n[v] = $NF; tot += $NF }
+  END { for (v in n) printf "%-10s %12d  %5.1f%%\n", v, n[v], 100 * n[v] / tot }' | sort
+
+# --- memory per idle keep-alive connection ------------------------------------------------------
+cat >"$work/idle.py" <<'EOF'
+# Opens N keep-alive connections to HOST:PORT, sends one GET /ping on each and reads the answer,
+# then writes "opened answered" to READY and sleeps with all of them open until killed.
+import socket, sys, time
+host, port, n, ready = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+req = b"GET /ping HTTP/1.1\r\nHost: %s\r\n\r\n" % host.encode()
+conns, pending, answered = [], [], 0
+def drain():
+    global answered
+    for c in pending:
+        try:
+            buf = b""
+            while not (b"\r\n\r\n" in buf and buf.endswith(b"ok")):
+                d = c.recv(4096)
+                if not d:
+                    break
+                buf += d
+            answered += buf.startswith(b"HTTP/1.1 200")
+        except OSError:
+            pass
+    pending.clear()
+for i in range(n):
+    try:
+        s = socket.create_connection((host, port), timeout=5)
+        s.sendall(req)
+    except OSError as e:
+        print(f"connection {i}: {e}", file=sys.stderr)
+        break
+    conns.append(s)
+    pending.append(s)
+    if len(pending) == 200:  # read answers in batches: fewer round trips
+        drain()
+drain()
+with open(ready, "w") as f:
+    f.write(f"{len(conns)} {answered}\n")
+time.sleep(600)
+EOF
+established() { ss -Htn state established "( sport = :${1##*:} )" | wc -l; }
+mem_test() { # NAME ADDR N -> one line
+  local name=$1 addr=$2 n=$3 pl before after ok est
+  pl=$(proxy_pids "$name")
+  rm -f "$work/ready"
+  sleep 1
+  before=$(rss_kib $pl)
+  "${LOAD_CPU[@]}" python3 "$work/idle.py" "${addr%:*}" "${addr##*:}" "$n" "$work/ready" & mem_pid=$!
+  for _ in $(seq 600); do [ -s "$work/ready" ] && break; sleep 0.05; done
+  sleep 0.5
+  after=$(rss_kib $pl)
+  est=$(established "$addr")
+  ok=$(cat "$work/ready" 2>/dev/null || echo "0 0")
+  kill $mem_pid 2>/dev/null; wait $mem_pid 2>/dev/null || true; mem_pid=
+  awk -v name="$name" -v n="$n" -v b="$before" -v a="$after" -v ok="$ok" -v est="$est" 'BEGIN {
+    split(ok, o, " "); per = (o[2] > 0) ? sprintf("%.0f", (a - b) * 1024 / o[2]) : "-"
+    printf "%-8s %6d %12.1f %12.1f %12s %9s/%s answered, %s established at the proxy\n", name, n, b / 1024, a / 1024, per, o[2], o[1], est }'
+}
+if [ "$MEM" = 1 ]; then
+  echo
+  echo "== RSS with idle keep-alive client connections (one GET /ping answered on each, then idle)"
+  echo "   (nginx: master+worker RSS; fd limit $FDS; weir's default listener max_connections is 10,000)"
+  printf '%-8s %6s %12s %12s %12s   %s\n' "" "conns" "before MiB" "after MiB" "bytes/conn" "check"
+  for n in 1000 $IDLE_MAX; do
+    if [ $((n + 64)) -gt "$FDS" ]; then echo "skip $n: fd limit $FDS"; continue; fi
+    for t in weir nginx haproxy; do mem_test $t "${URL[$t]#http://}" $n; done
+  done
+fi
+
+# --- HTTP/2 cleartext (prior knowledge) against weir only -----------------------------------------
+if [ "$H2" = 1 ]; then
+  echo
+  if command -v h2load >/dev/null; then
+    echo "== h2load -n 100000 -c 32 -m 10 h2c http://$WEIR/ping (weir only; peers would need h2c config)"
+    t0=$(cpu_ticks $weir_pid)
+    out=$(timeout 120 "${LOAD_CPU[@]}" h2load -n 100000 -c 32 -m 10 "http://$WEIR/ping" 2>&1 || true)
+    t1=$(cpu_ticks $weir_pid)
+    grep -E '^finished in|^requests:|^status codes:|^Application protocol|^time for request' <<<"$out" || echo "$out" | tail -5
+    awk -v dt=$((t1 - t0)) -v tick="$TICK" '/^requests:/ { n = $8 }
+      END { if (n) printf "weir CPU per request over h2c: %.2f us\n", dt / tick * 1e6 / n }' <<<"$out"
+  else
+    echo "h2load missing (apt-get install -y nghttp2-client): HTTP/2 pass skipped"
+  fi
+fi
