@@ -152,6 +152,9 @@ pin_project! {
         #[pin]
         idle: Sleep,
         idle_timeout: Duration,
+        // Whether `idle` counts from the latest progress. Frames that arrive ready never touch
+        // the timer (whose driver is shared); it is armed only when the body has to wait.
+        idle_armed: bool,
         in_flight: Option<InFlight>,
         version: Arc<str>,
         first_byte: bool,
@@ -192,6 +195,7 @@ impl<B> MeteredBody<B> {
             inner,
             idle: tokio::time::sleep(idle_timeout),
             idle_timeout,
+            idle_armed: false,
             in_flight: Some(in_flight),
             version,
             first_byte: false,
@@ -226,8 +230,7 @@ where
                         .ttfb
                         .observe(in_flight.started.elapsed().as_secs_f64());
                 }
-                let deadline = tokio::time::Instant::now() + *this.idle_timeout;
-                this.idle.as_mut().reset(deadline);
+                *this.idle_armed = false;
                 if let (Some(tee), Some(data)) = (this.tee.as_mut(), frame.data_ref()) {
                     tee.push(data);
                     // The server stops polling once the body says it has ended, before `None`.
@@ -260,6 +263,11 @@ where
                 Poll::Ready(None)
             }
             Poll::Pending => {
+                if !*this.idle_armed {
+                    let deadline = tokio::time::Instant::now() + *this.idle_timeout;
+                    this.idle.as_mut().reset(deadline);
+                    *this.idle_armed = true;
+                }
                 ready!(this.idle.as_mut().poll(cx));
                 in_flight.stats.count_error(ErrorKind::IdleTimeout);
                 this.in_flight.take();
