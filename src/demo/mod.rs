@@ -362,7 +362,15 @@ async fn act(
         snapshot.get(stable).unwrap_or(&empty),
         snapshot.get(candidate).unwrap_or(&empty),
     );
-    println!("{}", verdict_line(stable, candidate, &comparison));
+    // The canary is the judge; this is what its clients saw, for comparison.
+    println!(
+        "  clients saw: {candidate} errors {:.2}% vs {stable} {:.2}%, {} {} vs {}",
+        comparison.candidate_error_rate * 100.0,
+        comparison.stable_error_rate * 100.0,
+        comparison.latency_measure,
+        view::fmt_latency(comparison.candidate_p99),
+        view::fmt_latency(comparison.stable_p99),
+    );
     let outcome = outcome.unwrap_or_else(|| {
         format!(
             "no decision about {candidate} within {}",
