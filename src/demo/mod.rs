@@ -26,7 +26,7 @@ pub use stats::{
     VersionStats, NO_HEADER, NO_RESPONSE,
 };
 pub use traffic::{Traffic, TrafficReport};
-pub use view::{verdict_line, LiveView};
+pub use view::LiveView;
 
 /// Gap between streamed tokens of the demo's model servers.
 const TOKEN_DELAY: Duration = Duration::from_millis(3);

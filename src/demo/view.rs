@@ -9,10 +9,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::stats::{
-    Comparison, ErrorKind, Snapshot, Verdict, VersionStats, MIN_CANDIDATE_REQUESTS, NO_HEADER,
-    NO_RESPONSE,
-};
+use super::stats::{ErrorKind, Snapshot, VersionStats, NO_HEADER, NO_RESPONSE};
 
 /// A line-per-tick view writes at most this often.
 const PLAIN_INTERVAL: Duration = Duration::from_secs(2);
@@ -309,55 +306,6 @@ impl LiveView {
     }
 }
 
-/// The one-line verdict on `candidate` against `stable`.
-pub fn verdict_line(stable: &str, candidate: &str, comparison: &Comparison) -> String {
-    let figures = format!(
-        "error rate {} vs {}, {} {} vs {}{}",
-        fmt_rate(comparison.candidate_error_rate),
-        fmt_rate(comparison.stable_error_rate),
-        comparison.latency_measure,
-        fmt_latency(comparison.candidate_p99),
-        fmt_latency(comparison.stable_p99),
-        match (comparison.candidate_p99, comparison.stable_p99) {
-            (Some(c), Some(s)) if !s.is_zero() =>
-                format!(" ({:.1}×)", c.as_secs_f64() / s.as_secs_f64()),
-            _ => String::new(),
-        }
-    );
-    match comparison.verdict {
-        Verdict::TooLittleData {
-            stable_requests,
-            candidate_requests,
-        } => {
-            if candidate_requests < MIN_CANDIDATE_REQUESTS {
-                format!(
-                    "Verdict: too little traffic reached {candidate} to judge it ({candidate_requests} \
-                     requests, {MIN_CANDIDATE_REQUESTS} needed); run longer or raise --weight."
-                )
-            } else {
-                format!(
-                    "Verdict: too little traffic reached {stable} to compare {candidate} against it \
-                     ({stable_requests} requests, {MIN_CANDIDATE_REQUESTS} needed); run longer or \
-                     lower --weight."
-                )
-            }
-        }
-        Verdict::Healthy => format!(
-            "Verdict: {candidate} is as good as {stable}: {figures}. A canary would promote it."
-        ),
-        Verdict::Worse { errors, latency } => {
-            let on = match (errors, latency) {
-                (true, true) => "error rate and latency",
-                (true, false) => "error rate",
-                _ => "latency",
-            };
-            format!(
-                "Verdict: {candidate} is worse than {stable} on {on}: {figures}. A canary would roll it back."
-            )
-        }
-    }
-}
-
 /// Aligns `rows` under `headers`: the first `left` columns to the left, the rest to the right.
 fn table(headers: &[&str], rows: &[Vec<String>], left: usize) -> Vec<String> {
     let mut widths: Vec<usize> = headers.iter().map(|h| h.chars().count()).collect();
@@ -464,36 +412,6 @@ mod tests {
         assert!(view
             .line(&snap)
             .contains("chat@v1 (stable): 9 req 0 errors"));
-    }
-
-    #[test]
-    fn verdicts_name_the_measure_and_the_figures() {
-        let mut stable = VersionStats::default();
-        let mut candidate = VersionStats::default();
-        for i in 0..100 {
-            stable.record(&ok("chat@v1", 10));
-            let mut outcome = ok("chat@v2", 40);
-            if i % 10 == 0 {
-                outcome.status = Some(StatusCode::INTERNAL_SERVER_ERROR);
-                outcome.error = Some(ErrorKind::ServerError);
-            }
-            candidate.record(&outcome);
-        }
-        let line = verdict_line("chat@v1", "chat@v2", &Comparison::new(&stable, &candidate));
-        assert_eq!(
-            line,
-            "Verdict: chat@v2 is worse than chat@v1 on error rate and latency: error rate 10.00% \
-             vs 0.00%, p99 40.0ms vs 10.0ms (4.0×). A canary would roll it back."
-        );
-        let line = verdict_line(
-            "chat@v1",
-            "chat@v2",
-            &Comparison::new(&VersionStats::default(), &candidate),
-        );
-        assert!(
-            line.contains("reached chat@v1") && line.contains("lower --weight"),
-            "{line}"
-        );
     }
 
     #[test]
