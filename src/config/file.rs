@@ -203,6 +203,18 @@ impl Checker {
         result.map_err(|m| self.problem(path, m)).ok()
     }
 
+    /// A share from 0 to 1 (thresholds, significance levels), or `default` when absent.
+    fn unit(&mut self, path: &str, value: Option<f64>, default: f64) -> f64 {
+        match value {
+            Some(v) if (0.0..=1.0).contains(&v) => v,
+            Some(v) => {
+                self.problem(path, format!("expected a number from 0 to 1, got {v}"));
+                default
+            }
+            None => default,
+        }
+    }
+
     fn duration(&mut self, path: &str, raw: &Option<String>, default: Duration) -> Duration {
         match raw {
             None => default,
@@ -515,16 +527,8 @@ fn check_compare(c: &mut Checker, path: &str, r: &RawRoute) -> CompareConfig {
             "the json comparator needs at least one pointer to compare",
         );
     }
-    let mut unit = |name: &str, value: Option<f64>, default: f64| match value {
-        Some(v) if (0.0..=1.0).contains(&v) => v,
-        Some(v) => {
-            c.problem(
-                format!("{path}.{name}"),
-                format!("expected a number from 0 to 1, got {v}"),
-            );
-            default
-        }
-        None => default,
+    let mut unit = |name: &str, value: Option<f64>, default: f64| {
+        c.unit(&format!("{path}.{name}"), value, default)
     };
     CompareConfig {
         comparators,
@@ -567,16 +571,8 @@ fn check_canary(c: &mut Checker, path: &str, raw: &RawCanary) -> Option<CanaryPo
         p.progress_deadline,
     );
     p.min_requests = raw.min_requests.unwrap_or(p.min_requests);
-    let mut unit = |name: &str, value: Option<f64>, default: f64| match value {
-        Some(v) if (0.0..=1.0).contains(&v) => v,
-        Some(v) => {
-            c.problem(
-                format!("{path}.{name}"),
-                format!("expected a number from 0 to 1, got {v}"),
-            );
-            default
-        }
-        None => default,
+    let mut unit = |name: &str, value: Option<f64>, default: f64| {
+        c.unit(&format!("{path}.{name}"), value, default)
     };
     p.significance = unit("significance", raw.significance, p.significance);
     p.error_rate_tolerance = unit(

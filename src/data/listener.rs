@@ -123,28 +123,19 @@ where
             let _permit = permit;
             let serving = async {
                 match tls {
-                    None => {
-                        let conn = builder.serve_connection(TokioIo::new(stream), service);
-                        if let Err(e) = watcher.watch(conn.into_owned()).await {
-                            tracing::debug!(listener = name, %peer, error = %e, "connection ended with an error");
-                        }
-                    }
+                    None => serve_io(&builder, stream, service, watcher, name, peer).await,
                     Some(config) => {
                         let accept = tokio_rustls::TlsAcceptor::from(config).accept(stream);
-                        let stream = match tokio::time::timeout(handshake_timeout, accept).await {
-                            Ok(Ok(stream)) => stream,
+                        match tokio::time::timeout(handshake_timeout, accept).await {
+                            Ok(Ok(stream)) => {
+                                serve_io(&builder, stream, service, watcher, name, peer).await
+                            }
                             Ok(Err(e)) => {
-                                tracing::debug!(listener = name, %peer, error = %e, "TLS handshake failed");
-                                return;
+                                tracing::debug!(listener = name, %peer, error = %e, "TLS handshake failed")
                             }
                             Err(_) => {
-                                tracing::debug!(listener = name, %peer, "TLS handshake timed out");
-                                return;
+                                tracing::debug!(listener = name, %peer, "TLS handshake timed out")
                             }
-                        };
-                        let conn = builder.serve_connection(TokioIo::new(stream), service);
-                        if let Err(e) = watcher.watch(conn.into_owned()).await {
-                            tracing::debug!(listener = name, %peer, error = %e, "connection ended with an error");
                         }
                     }
                 }
@@ -168,6 +159,29 @@ where
             tracing::warn!(listener = name, timeout = ?settings.drain_timeout, "drain timed out; closing the remaining connections");
             Drained::TimedOut
         }
+    }
+}
+
+/// Serves HTTP on one accepted (and, with TLS, handshaken) connection until it ends or drains.
+async fn serve_io<I, S, B>(
+    builder: &auto::Builder<TokioExecutor>,
+    io: I,
+    service: S,
+    watcher: hyper_util::server::graceful::Watcher,
+    name: &'static str,
+    peer: SocketAddr,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    S: Service<Request<Incoming>, Response = Response<B>> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    let conn = builder.serve_connection(TokioIo::new(io), service);
+    if let Err(e) = watcher.watch(conn.into_owned()).await {
+        tracing::debug!(listener = name, %peer, error = %e, "connection ended with an error");
     }
 }
 

@@ -126,7 +126,7 @@ impl Proxy {
         let started = Instant::now();
         // Resolve everything the request needs from one table snapshot, then let it go: the
         // request keeps its version and handles even if the table is swapped meanwhile.
-        let (target_stats, version, route_name, shadow_plan) = {
+        let (target_stats, version, shadow_plan) = {
             let table = self.table.load();
             let host = request_host(&req);
             let Some(route) = table.find(host, req.uri().path()) else {
@@ -152,7 +152,6 @@ impl Proxy {
             (
                 Arc::clone(&target.stats),
                 Arc::clone(&target.version),
-                Arc::clone(&route.name),
                 shadow_plan,
             )
         };
@@ -248,7 +247,7 @@ impl Proxy {
                         );
                     }
                 } else {
-                    tracing::debug!(version = %version.label, backend = %b.authority, error = %error_chain(&e), route = %route_name, "upstream request failed");
+                    tracing::debug!(version = %version.label, backend = %b.authority, error = %error_chain(&e), "upstream request failed");
                 }
                 return Ok(self.refuse(refusal, &version.label, version_value, &in_flight));
             }
