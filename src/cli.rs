@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 
-use crate::config::{Config, QuickMode};
+use crate::config::{Config, FleetConfig, QuickMode};
 use crate::{Drained, Server};
 
 #[derive(Parser, Debug)]
@@ -191,6 +191,16 @@ pub struct ServeArgs {
     /// Directory for persisted routing state and the audit log [default: ./weir-state].
     #[arg(long, value_name = "DIR")]
     pub state_dir: Option<PathBuf>,
+
+    /// Fleet mode: share routing state, the audit chain and one canary controller with other
+    /// replicas through etcd at these client URLs (comma-separated); overrides the config file.
+    #[arg(long, value_name = "URLS", value_delimiter = ',')]
+    pub etcd: Option<Vec<String>>,
+
+    /// Key prefix in etcd for this fleet [default: /weir/default]; replicas with the same prefix
+    /// share one routing table.
+    #[arg(long, value_name = "PREFIX", requires = "etcd")]
+    pub etcd_prefix: Option<String>,
 
     /// Share of stable-routed requests also sent to the candidate as shadows (PCT); their
     /// answers are compared with the stable ones, never returned to clients.
@@ -403,6 +413,24 @@ fn serve_config(args: ServeArgs) -> anyhow::Result<Config> {
     }
     if let Some(dir) = args.state_dir {
         config.state_dir = dir;
+    }
+    if let Some(endpoints) = args.etcd {
+        for url in &endpoints {
+            FleetConfig::validate_endpoint(url).map_err(|e| anyhow::anyhow!("--etcd: {e}"))?;
+        }
+        let mut fleet = config.fleet.take().unwrap_or_else(|| FleetConfig {
+            endpoints: Vec::new(),
+            prefix: FleetConfig::default_prefix(FleetConfig::DEFAULT_CLUSTER),
+            replica: FleetConfig::default_replica(),
+            lease_ttl: FleetConfig::DEFAULT_LEASE_TTL,
+        });
+        fleet.endpoints = endpoints;
+        if let Some(prefix) = args.etcd_prefix {
+            FleetConfig::validate_prefix(&prefix)
+                .map_err(|e| anyhow::anyhow!("--etcd-prefix: {e}"))?;
+            fleet.prefix = prefix;
+        }
+        config.fleet = Some(fleet);
     }
     if let Ok(token) = std::env::var("WEIR_ADMIN_TOKEN") {
         config.admin.token = Some(token);

@@ -110,6 +110,9 @@ pub struct Metrics {
     mirror: IntCounterVec,
     comparisons: IntCounterVec,
     canary: IntCounterVec,
+    /// Fleet mode only (registered by [`Metrics::enable_fleet`]).
+    fleet_leader: IntGauge,
+    fleet_etcd_up: IntGauge,
 }
 
 /// Latency buckets from 1 ms to 5 min: inference spans fast embeddings to long generations.
@@ -228,8 +231,20 @@ impl Metrics {
                 .register(collector)
                 .expect("metric names are unique");
         }
+        let fleet_leader = IntGauge::new(
+            "weir_fleet_leader",
+            "Fleet mode: 1 on the replica that runs the canary controller (holds the etcd election)",
+        )
+        .expect("valid metric");
+        let fleet_etcd_up = IntGauge::new(
+            "weir_fleet_etcd_up",
+            "Fleet mode: 1 while etcd answers; 0 means routing changes are refused and the last table serves",
+        )
+        .expect("valid metric");
         Metrics {
             registry,
+            fleet_leader,
+            fleet_etcd_up,
             requests,
             errors,
             duration,
@@ -264,6 +279,19 @@ impl Metrics {
             })
         });
         crate::data::shadow::ShadowStats::new(outcomes, comparisons)
+    }
+
+    /// Registers the fleet gauges (a single weir does not export them).
+    pub fn enable_fleet(&self) {
+        for gauge in [&self.fleet_leader, &self.fleet_etcd_up] {
+            // Registered once per registry; a second call is harmless.
+            let _ = self.registry.register(Box::new(gauge.clone()));
+        }
+    }
+
+    pub fn set_fleet(&self, leader: bool, etcd_up: bool) {
+        self.fleet_leader.set(i64::from(leader));
+        self.fleet_etcd_up.set(i64::from(etcd_up));
     }
 
     pub fn set_pinned(&self, pinned: bool) {

@@ -17,6 +17,7 @@ use tokio::task::JoinHandle;
 use crate::config::Config;
 use crate::control::admin::{self, AdminState};
 use crate::control::auth::AdminToken;
+use crate::control::fleet::{self, Fleet, FleetError};
 use crate::control::identity::{self, probe_once, Prober};
 use crate::control::shadow::Shadower;
 use crate::control::writer::{Change, Command, CommandError};
@@ -41,6 +42,8 @@ pub enum StartError {
     Token(#[from] crate::control::auth::TokenError),
     #[error(transparent)]
     Tls(#[from] crate::tls::TlsError),
+    #[error("fleet mode: {0}")]
+    Fleet(#[from] FleetError),
 }
 
 /// Entry point of the proxy.
@@ -79,7 +82,16 @@ impl Server {
         // Bind before touching state, so a second weir on the same ports fails without writing.
         let (proxy_listener, proxy_addr) = bind("proxy", listen_addr).await?;
         let (admin_listener, admin_addr) = bind("admin", admin_addr).await?;
-        let writer = Arc::new(Writer::open(config.clone(), Metrics::new())?);
+        let writer = Arc::new(match &config.fleet {
+            None => Writer::open(config.clone(), Metrics::new())?,
+            Some(fleet) => {
+                let fleet = Arc::new(Fleet::connect(fleet).await?);
+                let metrics = Metrics::new();
+                metrics.enable_fleet();
+                metrics.set_fleet(false, true);
+                Writer::open_fleet(config.clone(), metrics, fleet).await?
+            }
+        });
         let table: Arc<ArcSwap<crate::data::RoutingTable>> = Arc::clone(writer.table());
         let prober = Arc::new(Prober::default());
         if config.identity.is_some() {
@@ -157,6 +169,21 @@ impl Server {
             config.routes.len()
         );
 
+        let mut fleet_tasks = Vec::new();
+        if writer.fleet().is_some() {
+            fleet_tasks.push(tokio::spawn(fleet::follow(
+                Arc::clone(&writer),
+                stop_rx.clone(),
+            )));
+            fleet_tasks.push(tokio::spawn(fleet::lead(
+                Arc::clone(&writer),
+                stop_rx.clone(),
+            )));
+            fleet_tasks.push(tokio::spawn(fleet::publish_counters(
+                Arc::clone(&writer),
+                stop_rx.clone(),
+            )));
+        }
         if config.identity.is_some() {
             tokio::spawn(identity::run(Arc::clone(&writer), prober, stop_rx.clone()));
         }
@@ -173,6 +200,10 @@ impl Server {
             let _ = stop_watch.wait_for(|s| *s).await;
             admin_state.ready.store(false, Ordering::Relaxed);
             let drained = proxy_task.await.unwrap_or(Drained::TimedOut);
+            // The election seat is given up here, so a successor leads without waiting a TTL.
+            for task in fleet_tasks {
+                let _ = task.await;
+            }
             if let Err(e) = closing.close().await {
                 tracing::error!(error = %e, "cannot record the last serving window in the audit log");
             }

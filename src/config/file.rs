@@ -103,6 +103,12 @@ struct RawIdentity {
 #[serde(deny_unknown_fields)]
 struct RawState {
     dir: Option<PathBuf>,
+    backend: Option<String>,
+    etcd: Option<Vec<String>>,
+    cluster: Option<String>,
+    prefix: Option<String>,
+    replica: Option<String>,
+    lease_ttl: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -189,6 +195,92 @@ enum RawScalar {
 /// Collects problems while values are checked one by one.
 struct Checker {
     problems: Vec<Problem>,
+}
+
+/// `[state] backend = "etcd"` and its settings; the etcd keys are refused under the file backend
+/// so a half-configured fleet is not silently run as a single replica.
+fn fleet(c: &mut Checker, raw: &RawState) -> Option<FleetConfig> {
+    let etcd_keys = [
+        ("state.etcd", raw.etcd.is_some()),
+        ("state.cluster", raw.cluster.is_some()),
+        ("state.prefix", raw.prefix.is_some()),
+        ("state.replica", raw.replica.is_some()),
+        ("state.lease_ttl", raw.lease_ttl.is_some()),
+    ];
+    match raw.backend.as_deref().unwrap_or("file") {
+        "file" => {
+            for (path, set) in etcd_keys {
+                if set {
+                    c.problem(path, "only used with backend = \"etcd\"; set `backend = \"etcd\"` in [state] or remove it");
+                }
+            }
+            None
+        }
+        "etcd" => {
+            let endpoints = raw.etcd.clone().unwrap_or_default();
+            if endpoints.is_empty() {
+                c.problem(
+                    "state.etcd",
+                    "backend = \"etcd\" needs the etcd client URLs, such as etcd = [\"http://127.0.0.1:2379\"]",
+                );
+            }
+            for (i, url) in endpoints.iter().enumerate() {
+                c.check(
+                    &format!("state.etcd[{i}]"),
+                    FleetConfig::validate_endpoint(url),
+                );
+            }
+            let cluster = raw
+                .cluster
+                .clone()
+                .unwrap_or_else(|| FleetConfig::DEFAULT_CLUSTER.to_string());
+            if cluster.is_empty() || cluster.contains('/') {
+                c.problem(
+                    "state.cluster",
+                    format!("expected a name without '/', such as \"prod\", got {cluster:?}"),
+                );
+            }
+            let prefix = raw
+                .prefix
+                .clone()
+                .unwrap_or_else(|| FleetConfig::default_prefix(&cluster));
+            c.check("state.prefix", FleetConfig::validate_prefix(&prefix));
+            let replica = raw
+                .replica
+                .clone()
+                .unwrap_or_else(FleetConfig::default_replica);
+            if replica.is_empty() || replica.contains('/') {
+                c.problem(
+                    "state.replica",
+                    format!("expected a name without '/', such as \"weir-0\", got {replica:?}"),
+                );
+            }
+            let lease_ttl = c.duration(
+                "state.lease_ttl",
+                &raw.lease_ttl,
+                FleetConfig::DEFAULT_LEASE_TTL,
+            );
+            if lease_ttl < Duration::from_secs(1) {
+                c.problem(
+                    "state.lease_ttl",
+                    "must be at least 1s (etcd leases count whole seconds)",
+                );
+            }
+            Some(FleetConfig {
+                endpoints,
+                prefix,
+                replica,
+                lease_ttl,
+            })
+        }
+        other => {
+            c.problem(
+                "state.backend",
+                format!("expected \"file\" or \"etcd\", got {other:?}"),
+            );
+            None
+        }
+    }
 }
 
 impl Checker {
@@ -478,6 +570,8 @@ pub(super) fn parse(text: &str) -> Result<Config, Vec<Problem>> {
         )
     });
 
+    let fleet = fleet(&mut c, &raw.state);
+
     if c.problems.is_empty() {
         Ok(Config {
             listener,
@@ -487,6 +581,7 @@ pub(super) fn parse(text: &str) -> Result<Config, Vec<Problem>> {
                 .state
                 .dir
                 .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR)),
+            fleet,
             versions,
             routes,
             source: None,

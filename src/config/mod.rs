@@ -24,6 +24,8 @@ pub struct Config {
     pub admin: AdminConfig,
     pub proxy: ProxyConfig,
     pub state_dir: PathBuf,
+    /// Shared routing state in etcd (`[state] backend = "etcd"`); `None` keeps it in `state_dir`.
+    pub fleet: Option<FleetConfig>,
     pub versions: Vec<VersionConfig>,
     pub routes: Vec<RouteConfig>,
     /// The file this config was read from; `POST /v1/reload` and SIGHUP re-read it.
@@ -33,6 +35,63 @@ pub struct Config {
     /// How backends are asked which model they serve.
     pub identity: Option<IdentityProbe>,
     pub shadow: ShadowConfig,
+}
+
+/// Fleet mode: replicas share routing state, the audit head and one canary controller through
+/// etcd.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FleetConfig {
+    /// etcd client URLs, such as `http://127.0.0.1:2379`.
+    pub endpoints: Vec<String>,
+    /// Every key weir writes lives under this prefix (`/weir/<cluster>` by default).
+    pub prefix: String,
+    /// This replica's name in audit records, counters and the election.
+    pub replica: String,
+    /// TTL of the replica's lease: a dead controller's successor takes over within it.
+    pub lease_ttl: Duration,
+}
+
+impl FleetConfig {
+    pub const DEFAULT_CLUSTER: &'static str = "default";
+    pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(10);
+
+    pub fn default_prefix(cluster: &str) -> String {
+        format!("/weir/{cluster}")
+    }
+
+    /// `<hostname>-<pid>`: unique per process on a host, readable in the audit log.
+    pub fn default_replica() -> String {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .ok()
+            .map(|h| h.trim().to_string())
+            .filter(|h| !h.is_empty())
+            .or_else(|| std::env::var("HOSTNAME").ok())
+            .unwrap_or_else(|| "weir".to_string());
+        format!("{host}-{}", std::process::id())
+    }
+
+    /// Checks endpoint URLs and the prefix; the message names what was expected.
+    pub fn validate_endpoint(url: &str) -> Result<(), String> {
+        let parsed: Uri = url.parse().map_err(|_| {
+            format!("expected an etcd client URL such as \"http://127.0.0.1:2379\", got {url:?}")
+        })?;
+        match (parsed.scheme_str(), parsed.authority()) {
+            (Some("http" | "https"), Some(_)) => Ok(()),
+            _ => Err(format!(
+                "expected an etcd client URL such as \"http://127.0.0.1:2379\", got {url:?}"
+            )),
+        }
+    }
+
+    pub fn validate_prefix(prefix: &str) -> Result<(), String> {
+        if prefix.starts_with('/') && prefix.len() > 1 && !prefix.ends_with('/') {
+            Ok(())
+        } else {
+            Err(format!(
+                "expected a key prefix such as \"/weir/prod\" (starts with '/', does not end with one), got {prefix:?}"
+            ))
+        }
+    }
 }
 
 /// A backend identity probe: `GET path`, then read the identity from a JSON pointer of the body

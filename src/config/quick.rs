@@ -175,6 +175,7 @@ impl QuickMode {
             state_dir: self
                 .state_dir
                 .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR)),
+            fleet: None,
             versions: std::iter::once(stable).chain(candidate).collect(),
             routes: vec![route],
             source: None,

@@ -71,17 +71,32 @@ pub async fn handle(
         }
         (Method::GET, ["healthz"]) => json_response(StatusCode::OK, json!({"status": "ok"})),
         (Method::GET, ["readyz"]) => {
-            if state.ready.load(Ordering::Relaxed) {
-                json_response(StatusCode::OK, json!({"status": "ready"}))
-            } else {
+            let etcd_down = state.writer.fleet().and_then(|f| f.down_reason());
+            if !state.ready.load(Ordering::Relaxed) {
                 json_response(
                     StatusCode::SERVICE_UNAVAILABLE,
                     json!({"status": "not ready", "detail": "starting or draining"}),
                 )
+            } else if let Some(why) = etcd_down {
+                json_response(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    json!({"status": "not ready", "detail": format!("etcd unreachable: serving the last routing table, refusing changes ({why})")}),
+                )
+            } else {
+                json_response(StatusCode::OK, json!({"status": "ready"}))
             }
         }
         (Method::GET, ["v1", "routes"]) => {
             let mut all = routes_json(&state.writer.table().load());
+            all["fleet"] = match state.writer.fleet() {
+                None => Value::Null,
+                Some(fleet) => json!({
+                    "replica": fleet.replica(),
+                    "prefix": fleet.config().prefix,
+                    "etcd": if fleet.is_up() { "connected" } else { "unreachable" },
+                    "leader": fleet.is_leader(),
+                }),
+            };
             for route in all["routes"].as_array_mut().into_iter().flatten() {
                 let name = route["name"].as_str().unwrap_or_default().to_string();
                 route["canary"] = state.writer.canary_status(&name).unwrap_or(Value::Null);

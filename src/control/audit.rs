@@ -35,6 +35,9 @@ pub struct Record {
     pub reason: Option<String>,
     /// The serving window this change closes: the generation before it, who served how much.
     pub window: Option<Value>,
+    /// The replica that wrote the record (fleet mode only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replica: Option<String>,
     pub prev: String,
 }
 
@@ -63,6 +66,7 @@ pub struct AuditLog {
     file: File,
     next_seq: u64,
     head: String,
+    replica: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -156,6 +160,7 @@ impl AuditLog {
             file,
             next_seq,
             head: head.clone(),
+            replica: None,
         };
         if let Some(expected) = expected {
             if head != expected.hash {
@@ -213,9 +218,42 @@ impl AuditLog {
         Ok(())
     }
 
+    /// The seq the next record gets.
+    pub fn next_seq(&self) -> u64 {
+        self.next_seq
+    }
+
+    /// Appends a record another replica wrote (fleet mode), after checking that it is intact and
+    /// continues this log's chain.
+    pub fn append_foreign(&mut self, line: &str) -> Result<(), AuditError> {
+        let mismatch = |detail: String| AuditError::HeadMismatch {
+            path: self.path.clone(),
+            detail,
+        };
+        let (seq, hash) =
+            check_line(line).map_err(|e| mismatch(format!("a fleet record is bad: {e}")))?;
+        let prev = serde_json::from_str::<Value>(line)
+            .ok()
+            .and_then(|v| v["prev"].as_str().map(str::to_string))
+            .unwrap_or_default();
+        if seq != self.next_seq || prev != self.head {
+            return Err(mismatch(format!(
+                "the fleet's record {seq} (prev {prev}) does not follow this log's record {} ({})",
+                self.next_seq - 1,
+                self.head
+            )));
+        }
+        self.append(&Prepared {
+            seq,
+            hash,
+            line: line.to_string(),
+        })
+    }
+
     /// Builds the next record's line without writing it.
     pub fn prepare(&self, entry: Entry<'_>) -> Prepared {
         let mut record = entry.into_record();
+        record.replica = self.replica.clone();
         record.seq = self.next_seq;
         record.prev = self.head.clone();
         let canonical = serde_json::to_string(&record).expect("records serialize");
@@ -261,6 +299,13 @@ pub struct Entry<'a> {
     pub window: Option<Value>,
 }
 
+impl AuditLog {
+    /// Names the replica in every record this log prepares from now on (fleet mode).
+    pub fn set_replica(&mut self, replica: &str) {
+        self.replica = Some(replica.to_string());
+    }
+}
+
 impl Entry<'_> {
     fn into_record(self) -> Record {
         Record {
@@ -274,6 +319,7 @@ impl Entry<'_> {
             generation: self.generation,
             reason: self.reason.map(str::to_string),
             window: self.window,
+            replica: None,
             prev: String::new(),
         }
     }

@@ -166,12 +166,190 @@ fn ratio_gate(
 
 // === windows ===
 
+/// One version's cumulative counters as one process saw them.
 #[derive(Clone, Debug)]
 struct Counts {
     requests: u64,
     errors: u64,
     latency: Vec<(f64, u64)>,
     ttfb: Vec<(f64, u64)>,
+}
+
+impl Counts {
+    /// What was counted since `start` (a source's earlier reading; none: since it started).
+    fn since(&self, start: Option<&Counts>) -> Counts {
+        let minus = |now: &[(f64, u64)], then: Option<&Vec<(f64, u64)>>| -> Vec<(f64, u64)> {
+            now.iter()
+                .enumerate()
+                .map(|(i, (bound, n))| {
+                    let before = then.and_then(|t| t.get(i)).map_or(0, |(_, c)| *c);
+                    (*bound, n.saturating_sub(before))
+                })
+                .collect()
+        };
+        Counts {
+            requests: self
+                .requests
+                .saturating_sub(start.map_or(0, |s| s.requests)),
+            errors: self.errors.saturating_sub(start.map_or(0, |s| s.errors)),
+            latency: minus(&self.latency, start.map(|s| &s.latency)),
+            ttfb: minus(&self.ttfb, start.map(|s| &s.ttfb)),
+        }
+    }
+
+    fn add(&mut self, other: &Counts) {
+        self.requests += other.requests;
+        self.errors += other.errors;
+        for (mine, theirs) in [
+            (&mut self.latency, &other.latency),
+            (&mut self.ttfb, &other.ttfb),
+        ] {
+            for ((_, n), (_, m)) in mine.iter_mut().zip(theirs) {
+                *n += m;
+            }
+        }
+    }
+
+    /// Counts a replica published (bucket counts only), on this process's bucket bounds.
+    fn from_published(p: &PublishedCounts, bounds: &Counts) -> Option<Counts> {
+        let rebound = |counts: &[u64], like: &[(f64, u64)]| -> Option<Vec<(f64, u64)>> {
+            (counts.len() == like.len()).then(|| {
+                like.iter()
+                    .zip(counts)
+                    .map(|((b, _), n)| (*b, *n))
+                    .collect()
+            })
+        };
+        Some(Counts {
+            requests: p.requests,
+            errors: p.errors,
+            latency: rebound(&p.latency, &bounds.latency)?,
+            ttfb: rebound(&p.ttfb, &bounds.ttfb)?,
+        })
+    }
+}
+
+/// One version's counters per source (this process, and in fleet mode each other replica's
+/// run), so a window's counts are the sum of each source's own change.
+#[derive(Clone, Debug, Default)]
+struct Tally(HashMap<String, Counts>);
+
+impl Tally {
+    /// Everything counted since `start`, over all sources. A source that appeared since counts
+    /// from zero; one that went away (a dead replica's lease ended) no longer counts.
+    fn since(&self, start: &Tally) -> Counts {
+        let mut sources = self.0.iter();
+        let Some((key, first)) = sources.next() else {
+            return Counts {
+                requests: 0,
+                errors: 0,
+                latency: Vec::new(),
+                ttfb: Vec::new(),
+            };
+        };
+        let mut total = first.since(start.0.get(key));
+        for (key, counts) in sources {
+            total.add(&counts.since(start.0.get(key)));
+        }
+        total
+    }
+}
+
+/// What each replica publishes to etcd for the fleet-wide judgement.
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+pub struct Published {
+    /// Changes on every start: counters of two runs of one replica are two sources.
+    pub incarnation: String,
+    /// By `route\u{1f}version\u{1f}role`.
+    pub targets: HashMap<String, PublishedCounts>,
+    /// Rolling shadow agreement and the comparisons it rests on, by route.
+    pub agreement: HashMap<String, (Option<f64>, usize)>,
+}
+
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+pub struct PublishedCounts {
+    pub requests: u64,
+    pub errors: u64,
+    /// Cumulative bucket counts, the last one is +Inf (the sample count).
+    pub latency: Vec<u64>,
+    pub ttfb: Vec<u64>,
+}
+
+fn target_key(route: &str, target: &Target) -> String {
+    format!(
+        "{route}\u{1f}{}\u{1f}{}",
+        target.version.label,
+        target.role.as_str()
+    )
+}
+
+/// This process's counters for every version of `table`, as published to the fleet.
+pub fn published(table: &crate::data::RoutingTable, incarnation: &str) -> Published {
+    let mut out = Published {
+        incarnation: incarnation.to_string(),
+        ..Published::default()
+    };
+    for route in &table.routes {
+        for target in std::iter::once(&route.stable).chain(&route.candidate) {
+            let c = counts(&target.stats);
+            out.targets.insert(
+                target_key(&route.name, target),
+                PublishedCounts {
+                    requests: c.requests,
+                    errors: c.errors,
+                    latency: c.latency.iter().map(|(_, n)| *n).collect(),
+                    ttfb: c.ttfb.iter().map(|(_, n)| *n).collect(),
+                },
+            );
+        }
+        if let Some(shadow) = &route.shadow {
+            out.agreement
+                .insert(route.name.to_string(), shadow.stats.agreement());
+        }
+    }
+    out
+}
+
+/// Where the controller reads counts: this process, plus (fleet mode) what the other replicas
+/// published.
+#[derive(Debug, Default)]
+struct Sources {
+    remote: Vec<(String, Published)>,
+}
+
+impl Sources {
+    fn tally(&self, route: &Route, target: &Target) -> Tally {
+        let local = counts(&target.stats);
+        let key = target_key(&route.name, target);
+        let mut all = HashMap::new();
+        for (replica, published) in &self.remote {
+            if let Some(c) = published
+                .targets
+                .get(&key)
+                .and_then(|p| Counts::from_published(p, &local))
+            {
+                all.insert(format!("{replica}/{}", published.incarnation), c);
+            }
+        }
+        all.insert(String::new(), local);
+        Tally(all)
+    }
+
+    /// Rolling agreement over this process's and the other replicas' recent comparisons.
+    fn agreement(&self, route: &Route) -> (Option<f64>, usize) {
+        let local = route.shadow.as_ref().map(|s| s.stats.agreement());
+        let mut agreed = 0.0;
+        let mut compared = 0usize;
+        let remote = self
+            .remote
+            .iter()
+            .filter_map(|(_, p)| p.agreement.get(&*route.name).copied());
+        for (share, n) in local.into_iter().chain(remote) {
+            agreed += share.unwrap_or(0.0) * n as f64;
+            compared += n;
+        }
+        ((compared > 0).then(|| agreed / compared as f64), compared)
+    }
 }
 
 fn buckets(h: &prometheus::Histogram) -> Vec<(f64, u64)> {
@@ -203,8 +381,8 @@ struct Run {
     /// When the last analysis ran (the next one is due an interval later).
     window_start: Instant,
     step_start: Instant,
-    stable_at_start: Counts,
-    candidate_at_start: Counts,
+    stable_at_start: Tally,
+    candidate_at_start: Tally,
     failures: u32,
     evaluated_first: bool,
     /// After a rollback decision with `rollback_steps`: the weights still to ramp down through.
@@ -224,13 +402,15 @@ fn analyse(
     route: &Route,
     candidate: &Target,
     run: &Run,
+    sources: &Sources,
 ) -> (Outcome, Vec<Gate>) {
-    let stable_now = counts(&route.stable.stats);
-    let candidate_now = counts(&candidate.stats);
-    let n_s = stable_now.requests - run.stable_at_start.requests;
-    let n_c = candidate_now.requests - run.candidate_at_start.requests;
-    let e_s = stable_now.errors - run.stable_at_start.errors;
-    let e_c = candidate_now.errors - run.candidate_at_start.errors;
+    let stable = sources
+        .tally(route, &route.stable)
+        .since(&run.stable_at_start);
+    let cand = sources
+        .tally(route, candidate)
+        .since(&run.candidate_at_start);
+    let (n_s, n_c, e_s, e_c) = (stable.requests, cand.requests, stable.errors, cand.errors);
     // At 100% stable takes no traffic: judge the candidate against the cap alone.
     let stable_needed = if route.weight >= 10_000 {
         0
@@ -247,25 +427,28 @@ fn analyse(
         );
     }
     let mut gates = vec![error_gate(policy, (n_s, e_s), (n_c, e_c))];
-    let p99 = |start: &[(f64, u64)], end: &[(f64, u64)]| quantile(start, end, 0.99);
+    let p99 = |window: &[(f64, u64)]| {
+        let zero: Vec<(f64, u64)> = window.iter().map(|(b, _)| (*b, 0)).collect();
+        quantile(&zero, window, 0.99)
+    };
     gates.push(ratio_gate(
         "latency_p99_ratio",
         policy.max_p99_ratio,
-        p99(&run.stable_at_start.latency, &stable_now.latency),
-        p99(&run.candidate_at_start.latency, &candidate_now.latency),
+        p99(&stable.latency),
+        p99(&cand.latency),
         (n_s, n_c),
     ));
     if let Some(cap) = policy.max_ttfb_p99_ratio {
         gates.push(ratio_gate(
             "ttfb_p99_ratio",
             cap,
-            p99(&run.stable_at_start.ttfb, &stable_now.ttfb),
-            p99(&run.candidate_at_start.ttfb, &candidate_now.ttfb),
+            p99(&stable.ttfb),
+            p99(&cand.ttfb),
             (n_s, n_c),
         ));
     }
-    if let (Some(min), Some(shadow)) = (policy.min_agreement, &route.shadow) {
-        let (agreement, compared) = shadow.stats.agreement();
+    if let (Some(min), Some(_)) = (policy.min_agreement, &route.shadow) {
+        let (agreement, compared) = sources.agreement(route);
         if compared < policy.min_comparisons {
             // A gate that already failed is not held back for want of comparisons.
             if gates.iter().any(|g| !g.passed) {
@@ -300,7 +483,8 @@ fn analyse(
 
 // === impl Controller ===
 
-/// Runs the canary controller until `stop`.
+/// Runs the canary controller until `stop`. In fleet mode it acts only while this replica holds
+/// the election, and judges on the counts every replica publishes.
 pub async fn run(writer: Arc<Writer>, mut stop: watch::Receiver<bool>) {
     let mut runs: HashMap<String, Run> = HashMap::new();
     loop {
@@ -308,12 +492,43 @@ pub async fn run(writer: Arc<Writer>, mut stop: watch::Receiver<bool>) {
             _ = tokio::time::sleep(Duration::from_millis(200)) => {}
             _ = stopped(&mut stop) => return,
         }
+        let mut sources = Sources::default();
+        if let Some(fleet) = writer.fleet() {
+            if !fleet.is_leader() {
+                // Whoever leads keeps the runs; taking over starts fresh windows on the
+                // persisted step (the route's weight), so no step is repeated or skipped.
+                runs.clear();
+                continue;
+            }
+            match fleet.counters().await {
+                Ok(all) => {
+                    for (replica, value) in all {
+                        if replica == fleet.replica() {
+                            continue;
+                        }
+                        match serde_json::from_str::<Published>(&value) {
+                            Ok(p) => sources.remote.push((replica, p)),
+                            Err(e) => {
+                                tracing::warn!(%replica, error = %e, "unreadable counters in etcd; left out")
+                            }
+                        }
+                    }
+                }
+                // Judging on this replica alone would not be fleet-wide: wait for etcd.
+                Err(_) => continue,
+            }
+        }
         let config = writer.config().await;
-        tick(&writer, &config, &mut runs).await;
+        tick(&writer, &config, &mut runs, &sources).await;
     }
 }
 
-async fn tick(writer: &Writer, config: &Config, runs: &mut HashMap<String, Run>) {
+async fn tick(
+    writer: &Writer,
+    config: &Config,
+    runs: &mut HashMap<String, Run>,
+    sources: &Sources,
+) {
     let table = writer.table().load_full();
     for rc in &config.routes {
         let Some(policy) = &rc.canary else { continue };
@@ -343,8 +558,8 @@ async fn tick(writer: &Writer, config: &Config, runs: &mut HashMap<String, Run>)
                     generation: table.generation,
                     window_start: now,
                     step_start: now,
-                    stable_at_start: counts(&route.stable.stats),
-                    candidate_at_start: counts(&candidate.stats),
+                    stable_at_start: sources.tally(route, &route.stable),
+                    candidate_at_start: sources.tally(route, candidate),
                     failures: 0,
                     evaluated_first: false,
                     ramp: None,
@@ -356,8 +571,8 @@ async fn tick(writer: &Writer, config: &Config, runs: &mut HashMap<String, Run>)
             // The table moved (a step, an admin): the window starts again on the new weights.
             run.generation = table.generation;
             run.window_start = Instant::now();
-            run.stable_at_start = counts(&route.stable.stats);
-            run.candidate_at_start = counts(&candidate.stats);
+            run.stable_at_start = sources.tally(route, &route.stable);
+            run.candidate_at_start = sources.tally(route, candidate);
         }
 
         // Ramping down after a rollback decision: one step per interval, then the rollback.
@@ -426,12 +641,12 @@ async fn tick(writer: &Writer, config: &Config, runs: &mut HashMap<String, Run>)
         if run.window_start.elapsed() < policy.interval {
             continue;
         }
-        let (outcome, gates) = analyse(policy, route, candidate, run);
+        let (outcome, gates) = analyse(policy, route, candidate, run, sources);
         run.window_start = Instant::now();
         if !matches!(outcome, Outcome::Hold(_)) || !gates.is_empty() {
             // A judged window is closed; a window short of data keeps accumulating.
-            run.stable_at_start = counts(&route.stable.stats);
-            run.candidate_at_start = counts(&candidate.stats);
+            run.stable_at_start = sources.tally(route, &route.stable);
+            run.candidate_at_start = sources.tally(route, candidate);
         }
         let evidence: Vec<Value> = gates.iter().map(Gate::json).collect();
         match outcome {

@@ -11,6 +11,7 @@ pub mod auth;
 mod build;
 pub mod canary;
 pub mod compare;
+pub mod fleet;
 pub mod identity;
 pub mod pins;
 pub mod shadow;

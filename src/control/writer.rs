@@ -13,8 +13,9 @@ use http::StatusCode;
 use serde_json::{json, Value};
 use tokio::sync::Mutex;
 
-use super::audit::{AuditError, AuditLog, Entry};
+use super::audit::{AuditError, AuditLog, Entry, Prepared};
 use super::build::{build_table, VersionSet};
+use super::fleet::{Fleet, FleetError};
 use super::pins::{load_registry, pin_refusals, RouteRefusal};
 use super::state::{
     reconcile, RouteState, RoutingState, StateBody, StateError, StateLock, StateStore, STATE_FORMAT,
@@ -122,6 +123,23 @@ pub enum CommandError {
     },
     #[error(transparent)]
     Registry(#[from] RegistryError),
+    /// Fleet mode: etcd did not answer; nothing changed anywhere.
+    #[error("the change was not applied because etcd is unreachable ({0}); the fleet keeps serving its last routing table. Retry when etcd is back")]
+    Unavailable(String),
+    /// Fleet mode: another replica kept changing the state while this one tried to.
+    #[error("another replica changed the routing state at the same time, several times over; re-read it and retry")]
+    Stale,
+}
+
+impl From<FleetError> for CommandError {
+    fn from(e: FleetError) -> CommandError {
+        match e {
+            FleetError::Unavailable { .. } => CommandError::Unavailable(e.to_string()),
+            FleetError::Stale => CommandError::Stale,
+            FleetError::NotLeader => CommandError::Conflict(e.to_string()),
+            FleetError::Corrupt { .. } => CommandError::Persist(e.to_string()),
+        }
+    }
 }
 
 impl CommandError {
@@ -132,7 +150,9 @@ impl CommandError {
             | CommandError::Conflict(_)
             | CommandError::GenerationMoved { .. }
             | CommandError::Pins(_)
-            | CommandError::Promotion { .. } => StatusCode::CONFLICT,
+            | CommandError::Promotion { .. }
+            | CommandError::Stale => StatusCode::CONFLICT,
+            CommandError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             CommandError::OutOfRange(_)
             | CommandError::InvalidConfig(_)
             | CommandError::Registry(_) => StatusCode::UNPROCESSABLE_ENTITY,
@@ -176,6 +196,8 @@ pub enum OpenError {
     Registry(#[from] RegistryError),
     #[error("the registry refuses the configured routing:\n  {}", .0.iter().map(|r| r.to_string()).collect::<Vec<_>>().join("\n  "))]
     Pins(Vec<RouteRefusal>),
+    #[error("fleet state in etcd: {0}")]
+    Fleet(#[from] FleetError),
 }
 
 /// The single writer of routing state.
@@ -188,6 +210,7 @@ pub struct Writer {
     swapped: tokio::sync::Notify,
     /// The canary controller's last word per route, for `GET /v1/routes`.
     canary_status: std::sync::Mutex<std::collections::HashMap<String, Value>>,
+    fleet: Option<Arc<Fleet>>,
 }
 
 #[derive(Debug)]
@@ -195,9 +218,21 @@ struct Inner {
     config: Config,
     state: RoutingState,
     versions: VersionSet,
-    store: StateStore,
+    store: Store,
     audit: AuditLog,
     window: Window,
+    /// Fleet mode: this replica's serving windows closed by other replicas' changes, still to be
+    /// recorded.
+    pending_windows: Vec<Value>,
+}
+
+/// Where the state lives.
+#[derive(Debug)]
+enum Store {
+    /// `routing-state.json` in the state directory (one weir).
+    File(StateStore),
+    /// etcd (a fleet); `revision` is that of the state this replica last applied.
+    Fleet { fleet: Arc<Fleet>, revision: i64 },
 }
 
 impl Writer {
@@ -216,19 +251,7 @@ impl Writer {
             generation: previous.map_or(0, |p| p.generation) + 1,
             routes,
         };
-        match load_registry(&config)? {
-            Some(registry) => {
-                let refusals = pin_refusals(&registry, &state.routes, previous);
-                if !refusals.is_empty() {
-                    return Err(OpenError::Pins(refusals));
-                }
-                metrics.set_pinned(true);
-            }
-            None => {
-                tracing::warn!("no model registry configured: routed versions are not checked against approved pins (unpinned); set [registry] file or --registry");
-                metrics.set_pinned(false);
-            }
-        }
+        check_pins_at_start(&config, &metrics, &state, previous)?;
         let mut versions = VersionSet::new(config.identity.is_some());
         let table =
             build_table(&config, &state, &metrics, &mut versions).map_err(OpenError::Table)?;
@@ -267,16 +290,191 @@ impl Writer {
             metrics,
             swapped: tokio::sync::Notify::new(),
             canary_status: std::sync::Mutex::new(std::collections::HashMap::new()),
+            fleet: None,
             inner: Mutex::new(Inner {
                 window: Window::open(&table, None),
                 config,
                 state,
                 versions,
-                store,
+                store: Store::File(store),
                 audit,
+                pending_windows: Vec::new(),
             }),
         };
         Ok(writer)
+    }
+
+    /// Fleet mode: joins the fleet's state in etcd (creating it from `config` when it is the first
+    /// replica), fills the local copy of the audit chain and records the start in it.
+    pub async fn open_fleet(
+        config: Config,
+        metrics: Metrics,
+        fleet: Arc<Fleet>,
+    ) -> Result<Writer, OpenError> {
+        let mut audit = AuditLog::open(&config.state_dir, None)?;
+        audit.set_replica(fleet.replica());
+        let mut attempt = 0;
+        let (state, revision, versions, table) = loop {
+            attempt += 1;
+            let shared = fleet.load().await?;
+            match &shared {
+                Some(shared) => fill_audit(&mut audit, &fleet, &shared.body).await?,
+                None if audit.next_seq() > 1 => {
+                    return Err(OpenError::Audit(AuditError::HeadMismatch {
+                        path: audit.path().to_path_buf(),
+                        detail: format!(
+                            "it holds {} records but the fleet at {} has none: it is another weir's history. \
+                             Move it aside (or use a fresh [state] dir) to join the fleet",
+                            audit.next_seq() - 1,
+                            fleet.config().prefix
+                        ),
+                    }))
+                }
+                None => {}
+            }
+            let previous = shared.as_ref().map(|s| &s.body.state);
+            let (routes, notes) = reconcile(&config, previous);
+            let changed = previous.is_none_or(|p| p.routes != routes);
+            let state = RoutingState {
+                generation: previous.map_or(0, |p| p.generation) + u64::from(changed),
+                routes,
+            };
+            check_pins_at_start(&config, &metrics, &state, previous)?;
+            let mut versions = VersionSet::new(config.identity.is_some());
+            let table =
+                build_table(&config, &state, &metrics, &mut versions).map_err(OpenError::Table)?;
+            let reason = notes
+                .iter()
+                .map(|n| format!("{}: {} ({})", n.route, n.outcome, n.detail))
+                .collect::<Vec<_>>()
+                .join("; ");
+            let prepared = audit.prepare(Entry {
+                actor: "weir",
+                action: "start",
+                route: None,
+                before: previous.map_or(Value::Null, state_json),
+                after: state_json(&state),
+                generation: state.generation,
+                reason: (!reason.is_empty()).then_some(reason.as_str()),
+                window: None,
+            });
+            let body = StateBody {
+                format: STATE_FORMAT,
+                state: state.clone(),
+                audit_head: Some(prepared.head()),
+            };
+            let expected = shared.as_ref().map_or(0, |s| s.revision);
+            match fleet.commit(expected, &body, &prepared, false).await {
+                Ok(revision) => {
+                    audit.append(&prepared)?;
+                    for note in &notes {
+                        tracing::warn!(route = %note.route, outcome = note.outcome, "{}", note.detail);
+                    }
+                    tracing::info!(
+                        generation = state.generation,
+                        prefix = %fleet.config().prefix,
+                        replica = fleet.replica(),
+                        "joined the fleet's routing state in etcd"
+                    );
+                    break (state, revision, versions, table);
+                }
+                Err(FleetError::Stale) if attempt < 5 => continue,
+                Err(e) => return Err(e.into()),
+            }
+        };
+        let table = Arc::new(table);
+        publish(&metrics, &table);
+        Ok(Writer {
+            table: Arc::new(ArcSwap::new(Arc::clone(&table))),
+            metrics,
+            swapped: tokio::sync::Notify::new(),
+            canary_status: std::sync::Mutex::new(std::collections::HashMap::new()),
+            fleet: Some(Arc::clone(&fleet)),
+            inner: Mutex::new(Inner {
+                window: Window::open(&table, None),
+                config,
+                state,
+                versions,
+                store: Store::Fleet { fleet, revision },
+                audit,
+                pending_windows: Vec::new(),
+            }),
+        })
+    }
+
+    /// Fleet mode: the connection to etcd.
+    pub fn fleet(&self) -> Option<&Arc<Fleet>> {
+        self.fleet.as_ref()
+    }
+
+    /// Fleet mode: applies what etcd holds when another replica moved it — fills the local audit
+    /// copy, swaps the table — then records this replica's serving windows those changes closed.
+    /// Returns the revision applied.
+    pub async fn sync(&self) -> Result<i64, CommandError> {
+        let mut inner = self.inner.lock().await;
+        self.catch_up(&mut inner).await?;
+        while !inner.pending_windows.is_empty() {
+            let window = inner.pending_windows.remove(0);
+            let generation = inner.state.generation;
+            let entry = Entry {
+                actor: "weir",
+                action: "window",
+                route: None,
+                before: Value::Null,
+                after: Value::Null,
+                generation,
+                reason: Some("this replica's serving window, closed by another replica's change"),
+                window: Some(window.clone()),
+            };
+            if let Err(e) = self.append_event(&mut inner, entry).await {
+                inner.pending_windows.insert(0, window);
+                return Err(e);
+            }
+        }
+        Ok(match &inner.store {
+            Store::Fleet { revision, .. } => *revision,
+            Store::File(_) => 0,
+        })
+    }
+
+    /// Fleet mode: brings `inner` up to the state in etcd (no-op in file mode or when current).
+    async fn catch_up(&self, inner: &mut Inner) -> Result<(), CommandError> {
+        let Store::Fleet { fleet, revision } = &inner.store else {
+            return Ok(());
+        };
+        let fleet = Arc::clone(fleet);
+        let Some(shared) = fleet.load().await? else {
+            return Err(CommandError::Persist(format!(
+                "the fleet's state under {} is gone from etcd (deleted by hand?); restart a replica to write it again",
+                fleet.config().prefix
+            )));
+        };
+        if shared.revision == *revision {
+            return Ok(());
+        }
+        fill_audit(&mut inner.audit, &fleet, &shared.body)
+            .await
+            .map_err(|e| CommandError::Persist(e.to_string()))?;
+        let state = shared.body.state;
+        if state != inner.state {
+            let table = build_table(&inner.config, &state, &self.metrics, &mut inner.versions)
+                .map_err(CommandError::Persist)?;
+            let table = Arc::new(table);
+            self.table.store(Arc::clone(&table));
+            publish(&self.metrics, &table);
+            self.swapped.notify_waiters();
+            tracing::info!(
+                generation = state.generation,
+                "routing changed by another replica"
+            );
+            inner.pending_windows.push(inner.window.close());
+            inner.window = Window::open(&table, Some(&inner.window));
+            inner.state = state;
+        }
+        if let Store::Fleet { revision, .. } = &mut inner.store {
+            *revision = shared.revision;
+        }
+        Ok(())
     }
 
     /// The live table, shared with the data path.
@@ -289,9 +487,28 @@ impl Writer {
     }
 
     /// Applies one change: validate, build, persist, audit, swap. Returns after the swap.
+    ///
+    /// Fleet mode: the change is computed on the state this replica last applied; when another
+    /// replica changed it first, the transaction fails, the new state is applied here, and the
+    /// command is computed again on it (so it is never lost nor applied to stale state) — or,
+    /// when the caller sent `If-Match`, refused with 409 because the generation moved.
     pub async fn apply(&self, change: Change) -> Result<Applied, CommandError> {
         let mut inner = self.inner.lock().await;
-        let inner = &mut *inner;
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match self.apply_once(&mut inner, &change).await {
+                Err(CommandError::Stale) if attempt < 5 => self.catch_up(&mut inner).await?,
+                other => return other,
+            }
+        }
+    }
+
+    async fn apply_once(
+        &self,
+        inner: &mut Inner,
+        change: &Change,
+    ) -> Result<Applied, CommandError> {
         if let Some(expected) = change.if_match {
             if expected != inner.state.generation {
                 return Err(CommandError::GenerationMoved {
@@ -377,18 +594,6 @@ impl Writer {
         let table = build_table(config, &new_state, &self.metrics, &mut inner.versions)
             .map_err(CommandError::Persist)?;
         let after_route = route_name.and_then(|n| new_state.route(n)).cloned();
-        let _lock = StateLock::acquire(&inner.config.state_dir)
-            .map_err(|e| CommandError::Persist(format!("cannot lock the state directory: {e}")))?;
-        inner
-            .audit
-            .refresh()
-            .map_err(|e| CommandError::Persist(e.to_string()))?;
-        // What is on disk now (another process may have moved its audit head): put back as is
-        // if the audit append fails.
-        let on_disk = inner
-            .store
-            .load()
-            .map_err(|e| CommandError::Persist(e.to_string()))?;
         // Promotion moves the registry stage; written first and put back if the change fails.
         let registry_before = match (&registry_path, promoted_stage) {
             (Some(path), Some(_)) => {
@@ -415,7 +620,7 @@ impl Writer {
             (None, false) => Some(notes.join("; ")),
             (None, true) => None,
         };
-        let prepared = inner.audit.prepare(Entry {
+        let entry = Entry {
             actor: &change.actor,
             action: change.command.action(),
             route: route_name,
@@ -424,26 +629,11 @@ impl Writer {
             generation: new_state.generation,
             reason: reason.as_deref(),
             window: Some(inner.window.close()),
-        });
-        if let Err(e) = inner.store.save(&StateBody {
-            format: STATE_FORMAT,
-            state: new_state.clone(),
-            audit_head: Some(prepared.head()),
-        }) {
+        };
+        let fenced = change.actor == CANARY_ACTOR;
+        if let Err(e) = inner.persist(&new_state, entry, fenced).await {
             undo_registry(&registry_before);
-            return Err(CommandError::Persist(e.to_string()));
-        }
-        if let Err(e) = inner.audit.append(&prepared) {
-            undo_registry(&registry_before);
-            // Put the previous state back so state and log agree on what happened: nothing.
-            let restored = match &on_disk {
-                Some(body) => inner.store.save(body),
-                None => Ok(()),
-            };
-            if let Err(r) = restored {
-                tracing::error!(error = %r, "cannot restore the state file after a failed audit append; the next start will repair the log from it");
-            }
-            return Err(CommandError::Persist(e.to_string()));
+            return Err(e);
         }
 
         let table = Arc::new(table);
@@ -507,7 +697,7 @@ impl Writer {
     ) -> Result<(), CommandError> {
         let mut inner = self.inner.lock().await;
         let generation = inner.state.generation;
-        inner.append_event(Entry {
+        let entry = Entry {
             actor,
             action,
             route,
@@ -516,7 +706,8 @@ impl Writer {
             generation,
             reason: Some(reason),
             window: None,
-        })
+        };
+        self.append_event(&mut inner, entry).await
     }
 
     /// Closes the last serving window with a `stop` record (graceful shutdown).
@@ -524,7 +715,7 @@ impl Writer {
         let mut inner = self.inner.lock().await;
         let generation = inner.state.generation;
         let window = inner.window.close();
-        inner.append_event(Entry {
+        let entry = Entry {
             actor: "weir",
             action: "stop",
             route: None,
@@ -533,30 +724,157 @@ impl Writer {
             generation,
             reason: None,
             window: Some(window),
-        })?;
+        };
+        self.append_event(&mut inner, entry).await?;
         inner.window = Window::open(&self.table.load(), Some(&inner.window));
         Ok(())
     }
 }
 
-impl Inner {
-    /// Appends a record that changes no routing: under the state lock, after any record another
-    /// process appended, with the state file's head moved along.
-    fn append_event(&mut self, entry: Entry<'_>) -> Result<(), CommandError> {
-        let persist = |e: &dyn std::fmt::Display| CommandError::Persist(e.to_string());
-        let _lock = StateLock::acquire(&self.config.state_dir)
-            .map_err(|e| CommandError::Persist(format!("cannot lock the state directory: {e}")))?;
-        self.audit.refresh().map_err(|e| persist(&e))?;
-        let prepared = self.audit.prepare(entry);
-        self.store
-            .save(&StateBody {
-                format: STATE_FORMAT,
-                state: self.state.clone(),
-                audit_head: Some(prepared.head()),
-            })
-            .map_err(|e| persist(&e))?;
-        self.audit.append(&prepared).map_err(|e| persist(&e))
+impl Writer {
+    /// Appends a record that changes no routing. File mode: under the state lock, after any
+    /// record another process appended. Fleet mode: after any record another replica appended
+    /// (caught up and retried when one got in first).
+    async fn append_event(&self, inner: &mut Inner, entry: Entry<'_>) -> Result<(), CommandError> {
+        let fenced = entry.actor == CANARY_ACTOR;
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let state = inner.state.clone();
+            let entry = Entry {
+                window: entry.window.clone(),
+                before: entry.before.clone(),
+                after: entry.after.clone(),
+                ..entry
+            };
+            match inner.persist(&state, entry, fenced).await {
+                Err(CommandError::Stale) if attempt < 8 => self.catch_up(inner).await?,
+                other => return other,
+            }
+        }
     }
+}
+
+impl Inner {
+    /// Makes `state` durable with the audit record of `entry`, then appends the record locally.
+    /// Nothing is written when this fails. `fenced`: only while this replica leads the canary.
+    async fn persist(
+        &mut self,
+        state: &RoutingState,
+        entry: Entry<'_>,
+        fenced: bool,
+    ) -> Result<(), CommandError> {
+        let persist_error = |e: &dyn std::fmt::Display| CommandError::Persist(e.to_string());
+        match &mut self.store {
+            Store::File(store) => {
+                let _lock = StateLock::acquire(&self.config.state_dir).map_err(|e| {
+                    CommandError::Persist(format!("cannot lock the state directory: {e}"))
+                })?;
+                // Another process (`weir registry`) may have appended since this log last wrote.
+                self.audit.refresh().map_err(|e| persist_error(&e))?;
+                // What is on disk now: put back as is if the audit append fails.
+                let on_disk = store.load().map_err(|e| persist_error(&e))?;
+                let prepared = self.audit.prepare(entry);
+                store
+                    .save(&StateBody {
+                        format: STATE_FORMAT,
+                        state: state.clone(),
+                        audit_head: Some(prepared.head()),
+                    })
+                    .map_err(|e| persist_error(&e))?;
+                if let Err(e) = self.audit.append(&prepared) {
+                    // Put the previous state back so state and log agree on what happened: nothing.
+                    let restored = match &on_disk {
+                        Some(body) => store.save(body),
+                        None => Ok(()),
+                    };
+                    if let Err(r) = restored {
+                        tracing::error!(error = %r, "cannot restore the state file after a failed audit append; the next start will repair the log from it");
+                    }
+                    return Err(persist_error(&e));
+                }
+                Ok(())
+            }
+            Store::Fleet { fleet, revision } => {
+                let prepared: Prepared = self.audit.prepare(entry);
+                let body = StateBody {
+                    format: STATE_FORMAT,
+                    state: state.clone(),
+                    audit_head: Some(prepared.head()),
+                };
+                *revision = fleet.commit(*revision, &body, &prepared, fenced).await?;
+                // Committed fleet-wide; a failed local append is refilled from etcd at the next
+                // catch-up (it starts from the local copy's end).
+                if let Err(e) = self.audit.append(&prepared) {
+                    tracing::error!(error = %e, "cannot append to the local copy of the audit chain; it will be refilled from etcd");
+                    let _ = self.audit.refresh();
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Refuses to start on routing the registry does not allow; sets `weir_registry_pinned`.
+fn check_pins_at_start(
+    config: &Config,
+    metrics: &Metrics,
+    state: &RoutingState,
+    previous: Option<&RoutingState>,
+) -> Result<(), OpenError> {
+    match load_registry(config)? {
+        Some(registry) => {
+            let refusals = pin_refusals(&registry, &state.routes, previous);
+            if !refusals.is_empty() {
+                return Err(OpenError::Pins(refusals));
+            }
+            metrics.set_pinned(true);
+        }
+        None => {
+            tracing::warn!("no model registry configured: routed versions are not checked against approved pins (unpinned); set [registry] file or --registry");
+            metrics.set_pinned(false);
+        }
+    }
+    Ok(())
+}
+
+/// Fills the local copy of the fleet's audit chain up to the head `body` names. The local copy
+/// must be a prefix of the fleet's chain: a copy that ends elsewhere is another history.
+async fn fill_audit(
+    audit: &mut AuditLog,
+    fleet: &Fleet,
+    body: &StateBody,
+) -> Result<(), OpenError> {
+    let Some(head) = &body.audit_head else {
+        return Ok(());
+    };
+    let local_last = audit.next_seq() - 1;
+    let diverged = |detail: String| {
+        OpenError::Audit(AuditError::HeadMismatch {
+            path: audit.path().to_path_buf(),
+            detail,
+        })
+    };
+    if local_last > head.seq {
+        return Err(diverged(format!(
+            "the local copy has {local_last} records, the fleet's chain at {} only {}: it is another history; move it aside",
+            fleet.config().prefix,
+            head.seq
+        )));
+    }
+    if local_last >= 1 {
+        let theirs = fleet.records(local_last, local_last).await?;
+        let ours = audit.head().to_string();
+        if !theirs[0].ends_with(&format!(",\"hash\":\"{ours}\"}}")) {
+            return Err(diverged(format!(
+                "its record {local_last} differs from the fleet's record {local_last}: it is another history; move it aside"
+            )));
+        }
+    }
+    for line in fleet.records(local_last + 1, head.seq).await? {
+        audit.append_foreign(&line)?;
+    }
+    Ok(())
 }
 
 /// Moves a promoted version to the production stage in `registry` (a copy, saved by the caller).

@@ -1,0 +1,521 @@
+//! Fleet mode: the routing state, the audit chain and the canary election live in etcd, so every
+//! replica routes the same way and a change made through any of them reaches all.
+//!
+//! Keys under the prefix (`/weir/<cluster>` by default):
+//! - `state` — the [`StateBody`] (routing state + audit head). Every change is one transaction
+//!   conditioned on this key's revision, which moves with every generation: two replicas changing
+//!   the same route cannot both win; the loser re-reads and re-applies, or answers 409 when the
+//!   caller sent `If-Match`.
+//! - `audit/<seq>` — each audit record line, written in the same transaction as the state, so
+//!   the chain in etcd has no gaps and every replica's local copy can be filled from it.
+//! - `leader` — the canary controller's election (etcd's election API, on this replica's lease).
+//! - `counters/<replica>` — each replica's cumulative per-version counters, on its lease, which
+//!   the controller sums into fleet-wide counts.
+//!
+//! Invariant: nothing here changes the table; the [`Writer`](super::Writer) applies what etcd
+//! holds. When etcd is unreachable the replica keeps its last table, mutations fail with 503 and
+//! readiness says why.
+
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
+
+use etcd_client::{
+    Client, Compare, CompareOp, ConnectOptions, GetOptions, LeaderKey, PutOptions, Txn, TxnOp,
+};
+
+use super::audit::Prepared;
+use super::state::StateBody;
+use super::Writer;
+use crate::config::FleetConfig;
+use crate::data::listener::stopped;
+
+/// Longest wait for one etcd call on the control path (mutations answer 503 after it).
+pub const OP_TIMEOUT: Duration = Duration::from_secs(2);
+/// How often each replica publishes its counters for the fleet-wide canary judgement.
+pub const PUBLISH_INTERVAL: Duration = Duration::from_millis(500);
+
+/// Why an etcd operation did not happen.
+#[derive(Debug, thiserror::Error)]
+pub enum FleetError {
+    #[error("etcd is unreachable at {endpoints}: {detail}")]
+    Unavailable { endpoints: String, detail: String },
+    /// Another replica changed the state first: re-read and try again.
+    #[error("another replica changed the routing state first")]
+    Stale,
+    #[error("this replica is no longer the canary leader (its etcd lease ended)")]
+    NotLeader,
+    #[error("etcd holds something weir cannot read at {key}: {detail}")]
+    Corrupt { key: String, detail: String },
+}
+
+/// What `state` holds, with the revision a transaction must compare against.
+#[derive(Clone, Debug)]
+pub struct Shared {
+    pub body: StateBody,
+    pub revision: i64,
+}
+
+/// A connection to etcd for one replica.
+pub struct Fleet {
+    client: Client,
+    config: FleetConfig,
+    /// The replica's lease (0 before the first grant); it carries the election key and counters.
+    lease: AtomicI64,
+    /// Until when the lease is known to live (the last keep-alive answer plus its TTL).
+    lease_valid_until: Mutex<Option<Instant>>,
+    /// Last etcd call succeeded.
+    up: AtomicBool,
+    /// Why the last call failed, for readiness and `/v1/routes`.
+    last_error: Mutex<Option<String>>,
+    leader: Mutex<Option<LeaderKey>>,
+    /// Changes on every process start, so the controller never mixes two runs' counters.
+    pub incarnation: String,
+}
+
+impl std::fmt::Debug for Fleet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Fleet")
+            .field("endpoints", &self.config.endpoints)
+            .field("prefix", &self.config.prefix)
+            .field("replica", &self.config.replica)
+            .finish()
+    }
+}
+
+impl Fleet {
+    /// Connects to etcd; fails when no endpoint answers within a few seconds.
+    pub async fn connect(config: &FleetConfig) -> Result<Fleet, FleetError> {
+        let options = ConnectOptions::new()
+            .with_connect_timeout(OP_TIMEOUT)
+            .with_keep_alive(Duration::from_secs(2), OP_TIMEOUT);
+        let unavailable = |detail: String| FleetError::Unavailable {
+            endpoints: config.endpoints.join(","),
+            detail,
+        };
+        let client = tokio::time::timeout(
+            OP_TIMEOUT * 3,
+            Client::connect(&config.endpoints, Some(options)),
+        )
+        .await
+        .map_err(|_| unavailable("no answer within 6s".into()))?
+        .map_err(|e| unavailable(e.to_string()))?;
+        let fleet = Fleet {
+            client,
+            config: config.clone(),
+            lease: AtomicI64::new(0),
+            lease_valid_until: Mutex::new(None),
+            up: AtomicBool::new(true),
+            last_error: Mutex::new(None),
+            leader: Mutex::new(None),
+            incarnation: format!("{:016x}", rand::random::<u64>()),
+        };
+        // One read proves the endpoints are etcd and reachable before weir says it started.
+        fleet.load().await?;
+        Ok(fleet)
+    }
+
+    pub fn config(&self) -> &FleetConfig {
+        &self.config
+    }
+
+    pub fn replica(&self) -> &str {
+        &self.config.replica
+    }
+
+    fn key(&self, suffix: &str) -> String {
+        format!("{}/{suffix}", self.config.prefix)
+    }
+
+    fn audit_key(&self, seq: u64) -> String {
+        self.key(&format!("audit/{seq:020}"))
+    }
+
+    /// The last etcd call succeeded.
+    pub fn is_up(&self) -> bool {
+        self.up.load(Ordering::Relaxed)
+    }
+
+    /// Why etcd is considered unreachable (None while it answers).
+    pub fn down_reason(&self) -> Option<String> {
+        if self.is_up() {
+            None
+        } else {
+            lock(&self.last_error).clone()
+        }
+    }
+
+    /// Runs one etcd call with the control-path timeout, tracking reachability.
+    async fn call<T, F>(&self, what: &str, call: F) -> Result<T, FleetError>
+    where
+        F: std::future::Future<Output = Result<T, etcd_client::Error>>,
+    {
+        let result = match tokio::time::timeout(OP_TIMEOUT, call).await {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(e)) => Err(format!("{what}: {e}")),
+            Err(_) => Err(format!("{what}: no answer within {OP_TIMEOUT:?}")),
+        };
+        match result {
+            Ok(value) => {
+                if !self.up.swap(true, Ordering::Relaxed) {
+                    tracing::info!("etcd is reachable again");
+                }
+                Ok(value)
+            }
+            Err(detail) => {
+                if self.up.swap(false, Ordering::Relaxed) {
+                    tracing::warn!(error = %detail, "etcd is unreachable: serving the last routing table, changes are refused until it returns");
+                }
+                *lock(&self.last_error) = Some(detail.clone());
+                Err(FleetError::Unavailable {
+                    endpoints: self.config.endpoints.join(","),
+                    detail,
+                })
+            }
+        }
+    }
+
+    // === state and audit ===
+
+    /// The shared state, or `None` when no replica has written one yet.
+    pub async fn load(&self) -> Result<Option<Shared>, FleetError> {
+        let key = self.key("state");
+        let mut kv = self.client.kv_client();
+        let response = self
+            .call("read the state", kv.get(key.clone(), None))
+            .await?;
+        let Some(kv) = response.kvs().first() else {
+            return Ok(None);
+        };
+        let body: StateBody =
+            serde_json::from_slice(kv.value()).map_err(|e| FleetError::Corrupt {
+                key: key.clone(),
+                detail: e.to_string(),
+            })?;
+        Ok(Some(Shared {
+            body,
+            revision: kv.mod_revision(),
+        }))
+    }
+
+    /// Writes `body` and the audit record it names as its head, if the state key is still at
+    /// `revision` (0: if there is no state yet) and, with `fenced`, this replica still leads.
+    /// Returns the new revision.
+    pub async fn commit(
+        &self,
+        revision: i64,
+        body: &StateBody,
+        record: &Prepared,
+        fenced: bool,
+    ) -> Result<i64, FleetError> {
+        let state_key = self.key("state");
+        let mut compares = vec![Compare::mod_revision(
+            state_key.clone(),
+            CompareOp::Equal,
+            revision,
+        )];
+        if fenced {
+            let Some(leader) = lock(&self.leader).clone() else {
+                return Err(FleetError::NotLeader);
+            };
+            compares.push(Compare::create_revision(
+                leader.key().to_vec(),
+                CompareOp::Equal,
+                leader.rev(),
+            ));
+        }
+        let value = serde_json::to_vec(body).expect("state serializes");
+        let txn = Txn::new().when(compares).and_then(vec![
+            TxnOp::put(state_key.clone(), value, None),
+            TxnOp::put(self.audit_key(record.seq), record.line.clone(), None),
+        ]);
+        let mut kv = self.client.kv_client();
+        let response = self.call("commit a change", kv.txn(txn)).await?;
+        if response.succeeded() {
+            return Ok(response.header().map_or(0, |h| h.revision()));
+        }
+        if fenced {
+            // Either the state moved or the leadership went; only the first is worth a retry.
+            let now = self.load().await?;
+            if now.is_none_or(|s| s.revision == revision) {
+                self.lost_leadership("a fenced change found the election key gone");
+                return Err(FleetError::NotLeader);
+            }
+        }
+        Err(FleetError::Stale)
+    }
+
+    /// Audit record lines `from..=to` in order (missing ones are an error: the chain in etcd is
+    /// written with the state, so a gap means someone deleted keys).
+    pub async fn records(&self, from: u64, to: u64) -> Result<Vec<String>, FleetError> {
+        if from > to {
+            return Ok(Vec::new());
+        }
+        let mut kv = self.client.kv_client();
+        let options = GetOptions::new().with_range(self.audit_key(to + 1));
+        let response = self
+            .call(
+                "read audit records",
+                kv.get(self.audit_key(from), Some(options)),
+            )
+            .await?;
+        let lines: Vec<String> = response
+            .kvs()
+            .iter()
+            .map(|kv| String::from_utf8_lossy(kv.value()).into_owned())
+            .collect();
+        if lines.len() as u64 != to - from + 1 {
+            return Err(FleetError::Corrupt {
+                key: self.key("audit/"),
+                detail: format!(
+                    "records {from}..={to} should be there, found {} of them",
+                    lines.len()
+                ),
+            });
+        }
+        Ok(lines)
+    }
+
+    /// Resolves when the state key changes after `revision`, or after `wait` at the latest
+    /// (the caller re-reads either way, so a lost watch costs at most one `wait`).
+    pub async fn changed_after(&self, revision: i64, wait: Duration) {
+        let mut watch = self.client.watch_client();
+        let options = etcd_client::WatchOptions::new().with_start_revision(revision + 1);
+        let watched = async {
+            let Ok(Ok(mut stream)) =
+                tokio::time::timeout(OP_TIMEOUT, watch.watch(self.key("state"), Some(options)))
+                    .await
+            else {
+                // etcd is away: the caller's next read notices and reports it.
+                tokio::time::sleep(wait).await;
+                return;
+            };
+            while let Ok(Some(message)) = stream.message().await {
+                if !message.events().is_empty() || message.canceled() {
+                    return;
+                }
+            }
+        };
+        let _ = tokio::time::timeout(wait, watched).await;
+    }
+
+    // === lease and election ===
+
+    /// The replica's lease, granted (again) when it has none or it lapsed.
+    pub async fn lease(&self) -> Result<i64, FleetError> {
+        let id = self.lease.load(Ordering::Relaxed);
+        if id != 0 && self.lease_alive() {
+            return Ok(id);
+        }
+        let ttl = self.config.lease_ttl.as_secs().max(1) as i64;
+        let mut leases = self.client.lease_client();
+        let granted = self.call("grant a lease", leases.grant(ttl, None)).await?;
+        self.lease.store(granted.id(), Ordering::Relaxed);
+        *lock(&self.lease_valid_until) =
+            Some(Instant::now() + Duration::from_secs(granted.ttl().max(1) as u64));
+        Ok(granted.id())
+    }
+
+    fn lease_alive(&self) -> bool {
+        lock(&self.lease_valid_until).is_some_and(|until| Instant::now() < until)
+    }
+
+    /// Keeps the lease alive until it lapses (etcd unreachable for a TTL, or revoked).
+    pub async fn keep_lease(&self, id: i64) {
+        let ttl = self.config.lease_ttl;
+        let mut leases = self.client.lease_client();
+        let Ok((mut keeper, mut answers)) =
+            self.call("keep the lease", leases.keep_alive(id)).await
+        else {
+            return;
+        };
+        loop {
+            if keeper.keep_alive().await.is_err() {
+                return;
+            }
+            match tokio::time::timeout(OP_TIMEOUT, answers.message()).await {
+                Ok(Ok(Some(answer))) if answer.ttl() > 0 => {
+                    *lock(&self.lease_valid_until) =
+                        Some(Instant::now() + Duration::from_secs(answer.ttl() as u64));
+                }
+                Ok(Ok(Some(_))) => {
+                    // TTL 0: etcd no longer has the lease.
+                    *lock(&self.lease_valid_until) = None;
+                    return;
+                }
+                _ => {
+                    if !self.lease_alive() {
+                        return;
+                    }
+                }
+            }
+            tokio::time::sleep(ttl / 3).await;
+        }
+    }
+
+    /// Campaigns for the canary controller's seat on `lease`; resolves once this replica leads.
+    pub async fn campaign(&self, lease: i64) -> Result<(), FleetError> {
+        let mut election = self.client.election_client();
+        let response = election
+            .campaign(self.key("leader"), self.config.replica.clone(), lease)
+            .await
+            .map_err(|e| FleetError::Unavailable {
+                endpoints: self.config.endpoints.join(","),
+                detail: format!("campaign: {e}"),
+            })?;
+        let key = response.leader().cloned().ok_or(FleetError::NotLeader)?;
+        *lock(&self.leader) = Some(key);
+        Ok(())
+    }
+
+    /// This replica holds the controller's seat and its lease is alive.
+    pub fn is_leader(&self) -> bool {
+        lock(&self.leader).is_some() && self.lease_alive()
+    }
+
+    /// Forgets the seat (the lease lapsed or a fenced write failed).
+    pub fn lost_leadership(&self, why: &str) {
+        if lock(&self.leader).take().is_some() {
+            tracing::warn!("no longer the canary leader: {why}");
+        }
+    }
+
+    /// Gives the seat up on shutdown so another replica takes over at once, not after the TTL.
+    pub async fn resign(&self) {
+        let id = self.lease.swap(0, Ordering::Relaxed);
+        lock(&self.leader).take();
+        if id != 0 {
+            let mut leases = self.client.lease_client();
+            let _ = self.call("revoke the lease", leases.revoke(id)).await;
+        }
+    }
+
+    // === counters ===
+
+    /// Publishes this replica's counters (JSON) on its lease.
+    pub async fn publish(&self, value: String) -> Result<(), FleetError> {
+        let lease = self.lease().await?;
+        let mut kv = self.client.kv_client();
+        let key = self.key(&format!("counters/{}", self.config.replica));
+        self.call(
+            "publish counters",
+            kv.put(key, value, Some(PutOptions::new().with_lease(lease))),
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Every live replica's published counters, by replica name.
+    pub async fn counters(&self) -> Result<Vec<(String, String)>, FleetError> {
+        let prefix = self.key("counters/");
+        let mut kv = self.client.kv_client();
+        let response = self
+            .call(
+                "read counters",
+                kv.get(prefix.clone(), Some(GetOptions::new().with_prefix())),
+            )
+            .await?;
+        Ok(response
+            .kvs()
+            .iter()
+            .map(|kv| {
+                let key = String::from_utf8_lossy(kv.key());
+                (
+                    key.strip_prefix(&prefix).unwrap_or(&key).to_string(),
+                    String::from_utf8_lossy(kv.value()).into_owned(),
+                )
+            })
+            .collect())
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+// === tasks ===
+
+/// Keeps this replica in step with the fleet until `stop`: applies what other replicas changed
+/// (a watch wakes it; a one-second poll backs the watch up and notices etcd coming and going)
+/// and keeps the fleet gauges current.
+pub async fn follow(writer: Arc<Writer>, mut stop: watch::Receiver<bool>) {
+    let Some(fleet) = writer.fleet().cloned() else {
+        return;
+    };
+    let mut revision = 0;
+    loop {
+        match writer.sync().await {
+            Ok(applied) => revision = applied,
+            Err(e) => tracing::debug!(error = %e, "fleet sync failed; retrying"),
+        }
+        writer.metrics().set_fleet(fleet.is_leader(), fleet.is_up());
+        tokio::select! {
+            _ = fleet.changed_after(revision, Duration::from_secs(1)) => {}
+            _ = stopped(&mut stop) => return,
+        }
+    }
+}
+
+/// Campaigns for the canary controller's seat and holds it while the lease lives; resigns on
+/// `stop` so a successor takes over at once.
+pub async fn lead(writer: Arc<Writer>, mut stop: watch::Receiver<bool>) {
+    let Some(fleet) = writer.fleet().cloned() else {
+        return;
+    };
+    loop {
+        let held = async {
+            let lease = fleet.lease().await?;
+            let seat = async {
+                fleet.campaign(lease).await?;
+                tracing::info!(
+                    replica = fleet.replica(),
+                    "this replica now runs the canary controller"
+                );
+                writer.metrics().set_fleet(true, fleet.is_up());
+                std::future::pending::<Result<(), FleetError>>().await
+            };
+            tokio::select! {
+                _ = fleet.keep_lease(lease) => {
+                    fleet.lost_leadership("its etcd lease lapsed or could not be renewed");
+                    Ok(())
+                }
+                result = seat => result,
+            }
+        };
+        tokio::select! {
+            result = held => {
+                if let Err(e) = result {
+                    tracing::debug!(error = %e, "canary election: retrying");
+                }
+            }
+            _ = stopped(&mut stop) => break,
+        }
+        writer.metrics().set_fleet(fleet.is_leader(), fleet.is_up());
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+            _ = stopped(&mut stop) => break,
+        }
+    }
+    fleet.resign().await;
+    writer.metrics().set_fleet(false, fleet.is_up());
+}
+
+/// Publishes this replica's counters every [`PUBLISH_INTERVAL`] until `stop`.
+pub async fn publish_counters(writer: Arc<Writer>, mut stop: watch::Receiver<bool>) {
+    let Some(fleet) = writer.fleet().cloned() else {
+        return;
+    };
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(PUBLISH_INTERVAL) => {}
+            _ = stopped(&mut stop) => return,
+        }
+        let counters = super::canary::published(&writer.table().load(), &fleet.incarnation);
+        let value = serde_json::to_string(&counters).expect("counters serialize");
+        if let Err(e) = fleet.publish(value).await {
+            tracing::debug!(error = %e, "cannot publish counters");
+        }
+    }
+}
