@@ -1017,6 +1017,44 @@ mod tests {
     }
 
     #[test]
+    fn fleet_settings_are_checked_with_their_paths() {
+        let fleet = |state: &str| parse(&format!("[state]\n{state}\n{MINIMAL}"));
+        let config = fleet("backend = \"etcd\"\netcd = [\"http://127.0.0.1:2379\"]").unwrap();
+        let f = config.fleet.expect("fleet mode");
+        assert_eq!(f.prefix, "/weir/default");
+        assert_eq!(f.lease_ttl, std::time::Duration::from_secs(10));
+        let config = fleet(
+            "backend = \"etcd\"\netcd = [\"http://a:2379\"]\ncluster = \"prod\"\nreplica = \"w0\"",
+        )
+        .unwrap();
+        let f = config.fleet.unwrap();
+        assert_eq!(
+            (f.prefix.as_str(), f.replica.as_str()),
+            ("/weir/prod", "w0")
+        );
+        assert!(parse(MINIMAL).unwrap().fleet.is_none());
+
+        let problems = fleet(
+            "backend = \"etcd\"\netcd = [\"127.0.0.1:2379\"]\nprefix = \"weir/\"\nlease_ttl = \"500ms\"",
+        )
+        .unwrap_err();
+        let paths: Vec<&str> = problems.iter().map(|p| p.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            ["state.etcd[0]", "state.prefix", "state.lease_ttl"],
+            "{problems:?}"
+        );
+        let problems = fleet("backend = \"etcd\"").unwrap_err();
+        assert_eq!(problems[0].path, "state.etcd");
+        // etcd keys without the etcd backend are a mistake, not silently a single weir.
+        let problems = fleet("etcd = [\"http://127.0.0.1:2379\"]").unwrap_err();
+        assert_eq!(problems[0].path, "state.etcd");
+        assert!(problems[0].message.contains("backend = \"etcd\""));
+        let problems = fleet("backend = \"zookeeper\"").unwrap_err();
+        assert_eq!(problems[0].path, "state.backend");
+    }
+
+    #[test]
     fn shipped_examples_are_valid() {
         for (name, text) in [
             ("config/weir.toml", include_str!("../../config/weir.toml")),
@@ -1024,6 +1062,7 @@ mod tests {
                 "config/minimal.toml",
                 include_str!("../../config/minimal.toml"),
             ),
+            ("config/fleet.toml", include_str!("../../config/fleet.toml")),
         ] {
             if let Err(problems) = parse(text) {
                 panic!("{name}: {problems:?}");
