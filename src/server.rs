@@ -109,6 +109,9 @@ impl Server {
                 idle_timeout: config.proxy.idle_timeout,
                 backend_eject: config.proxy.backend_eject,
                 version_header: config.proxy.version_header.clone(),
+                connect_timeout: config.proxy.connect_timeout,
+                pool_idle_timeout: config.proxy.pool_idle_timeout,
+                pool_max_idle: config.proxy.pool_max_idle_per_backend,
             },
             Arc::new(Shadower::new(&config.shadow, &config.state_dir)),
         ));
@@ -138,6 +141,7 @@ impl Server {
             proxy_listener,
             conn.clone(),
             proxy_tls.clone(),
+            Some(Arc::clone(&proxy)),
             move |peer: SocketAddr, secure: bool| {
                 let info = Arc::new(ConnInfo {
                     client_ip: HeaderValue::from_str(&peer.ip().to_string())
@@ -156,6 +160,7 @@ impl Server {
             admin_listener,
             conn,
             admin_tls.clone(),
+            None,
             move |_peer, _secure| {
                 let state = Arc::clone(&admin_for_conn);
                 service_fn(move |req| admin::handle(Arc::clone(&state), req))

@@ -66,12 +66,15 @@ pub fn http_builder(settings: &ConnSettings) -> auto::Builder<TokioExecutor> {
 pub type TlsConfigCell = Arc<ArcSwap<rustls::ServerConfig>>;
 
 /// Accepts connections until `stop` turns true, then drains them. With `tls`, each connection
-/// completes a TLS handshake (within the header read timeout) before HTTP starts.
+/// completes a TLS handshake (within the header read timeout) before HTTP starts. With `fast`,
+/// plain connections start on the HTTP/1.1 fast path ([`super::h1`]) and move to hyper when
+/// they need it.
 pub async fn serve<F, S, B>(
     name: &'static str,
     listener: TcpListener,
     settings: ConnSettings,
     tls: Option<TlsConfigCell>,
+    fast: Option<Arc<super::Proxy>>,
     service_for: F,
     mut stop: watch::Receiver<bool>,
 ) -> Drained
@@ -88,6 +91,12 @@ where
     let graceful = GracefulShutdown::new();
     let (force_close, force_closed) = watch::channel(false);
     let connections = Arc::new(tokio::sync::Semaphore::new(settings.limits.max_connections));
+    // Fast-path connections hold a sender each; the drain waits until every one is dropped.
+    let (alive, mut all_closed) = tokio::sync::mpsc::channel::<()>(1);
+    let fast_settings = super::h1::FastSettings {
+        header_read_timeout: settings.header_read_timeout,
+        limits: settings.limits.clone(),
+    };
     loop {
         // At the connection limit, stop accepting: new clients wait in the kernel's queue
         // instead of taking memory here.
@@ -119,12 +128,25 @@ where
         let mut force_closed = force_closed.clone();
         let tls = tls.as_ref().map(|cell| cell.load_full());
         let handshake_timeout = settings.header_read_timeout;
+        let fast = fast.clone();
+        let alive = alive.clone();
+        let fast_settings = fast_settings.clone();
+        let mut conn_stop = stop.clone();
         tokio::spawn(async move {
             let _permit = permit;
             let serving = async {
-                match tls {
-                    None => serve_io(&builder, stream, service, watcher, name, peer).await,
-                    Some(config) => {
+                match (tls, fast) {
+                    (None, Some(proxy)) => {
+                        let _alive = alive;
+                        let served =
+                            super::h1::serve(&proxy, stream, peer, &fast_settings, &mut conn_stop)
+                                .await;
+                        if let super::h1::Served::HandOff(io) = served {
+                            serve_io(&builder, io, service, watcher, name, peer).await
+                        }
+                    }
+                    (None, None) => serve_io(&builder, stream, service, watcher, name, peer).await,
+                    (Some(config), _) => {
                         let accept = tokio_rustls::TlsAcceptor::from(config).accept(stream);
                         match tokio::time::timeout(handshake_timeout, accept).await {
                             Ok(Ok(stream)) => {
@@ -147,11 +169,16 @@ where
         });
     }
     drop(listener);
+    drop(alive);
     let open = graceful.count();
     if open > 0 {
         tracing::info!(listener = name, open, "draining open connections");
     }
-    let drained = tokio::time::timeout(settings.drain_timeout, graceful.shutdown()).await;
+    let both = async {
+        graceful.shutdown().await;
+        let _ = all_closed.recv().await;
+    };
+    let drained = tokio::time::timeout(settings.drain_timeout, both).await;
     let _ = force_close.send(true);
     match drained {
         Ok(()) => Drained::Clean,

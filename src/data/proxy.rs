@@ -37,14 +37,18 @@ pub struct ProxySettings {
     pub idle_timeout: Duration,
     pub backend_eject: Duration,
     pub version_header: Option<HeaderName>,
+    /// The HTTP/1.1 fast path's own upstream connections (hyper's client has its own settings).
+    pub connect_timeout: Duration,
+    pub pool_idle_timeout: Duration,
+    pub pool_max_idle: usize,
 }
 
 /// Shared state of the proxy service.
 #[derive(Debug)]
 pub struct Proxy {
-    table: Arc<ArcSwap<RoutingTable>>,
+    pub(crate) table: Arc<ArcSwap<RoutingTable>>,
     client: UpstreamClient,
-    settings: ProxySettings,
+    pub(crate) settings: ProxySettings,
     shadower: Arc<Shadower>,
 }
 
@@ -312,7 +316,7 @@ impl Proxy {
     }
 }
 
-fn backend_message(kind: ErrorKind, label: &str) -> String {
+pub(crate) fn backend_message(kind: ErrorKind, label: &str) -> String {
     match kind {
         ErrorKind::Connect => format!("a backend of {label} refused the connection"),
         ErrorKind::ConnectTimeout => {
@@ -456,11 +460,15 @@ pub fn json_error(status: StatusCode, body: serde_json::Value) -> Response<Proxy
 fn no_route<B>(req: &Request<B>) -> Response<ProxyBody> {
     json_error(
         StatusCode::NOT_FOUND,
-        serde_json::json!({
-            "error": format!("no route matches {} (host {:?})", req.uri().path(), request_host(req).unwrap_or("")),
-            "kind": "no_route",
-        }),
+        no_route_json(req.uri().path(), request_host(req).unwrap_or("")),
     )
+}
+
+pub(crate) fn no_route_json(path: &str, host: &str) -> serde_json::Value {
+    serde_json::json!({
+        "error": format!("no route matches {path} (host {host:?})"),
+        "kind": "no_route",
+    })
 }
 
 fn bad_override<B>(req: &Request<B>, route: &super::table::Route) -> Response<ProxyBody> {
@@ -469,16 +477,17 @@ fn bad_override<B>(req: &Request<B>, route: &super::table::Route) -> Response<Pr
         .get(&OVERRIDE_HEADER)
         .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
         .unwrap_or_default();
-    json_error(
-        StatusCode::BAD_REQUEST,
-        serde_json::json!({
-            "error": format!(
-                "x-weir-version: {wanted:?} is not served by route {}; it serves {}",
-                route.name, route.override_choices()
-            ),
-            "kind": "bad_override",
-        }),
-    )
+    json_error(StatusCode::BAD_REQUEST, bad_override_json(&wanted, route))
+}
+
+pub(crate) fn bad_override_json(wanted: &str, route: &super::table::Route) -> serde_json::Value {
+    serde_json::json!({
+        "error": format!(
+            "x-weir-version: {wanted:?} is not served by route {}; it serves {}",
+            route.name, route.override_choices()
+        ),
+        "kind": "bad_override",
+    })
 }
 
 #[cfg(test)]

@@ -31,13 +31,60 @@ pub fn sticky_bucket(key: &[u8], seed: u64) -> u16 {
     (xxhash_rust::xxh3::xxh3_64_with_seed(key, seed) % 10_000) as u16
 }
 
+/// The request headers routing reads: a hyper `HeaderMap`, or the raw headers the HTTP/1.1 fast
+/// path parsed.
+pub trait RequestHeaders {
+    /// The first value of `name`.
+    fn first(&self, name: &HeaderName) -> Option<&[u8]>;
+    /// The first `f(value)` that is `Some`, over every value of `name` in order.
+    fn find_value<'s, T>(
+        &'s self,
+        name: &HeaderName,
+        f: impl FnMut(&'s [u8]) -> Option<T>,
+    ) -> Option<T>;
+}
+
+impl RequestHeaders for HeaderMap {
+    #[inline]
+    fn first(&self, name: &HeaderName) -> Option<&[u8]> {
+        self.get(name).map(|v| v.as_bytes())
+    }
+
+    fn find_value<'s, T>(
+        &'s self,
+        name: &HeaderName,
+        mut f: impl FnMut(&'s [u8]) -> Option<T>,
+    ) -> Option<T> {
+        self.get_all(name).iter().find_map(|v| f(v.as_bytes()))
+    }
+}
+
+impl RequestHeaders for [httparse::Header<'_>] {
+    #[inline]
+    fn first(&self, name: &HeaderName) -> Option<&[u8]> {
+        self.iter()
+            .find(|h| h.name.eq_ignore_ascii_case(name.as_str()))
+            .map(|h| h.value)
+    }
+
+    fn find_value<'s, T>(
+        &'s self,
+        name: &HeaderName,
+        mut f: impl FnMut(&'s [u8]) -> Option<T>,
+    ) -> Option<T> {
+        self.iter()
+            .filter(|h| h.name.eq_ignore_ascii_case(name.as_str()))
+            .find_map(|h| f(h.value))
+    }
+}
+
 impl Route {
     /// Chooses the version that serves a request with these headers.
     #[inline]
-    pub fn choose(&self, headers: &HeaderMap) -> Result<&Target, BadOverride> {
+    pub fn choose<H: RequestHeaders + ?Sized>(&self, headers: &H) -> Result<&Target, BadOverride> {
         if self.allow_override {
-            if let Some(wanted) = headers.get(&OVERRIDE_HEADER) {
-                return self.override_target(wanted.as_bytes());
+            if let Some(wanted) = headers.first(&OVERRIDE_HEADER) {
+                return self.override_target(wanted);
             }
         }
         let Some(candidate) = &self.candidate else {
@@ -78,16 +125,15 @@ impl Route {
 
 /// The sticky key of a request, if it carries one.
 #[inline]
-fn sticky_key<'h>(sticky: &StickyKey, headers: &'h HeaderMap) -> Option<&'h [u8]> {
+fn sticky_key<'h, H: RequestHeaders + ?Sized>(
+    sticky: &StickyKey,
+    headers: &'h H,
+) -> Option<&'h [u8]> {
     match sticky {
-        StickyKey::Header(name) => headers
-            .get(name)
-            .map(|v| v.as_bytes())
-            .filter(|v| !v.is_empty()),
-        StickyKey::Cookie(name) => headers
-            .get_all(COOKIE)
-            .iter()
-            .find_map(|v| cookie_value(v.as_bytes(), name.as_bytes())),
+        StickyKey::Header(name) => headers.first(name).filter(|v| !v.is_empty()),
+        StickyKey::Cookie(name) => {
+            headers.find_value(&COOKIE, |v| cookie_value(v, name.as_bytes()))
+        }
     }
 }
 

@@ -35,6 +35,8 @@ pub struct Backend {
     /// Whether the backend reports the identity the registry expects. Always true without an
     /// identity probe; with one, false until the first probe says so.
     verified: AtomicBool,
+    /// Idle keep-alive connections of the HTTP/1.1 fast path.
+    pub pool: super::h1::Pool,
 }
 
 /// Process-wide reference point for ejection deadlines, kept as plain integers.
@@ -66,6 +68,7 @@ impl Version {
                     in_flight: AtomicUsize::new(0),
                     ejected_until: AtomicU64::new(0),
                     verified: AtomicBool::new(verified),
+                    pool: super::h1::Pool::new(),
                 })
                 .collect(),
             balance: config.balance,

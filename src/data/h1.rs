@@ -1,0 +1,1162 @@
+//! The HTTP/1.1 fast path: plain-TCP HTTP/1.1 connections are served by one task that parses
+//! heads with `httparse`, writes the upstream request straight from the parsed slices onto a
+//! pooled backend socket it owns for the exchange, and passes the response bytes through as they
+//! arrive (chunked framing is tracked, not re-encoded).
+//!
+//! Invariant: the fast path serves only what it can serve exactly like the hyper path: origin-form
+//! HTTP/1.1 requests with no body or a `Content-Length` body, to plain-HTTP backends, on routes
+//! that do not shadow. At the first request that is anything else (HTTP/2 preface, chunked or
+//! `Expect` bodies, upgrades, TLS backends, shadowed routes, heads too large or malformed) the
+//! connection is handed to hyper with every unconsumed byte, before anything was counted or sent.
+
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, BytesMut};
+use http::header::HeaderName;
+use http::StatusCode;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+
+use super::body::InFlight;
+use super::proxy::{backend_message, bad_override_json, no_route_json, Proxy};
+use super::split::BadOverride;
+use super::upstream::Backend;
+use crate::config::ConnLimits;
+use crate::metrics::ErrorKind;
+
+/// Headers the fast path parses per message; a request with more goes to hyper (which applies
+/// `listener.max_headers`).
+const MAX_HEADERS: usize = 64;
+/// A response head larger than this is a protocol error (hyper's default limit is similar).
+const MAX_RESPONSE_HEAD: usize = 64 * 1024;
+const READ_CHUNK: usize = 8 * 1024;
+
+/// How a connection left the fast path.
+#[derive(Debug)]
+pub enum Served {
+    /// Closed (by either side, a timeout or the drain).
+    Closed,
+    /// Hyper serves the rest of the connection, starting with these unconsumed bytes.
+    HandOff(Rewind),
+}
+
+/// Connection settings the fast path needs.
+#[derive(Clone, Debug)]
+pub struct FastSettings {
+    pub header_read_timeout: Duration,
+    pub limits: ConnLimits,
+}
+
+/// Serves a plain-TCP connection until it closes or needs hyper.
+pub async fn serve(
+    proxy: &Proxy,
+    mut client: TcpStream,
+    peer: SocketAddr,
+    settings: &FastSettings,
+    stop: &mut watch::Receiver<bool>,
+) -> Served {
+    let client_ip = peer.ip().to_string();
+    let max_head = settings.limits.max_header_bytes.max(1024);
+    // Empty (unallocated) while the connection is idle: an idle keep-alive connection costs its
+    // task and socket, not a buffer.
+    let mut buf = BytesMut::new();
+    loop {
+        // Wait for a complete request head.
+        loop {
+            if buf.starts_with(b"PRI * HTTP/2.0") || buf.first().is_some_and(|b| *b == 0x16) {
+                return Served::HandOff(Rewind::new(buf, client)); // h2 prior knowledge, or TLS
+            }
+            if memchr::memmem::find(&buf, b"\r\n\r\n").is_some() {
+                break;
+            }
+            if buf.len() >= max_head {
+                return Served::HandOff(Rewind::new(buf, client)); // hyper answers 431
+            }
+            if buf.is_empty() && *stop.borrow() {
+                return Served::Closed;
+            }
+            if buf.capacity() - buf.len() < 1024 {
+                buf.reserve(READ_CHUNK);
+            }
+            let read = tokio::select! {
+                read = tokio::time::timeout(settings.header_read_timeout, client.read_buf(&mut buf)) => read,
+                _ = super::listener::stopped(stop), if buf.is_empty() => return Served::Closed,
+            };
+            match read {
+                Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return Served::Closed,
+                Ok(Ok(_)) => {}
+            }
+        }
+        let draining = *stop.borrow();
+        let outcome = Box::pin(exchange(proxy, &mut client, &buf, &client_ip, draining)).await;
+        match outcome {
+            Exchange::HandOff => return Served::HandOff(Rewind::new(buf, client)),
+            Exchange::Close => return Served::Closed,
+            Exchange::Done { consumed } => {
+                buf.advance(consumed);
+                if buf.is_empty() {
+                    buf = BytesMut::new();
+                }
+                if *stop.borrow() {
+                    return Served::Closed;
+                }
+            }
+        }
+    }
+}
+
+enum Exchange {
+    /// Answered; the request took `consumed` bytes of the buffer; the connection stays open.
+    Done { consumed: usize },
+    /// Answered (or failed) in a way that ends the connection.
+    Close,
+    /// Not for the fast path: nothing was sent or counted.
+    HandOff,
+}
+
+/// What the fast path reads from a request head.
+struct Head<'a> {
+    host: Option<&'a [u8]>,
+    content_length: Option<u64>,
+    close: bool,
+    /// `Connection` tokens other than close / keep-alive: headers not to forward.
+    connection_named: Vec<&'a [u8]>,
+}
+
+fn is_hop_by_hop(name: &str) -> bool {
+    const HOP: [&str; 9] = [
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    ];
+    HOP.iter().any(|h| name.eq_ignore_ascii_case(h))
+}
+
+fn tokens(value: &[u8]) -> impl Iterator<Item = &[u8]> {
+    value
+        .split(|b| *b == b',')
+        .map(|t| t.trim_ascii())
+        .filter(|t| !t.is_empty())
+}
+
+/// Reads the request's framing and connection headers; `None`: hand the request to hyper.
+fn read_head<'a>(headers: &'a [httparse::Header<'a>]) -> Option<Head<'a>> {
+    let mut head = Head {
+        host: None,
+        content_length: None,
+        close: false,
+        connection_named: Vec::new(),
+    };
+    for h in headers {
+        let name = h.name;
+        if name.eq_ignore_ascii_case("host") {
+            if head.host.is_some() {
+                return None;
+            }
+            head.host = Some(h.value);
+        } else if name.eq_ignore_ascii_case("content-length") {
+            let text = std::str::from_utf8(h.value).ok()?.trim();
+            if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
+                return None;
+            }
+            let len: u64 = text.parse().ok()?;
+            if head.content_length.is_some_and(|l| l != len) {
+                return None;
+            }
+            head.content_length = Some(len);
+        } else if name.eq_ignore_ascii_case("transfer-encoding")
+            || name.eq_ignore_ascii_case("expect")
+            || name.eq_ignore_ascii_case("upgrade")
+        {
+            return None;
+        } else if name.eq_ignore_ascii_case("connection") {
+            for token in tokens(h.value) {
+                if token.eq_ignore_ascii_case(b"close") {
+                    head.close = true;
+                } else if token.eq_ignore_ascii_case(b"upgrade") {
+                    return None;
+                } else if !token.eq_ignore_ascii_case(b"keep-alive") {
+                    head.connection_named.push(token);
+                }
+            }
+        }
+    }
+    Some(head)
+}
+
+/// One request and its response.
+async fn exchange(
+    proxy: &Proxy,
+    client: &mut TcpStream,
+    buf: &[u8],
+    client_ip: &str,
+    draining: bool,
+) -> Exchange {
+    let started = Instant::now();
+    let mut storage = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut storage);
+    let head_len = match req.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        _ => return Exchange::HandOff,
+    };
+    let (Some(method), Some(request_target), Some(1)) = (req.method, req.path, req.version) else {
+        return Exchange::HandOff;
+    };
+    if method == "CONNECT" || !request_target.starts_with('/') {
+        return Exchange::HandOff;
+    }
+    let headers: &[httparse::Header<'_>] = req.headers;
+    let Some(head) = read_head(headers) else {
+        return Exchange::HandOff;
+    };
+    let Some(host) = head.host.and_then(|h| std::str::from_utf8(h).ok()) else {
+        return Exchange::HandOff;
+    };
+    let path = request_target
+        .split_once('?')
+        .map_or(request_target, |(p, _)| p);
+    let body_len = head.content_length.unwrap_or(0);
+    let buffered_body = (buf.len() - head_len).min(body_len as usize);
+    let consumed = head_len + buffered_body;
+    let body_complete = buffered_body as u64 == body_len;
+    // Where a local answer leaves the connection: reusable only when the whole request is read.
+    let reuse = body_complete.then_some(consumed);
+    let keep_alive = !head.close && !draining;
+    let settings = &proxy.settings;
+
+    // Decide from one table snapshot, then let it go.
+    let (target, version) = {
+        let table = proxy.table.load();
+        let Some(route) = table.find(Some(host), path) else {
+            let body = no_route_json(path, host);
+            return local(
+                client,
+                StatusCode::NOT_FOUND,
+                &body,
+                None,
+                keep_alive,
+                reuse,
+            )
+            .await;
+        };
+        if route.shadow.is_some() {
+            return Exchange::HandOff;
+        }
+        let chosen = match route.choose(headers) {
+            Ok(t) => t,
+            Err(BadOverride) => {
+                let wanted = headers
+                    .iter()
+                    .find(|h| {
+                        h.name
+                            .eq_ignore_ascii_case(super::split::OVERRIDE_HEADER.as_str())
+                    })
+                    .map(|h| String::from_utf8_lossy(h.value).into_owned())
+                    .unwrap_or_default();
+                let body = bad_override_json(&wanted, route);
+                return local(
+                    client,
+                    StatusCode::BAD_REQUEST,
+                    &body,
+                    None,
+                    keep_alive,
+                    reuse,
+                )
+                .await;
+            }
+        };
+        if chosen
+            .version
+            .backends
+            .iter()
+            .any(|b| b.scheme != http::uri::Scheme::HTTP)
+        {
+            return Exchange::HandOff;
+        }
+        (Arc::clone(&chosen.stats), Arc::clone(&chosen.version))
+    };
+    let in_flight = InFlight::start(target, started);
+    let label_header = settings
+        .version_header
+        .as_ref()
+        .map(|name| (name, version.label_header.as_bytes()));
+
+    if body_len > settings.max_request_body {
+        let body = serde_json::json!({
+            "error": format!("request body is larger than the limit of {} bytes (listener.max_request_body)", settings.max_request_body),
+            "version": &*version.label,
+            "kind": "request_too_large",
+        });
+        in_flight
+            .stats()
+            .count_response(StatusCode::PAYLOAD_TOO_LARGE);
+        return local(
+            client,
+            StatusCode::PAYLOAD_TOO_LARGE,
+            &body,
+            label_header,
+            keep_alive,
+            reuse,
+        )
+        .await;
+    }
+    let refuse = |kind: ErrorKind| {
+        in_flight.stats().count_error(kind);
+        in_flight.stats().count_response(kind.status());
+        serde_json::json!({"error": backend_message(kind, &version.label), "version": &*version.label, "kind": kind.as_str()})
+    };
+    let Some(picked) = version.pick() else {
+        let kind = if version.any_verified() {
+            ErrorKind::NoBackend
+        } else {
+            ErrorKind::Unverified
+        };
+        let body = refuse(kind);
+        return local(
+            client,
+            kind.status(),
+            &body,
+            label_header,
+            keep_alive,
+            reuse,
+        )
+        .await;
+    };
+    let backend = picked.backend();
+
+    // The upstream request: the client's head minus hop-by-hop headers and the override, plus
+    // X-Forwarded-For / -Proto; then the body bytes already read.
+    let mut out = Vec::with_capacity(head_len + buffered_body + 64);
+    out.extend_from_slice(method.as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(request_target.as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    let mut forwarded_for: Vec<&[u8]> = Vec::new();
+    for h in headers {
+        let name = h.name;
+        if is_hop_by_hop(name)
+            || name.eq_ignore_ascii_case(super::split::OVERRIDE_HEADER.as_str())
+            || name.eq_ignore_ascii_case("x-forwarded-proto")
+            || head
+                .connection_named
+                .iter()
+                .any(|n| name.as_bytes().eq_ignore_ascii_case(n))
+        {
+            continue;
+        }
+        if name.eq_ignore_ascii_case("x-forwarded-for") {
+            forwarded_for.push(h.value);
+            continue;
+        }
+        push_header(&mut out, name.as_bytes(), h.value);
+    }
+    out.extend_from_slice(b"x-forwarded-for: ");
+    for prior in &forwarded_for {
+        out.extend_from_slice(prior);
+        out.extend_from_slice(b", ");
+    }
+    out.extend_from_slice(client_ip.as_bytes());
+    out.extend_from_slice(b"\r\nx-forwarded-proto: http\r\n\r\n");
+    out.extend_from_slice(&buf[head_len..consumed]);
+
+    // Send it; a pooled connection the backend closed meanwhile is retried once on a new one
+    // when the whole request is in hand (nothing reached the backend's application).
+    let mut attempt = 0;
+    let (mut conn, response) = loop {
+        attempt += 1;
+        let (mut conn, reused) = match backend.pool.checkout(settings.pool_idle_timeout) {
+            Some(conn) => (conn, true),
+            None => match connect(backend, settings.connect_timeout).await {
+                Ok(conn) => (conn, false),
+                Err(kind) => {
+                    if backend.eject(settings.backend_eject) {
+                        tracing::warn!(
+                            version = %version.label,
+                            backend = %backend.authority,
+                            "backend refused a connection; skipping it for {:?}",
+                            settings.backend_eject
+                        );
+                    }
+                    let body = refuse(kind);
+                    return local(client, kind.status(), &body, label_header, false, None).await;
+                }
+            },
+        };
+        if conn.stream.write_all(&out).await.is_err() {
+            if reused && body_complete && attempt < 2 {
+                continue;
+            }
+            let body = refuse(ErrorKind::Reset);
+            return local(
+                client,
+                StatusCode::BAD_GATEWAY,
+                &body,
+                label_header,
+                false,
+                None,
+            )
+            .await;
+        }
+        if !body_complete {
+            // Stream the rest of the body from the client.
+            let mut left = body_len - buffered_body as u64;
+            let mut chunk = vec![0u8; READ_CHUNK.min(left as usize)];
+            while left > 0 {
+                let want = chunk.len().min(left as usize);
+                let n = match tokio::time::timeout(
+                    settings.idle_timeout,
+                    client.read(&mut chunk[..want]),
+                )
+                .await
+                {
+                    Ok(Ok(n)) if n > 0 => n,
+                    _ => {
+                        // The client stopped sending its body: nothing sensible to forward.
+                        in_flight.stats().count_response(StatusCode::BAD_REQUEST);
+                        let body = serde_json::json!({"error": "the request body could not be read from the client", "version": &*version.label, "kind": "client_body"});
+                        return local(
+                            client,
+                            StatusCode::BAD_REQUEST,
+                            &body,
+                            label_header,
+                            false,
+                            None,
+                        )
+                        .await;
+                    }
+                };
+                if conn.stream.write_all(&chunk[..n]).await.is_err() {
+                    let body = refuse(ErrorKind::Reset);
+                    return local(
+                        client,
+                        StatusCode::BAD_GATEWAY,
+                        &body,
+                        label_header,
+                        false,
+                        None,
+                    )
+                    .await;
+                }
+                left -= n as u64;
+            }
+        }
+        match tokio::time::timeout(
+            settings.response_header_timeout,
+            read_response_head(&mut conn, method == "HEAD"),
+        )
+        .await
+        {
+            Err(_) => {
+                let body = refuse(ErrorKind::Timeout);
+                return local(
+                    client,
+                    StatusCode::GATEWAY_TIMEOUT,
+                    &body,
+                    label_header,
+                    false,
+                    None,
+                )
+                .await;
+            }
+            Ok(Err(HeadError::Closed)) if reused && body_complete && attempt < 2 => continue,
+            Ok(Err(e)) => {
+                let kind = match e {
+                    HeadError::Closed => ErrorKind::Reset,
+                    HeadError::Invalid => ErrorKind::Protocol,
+                };
+                let body = refuse(kind);
+                return local(client, kind.status(), &body, label_header, false, None).await;
+            }
+            Ok(Ok(response)) => break (conn, response),
+        }
+    };
+
+    // The client's response head.
+    let status = StatusCode::from_u16(response.status).unwrap_or(StatusCode::BAD_GATEWAY);
+    in_flight.stats().count_response(status);
+    // Close-delimited upstream bodies reach the client chunked: a close would lose the
+    // difference between the end and a failure.
+    let encode_chunks = matches!(response.framing, Framing::UntilClose);
+    let mut head_out = Vec::with_capacity(response.head.len() + 96);
+    head_out.extend_from_slice(b"HTTP/1.1 ");
+    head_out.extend_from_slice(response.status_text(&conn.buf).as_bytes());
+    head_out.extend_from_slice(b"\r\n");
+    response.write_headers(&conn.buf, &mut head_out);
+    if let Some((name, value)) = label_header {
+        push_header(&mut head_out, name.as_str().as_bytes(), value);
+    }
+    if !keep_alive {
+        head_out.extend_from_slice(b"connection: close\r\n");
+    }
+    head_out.extend_from_slice(b"\r\n");
+    conn.buf.advance(response.head.len());
+
+    // The body, as it arrives.
+    let mut framing = response.framing;
+    let mut first_byte = false;
+    let mut pending = head_out;
+    loop {
+        let (pass, done) = framing.take(&conn.buf);
+        if pass > 0 {
+            if !first_byte {
+                first_byte = true;
+                in_flight
+                    .stats()
+                    .ttfb
+                    .observe(started.elapsed().as_secs_f64());
+            }
+            if encode_chunks {
+                pending.extend_from_slice(format!("{pass:x}\r\n").as_bytes());
+                pending.extend_from_slice(&conn.buf[..pass]);
+                pending.extend_from_slice(b"\r\n");
+            } else {
+                pending.extend_from_slice(&conn.buf[..pass]);
+            }
+            conn.buf.advance(pass);
+        }
+        if done {
+            if encode_chunks {
+                pending.extend_from_slice(b"0\r\n\r\n");
+            }
+            if !first_byte {
+                in_flight
+                    .stats()
+                    .ttfb
+                    .observe(started.elapsed().as_secs_f64());
+            }
+            if client.write_all(&pending).await.is_err() {
+                return Exchange::Close;
+            }
+            drop(in_flight);
+            let reusable = response.keep_alive && conn.buf.is_empty() && !encode_chunks;
+            if reusable {
+                backend.pool.put(conn, settings.pool_max_idle);
+            }
+            drop(picked);
+            return if keep_alive {
+                Exchange::Done { consumed }
+            } else {
+                Exchange::Close
+            };
+        }
+        if !pending.is_empty() {
+            if client.write_all(&pending).await.is_err() {
+                return Exchange::Close; // the client left: the upstream connection goes too
+            }
+            pending.clear();
+        }
+        if conn.buf.capacity() - conn.buf.len() < 1024 {
+            conn.buf.reserve(READ_CHUNK);
+        }
+        match tokio::time::timeout(settings.idle_timeout, conn.stream.read_buf(&mut conn.buf)).await
+        {
+            Ok(Ok(0)) if matches!(framing, Framing::UntilClose) => framing = Framing::Ended,
+            Ok(Ok(n)) if n > 0 => {}
+            Ok(_) => {
+                in_flight.stats().count_error(ErrorKind::Body);
+                tracing::debug!(version = %version.label, "backend broke off the response mid-body");
+                return Exchange::Close;
+            }
+            Err(_) => {
+                in_flight.stats().count_error(ErrorKind::IdleTimeout);
+                tracing::debug!(version = %version.label, "backend went silent mid-body for longer than the idle timeout");
+                return Exchange::Close;
+            }
+        }
+    }
+}
+
+fn push_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Answers with weir's own JSON, draining a small unread request body so the connection can stay
+/// open (a large unread body closes it).
+async fn local(
+    client: &mut TcpStream,
+    status: StatusCode,
+    body: &serde_json::Value,
+    version_header: Option<(&HeaderName, &[u8])>,
+    keep_alive: bool,
+    consumed: Option<usize>,
+) -> Exchange {
+    let keep_alive = keep_alive && consumed.is_some();
+    let body = body.to_string();
+    let mut out = Vec::with_capacity(body.len() + 160);
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(status.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\ncontent-type: application/json\r\n");
+    push_header(
+        &mut out,
+        b"content-length",
+        body.len().to_string().as_bytes(),
+    );
+    if let Some((name, value)) = version_header {
+        push_header(&mut out, name.as_str().as_bytes(), value);
+    }
+    if !keep_alive {
+        out.extend_from_slice(b"connection: close\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(body.as_bytes());
+    match consumed {
+        Some(consumed) if keep_alive && client.write_all(&out).await.is_ok() => {
+            Exchange::Done { consumed }
+        }
+        _ => {
+            if keep_alive {
+                return Exchange::Close;
+            }
+            let _ = client.write_all(&out).await;
+            let _ = client.shutdown().await;
+            Exchange::Close
+        }
+    }
+}
+
+// === upstream connections ===
+
+/// A kept-alive connection to one backend, with what it has read but not yet passed on.
+#[derive(Debug)]
+pub struct Upstream {
+    stream: TcpStream,
+    buf: BytesMut,
+    idle_since: Instant,
+}
+
+/// A backend's idle connections: a lock-free queue, so checkouts never wait on each other.
+pub struct Pool {
+    idle: crossbeam_queue::ArrayQueue<Upstream>,
+}
+
+impl std::fmt::Debug for Pool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pool")
+            .field("idle", &self.idle.len())
+            .finish()
+    }
+}
+
+impl Pool {
+    pub const CAPACITY: usize = 1024;
+
+    pub fn new() -> Pool {
+        Pool {
+            idle: crossbeam_queue::ArrayQueue::new(Pool::CAPACITY),
+        }
+    }
+
+    /// The most recently usable idle connection; older than `max_idle` ones are closed.
+    fn checkout(&self, max_idle: Duration) -> Option<Upstream> {
+        while let Some(conn) = self.idle.pop() {
+            if conn.idle_since.elapsed() < max_idle {
+                return Some(conn);
+            }
+        }
+        None
+    }
+
+    fn put(&self, mut conn: Upstream, max: usize) {
+        if self.idle.len() < max {
+            conn.idle_since = Instant::now();
+            if conn.buf.capacity() > 4 * READ_CHUNK {
+                conn.buf = BytesMut::new();
+            }
+            let _ = self.idle.push(conn);
+        }
+    }
+}
+
+impl Default for Pool {
+    fn default() -> Pool {
+        Pool::new()
+    }
+}
+
+async fn connect(backend: &Backend, timeout: Duration) -> Result<Upstream, ErrorKind> {
+    let addr = backend.authority.as_str();
+    match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
+        Err(_) => Err(ErrorKind::ConnectTimeout),
+        Ok(Err(e)) if e.kind() == io::ErrorKind::TimedOut => Err(ErrorKind::ConnectTimeout),
+        Ok(Err(_)) => Err(ErrorKind::Connect),
+        Ok(Ok(stream)) => {
+            let _ = stream.set_nodelay(true);
+            Ok(Upstream {
+                stream,
+                buf: BytesMut::with_capacity(READ_CHUNK),
+                idle_since: Instant::now(),
+            })
+        }
+    }
+}
+
+// === responses ===
+
+enum HeadError {
+    /// The backend closed (or reset) before a complete head.
+    Closed,
+    /// Not an HTTP/1.x response head.
+    Invalid,
+}
+
+/// How a response body ends.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Framing {
+    Length(u64),
+    Chunked(Chunked),
+    UntilClose,
+    Ended,
+}
+
+impl Framing {
+    /// How many bytes at the front of `data` belong to the body, and whether the body ends there.
+    fn take(&mut self, data: &[u8]) -> (usize, bool) {
+        match self {
+            Framing::Length(left) => {
+                let n = (*left).min(data.len() as u64);
+                *left -= n;
+                (n as usize, *left == 0)
+            }
+            Framing::Chunked(state) => {
+                let (n, done) = state.scan(data);
+                (n, done)
+            }
+            Framing::UntilClose => (data.len(), false),
+            Framing::Ended => (0, true),
+        }
+    }
+}
+
+/// Where a chunked body stands; the bytes pass through untouched.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Chunked {
+    Size {
+        size: u64,
+        digits: u8,
+    },
+    Extension {
+        size: u64,
+    },
+    SizeLf {
+        size: u64,
+    },
+    Data {
+        left: u64,
+    },
+    DataCr,
+    DataLf,
+    /// After the last chunk: trailer lines until an empty one. `empty`: the line so far is empty.
+    Trailer {
+        empty: bool,
+    },
+    TrailerLf {
+        empty: bool,
+    },
+    Done,
+    Invalid,
+}
+
+impl Chunked {
+    fn start() -> Chunked {
+        Chunked::Size { size: 0, digits: 0 }
+    }
+
+    /// Consumes `data` up to the end of the body; returns the bytes taken and whether it ended.
+    /// Invalid framing ends the pass-through (the caller sees no end, so the body fails).
+    fn scan(&mut self, data: &[u8]) -> (usize, bool) {
+        let mut i = 0;
+        while i < data.len() {
+            let b = data[i];
+            *self = match *self {
+                Chunked::Size { size, digits } => match (b as char).to_digit(16) {
+                    Some(d) if digits < 16 => Chunked::Size {
+                        size: size * 16 + u64::from(d),
+                        digits: digits + 1,
+                    },
+                    None if digits > 0 && (b == b';' || b == b' ' || b == b'\t') => {
+                        Chunked::Extension { size }
+                    }
+                    None if digits > 0 && b == b'\r' => Chunked::SizeLf { size },
+                    _ => Chunked::Invalid,
+                },
+                Chunked::Extension { size } => {
+                    if b == b'\r' {
+                        Chunked::SizeLf { size }
+                    } else {
+                        Chunked::Extension { size }
+                    }
+                }
+                Chunked::SizeLf { size } => match (b, size) {
+                    (b'\n', 0) => Chunked::Trailer { empty: true },
+                    (b'\n', size) => Chunked::Data { left: size },
+                    _ => Chunked::Invalid,
+                },
+                Chunked::Data { left } => {
+                    let n = (left as usize).min(data.len() - i);
+                    i += n;
+                    let left = left - n as u64;
+                    *self = if left == 0 {
+                        Chunked::DataCr
+                    } else {
+                        Chunked::Data { left }
+                    };
+                    continue;
+                }
+                Chunked::DataCr if b == b'\r' => Chunked::DataLf,
+                Chunked::DataLf if b == b'\n' => Chunked::start(),
+                Chunked::Trailer { empty } => {
+                    if b == b'\r' {
+                        Chunked::TrailerLf { empty }
+                    } else {
+                        Chunked::Trailer { empty: false }
+                    }
+                }
+                Chunked::TrailerLf { empty } => match (b, empty) {
+                    (b'\n', true) => Chunked::Done,
+                    (b'\n', false) => Chunked::Trailer { empty: true },
+                    _ => Chunked::Invalid,
+                },
+                Chunked::DataCr | Chunked::DataLf | Chunked::Done | Chunked::Invalid => {
+                    Chunked::Invalid
+                }
+            };
+            if *self == Chunked::Invalid {
+                return (i, false);
+            }
+            i += 1;
+            if *self == Chunked::Done {
+                return (i, true);
+            }
+        }
+        (i, false)
+    }
+}
+
+/// A parsed response head, as offsets into the upstream buffer.
+struct ResponseHead {
+    status: u16,
+    /// The head's bytes (`..len()` of the buffer).
+    head: std::ops::Range<usize>,
+    reason: std::ops::Range<usize>,
+    /// Header lines to pass on, as (name, value) ranges.
+    headers: Vec<(std::ops::Range<usize>, std::ops::Range<usize>)>,
+    framing: Framing,
+    keep_alive: bool,
+}
+
+impl ResponseHead {
+    fn status_text(&self, buf: &[u8]) -> String {
+        let reason = std::str::from_utf8(&buf[self.reason.clone()]).unwrap_or("");
+        let reason = if reason.is_empty() {
+            StatusCode::from_u16(self.status)
+                .ok()
+                .and_then(|s| s.canonical_reason())
+                .unwrap_or("")
+        } else {
+            reason
+        };
+        format!("{} {reason}", self.status)
+    }
+
+    fn write_headers(&self, buf: &[u8], out: &mut Vec<u8>) {
+        for (name, value) in &self.headers {
+            push_header(out, &buf[name.clone()], &buf[value.clone()]);
+        }
+        if matches!(self.framing, Framing::UntilClose) {
+            out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+        }
+    }
+}
+
+/// Reads until a complete final response head is in `conn.buf` (1xx heads are skipped).
+async fn read_response_head(
+    conn: &mut Upstream,
+    head_request: bool,
+) -> Result<ResponseHead, HeadError> {
+    loop {
+        if !conn.buf.is_empty() {
+            match parse_response(&conn.buf, head_request)? {
+                Some(Parsed::Informational(len)) => {
+                    conn.buf.advance(len);
+                    continue;
+                }
+                Some(Parsed::Final(head)) => return Ok(head),
+                None if conn.buf.len() > MAX_RESPONSE_HEAD => return Err(HeadError::Invalid),
+                None => {}
+            }
+        }
+        if conn.buf.capacity() - conn.buf.len() < 1024 {
+            conn.buf.reserve(READ_CHUNK);
+        }
+        match conn.stream.read_buf(&mut conn.buf).await {
+            Ok(0) | Err(_) => return Err(HeadError::Closed),
+            Ok(_) => {}
+        }
+    }
+}
+
+enum Parsed {
+    Informational(usize),
+    Final(ResponseHead),
+}
+
+fn parse_response(buf: &[u8], head_request: bool) -> Result<Option<Parsed>, HeadError> {
+    let mut storage = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut res = httparse::Response::new(&mut storage);
+    let len = match res.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(_) => return Err(HeadError::Invalid),
+    };
+    let status = res.code.ok_or(HeadError::Invalid)?;
+    if status == 101 {
+        return Err(HeadError::Invalid); // weir never asks for an upgrade
+    }
+    if (100..200).contains(&status) {
+        return Ok(Some(Parsed::Informational(len)));
+    }
+    let offset = |s: &[u8]| s.as_ptr() as usize - buf.as_ptr() as usize;
+    let range = |s: &[u8]| offset(s)..offset(s) + s.len();
+    let reason = res.reason.map_or(0..0, |r| range(r.as_bytes()));
+    let mut keep_alive = res.version == Some(1);
+    let mut chunked = false;
+    let mut length: Option<u64> = None;
+    let mut named: Vec<&[u8]> = Vec::new();
+    for h in res.headers.iter() {
+        if h.name.eq_ignore_ascii_case("connection") {
+            for token in tokens(h.value) {
+                if token.eq_ignore_ascii_case(b"close") {
+                    keep_alive = false;
+                } else if token.eq_ignore_ascii_case(b"keep-alive") {
+                    keep_alive |= res.version == Some(0);
+                } else {
+                    named.push(token);
+                }
+            }
+        } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
+            let last = tokens(h.value).last().unwrap_or_default();
+            chunked = last.eq_ignore_ascii_case(b"chunked");
+            if !chunked {
+                return Err(HeadError::Invalid); // only chunked can frame a response we keep alive
+            }
+        } else if h.name.eq_ignore_ascii_case("content-length") {
+            let value = std::str::from_utf8(h.value)
+                .ok()
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .ok_or(HeadError::Invalid)?;
+            if length.is_some_and(|l| l != value) {
+                return Err(HeadError::Invalid);
+            }
+            length = Some(value);
+        }
+    }
+    let no_body = head_request || status == 204 || status == 304;
+    let framing = if no_body {
+        Framing::Ended
+    } else if chunked {
+        Framing::Chunked(Chunked::start())
+    } else if let Some(len) = length {
+        if len == 0 {
+            Framing::Ended
+        } else {
+            Framing::Length(len)
+        }
+    } else {
+        keep_alive = false;
+        Framing::UntilClose
+    };
+    let mut headers = Vec::with_capacity(res.headers.len());
+    for h in res.headers.iter() {
+        let name = h.name;
+        // Framing headers stay when the body passes through as framed; hop-by-hop ones go.
+        let framing_header = name.eq_ignore_ascii_case("transfer-encoding") && chunked && !no_body;
+        if (is_hop_by_hop(name) && !framing_header)
+            || (chunked && name.eq_ignore_ascii_case("content-length"))
+            || named
+                .iter()
+                .any(|n| name.as_bytes().eq_ignore_ascii_case(n))
+        {
+            continue;
+        }
+        headers.push((range(name.as_bytes()), range(h.value)));
+    }
+    Ok(Some(Parsed::Final(ResponseHead {
+        status,
+        head: 0..len,
+        reason,
+        headers,
+        framing,
+        keep_alive,
+    })))
+}
+
+// === impl Rewind ===
+
+/// A connection with bytes already read from it put back in front, for hyper.
+#[derive(Debug)]
+pub struct Rewind {
+    prefix: BytesMut,
+    inner: TcpStream,
+}
+
+impl Rewind {
+    fn new(prefix: BytesMut, inner: TcpStream) -> Rewind {
+        Rewind { prefix, inner }
+    }
+}
+
+impl AsyncRead for Rewind {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        out: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if !self.prefix.is_empty() {
+            let n = self.prefix.len().min(out.remaining());
+            out.put_slice(&self.prefix[..n]);
+            self.prefix.advance(n);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.inner).poll_read(cx, out)
+    }
+}
+
+impl AsyncWrite for Rewind {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, data)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scan_all(parts: &[&[u8]]) -> (usize, bool) {
+        let mut state = Chunked::start();
+        let mut total = 0;
+        for part in parts {
+            let (n, done) = state.scan(part);
+            total += n;
+            if done {
+                return (total, true);
+            }
+        }
+        (total, false)
+    }
+
+    #[test]
+    fn chunked_bodies_end_exactly_where_their_framing_says() {
+        let body = b"5\r\nhello\r\n6;ext=1\r\n world\r\n0\r\n\r\nNEXT";
+        let (n, done) = scan_all(&[body]);
+        assert!(done);
+        assert_eq!(&body[..n], b"5\r\nhello\r\n6;ext=1\r\n world\r\n0\r\n\r\n");
+        // Split at every byte boundary.
+        for cut in 1..body.len() - 4 {
+            let (n, done) = scan_all(&[&body[..cut], &body[cut..]]);
+            assert!(done, "cut {cut}");
+            assert_eq!(n, body.len() - 4, "cut {cut}");
+        }
+        // Trailers.
+        let (n, done) = scan_all(&[b"0\r\nx-t: 1\r\n\r\n"]);
+        assert!(done && n == 13);
+        // Garbage never reads as an end.
+        assert!(!scan_all(&[b"zz\r\n"]).1);
+        assert!(!scan_all(&[b"3\r\nabcX\r\n0\r\n\r\n"]).1);
+    }
+
+    #[test]
+    fn response_heads_keep_framing_and_drop_hop_by_hop_headers() {
+        let raw = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: x-secret\r\nX-Secret: 1\r\nKeep-Alive: timeout=5\r\nX-Kept: 2\r\n\r\nhello";
+        let Ok(Some(Parsed::Final(head))) = parse_response(raw, false) else {
+            panic!("parses")
+        };
+        assert_eq!(head.framing, Framing::Length(5));
+        assert!(head.keep_alive);
+        let mut out = Vec::new();
+        head.write_headers(raw, &mut out);
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "Content-Length: 5\r\nX-Kept: 2\r\n"
+        );
+        let raw = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 9\r\n\r\n";
+        let Ok(Some(Parsed::Final(head))) = parse_response(raw, false) else {
+            panic!("parses")
+        };
+        let mut out = Vec::new();
+        head.write_headers(raw, &mut out);
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "Transfer-Encoding: chunked\r\n"
+        );
+        let raw = b"HTTP/1.0 200 OK\r\n\r\n";
+        let Ok(Some(Parsed::Final(head))) = parse_response(raw, false) else {
+            panic!("parses")
+        };
+        assert_eq!(head.framing, Framing::UntilClose);
+        assert!(!head.keep_alive);
+        assert!(matches!(
+            parse_response(b"HTTP/1.1 100 Continue\r\n\r\n", false),
+            Ok(Some(Parsed::Informational(25)))
+        ));
+        assert!(parse_response(b"SMTP ready\r\n\r\n", false).is_err());
+    }
+
+    #[test]
+    fn requests_with_bodies_hyper_must_frame_are_handed_over() {
+        let h = |name: &'static str, value: &'static [u8]| httparse::Header { name, value };
+        assert!(read_head(&[h("Host", b"a"), h("Transfer-Encoding", b"chunked")]).is_none());
+        assert!(read_head(&[h("Host", b"a"), h("Expect", b"100-continue")]).is_none());
+        assert!(read_head(&[h("Content-Length", b"1"), h("Content-Length", b"2")]).is_none());
+        assert!(read_head(&[h("Content-Length", b"+1")]).is_none());
+        let headers = [
+            h("Host", b"a"),
+            h("Connection", b"close, X-Drop"),
+            h("Content-Length", b"12"),
+        ];
+        let head = read_head(&headers).unwrap();
+        assert!(head.close);
+        assert_eq!(head.content_length, Some(12));
+        assert_eq!(head.connection_named, [b"X-Drop".as_slice()]);
+    }
+}
