@@ -5,7 +5,9 @@
 //! in-flight requests and streams (HTTP/1.1 closes after the current response, HTTP/2 sends
 //! GOAWAY) until the drain timeout, after which they are closed.
 
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -87,16 +89,16 @@ where
     B::Data: Send,
     B::Error: Into<BoxError>,
 {
-    let builder = http_builder(&settings);
+    let builder = Arc::new(http_builder(&settings));
     let graceful = GracefulShutdown::new();
     let (force_close, force_closed) = watch::channel(false);
     let connections = Arc::new(tokio::sync::Semaphore::new(settings.limits.max_connections));
     // Fast-path connections hold a sender each; the drain waits until every one is dropped.
     let (alive, mut all_closed) = tokio::sync::mpsc::channel::<()>(1);
-    let fast_settings = super::h1::FastSettings {
+    let fast_settings = Arc::new(super::h1::FastSettings {
         header_read_timeout: settings.header_read_timeout,
         limits: settings.limits.clone(),
-    };
+    });
     loop {
         // At the connection limit, stop accepting: new clients wait in the kernel's queue
         // instead of taking memory here.
@@ -124,44 +126,45 @@ where
         let _ = stream.set_nodelay(true);
         let service = service_for(peer, tls.is_some());
         let watcher = graceful.watcher();
-        let builder = builder.clone();
+        let builder = Arc::clone(&builder);
         let mut force_closed = force_closed.clone();
         let tls = tls.as_ref().map(|cell| cell.load_full());
         let handshake_timeout = settings.header_read_timeout;
         let fast = fast.clone();
         let alive = alive.clone();
-        let fast_settings = fast_settings.clone();
+        let fast_settings = Arc::clone(&fast_settings);
         let mut conn_stop = stop.clone();
+        // Each kind of connection is its own boxed future, so an idle fast-path connection's
+        // task is not as large as a TLS handshake's or hyper's connection state.
+        let serving: Pin<Box<dyn Future<Output = ()> + Send>> = match (tls, fast) {
+            (None, Some(proxy)) => Box::pin(async move {
+                let _alive = alive;
+                let served =
+                    super::h1::serve(&proxy, stream, peer, &fast_settings, &mut conn_stop).await;
+                if let super::h1::Served::HandOff(io) = served {
+                    Box::pin(serve_io(&builder, io, service, watcher, name, peer)).await
+                }
+            }),
+            (None, None) => {
+                Box::pin(
+                    async move { serve_io(&builder, stream, service, watcher, name, peer).await },
+                )
+            }
+            (Some(config), _) => Box::pin(async move {
+                let accept = tokio_rustls::TlsAcceptor::from(config).accept(stream);
+                match tokio::time::timeout(handshake_timeout, accept).await {
+                    Ok(Ok(stream)) => {
+                        serve_io(&builder, stream, service, watcher, name, peer).await
+                    }
+                    Ok(Err(e)) => {
+                        tracing::debug!(listener = name, %peer, error = %e, "TLS handshake failed")
+                    }
+                    Err(_) => tracing::debug!(listener = name, %peer, "TLS handshake timed out"),
+                }
+            }),
+        };
         tokio::spawn(async move {
             let _permit = permit;
-            let serving = async {
-                match (tls, fast) {
-                    (None, Some(proxy)) => {
-                        let _alive = alive;
-                        let served =
-                            super::h1::serve(&proxy, stream, peer, &fast_settings, &mut conn_stop)
-                                .await;
-                        if let super::h1::Served::HandOff(io) = served {
-                            serve_io(&builder, io, service, watcher, name, peer).await
-                        }
-                    }
-                    (None, None) => serve_io(&builder, stream, service, watcher, name, peer).await,
-                    (Some(config), _) => {
-                        let accept = tokio_rustls::TlsAcceptor::from(config).accept(stream);
-                        match tokio::time::timeout(handshake_timeout, accept).await {
-                            Ok(Ok(stream)) => {
-                                serve_io(&builder, stream, service, watcher, name, peer).await
-                            }
-                            Ok(Err(e)) => {
-                                tracing::debug!(listener = name, %peer, error = %e, "TLS handshake failed")
-                            }
-                            Err(_) => {
-                                tracing::debug!(listener = name, %peer, "TLS handshake timed out")
-                            }
-                        }
-                    }
-                }
-            };
             tokio::select! {
                 _ = serving => {}
                 _ = stopped(&mut force_closed) => {}
