@@ -67,7 +67,9 @@ pub async fn serve(
     // task and socket, not a buffer.
     let mut buf = BytesMut::new();
     loop {
-        // Wait for a complete request head.
+        // Wait for a complete request head; like hyper's, the header read timeout bounds the
+        // whole head (a client dribbling bytes does not keep restarting it).
+        let deadline = tokio::time::Instant::now() + settings.header_read_timeout;
         loop {
             if buf.starts_with(b"PRI * HTTP/2.0") || buf.first().is_some_and(|b| *b == 0x16) {
                 return Served::HandOff(Rewind::new(buf, client)); // h2 prior knowledge, or TLS
@@ -85,7 +87,7 @@ pub async fn serve(
                 buf.reserve(READ_CHUNK);
             }
             let read = tokio::select! {
-                read = tokio::time::timeout(settings.header_read_timeout, client.read_buf(&mut buf)) => read,
+                read = tokio::time::timeout_at(deadline, client.read_buf(&mut buf)) => read,
                 _ = super::listener::stopped(stop), if buf.is_empty() => return Served::Closed,
             };
             match read {
@@ -390,7 +392,15 @@ async fn exchange(
                         );
                     }
                     let body = refuse(kind);
-                    return local(client, kind.status(), &body, label_header, false, None).await;
+                    return local(
+                        client,
+                        kind.status(),
+                        &body,
+                        label_header,
+                        keep_alive,
+                        reuse,
+                    )
+                    .await;
                 }
             },
         };
@@ -459,14 +469,15 @@ async fn exchange(
         .await
         {
             Err(_) => {
+                // The whole request was read: the client's connection stays usable.
                 let body = refuse(ErrorKind::Timeout);
                 return local(
                     client,
                     StatusCode::GATEWAY_TIMEOUT,
                     &body,
                     label_header,
-                    false,
-                    None,
+                    keep_alive,
+                    Some(consumed),
                 )
                 .await;
             }
@@ -477,7 +488,15 @@ async fn exchange(
                     HeadError::Invalid => ErrorKind::Protocol,
                 };
                 let body = refuse(kind);
-                return local(client, kind.status(), &body, label_header, false, None).await;
+                return local(
+                    client,
+                    kind.status(),
+                    &body,
+                    label_header,
+                    keep_alive,
+                    Some(consumed),
+                )
+                .await;
             }
             Ok(Ok(response)) => break (conn, response),
         }
