@@ -4,10 +4,11 @@
 //! arrive (chunked framing is tracked, not re-encoded).
 //!
 //! Invariant: the fast path serves only what it can serve exactly like the hyper path: origin-form
-//! HTTP/1.1 requests with no body or a `Content-Length` body, to plain-HTTP backends, on routes
-//! that do not shadow. At the first request that is anything else (HTTP/2 preface, chunked or
-//! `Expect` bodies, upgrades, TLS backends, shadowed routes, heads too large or malformed) the
-//! connection is handed to hyper with every unconsumed byte, before anything was counted or sent.
+//! HTTP/1.1 requests with no body or a `Content-Length` body, to plain-HTTP backends (mirrored
+//! requests included: their bodies and answers are teed as they pass). At the first request that
+//! is anything else (HTTP/2 preface, chunked or `Expect` bodies, upgrades, TLS backends, heads too
+//! large or malformed) the connection is handed to hyper with every unconsumed byte, before
+//! anything was counted or sent.
 
 use std::io;
 use std::net::SocketAddr;
@@ -16,9 +17,10 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use bytes::{Buf, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use http::header::HeaderName;
 use http::StatusCode;
+use rand::Rng;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
@@ -28,7 +30,8 @@ use super::proxy::{backend_message, bad_override_json, no_route_json, Proxy};
 use super::split::BadOverride;
 use super::upstream::Backend;
 use crate::config::ConnLimits;
-use crate::metrics::ErrorKind;
+use crate::control::shadow::ShadowPlan;
+use crate::metrics::{ErrorKind, Role};
 
 /// Headers the fast path parses per message; a request with more goes to hyper (which applies
 /// `listener.max_headers`).
@@ -239,7 +242,7 @@ async fn exchange(
     let settings = &proxy.settings;
 
     // Decide from one table snapshot, then let it go.
-    let (target, version) = {
+    let (target, version, shadow_plan) = {
         let table = proxy.table.load();
         let Some(route) = table.find(Some(host), path) else {
             let body = no_route_json(path, host);
@@ -253,9 +256,6 @@ async fn exchange(
             )
             .await;
         };
-        if route.shadow.is_some() {
-            return Exchange::HandOff;
-        }
         let chosen = match route.choose(headers) {
             Ok(t) => t,
             Err(BadOverride) => {
@@ -287,7 +287,24 @@ async fn exchange(
         {
             return Exchange::HandOff;
         }
-        (Arc::clone(&chosen.stats), Arc::clone(&chosen.version))
+        let shadow_plan = match (&route.shadow, &route.candidate, chosen.role) {
+            (Some(shadow), Some(candidate), Role::Stable)
+                if rand::rng().random_range(0..10_000u16) < shadow.mirror =>
+            {
+                Some(ShadowPlan {
+                    route: Arc::clone(&route.name),
+                    stable: Arc::clone(&chosen.version.label),
+                    candidate: Arc::clone(&candidate.version),
+                    shadow: Arc::clone(shadow),
+                })
+            }
+            _ => None,
+        };
+        (
+            Arc::clone(&chosen.stats),
+            Arc::clone(&chosen.version),
+            shadow_plan,
+        )
     };
     let in_flight = InFlight::start(target, started);
     let label_header = settings
@@ -372,6 +389,22 @@ async fn exchange(
     out.extend_from_slice(client_ip.as_bytes());
     out.extend_from_slice(b"\r\nx-forwarded-proto: http\r\n\r\n");
     out.extend_from_slice(&buf[head_len..consumed]);
+    // A mirrored request starts its shadow now, with the head as forwarded; the tees get the
+    // bodies as they pass.
+    let mut shadow = shadow_plan.and_then(|plan| {
+        let head = forwarded_head(&out)?;
+        let length = head.content_length();
+        proxy
+            .shadower
+            .begin(plan, &head.0, &head.1, &head.2, length)
+    });
+    let mut request_tee = shadow.as_mut().map(|s| s.take_request_tee());
+    if let Some(tee) = request_tee.as_mut() {
+        tee.push(&Bytes::copy_from_slice(&buf[head_len..consumed]));
+        if body_complete {
+            tee.finish();
+        }
+    }
 
     // Send it; a pooled connection the backend closed meanwhile is retried once on a new one
     // when the whole request is in hand (nothing reached the backend's application).
@@ -447,6 +480,9 @@ async fn exchange(
                         .await;
                     }
                 };
+                if let Some(tee) = request_tee.as_mut() {
+                    tee.push(&Bytes::copy_from_slice(&chunk[..n]));
+                }
                 if conn.stream.write_all(&chunk[..n]).await.is_err() {
                     let body = refuse(ErrorKind::Reset);
                     return local(
@@ -460,6 +496,9 @@ async fn exchange(
                     .await;
                 }
                 left -= n as u64;
+            }
+            if let Some(tee) = request_tee.as_mut() {
+                tee.finish();
             }
         }
         match tokio::time::timeout(
@@ -520,6 +559,13 @@ async fn exchange(
         head_out.extend_from_slice(b"connection: close\r\n");
     }
     head_out.extend_from_slice(b"\r\n");
+    let mut response_tee = shadow.take().map(|s| {
+        let mut headers = http::HeaderMap::new();
+        if let Some(value) = response.content_type(&conn.buf) {
+            headers.insert(http::header::CONTENT_TYPE, value);
+        }
+        s.response_tee(response.status, &headers)
+    });
     conn.buf.advance(response.head.len());
 
     // The body, as it arrives.
@@ -535,6 +581,9 @@ async fn exchange(
                     .stats()
                     .ttfb
                     .observe(started.elapsed().as_secs_f64());
+            }
+            if let Some(tee) = response_tee.as_mut() {
+                tee.push(&Bytes::copy_from_slice(&conn.buf[..pass]));
             }
             if encode_chunks {
                 pending.extend_from_slice(format!("{pass:x}\r\n").as_bytes());
@@ -554,6 +603,9 @@ async fn exchange(
                     .stats()
                     .ttfb
                     .observe(started.elapsed().as_secs_f64());
+            }
+            if let Some(tee) = response_tee.as_mut() {
+                tee.finish();
             }
             if client.write_all(&pending).await.is_err() {
                 return Exchange::Close;
@@ -595,6 +647,35 @@ async fn exchange(
             }
         }
     }
+}
+
+/// The method, target and headers of a forwarded head, as hyper types, for the shadow (built only
+/// for mirrored requests).
+struct ForwardedHead(http::Method, http::Uri, http::HeaderMap);
+
+impl ForwardedHead {
+    fn content_length(&self) -> Option<u64> {
+        self.2
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok())
+    }
+}
+
+fn forwarded_head(out: &[u8]) -> Option<ForwardedHead> {
+    let mut storage = [httparse::EMPTY_HEADER; MAX_HEADERS + 2];
+    let mut req = httparse::Request::new(&mut storage);
+    req.parse(out).ok()?;
+    let method = http::Method::from_bytes(req.method?.as_bytes()).ok()?;
+    let uri: http::Uri = req.path?.parse().ok()?;
+    let mut headers = http::HeaderMap::with_capacity(req.headers.len());
+    for h in req.headers.iter() {
+        headers.append(
+            HeaderName::from_bytes(h.name.as_bytes()).ok()?,
+            http::HeaderValue::from_bytes(h.value).ok()?,
+        );
+    }
+    Some(ForwardedHead(method, uri, headers))
 }
 
 fn push_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
@@ -892,6 +973,13 @@ impl ResponseHead {
             reason
         };
         format!("{} {reason}", self.status)
+    }
+
+    fn content_type(&self, buf: &[u8]) -> Option<http::HeaderValue> {
+        self.headers
+            .iter()
+            .find(|(name, _)| buf[name.clone()].eq_ignore_ascii_case(b"content-type"))
+            .and_then(|(_, value)| http::HeaderValue::from_bytes(&buf[value.clone()]).ok())
     }
 
     fn write_headers(&self, buf: &[u8], out: &mut Vec<u8>) {

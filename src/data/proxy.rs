@@ -49,7 +49,7 @@ pub struct Proxy {
     pub(crate) table: Arc<ArcSwap<RoutingTable>>,
     client: UpstreamClient,
     pub(crate) settings: ProxySettings,
-    shadower: Arc<Shadower>,
+    pub(crate) shadower: Arc<Shadower>,
 }
 
 /// What the proxy knows about the client connection a request came on.
