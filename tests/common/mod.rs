@@ -4,6 +4,8 @@
 //! Everything listens on 127.0.0.1 port 0; nothing here sleeps to wait for a result.
 #![allow(dead_code)]
 
+pub mod etcd;
+
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
