@@ -36,6 +36,8 @@ use crate::metrics::{ErrorKind, Role};
 /// Headers the fast path parses per message; a request with more goes to hyper (which applies
 /// `listener.max_headers`).
 const MAX_HEADERS: usize = 64;
+/// Response headers accepted from a backend (hyper's client allows as many).
+const MAX_RESPONSE_HEADERS: usize = 100;
 /// A response head larger than this is a protocol error (hyper's default limit is similar).
 const MAX_RESPONSE_HEAD: usize = 64 * 1024;
 const READ_CHUNK: usize = 8 * 1024;
@@ -77,7 +79,10 @@ pub async fn serve(
             if buf.starts_with(b"PRI * HTTP/2.0") || buf.first().is_some_and(|b| *b == 0x16) {
                 return Served::HandOff(Rewind::new(buf, client)); // h2 prior knowledge, or TLS
             }
-            if memchr::memmem::find(&buf, b"\r\n\r\n").is_some() {
+            // A head ends at an empty line; like hyper, accept bare LF line ends too.
+            if memchr::memmem::find(&buf, b"\r\n\r\n").is_some()
+                || memchr::memmem::find(&buf, b"\n\n").is_some()
+            {
                 break;
             }
             if buf.len() >= max_head {
@@ -520,7 +525,13 @@ async fn exchange(
                 )
                 .await;
             }
-            Ok(Err(HeadError::Closed)) if reused && body_complete && attempt < 2 => continue,
+            // Closed before any answer on a reused connection: sent again only when that is safe
+            // (the backend may have acted on a request it then did not answer).
+            Ok(Err(HeadError::Closed))
+                if reused && body_complete && attempt < 2 && idempotent(method) =>
+            {
+                continue
+            }
             Ok(Err(e)) => {
                 let kind = match e {
                     HeadError::Closed => ErrorKind::Reset,
@@ -678,6 +689,13 @@ fn forwarded_head(out: &[u8]) -> Option<ForwardedHead> {
     Some(ForwardedHead(method, uri, headers))
 }
 
+fn idempotent(method: &str) -> bool {
+    matches!(
+        method,
+        "GET" | "HEAD" | "OPTIONS" | "TRACE" | "PUT" | "DELETE"
+    )
+}
+
 fn push_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
     out.extend_from_slice(name);
     out.extend_from_slice(b": ");
@@ -764,9 +782,11 @@ impl Pool {
     }
 
     /// The most recently usable idle connection; older than `max_idle` ones are closed.
+    /// An idle connection that is still usable; older than `max_idle` ones, and ones the backend
+    /// closed (or wrote to) while they sat idle, are dropped.
     fn checkout(&self, max_idle: Duration) -> Option<Upstream> {
         while let Some(conn) = self.idle.pop() {
-            if conn.idle_since.elapsed() < max_idle {
+            if conn.idle_since.elapsed() < max_idle && still_open(&conn.stream) {
                 return Some(conn);
             }
         }
@@ -787,6 +807,21 @@ impl Pool {
 impl Default for Pool {
     fn default() -> Pool {
         Pool::new()
+    }
+}
+
+/// Whether an idle connection is still open, without a syscall in the usual case: the reactor has
+/// marked the socket readable if a FIN (or anything) arrived while it sat idle; only then is it
+/// read to tell a close from a stale readiness.
+fn still_open(stream: &TcpStream) -> bool {
+    let mut cx = Context::from_waker(std::task::Waker::noop());
+    match stream.poll_read_ready(&mut cx) {
+        Poll::Pending => true,
+        Poll::Ready(Err(_)) => false,
+        Poll::Ready(Ok(())) => {
+            let mut probe = [0u8; 1];
+            matches!(stream.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+        }
     }
 }
 
@@ -1025,7 +1060,7 @@ enum Parsed {
 }
 
 fn parse_response(buf: &[u8], head_request: bool) -> Result<Option<Parsed>, HeadError> {
-    let mut storage = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut storage = [httparse::EMPTY_HEADER; MAX_RESPONSE_HEADERS];
     let mut res = httparse::Response::new(&mut storage);
     let len = match res.parse(buf) {
         Ok(httparse::Status::Complete(n)) => n,
