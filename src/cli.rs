@@ -150,6 +150,10 @@ Examples:
   # everything from a file (routes, timeouts, several models)
   weir serve --config config/weir.toml
 
+  # fleet mode: run the same on every replica; they share one routing table, one audit chain
+  # and one canary controller through etcd (see config/fleet.toml)
+  weir serve --config config/weir.toml --etcd http://10.0.0.9:2379 --etcd-prefix /weir/prod
+
 Every response names the version that served it in x-weir-version. Metrics, health and the live
 routing table are on the admin listener: /metrics, /healthz, /readyz, /v1/routes.
 SIGTERM or Ctrl-C stops accepting and lets open requests and streams finish (proxy.drain_timeout).";

@@ -18,6 +18,7 @@ fn docs(path: &str) -> Vec<Value> {
 /// Every family weir exports, each with one series so it shows in the exposition.
 fn exported() -> String {
     let metrics = weir::metrics::Metrics::new();
+    metrics.enable_fleet();
     let _stats = metrics.target("r", "m@v1", weir::metrics::Role::Stable);
     let _shadow = metrics.shadow("r", "m@v2");
     metrics.set_weight("r", 0);
