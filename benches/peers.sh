@@ -8,7 +8,8 @@
 # HTTP/2 (h2c) load against weir alone.
 #
 # usage: benches/peers.sh [DURATION=10s] [CONNECTIONS=64] [ROUNDS=3]
-# env:   POST=0 skips the POST /v1/chat/completions pass; H2=0 skips h2load; MEM=0 skips memory.
+# env:   POST=0 skips the POST /v1/chat/completions pass; H2=0 skips h2load; MEM=0 skips memory;
+#        STREAM=0 skips the streaming pass (time to first byte and per-token delay added).
 # needs: wrk, curl, python3, nginx, haproxy, h2load (apt-get install -y wrk nginx haproxy
 #        nghttp2-client); everything else is built here. Loopback only.
 set -euo pipefail
@@ -19,6 +20,7 @@ ROUNDS=${3:-3}
 POST=${POST:-1}
 H2=${H2:-1}
 MEM=${MEM:-1}
+STREAM=${STREAM:-1}
 B1=127.0.0.1:18401 B2=127.0.0.1:18402
 WEIR=127.0.0.1:18480 ADMIN=127.0.0.1:18490 NGINX=127.0.0.1:18481 HAPROXY=127.0.0.1:18482
 IDLE_MAX=10000 # largest idle-connection count tried (weir's default listener max_connections)
@@ -54,8 +56,9 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 # --- backends and proxies; every start execs, so $! is the process itself ---------------------
-"${LOAD_CPU[@]}" $BIN --log-level warn demo-backend --listen $B1 --model chat --version v1 & pids+=($!)
-"${LOAD_CPU[@]}" $BIN --log-level warn demo-backend --listen $B2 --model chat --version v2 & pids+=($!)
+# Streamed answers space their tokens 2 ms apart (non-streaming answers are immediate).
+"${LOAD_CPU[@]}" $BIN --log-level warn demo-backend --listen $B1 --model chat --version v1 --token-delay 2ms & pids+=($!)
+"${LOAD_CPU[@]}" $BIN --log-level warn demo-backend --listen $B2 --model chat --version v2 --token-delay 2ms & pids+=($!)
 
 mkdir -p "$work/state" "$work/nginx/logs"
 "${PROXY_CPU[@]}" $BIN --log-level warn serve --stable chat@v1=http://$B1 --candidate chat@v2=http://$B2 \
@@ -211,6 +214,75 @@ echo "peers benchmark: $PINNING; fd limit $FDS; CPU from /proc/PID/stat (nginx: 
 bench "GET /ping" /ping
 if [ "$POST" = 1 ]; then
   bench "POST /v1/chat/completions (non-streaming, ~300 B answer)" /v1/chat/completions -s "$work/post.lua"
+fi
+
+# --- streaming: what each proxy adds to time to first byte and to each token's delivery ----------
+cat >"$work/stream.py" <<'PYEOF'
+# Sends N streamed chat completions one after another on one keep-alive connection to HOST:PORT
+# and prints "ttfb_ms_median ttfb_ms_p99 gap_ms_median": time from sending to the first byte of
+# the answer, and the mean gap between the answer's tokens (its last byte minus its first, over
+# the tokens in it). Chunked framing is parsed, so each answer ends exactly.
+import socket, sys, time
+host, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+body = b'{"model":"chat","stream":true,"max_tokens":16,"messages":[{"role":"user","content":"hi"}]}'
+req = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\n"
+       b"Content-Length: %d\r\n\r\n%s") % (host.encode(), len(body), body)
+s = socket.create_connection((host, port))
+s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+ttfb, gaps = [], []
+for _ in range(n):
+    t0 = time.perf_counter()
+    s.sendall(req)
+    buf, first, last = b"", None, None
+    while b"\r\n\r\n" not in buf:
+        buf += s.recv(65536)
+        first = first or time.perf_counter()
+    head, rest = buf.split(b"\r\n\r\n", 1)
+    assert b" 200 " in head.split(b"\r\n")[0], head
+    tokens, done = 0, False
+    while not done:
+        while True:  # parse complete chunks in rest
+            line_end = rest.find(b"\r\n")
+            if line_end < 0:
+                break
+            size = int(rest[:line_end].split(b";")[0], 16)
+            if size == 0:
+                if rest.find(b"\r\n\r\n", line_end) >= 0:
+                    done = True
+                break
+            if len(rest) < line_end + 2 + size + 2:
+                break
+            tokens += rest[line_end + 2:line_end + 2 + size].count(b"data: {")
+            rest = rest[line_end + 2 + size + 2:]
+        if not done:
+            more = s.recv(65536)
+            if not more:
+                raise SystemExit("connection closed mid-answer")
+            rest += more
+        last = time.perf_counter()
+    ttfb.append((first - t0) * 1000)
+    gaps.append((last - first) * 1000 / max(tokens - 1, 1))
+ttfb.sort(); gaps.sort()
+print(f"{ttfb[len(ttfb) // 2]:.3f} {ttfb[int(len(ttfb) * 0.99) - 1]:.3f} {gaps[len(gaps) // 2]:.3f}")
+PYEOF
+if [ "$STREAM" = 1 ]; then
+  echo
+  echo "== streamed chat completions (SSE, 2 ms between tokens), 300 one after another per target, medians of $ROUNDS interleaved rounds"
+  declare -A sres=()
+  for r in $(seq "$ROUNDS"); do
+    for t in "${TARGETS[@]}"; do
+      a=${URL[$t]#http://}
+      sres[$t]+="$("${LOAD_CPU[@]}" python3 "$work/stream.py" "${a%:*}" "${a##*:}" 300)"$'\n'
+    done
+  done
+  printf '%-22s %14s %14s %16s %18s\n' "" "TTFB p50 ms" "TTFB p99 ms" "token gap ms" "added TTFB p50 us"
+  d50=$(awk 'NF { print $1 }' <<<"${sres[direct]}" | median)
+  for t in "${TARGETS[@]}"; do
+    m1=$(awk 'NF { print $1 }' <<<"${sres[$t]}" | median)
+    m2=$(awk 'NF { print $2 }' <<<"${sres[$t]}" | median)
+    m3=$(awk 'NF { print $3 }' <<<"${sres[$t]}" | median)
+    printf '%-22s %14s %14s %16s %18s\n' "${LABEL[$t]}" "$m1" "$m2" "$m3" "$(awk -v a="$m1" -v d="$d50" 'BEGIN { printf "%.0f", (a - d) * 1000 }')"
+  done
 fi
 
 echo
