@@ -261,21 +261,7 @@ impl Writer {
         if previous.is_some() {
             tracing::info!(generation = state.generation, path = %store.path().display(), "restored the persisted routing state");
         }
-        let reason = notes
-            .iter()
-            .map(|n| format!("{}: {} ({})", n.route, n.outcome, n.detail))
-            .collect::<Vec<_>>()
-            .join("; ");
-        let prepared = audit.prepare(Entry {
-            actor: "weir",
-            action: "start",
-            route: None,
-            before: previous.map_or(Value::Null, state_json),
-            after: state_json(&state),
-            generation: state.generation,
-            reason: (!reason.is_empty()).then_some(reason.as_str()),
-            window: None,
-        });
+        let prepared = start_record(&audit, previous, &state, &notes);
         store.save(&StateBody {
             format: STATE_FORMAT,
             state: state.clone(),
@@ -343,21 +329,7 @@ impl Writer {
             let mut versions = VersionSet::new(config.identity.is_some());
             let table =
                 build_table(&config, &state, &metrics, &mut versions).map_err(OpenError::Table)?;
-            let reason = notes
-                .iter()
-                .map(|n| format!("{}: {} ({})", n.route, n.outcome, n.detail))
-                .collect::<Vec<_>>()
-                .join("; ");
-            let prepared = audit.prepare(Entry {
-                actor: "weir",
-                action: "start",
-                route: None,
-                before: previous.map_or(Value::Null, state_json),
-                after: state_json(&state),
-                generation: state.generation,
-                reason: (!reason.is_empty()).then_some(reason.as_str()),
-                window: None,
-            });
+            let prepared = start_record(&audit, previous, &state, &notes);
             let body = StateBody {
                 format: STATE_FORMAT,
                 state: state.clone(),
@@ -813,6 +785,30 @@ impl Inner {
             }
         }
     }
+}
+
+/// The `start` record: the state found, the state served, and why they differ.
+fn start_record(
+    audit: &AuditLog,
+    previous: Option<&RoutingState>,
+    state: &RoutingState,
+    notes: &[super::state::Reconciled],
+) -> Prepared {
+    let reason = notes
+        .iter()
+        .map(|n| format!("{}: {} ({})", n.route, n.outcome, n.detail))
+        .collect::<Vec<_>>()
+        .join("; ");
+    audit.prepare(Entry {
+        actor: "weir",
+        action: "start",
+        route: None,
+        before: previous.map_or(Value::Null, state_json),
+        after: state_json(state),
+        generation: state.generation,
+        reason: (!reason.is_empty()).then_some(reason.as_str()),
+        window: None,
+    })
 }
 
 /// Refuses to start on routing the registry does not allow; sets `weir_registry_pinned`.

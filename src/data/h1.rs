@@ -411,144 +411,49 @@ async fn exchange(
         }
     }
 
-    // Send it; a pooled connection the backend closed meanwhile is retried once on a new one
-    // when the whole request is in hand (nothing reached the backend's application).
-    let mut attempt = 0;
-    let (mut conn, response) = loop {
-        attempt += 1;
-        let (mut conn, reused) = match backend.pool.checkout(settings.pool_idle_timeout) {
-            Some(conn) => (conn, true),
-            None => match connect(backend, settings.connect_timeout).await {
-                Ok(conn) => (conn, false),
-                Err(kind) => {
-                    if backend.eject(settings.backend_eject) {
-                        tracing::warn!(
-                            version = %version.label,
-                            backend = %backend.authority,
-                            "backend refused a connection; skipping it for {:?}",
-                            settings.backend_eject
-                        );
-                    }
-                    let body = refuse(kind);
-                    return local(
-                        client,
-                        kind.status(),
-                        &body,
-                        label_header,
-                        keep_alive,
-                        reuse,
-                    )
-                    .await;
+    let sent = send(
+        proxy,
+        client,
+        backend,
+        Request {
+            method,
+            out: &out,
+            body_complete,
+            body_left: body_len - buffered_body as u64,
+            request_tee: request_tee.as_mut(),
+        },
+    )
+    .await;
+    let (mut conn, response) = match sent {
+        Ok(sent) => sent,
+        Err(failure) => {
+            if let Failure::Backend(ErrorKind::Connect | ErrorKind::ConnectTimeout) = failure {
+                if backend.eject(settings.backend_eject) {
+                    tracing::warn!(
+                        version = %version.label,
+                        backend = %backend.authority,
+                        "backend refused a connection; skipping it for {:?}",
+                        settings.backend_eject
+                    );
                 }
-            },
-        };
-        if conn.stream.write_all(&out).await.is_err() {
-            if reused && body_complete && attempt < 2 {
-                continue;
             }
-            let body = refuse(ErrorKind::Reset);
-            return local(
-                client,
-                StatusCode::BAD_GATEWAY,
-                &body,
-                label_header,
-                false,
-                None,
-            )
-            .await;
-        }
-        if !body_complete {
-            // Stream the rest of the body from the client.
-            let mut left = body_len - buffered_body as u64;
-            let mut chunk = vec![0u8; READ_CHUNK.min(left as usize)];
-            while left > 0 {
-                let want = chunk.len().min(left as usize);
-                let n = match tokio::time::timeout(
-                    settings.idle_timeout,
-                    client.read(&mut chunk[..want]),
-                )
-                .await
-                {
-                    Ok(Ok(n)) if n > 0 => n,
-                    _ => {
-                        // The client stopped sending its body: nothing sensible to forward.
-                        in_flight.stats().count_response(StatusCode::BAD_REQUEST);
-                        let body = serde_json::json!({"error": "the request body could not be read from the client", "version": &*version.label, "kind": "client_body"});
-                        return local(
-                            client,
-                            StatusCode::BAD_REQUEST,
-                            &body,
-                            label_header,
-                            false,
-                            None,
-                        )
-                        .await;
-                    }
-                };
-                if let Some(tee) = request_tee.as_mut() {
-                    tee.push(&Bytes::copy_from_slice(&chunk[..n]));
+            let (status, body, reusable) = match failure {
+                Failure::ClientBody => {
+                    in_flight.stats().count_response(StatusCode::BAD_REQUEST);
+                    let body = serde_json::json!({"error": "the request body could not be read from the client", "version": &*version.label, "kind": "client_body"});
+                    (StatusCode::BAD_REQUEST, body, None)
                 }
-                if conn.stream.write_all(&chunk[..n]).await.is_err() {
-                    let body = refuse(ErrorKind::Reset);
-                    return local(
-                        client,
-                        StatusCode::BAD_GATEWAY,
-                        &body,
-                        label_header,
-                        false,
-                        None,
-                    )
-                    .await;
+                // Refused before anything was sent: the connection is as reusable as the
+                // request is read.
+                Failure::Backend(kind @ (ErrorKind::Connect | ErrorKind::ConnectTimeout)) => {
+                    (kind.status(), refuse(kind), reuse)
                 }
-                left -= n as u64;
-            }
-            if let Some(tee) = request_tee.as_mut() {
-                tee.finish();
-            }
-        }
-        match tokio::time::timeout(
-            settings.response_header_timeout,
-            read_response_head(&mut conn, method == "HEAD"),
-        )
-        .await
-        {
-            Err(_) => {
-                // The whole request was read: the client's connection stays usable.
-                let body = refuse(ErrorKind::Timeout);
-                return local(
-                    client,
-                    StatusCode::GATEWAY_TIMEOUT,
-                    &body,
-                    label_header,
-                    keep_alive,
-                    Some(consumed),
-                )
-                .await;
-            }
-            // Closed before any answer on a reused connection: sent again only when that is safe
-            // (the backend may have acted on a request it then did not answer).
-            Ok(Err(HeadError::Closed))
-                if reused && body_complete && attempt < 2 && idempotent(method) =>
-            {
-                continue
-            }
-            Ok(Err(e)) => {
-                let kind = match e {
-                    HeadError::Closed => ErrorKind::Reset,
-                    HeadError::Invalid => ErrorKind::Protocol,
-                };
-                let body = refuse(kind);
-                return local(
-                    client,
-                    kind.status(),
-                    &body,
-                    label_header,
-                    keep_alive,
-                    Some(consumed),
-                )
-                .await;
-            }
-            Ok(Ok(response)) => break (conn, response),
+                // Failed while sending: part of the body may still be unread.
+                Failure::Sending => (StatusCode::BAD_GATEWAY, refuse(ErrorKind::Reset), None),
+                // Failed after the whole request was sent: the client's connection stays usable.
+                Failure::Backend(kind) => (kind.status(), refuse(kind), Some(consumed)),
+            };
+            return local(client, status, &body, label_header, keep_alive, reusable).await;
         }
     };
 
@@ -687,6 +592,96 @@ fn forwarded_head(out: &[u8]) -> Option<ForwardedHead> {
         );
     }
     Some(ForwardedHead(method, uri, headers))
+}
+
+/// An upstream request ready to go: its head and the body bytes already read, the rest still
+/// on the client's socket.
+struct Request<'a> {
+    method: &'a str,
+    out: &'a [u8],
+    body_complete: bool,
+    body_left: u64,
+    request_tee: Option<&'a mut crate::data::shadow::RequestTee>,
+}
+
+/// Why an upstream exchange produced no response head.
+enum Failure {
+    /// Connect, timeout, reset or protocol, after the whole request was sent (or before any of
+    /// it was).
+    Backend(ErrorKind),
+    /// The backend went away while the request body was still being sent.
+    Sending,
+    /// The client stopped sending its body.
+    ClientBody,
+}
+
+/// Sends the request on a pooled (or new) connection and reads the response head. A pooled
+/// connection that turns out closed is replaced once when the whole request is in hand and
+/// sending it again is safe.
+async fn send(
+    proxy: &Proxy,
+    client: &mut TcpStream,
+    backend: &Backend,
+    mut request: Request<'_>,
+) -> Result<(Upstream, ResponseHead), Failure> {
+    let settings = &proxy.settings;
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let (mut conn, reused) = match backend.pool.checkout(settings.pool_idle_timeout) {
+            Some(conn) => (conn, true),
+            None => (
+                connect(backend, settings.connect_timeout)
+                    .await
+                    .map_err(Failure::Backend)?,
+                false,
+            ),
+        };
+        let retry = reused && request.body_complete && attempt < 2;
+        if conn.stream.write_all(request.out).await.is_err() {
+            if retry {
+                continue;
+            }
+            return Err(if request.body_complete {
+                Failure::Backend(ErrorKind::Reset)
+            } else {
+                Failure::Sending
+            });
+        }
+        // The rest of the body, from the client as it arrives.
+        let mut left = request.body_left;
+        let mut chunk = vec![0u8; READ_CHUNK.min(left as usize)];
+        while left > 0 {
+            let want = chunk.len().min(left as usize);
+            let read = tokio::time::timeout(settings.idle_timeout, client.read(&mut chunk[..want]));
+            let n = match read.await {
+                Ok(Ok(n)) if n > 0 => n,
+                _ => return Err(Failure::ClientBody),
+            };
+            if let Some(tee) = request.request_tee.as_mut() {
+                tee.push(&Bytes::copy_from_slice(&chunk[..n]));
+            }
+            if conn.stream.write_all(&chunk[..n]).await.is_err() {
+                return Err(Failure::Sending);
+            }
+            left -= n as u64;
+        }
+        if request.body_left > 0 {
+            if let Some(tee) = request.request_tee.as_mut() {
+                tee.finish();
+            }
+        }
+        let head = read_response_head(&mut conn, request.method == "HEAD");
+        match tokio::time::timeout(settings.response_header_timeout, head).await {
+            Err(_) => return Err(Failure::Backend(ErrorKind::Timeout)),
+            // Closed before any answer on a reused connection: sent again only when that is safe
+            // (the backend may have acted on a request it then did not answer).
+            Ok(Err(HeadError::Closed)) if retry && idempotent(request.method) => continue,
+            Ok(Err(HeadError::Closed)) => return Err(Failure::Backend(ErrorKind::Reset)),
+            Ok(Err(HeadError::Invalid)) => return Err(Failure::Backend(ErrorKind::Protocol)),
+            Ok(Ok(response)) => return Ok((conn, response)),
+        }
+    }
 }
 
 fn idempotent(method: &str) -> bool {
