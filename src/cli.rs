@@ -335,6 +335,14 @@ fn check(path: &std::path::Path) -> ExitCode {
                 config.versions.len(),
                 config.routes.len()
             );
+            if let Some(fleet) = &config.fleet {
+                // Checked offline: reachability is for `weir serve` (and /readyz) to tell.
+                println!(
+                    "  fleet mode: state under {} in etcd at {} (not contacted by check)",
+                    fleet.prefix,
+                    fleet.endpoints.join(", ")
+                );
+            }
             ExitCode::SUCCESS
         }
         Err(e) => {

@@ -227,6 +227,19 @@ fn the_shipped_config_and_registry_pass_check() {
     let output = weir(&["check", "--config", config]);
     assert!(output.status.success(), "{}", all_output(&output));
     assert!(all_output(&output).contains("ok (3 versions, 3 routes)"));
+    assert!(!all_output(&output).contains("fleet mode"));
+}
+
+#[test]
+fn check_says_where_a_fleet_config_keeps_its_state() {
+    let config = concat!(env!("CARGO_MANIFEST_DIR"), "/config/fleet.toml");
+    let output = weir(&["check", "--config", config]);
+    let text = all_output(&output);
+    assert!(output.status.success(), "{text}");
+    assert!(
+        text.contains("fleet mode: state under /weir/prod in etcd at http://etcd-0.etcd:2379"),
+        "{text}"
+    );
 }
 
 const ONE_CANARY: &str = r#"
