@@ -435,7 +435,16 @@ fn serve_config(args: ServeArgs) -> anyhow::Result<Config> {
             prefix: FleetConfig::default_prefix(FleetConfig::DEFAULT_CLUSTER),
             replica: FleetConfig::default_replica(),
             lease_ttl: FleetConfig::DEFAULT_LEASE_TTL,
+            tls: None,
+            user: None,
         });
+        if fleet.tls.is_none() && endpoints.iter().any(|u| u.starts_with("https://")) {
+            // https endpoints from the flag, no TLS settings in the file: the system roots.
+            fleet.tls = Some(crate::config::EtcdTls {
+                ca: None,
+                client_cert: None,
+            });
+        }
         fleet.endpoints = endpoints;
         if let Some(prefix) = args.etcd_prefix {
             FleetConfig::validate_prefix(&prefix)

@@ -15,7 +15,8 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::etcd::Etcd;
+use common::etcd::{Etcd, EtcdTlsFiles};
+use common::pki::Pki;
 use common::*;
 use http::{Method, StatusCode};
 use serde_json::Value;
@@ -1180,4 +1181,165 @@ async fn replicas_serve_the_last_table_while_etcd_is_down_and_converge_when_it_i
         );
     }
     fleet.assert_audit_chains_agree().await;
+}
+
+// === TLS and etcd users ===
+
+/// A replica's `[state]` table for an etcd that wants TLS with a client certificate and a user.
+fn tls_state_table(
+    dir: &Path,
+    etcd: &str,
+    prefix: &str,
+    pki: &Pki,
+    password_file: &Path,
+) -> String {
+    format!(
+        r#"
+[state]
+dir = {dir:?}
+backend = "etcd"
+etcd = [{etcd:?}]
+prefix = {prefix:?}
+replica = "tls-1"
+lease_ttl = "2s"
+etcd_ca = {ca:?}
+etcd_cert = {cert:?}
+etcd_key = {key:?}
+etcd_user = "weir"
+etcd_password_file = {password:?}
+"#,
+        dir = dir.display().to_string(),
+        ca = pki.path("ca.pem").display().to_string(),
+        cert = pki.path("weir.pem").display().to_string(),
+        key = pki.path("weir.key").display().to_string(),
+        password = password_file.display().to_string(),
+    )
+}
+
+/// Why a replica with this `[state]` table cannot start (it must not).
+async fn start_error(state: &str, v1: &Backend, v2: &Backend) -> String {
+    let mut text = format!(
+        "[listener]\naddr = \"127.0.0.1:0\"\n[admin]\naddr = \"127.0.0.1:0\"\n{state}\n{}",
+        routes("", "")
+    );
+    text = text.replace("{v1}", &v1.url()).replace("{v2}", &v2.url());
+    let config = weir::Config::from_toml_str(&text, "tls.toml").expect("the config is valid");
+    match weir::Server::start(config).await {
+        Ok(_) => panic!("a replica started with:\n{state}"),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[tokio::test]
+async fn replicas_reach_etcd_over_mutual_tls_as_an_etcd_user() {
+    let pki = Pki::new();
+    let (etcd_cert, etcd_key) = pki.issue("etcd");
+    pki.issue("weir");
+    let etcd = Etcd::start_tls(EtcdTlsFiles {
+        cert: etcd_cert,
+        key: etcd_key,
+        ca: pki.path("ca.pem"),
+    })
+    .await;
+    let prefix = format!("/weir/test-{}-tls", std::process::id());
+
+    // etcd with auth on: a root user, and a `weir` user that may only touch the fleet's prefix.
+    let read = |name: &str| std::fs::read(pki.path(name)).unwrap();
+    let tls = etcd_client::TlsOptions::new()
+        .ca_certificate(etcd_client::Certificate::from_pem(read("ca.pem")))
+        .identity(etcd_client::Identity::from_pem(
+            read("weir.pem"),
+            read("weir.key"),
+        ));
+    let options = etcd_client::ConnectOptions::new().with_tls(tls);
+    let mut admin = etcd_client::Client::connect([etcd.url()], Some(options))
+        .await
+        .expect("the test's etcd admin connects over TLS");
+    admin.user_add("root", "root-password", None).await.unwrap();
+    admin.user_grant_role("root", "root").await.unwrap();
+    admin.user_add("weir", "s3cret", None).await.unwrap();
+    admin.role_add("weir").await.unwrap();
+    admin
+        .role_grant_permission(
+            "weir",
+            etcd_client::Permission::read_write(prefix.clone()).with_prefix(),
+        )
+        .await
+        .unwrap();
+    admin.user_grant_role("weir", "weir").await.unwrap();
+    admin.auth_enable().await.unwrap();
+
+    let v1 = Backend::named(STABLE).await;
+    let v2 = Backend::named(CANDIDATE).await;
+    let work = temp_dir("fleet-tls");
+    let password = work.path().join("etcd-password");
+    std::fs::write(&password, "s3cret\n").unwrap();
+    let dir = work.path().join("r1");
+    std::fs::create_dir_all(&dir).unwrap();
+    let state = tls_state_table(&dir, &etcd.url(), &prefix, &pki, &password);
+    let weir = Weir::start(
+        &format!("{state}\n{}", routes("", "")),
+        &[("v1", &v1.url()), ("v2", &v2.url())],
+    )
+    .await;
+
+    // It joined: connected, leading its one-replica fleet, changes committed through etcd.
+    let admin_url = |path: &str| format!("http://{}{path}", weir.admin);
+    eventually!(
+        DEADLINE,
+        get(&http1(), &admin_url("/v1/routes")).await.json()["fleet"]["leader"] == true,
+        "the TLS replica never led its fleet: {}",
+        get(&http1(), &admin_url("/v1/routes")).await.text()
+    );
+    let routes_now = get(&http1(), &admin_url("/v1/routes")).await.json();
+    assert_eq!(routes_now["fleet"]["etcd"], "connected", "{routes_now}");
+    let token = std::fs::read_to_string(dir.join("admin.token")).unwrap();
+    let put = request(Method::PUT, &admin_url("/v1/routes/chat/weight"))
+        .header("authorization", format!("Bearer {}", token.trim()))
+        .body(full(r#"{"weight": "25%"}"#))
+        .unwrap();
+    let reply = send(&http1(), put).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    // Read back as root: with auth on, the certificate alone no longer grants anything.
+    let tls = etcd_client::TlsOptions::new()
+        .ca_certificate(etcd_client::Certificate::from_pem(read("ca.pem")))
+        .identity(etcd_client::Identity::from_pem(
+            read("weir.pem"),
+            read("weir.key"),
+        ));
+    let options = etcd_client::ConnectOptions::new()
+        .with_tls(tls)
+        .with_user("root", "root-password");
+    let mut root = etcd_client::Client::connect([etcd.url()], Some(options))
+        .await
+        .expect("root connects");
+    let mut stored = root.get(format!("{prefix}/state"), None).await.unwrap();
+    let body: Value = serde_json::from_slice(stored.take_kvs()[0].value()).unwrap();
+    assert_eq!(body["state"]["routes"][0]["weight"], 2500, "{body}");
+
+    // A wrong password, a missing client certificate and a prefix the user may not touch are
+    // each refused at start, with the reason.
+    let wrong = work.path().join("wrong-password");
+    std::fs::write(&wrong, "guess").unwrap();
+    let elsewhere = work.path().join("r2");
+    let error = start_error(
+        &tls_state_table(&elsewhere, &etcd.url(), &prefix, &pki, &wrong),
+        &v1,
+        &v2,
+    )
+    .await;
+    assert!(
+        error.contains("etcd") && error.contains("authentication failed"),
+        "{error}"
+    );
+    let no_cert = tls_state_table(&elsewhere, &etcd.url(), &prefix, &pki, &password)
+        .lines()
+        .filter(|l| !l.starts_with("etcd_cert") && !l.starts_with("etcd_key"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let error = start_error(&no_cert, &v1, &v2).await;
+    assert!(error.contains("etcd is unreachable"), "{error}");
+    let other_prefix = tls_state_table(&elsewhere, &etcd.url(), "/weir/not-yours", &pki, &password);
+    let error = start_error(&other_prefix, &v1, &v2).await;
+    assert!(error.contains("permission denied"), "{error}");
 }

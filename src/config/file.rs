@@ -109,6 +109,11 @@ struct RawState {
     prefix: Option<String>,
     replica: Option<String>,
     lease_ttl: Option<String>,
+    etcd_ca: Option<PathBuf>,
+    etcd_cert: Option<PathBuf>,
+    etcd_key: Option<PathBuf>,
+    etcd_user: Option<String>,
+    etcd_password_file: Option<PathBuf>,
 }
 
 #[derive(Deserialize)]
@@ -206,6 +211,11 @@ fn fleet(c: &mut Checker, raw: &RawState) -> Option<FleetConfig> {
         ("state.prefix", raw.prefix.is_some()),
         ("state.replica", raw.replica.is_some()),
         ("state.lease_ttl", raw.lease_ttl.is_some()),
+        ("state.etcd_ca", raw.etcd_ca.is_some()),
+        ("state.etcd_cert", raw.etcd_cert.is_some()),
+        ("state.etcd_key", raw.etcd_key.is_some()),
+        ("state.etcd_user", raw.etcd_user.is_some()),
+        ("state.etcd_password_file", raw.etcd_password_file.is_some()),
     ];
     match raw.backend.as_deref().unwrap_or("file") {
         "file" => {
@@ -266,11 +276,70 @@ fn fleet(c: &mut Checker, raw: &RawState) -> Option<FleetConfig> {
                     "must be at least 1s (etcd leases count whole seconds)",
                 );
             }
+            let client_cert = match (&raw.etcd_cert, &raw.etcd_key) {
+                (Some(cert), Some(key)) => Some((cert.clone(), key.clone())),
+                (None, None) => None,
+                (Some(_), None) => {
+                    c.problem(
+                        "state.etcd_key",
+                        "etcd_cert needs etcd_key (the client certificate's private key)",
+                    );
+                    None
+                }
+                (None, Some(_)) => {
+                    c.problem(
+                        "state.etcd_cert",
+                        "etcd_key needs etcd_cert (the client certificate)",
+                    );
+                    None
+                }
+            };
+            let https = endpoints
+                .iter()
+                .filter(|u| u.starts_with("https://"))
+                .count();
+            if https > 0 && https < endpoints.len() {
+                c.problem(
+                    "state.etcd",
+                    "mixes http:// and https:// endpoints; use one scheme for the whole cluster",
+                );
+            }
+            let wants_tls = raw.etcd_ca.is_some() || client_cert.is_some();
+            if wants_tls && https == 0 && !endpoints.is_empty() {
+                c.problem(
+                    "state.etcd",
+                    "etcd_ca / etcd_cert are set, so the endpoints must be https:// URLs",
+                );
+            }
+            let tls = (https > 0 || wants_tls).then(|| EtcdTls {
+                ca: raw.etcd_ca.clone(),
+                client_cert,
+            });
+            let user = match (&raw.etcd_user, &raw.etcd_password_file) {
+                (Some(name), Some(file)) => Some(EtcdUser {
+                    name: name.clone(),
+                    password_file: file.clone(),
+                }),
+                (None, None) => None,
+                (Some(_), None) => {
+                    c.problem(
+                        "state.etcd_password_file",
+                        "etcd_user needs etcd_password_file (a file holding the password)",
+                    );
+                    None
+                }
+                (None, Some(_)) => {
+                    c.problem("state.etcd_user", "etcd_password_file needs etcd_user");
+                    None
+                }
+            };
             Some(FleetConfig {
                 endpoints,
                 prefix,
                 replica,
                 lease_ttl,
+                tls,
+                user,
             })
         }
         other => {
@@ -1052,6 +1121,28 @@ mod tests {
         assert!(problems[0].message.contains("backend = \"etcd\""));
         let problems = fleet("backend = \"zookeeper\"").unwrap_err();
         assert_eq!(problems[0].path, "state.backend");
+
+        // TLS and users: pairs go together, TLS needs https endpoints.
+        let problems = fleet(
+            "backend = \"etcd\"\netcd = [\"http://a:2379\"]\netcd_ca = \"ca.pem\"\netcd_cert = \"c.pem\"\netcd_user = \"weir\"",
+        )
+        .unwrap_err();
+        let paths: Vec<&str> = problems.iter().map(|p| p.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            ["state.etcd_key", "state.etcd", "state.etcd_password_file"],
+            "{problems:?}"
+        );
+        let config = fleet("backend = \"etcd\"\netcd = [\"https://a:2379\"]").unwrap();
+        let tls = config.fleet.unwrap().tls.expect("https means TLS");
+        assert_eq!((tls.ca, tls.client_cert), (None, None)); // the system roots
+        let config = fleet(
+            "backend = \"etcd\"\netcd = [\"https://a:2379\"]\netcd_ca = \"ca.pem\"\netcd_cert = \"c.pem\"\netcd_key = \"c.key\"\netcd_user = \"weir\"\netcd_password_file = \"pw\"",
+        )
+        .unwrap();
+        let f = config.fleet.unwrap();
+        assert!(f.tls.unwrap().client_cert.is_some());
+        assert_eq!(f.user.unwrap().name, "weir");
     }
 
     #[test]

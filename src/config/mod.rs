@@ -49,6 +49,26 @@ pub struct FleetConfig {
     pub replica: String,
     /// TTL of the replica's lease: a dead controller's successor takes over within it.
     pub lease_ttl: Duration,
+    /// TLS to etcd (https endpoints): a private CA and a client certificate, both optional.
+    pub tls: Option<EtcdTls>,
+    /// etcd authentication (etcd's own users), when the cluster has auth enabled.
+    pub user: Option<EtcdUser>,
+}
+
+/// How weir trusts etcd and proves itself to it over TLS.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EtcdTls {
+    /// PEM CA bundle that signed etcd's certificate; the system roots when absent.
+    pub ca: Option<PathBuf>,
+    /// PEM client certificate and key, for etcd's `--client-cert-auth`.
+    pub client_cert: Option<(PathBuf, PathBuf)>,
+}
+
+/// An etcd user; the password is read from a file so it stays out of the config.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EtcdUser {
+    pub name: String,
+    pub password_file: PathBuf,
 }
 
 impl FleetConfig {

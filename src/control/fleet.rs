@@ -49,6 +49,12 @@ pub enum FleetError {
     NotLeader,
     #[error("etcd holds something weir cannot read at {key}: {detail}")]
     Corrupt { key: String, detail: String },
+    #[error("cannot read {what} {path}: {source}")]
+    File {
+        what: &'static str,
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
 }
 
 /// What `state` holds, with the revision a transaction must compare against.
@@ -88,9 +94,36 @@ impl std::fmt::Debug for Fleet {
 impl Fleet {
     /// Connects to etcd; fails when no endpoint answers within a few seconds.
     pub async fn connect(config: &FleetConfig) -> Result<Fleet, FleetError> {
-        let options = ConnectOptions::new()
+        let read = |what: &'static str, path: &std::path::Path| {
+            std::fs::read(path).map_err(|source| FleetError::File {
+                what,
+                path: path.to_path_buf(),
+                source,
+            })
+        };
+        let mut options = ConnectOptions::new()
             .with_connect_timeout(OP_TIMEOUT)
             .with_keep_alive(Duration::from_secs(2), OP_TIMEOUT);
+        if let Some(tls) = &config.tls {
+            let mut tls_options = etcd_client::TlsOptions::new();
+            tls_options = match &tls.ca {
+                Some(ca) => tls_options
+                    .ca_certificate(etcd_client::Certificate::from_pem(read("the etcd CA", ca)?)),
+                None => tls_options.with_native_roots(),
+            };
+            if let Some((cert, key)) = &tls.client_cert {
+                tls_options = tls_options.identity(etcd_client::Identity::from_pem(
+                    read("the etcd client certificate", cert)?,
+                    read("the etcd client key", key)?,
+                ));
+            }
+            options = options.with_tls(tls_options);
+        }
+        if let Some(user) = &config.user {
+            let password = read("the etcd password file", &user.password_file)?;
+            let password = String::from_utf8_lossy(&password).trim_end().to_string();
+            options = options.with_user(user.name.clone(), password);
+        }
         let unavailable = |detail: String| FleetError::Unavailable {
             endpoints: config.endpoints.join(","),
             detail,

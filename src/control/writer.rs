@@ -137,7 +137,9 @@ impl From<FleetError> for CommandError {
             FleetError::Unavailable { .. } => CommandError::Unavailable(e.to_string()),
             FleetError::Stale => CommandError::Stale,
             FleetError::NotLeader => CommandError::Conflict(e.to_string()),
-            FleetError::Corrupt { .. } => CommandError::Persist(e.to_string()),
+            FleetError::Corrupt { .. } | FleetError::File { .. } => {
+                CommandError::Persist(e.to_string())
+            }
         }
     }
 }

@@ -23,11 +23,33 @@ pub struct Etcd {
     dir: TempDir,
     client_port: u16,
     peer_port: u16,
+    /// TLS mode: etcd's certificate, key and the CA whose client certificates it requires;
+    /// health is then read from a plain-HTTP metrics listener on `metrics_port`.
+    tls: Option<EtcdTlsFiles>,
+    metrics_port: u16,
+}
+
+/// The PEM files etcd serves TLS with and checks client certificates against.
+#[derive(Clone)]
+pub struct EtcdTlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub ca: PathBuf,
 }
 
 impl Etcd {
     /// Starts etcd on free loopback ports and waits until `/health` says `"health":"true"`.
     pub async fn start() -> Etcd {
+        Etcd::start_with(None).await
+    }
+
+    /// Starts etcd serving clients over TLS only, requiring client certificates signed by
+    /// `files.ca` (`--client-cert-auth`).
+    pub async fn start_tls(files: EtcdTlsFiles) -> Etcd {
+        Etcd::start_with(Some(files)).await
+    }
+
+    async fn start_with(tls: Option<EtcdTlsFiles>) -> Etcd {
         assert_etcd_installed();
         let dir = temp_dir("etcd");
         let mut etcd = Etcd {
@@ -35,10 +57,13 @@ impl Etcd {
             dir,
             client_port: 0,
             peer_port: 0,
+            tls,
+            metrics_port: 0,
         };
         for attempt in 1..=PORT_ATTEMPTS {
             etcd.client_port = free_port();
             etcd.peer_port = free_port();
+            etcd.metrics_port = free_port();
             etcd.spawn();
             match etcd.wait_healthy().await {
                 Ok(()) => return etcd,
@@ -55,7 +80,8 @@ impl Etcd {
 
     /// The client URL, as the replicas' `[state] etcd` list takes it.
     pub fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.client_port)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.client_port)
     }
 
     /// Kills etcd (SIGKILL) and waits for it to exit; its data stays for [`Etcd::restart`].
@@ -106,7 +132,22 @@ impl Etcd {
             .expect("etcd log file opens");
         let client = self.url();
         let peer = format!("http://127.0.0.1:{}", self.peer_port);
+        let mut extra: Vec<String> = Vec::new();
+        if let Some(tls) = &self.tls {
+            extra.extend([
+                "--cert-file".to_string(),
+                tls.cert.display().to_string(),
+                "--key-file".to_string(),
+                tls.key.display().to_string(),
+                "--trusted-ca-file".to_string(),
+                tls.ca.display().to_string(),
+                "--client-cert-auth".to_string(),
+                "--listen-metrics-urls".to_string(),
+                format!("http://127.0.0.1:{}", self.metrics_port),
+            ]);
+        }
         let child = Command::new(ETCD)
+            .args(extra)
             .args([
                 "--name",
                 "weir-test",
@@ -134,7 +175,10 @@ impl Etcd {
     /// Polls `/health` until etcd says it is healthy; Err if it exits or the deadline passes.
     async fn wait_healthy(&mut self) -> Result<(), String> {
         let deadline = Instant::now() + DEADLINE;
-        let health = format!("{}/health", self.url());
+        let health = match self.tls {
+            Some(_) => format!("http://127.0.0.1:{}/health", self.metrics_port),
+            None => format!("{}/health", self.url()),
+        };
         let mut last = String::from("no answer yet");
         loop {
             if let Some(child) = self.child.as_mut() {

@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod etcd;
+pub mod pki;
 
 use std::convert::Infallible;
 use std::future::Future;
