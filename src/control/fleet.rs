@@ -12,6 +12,9 @@
 //! - `counters/<replica>` — each replica's cumulative per-version counters, on its lease, which
 //!   the controller sums into fleet-wide counts.
 //!
+//! The connection can use TLS (a private CA or the system roots, and a client certificate) and
+//! an etcd user, as production clusters require.
+//!
 //! Invariant: nothing here changes the table; the [`Writer`](super::Writer) applies what etcd
 //! holds. When etcd is unreachable the replica keeps its last table, mutations fail with 503 and
 //! readiness says why.
