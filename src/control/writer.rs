@@ -433,17 +433,12 @@ impl Writer {
         if state != inner.state {
             let table = build_table(&inner.config, &state, &self.metrics, &mut inner.versions)
                 .map_err(CommandError::Persist)?;
-            let table = Arc::new(table);
-            self.table.store(Arc::clone(&table));
-            publish(&self.metrics, &table);
-            self.swapped.notify_waiters();
             tracing::info!(
                 generation = state.generation,
                 "routing changed by another replica"
             );
             inner.pending_windows.push(inner.window.close());
-            inner.window = Window::open(&table, Some(&inner.window));
-            inner.state = state;
+            self.swap(inner, table, state);
         }
         if let Store::Fleet { revision, .. } = &mut inner.store {
             *revision = shared.revision;
@@ -610,10 +605,6 @@ impl Writer {
             return Err(e);
         }
 
-        let table = Arc::new(table);
-        self.table.store(Arc::clone(&table));
-        publish(&self.metrics, &table);
-        self.swapped.notify_waiters();
         tracing::info!(
             actor = %change.actor,
             action = change.command.action(),
@@ -621,8 +612,7 @@ impl Writer {
             generation = new_state.generation,
             "routing changed"
         );
-        inner.window = Window::open(&table, Some(&inner.window));
-        inner.state = new_state;
+        self.swap(inner, table, new_state);
         if let Some(config) = new_config {
             inner.config = config;
         }
@@ -632,6 +622,16 @@ impl Writer {
             route: after_route,
             notes,
         })
+    }
+
+    /// Puts a durable state's table live: traffic, gauges, watchers, and a new serving window.
+    fn swap(&self, inner: &mut Inner, table: RoutingTable, state: RoutingState) {
+        let table = Arc::new(table);
+        self.table.store(Arc::clone(&table));
+        publish(&self.metrics, &table);
+        self.swapped.notify_waiters();
+        inner.window = Window::open(&table, Some(&inner.window));
+        inner.state = state;
     }
 
     pub fn set_canary_status(&self, route: &str, status: Option<Value>) {

@@ -26,10 +26,10 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 
 use super::body::InFlight;
+use super::listener::ConnSettings;
 use super::proxy::{backend_message, bad_override_json, no_route_json, Proxy};
 use super::split::BadOverride;
 use super::upstream::Backend;
-use crate::config::ConnLimits;
 use crate::control::shadow::ShadowPlan;
 use crate::metrics::{ErrorKind, Role};
 
@@ -51,19 +51,12 @@ pub enum Served {
     HandOff(Rewind),
 }
 
-/// Connection settings the fast path needs.
-#[derive(Clone, Debug)]
-pub struct FastSettings {
-    pub header_read_timeout: Duration,
-    pub limits: ConnLimits,
-}
-
 /// Serves a plain-TCP connection until it closes or needs hyper.
 pub async fn serve(
     proxy: &Proxy,
     mut client: TcpStream,
     peer: SocketAddr,
-    settings: &FastSettings,
+    settings: &ConnSettings,
     stop: &mut watch::Receiver<bool>,
 ) -> Served {
     let client_ip = peer.ip().to_string();
@@ -463,10 +456,8 @@ async fn exchange(
     // Close-delimited upstream bodies reach the client chunked: a close would lose the
     // difference between the end and a failure.
     let encode_chunks = matches!(response.framing, Framing::UntilClose);
-    let mut head_out = Vec::with_capacity(response.head.len() + 96);
-    head_out.extend_from_slice(b"HTTP/1.1 ");
-    head_out.extend_from_slice(response.status_text(&conn.buf).as_bytes());
-    head_out.extend_from_slice(b"\r\n");
+    let mut head_out = Vec::with_capacity(response.len + 96);
+    response.write_status_line(&conn.buf, &mut head_out);
     response.write_headers(&conn.buf, &mut head_out);
     if let Some((name, value)) = label_header {
         push_header(&mut head_out, name.as_str().as_bytes(), value);
@@ -482,7 +473,7 @@ async fn exchange(
         }
         s.response_tee(response.status, &headers)
     });
-    conn.buf.advance(response.head.len());
+    conn.buf.advance(response.len);
 
     // The body, as it arrives.
     let mut framing = response.framing;
@@ -498,7 +489,7 @@ async fn exchange(
                     .ttfb
                     .observe(started.elapsed().as_secs_f64());
             }
-            if let Some(tee) = response_tee.as_mut() {
+            if let Some(tee) = response_tee.as_mut().filter(|t| t.is_open()) {
                 tee.push(&Bytes::copy_from_slice(&conn.buf[..pass]));
             }
             if encode_chunks {
@@ -523,15 +514,18 @@ async fn exchange(
             if let Some(tee) = response_tee.as_mut() {
                 tee.finish();
             }
-            if client.write_all(&pending).await.is_err() {
-                return Exchange::Close;
-            }
+            // The backend's part is over: it stops counting as in flight (and its connection
+            // goes back to the pool) before the client can see the end, so whoever reads the
+            // gauges after an answer never finds it still open.
             drop(in_flight);
             let reusable = response.keep_alive && conn.buf.is_empty() && !encode_chunks;
             if reusable {
                 backend.pool.put(conn, settings.pool_max_idle);
             }
             drop(picked);
+            if client.write_all(&pending).await.is_err() {
+                return Exchange::Close;
+            }
             return if keep_alive {
                 Exchange::Done { consumed }
             } else {
@@ -658,7 +652,7 @@ async fn send(
                 Ok(Ok(n)) if n > 0 => n,
                 _ => return Err(Failure::ClientBody),
             };
-            if let Some(tee) = request.request_tee.as_mut() {
+            if let Some(tee) = request.request_tee.as_mut().filter(|t| t.is_open()) {
                 tee.push(&Bytes::copy_from_slice(&chunk[..n]));
             }
             if conn.stream.write_all(&chunk[..n]).await.is_err() {
@@ -864,10 +858,7 @@ impl Framing {
                 *left -= n;
                 (n as usize, *left == 0)
             }
-            Framing::Chunked(state) => {
-                let (n, done) = state.scan(data);
-                (n, done)
-            }
+            Framing::Chunked(state) => state.scan(data),
             Framing::UntilClose => (data.len(), false),
             Framing::Ended => (0, true),
         }
@@ -982,8 +973,8 @@ impl Chunked {
 /// A parsed response head, as offsets into the upstream buffer.
 struct ResponseHead {
     status: u16,
-    /// The head's bytes (`..len()` of the buffer).
-    head: std::ops::Range<usize>,
+    /// The head's length: it is the first `len` bytes of the buffer.
+    len: usize,
     reason: std::ops::Range<usize>,
     /// Header lines to pass on, as (name, value) ranges.
     headers: Vec<(std::ops::Range<usize>, std::ops::Range<usize>)>,
@@ -992,17 +983,29 @@ struct ResponseHead {
 }
 
 impl ResponseHead {
-    fn status_text(&self, buf: &[u8]) -> String {
-        let reason = std::str::from_utf8(&buf[self.reason.clone()]).unwrap_or("");
+    /// `HTTP/1.1 <status> <reason>\r\n`, the backend's reason or the canonical one.
+    fn write_status_line(&self, buf: &[u8], out: &mut Vec<u8>) {
+        let reason = &buf[self.reason.clone()];
         let reason = if reason.is_empty() {
             StatusCode::from_u16(self.status)
                 .ok()
                 .and_then(|s| s.canonical_reason())
                 .unwrap_or("")
+                .as_bytes()
         } else {
             reason
         };
-        format!("{} {reason}", self.status)
+        out.extend_from_slice(b"HTTP/1.1 ");
+        // httparse only accepts three-digit status codes.
+        let code = self.status;
+        out.extend_from_slice(&[
+            b'0' + (code / 100 % 10) as u8,
+            b'0' + (code / 10 % 10) as u8,
+            b'0' + (code % 10) as u8,
+        ]);
+        out.push(b' ');
+        out.extend_from_slice(reason);
+        out.extend_from_slice(b"\r\n");
     }
 
     fn content_type(&self, buf: &[u8]) -> Option<http::HeaderValue> {
@@ -1136,7 +1139,7 @@ fn parse_response(buf: &[u8], head_request: bool) -> Result<Option<Parsed>, Head
     }
     Ok(Some(Parsed::Final(ResponseHead {
         status,
-        head: 0..len,
+        len,
         reason,
         headers,
         framing,

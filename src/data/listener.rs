@@ -95,10 +95,7 @@ where
     let connections = Arc::new(tokio::sync::Semaphore::new(settings.limits.max_connections));
     // Fast-path connections hold a sender each; the drain waits until every one is dropped.
     let (alive, mut all_closed) = tokio::sync::mpsc::channel::<()>(1);
-    let fast_settings = Arc::new(super::h1::FastSettings {
-        header_read_timeout: settings.header_read_timeout,
-        limits: settings.limits.clone(),
-    });
+    let conn_settings = Arc::new(settings.clone());
     loop {
         // At the connection limit, stop accepting: new clients wait in the kernel's queue
         // instead of taking memory here.
@@ -132,7 +129,7 @@ where
         let handshake_timeout = settings.header_read_timeout;
         let fast = fast.clone();
         let alive = alive.clone();
-        let fast_settings = Arc::clone(&fast_settings);
+        let conn_settings = Arc::clone(&conn_settings);
         let mut conn_stop = stop.clone();
         // Each kind of connection is its own boxed future, so an idle fast-path connection's
         // task is not as large as a TLS handshake's or hyper's connection state.
@@ -140,7 +137,7 @@ where
             (None, Some(proxy)) => Box::pin(async move {
                 let _alive = alive;
                 let served =
-                    super::h1::serve(&proxy, stream, peer, &fast_settings, &mut conn_stop).await;
+                    super::h1::serve(&proxy, stream, peer, &conn_settings, &mut conn_stop).await;
                 if let super::h1::Served::HandOff(io) = served {
                     Box::pin(serve_io(&builder, io, service, watcher, name, peer)).await
                 }

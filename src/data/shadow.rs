@@ -173,6 +173,11 @@ impl RequestTee {
         }
     }
 
+    /// Still collecting (not finished, not over the cap): worth handing chunks to.
+    pub fn is_open(&self) -> bool {
+        self.done.is_some()
+    }
+
     /// Keeps a handle to one chunk; gives up (and says so) past the cap.
     pub fn push(&mut self, chunk: &Bytes) {
         if self.done.is_some() && !self.body.push(chunk) {
@@ -227,6 +232,11 @@ impl ResponseTee {
             body: Capped::new(cap),
             done: Some(done),
         }
+    }
+
+    /// Still collecting (not finished, not over the cap): worth handing chunks to.
+    pub fn is_open(&self) -> bool {
+        self.done.is_some()
     }
 
     pub fn push(&mut self, chunk: &Bytes) {
