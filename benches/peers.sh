@@ -5,11 +5,12 @@
 # Rounds interleave backend direct (ceiling), weir, nginx and HAProxy; the report is the medians of
 # req/s, p50, p99 and proxy CPU µs per request, the weir/peer ratios, weir's split as counted by its
 # own /metrics, each proxy's RSS per idle keep-alive client connection (1,000 and 10,000), and
-# HTTP/2 (h2c) load against weir alone.
+# HTTP/2 (h2c, prior knowledge) client load against all three.
 #
 # usage: benches/peers.sh [DURATION=10s] [CONNECTIONS=64] [ROUNDS=3]
 # env:   POST=0 skips the POST /v1/chat/completions pass; H2=0 skips h2load; MEM=0 skips memory;
-#        STREAM=0 skips the streaming pass (time to first byte and per-token delay added).
+#        STREAM=0 skips the streaming pass (time to first byte and per-token delay added);
+#        H2N=200000 sets the requests per h2load run.
 # needs: wrk, curl, python3, nginx, haproxy, h2load (apt-get install -y wrk nginx haproxy
 #        nghttp2-client); everything else is built here. Loopback only.
 set -euo pipefail
@@ -23,6 +24,7 @@ MEM=${MEM:-1}
 STREAM=${STREAM:-1}
 B1=127.0.0.1:18401 B2=127.0.0.1:18402
 WEIR=127.0.0.1:18480 ADMIN=127.0.0.1:18490 NGINX=127.0.0.1:18481 HAPROXY=127.0.0.1:18482
+NGINX_H2=127.0.0.1:18483 HAPROXY_H2=127.0.0.1:18484 # the peers take h2c (prior knowledge) on ports of their own
 IDLE_MAX=10000 # largest idle-connection count tried (weir's default listener max_connections)
 
 for tool in wrk curl python3 nginx haproxy; do
@@ -39,7 +41,7 @@ else
 fi
 TICK=$(getconf CLK_TCK)
 
-for a in $B1 $B2 $WEIR $ADMIN $NGINX $HAPROXY; do
+for a in $B1 $B2 $WEIR $ADMIN $NGINX $HAPROXY $NGINX_H2 $HAPROXY_H2; do
   if ss -Htln "( sport = :${a##*:} )" | grep -q .; then echo "port ${a##*:} is already in use: $(ss -Htlnp "( sport = :${a##*:} )")" >&2; exit 1; fi
 done
 cargo build --release --quiet
@@ -86,6 +88,7 @@ http {
   upstream v2 { server $B2; keepalive 64; keepalive_requests 100000000; }
   server {
     listen $NGINX;
+    listen $NGINX_H2 http2;
     location / {
       proxy_pass http://\$backend;
       proxy_http_version 1.1;
@@ -111,6 +114,7 @@ defaults
   timeout http-request 120s
 frontend fe
   bind $HAPROXY
+  bind $HAPROXY_H2 proto h2
   default_backend be
 backend be
   http-reuse always
@@ -124,7 +128,9 @@ ready=0
 for _ in $(seq 150); do
   if curl -fs http://$B1/ping >/dev/null 2>&1 && curl -fs http://$B2/ping >/dev/null 2>&1 &&
     curl -fs http://$ADMIN/readyz >/dev/null 2>&1 && curl -fs http://$WEIR/ping >/dev/null 2>&1 &&
-    curl -fs http://$NGINX/ping >/dev/null 2>&1 && curl -fs http://$HAPROXY/ping >/dev/null 2>&1; then
+    curl -fs http://$NGINX/ping >/dev/null 2>&1 && curl -fs http://$HAPROXY/ping >/dev/null 2>&1 &&
+    curl -fs --http2-prior-knowledge http://$NGINX_H2/ping >/dev/null 2>&1 &&
+    curl -fs --http2-prior-knowledge http://$HAPROXY_H2/ping >/dev/null 2>&1; then
     ready=1 && break
   fi
   sleep 0.1
@@ -358,17 +364,42 @@ if [ "$MEM" = 1 ]; then
   done
 fi
 
-# --- HTTP/2 cleartext (prior knowledge) against weir only -----------------------------------------
+# --- HTTP/2 cleartext (prior knowledge) clients, each proxy speaking HTTP/1.1 to the backends ----
 if [ "$H2" = 1 ]; then
   echo
   if command -v h2load >/dev/null; then
-    echo "== h2load -n 100000 -c 32 -m 10 h2c http://$WEIR/ping (weir only; peers would need h2c config)"
-    t0=$(cpu_ticks $weir_pid)
-    out=$(timeout 120 "${LOAD_CPU[@]}" h2load -n 100000 -c 32 -m 10 "http://$WEIR/ping" 2>&1 || true)
-    t1=$(cpu_ticks $weir_pid)
-    grep -E '^finished in|^requests:|^status codes:|^Application protocol|^time for request' <<<"$out" || echo "$out" | tail -5
-    awk -v dt=$((t1 - t0)) -v tick="$TICK" '/^requests:/ { n = $8 }
-      END { if (n) printf "weir CPU per request over h2c: %.2f us\n", dt / tick * 1e6 / n }' <<<"$out"
+    declare -A H2URL=([weir]=http://$WEIR [nginx]=http://$NGINX_H2 [haproxy]=http://$HAPROXY_H2)
+    H2N=${H2N:-200000}
+    run_h2load() { # NAME -> "req/s cpu_us_per_req requests 2xx"
+      local pl t0 t1 out
+      pl=$(proxy_pids "$1")
+      t0=$(cpu_ticks $pl)
+      out=$(timeout 300 "${LOAD_CPU[@]}" h2load -n "$H2N" -c 32 -m 10 "${H2URL[$1]}/ping" 2>&1 || true)
+      t1=$(cpu_ticks $pl)
+      awk -v dt=$((t1 - t0)) -v tick="$TICK" '
+        /^finished in/ { rps = $4 } /^requests:/ { n = $8 } /^status codes:/ { ok = $3 }
+        END { printf "%.0f %s %d %d\n", rps, n ? sprintf("%.2f", dt / tick * 1e6 / n) : "-", n, ok }' <<<"$out"
+    }
+    declare -A h2res=()
+    for r in $(seq "$ROUNDS"); do
+      line="round $r:"
+      for t in weir nginx haproxy; do
+        h2res[$t]+="$(run_h2load $t)"$'\n'
+        line+=" $t $(tail -n1 <<<"${h2res[$t]%$'\n'}" | awk '{ print $1 "rps/" $2 "us" }')"
+      done
+      echo "$line" >&2
+    done
+    echo "== HTTP/2 cleartext GET /ping: median of $ROUNDS interleaved rounds, h2load -n $H2N -c 32 -m 10"
+    printf '%-22s %10s %18s %10s\n' "" "req/s" "proxy CPU us/req" "2xx"
+    declare -A h2med=()
+    for t in weir nginx haproxy; do
+      for c in 1 2 4; do h2med[$t,$c]=$(awk -v c=$c 'NF { print $c }' <<<"${h2res[$t]}" | median); done
+      printf '%-22s %10s %18s %10s\n' "${LABEL[$t]}" "${h2med[$t,1]}" "${h2med[$t,2]}" "${h2med[$t,4]}"
+    done
+    for p in nginx haproxy; do
+      awk -v p=$p -v r1="${h2med[weir,1]}" -v r2="${h2med[$p,1]}" -v c1="${h2med[weir,2]}" -v c2="${h2med[$p,2]}" 'BEGIN {
+        printf "weir / %-8s throughput %.2fx   CPU per request %.2fx\n", p, r1 / r2, c1 / c2 }'
+    done
   else
     echo "h2load missing (apt-get install -y nghttp2-client): HTTP/2 pass skipped"
   fi
