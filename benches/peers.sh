@@ -5,12 +5,13 @@
 # Rounds interleave backend direct (ceiling), weir, nginx and HAProxy; the report is the medians of
 # req/s, p50, p99 and proxy CPU µs per request, the weir/peer ratios, weir's split as counted by its
 # own /metrics, each proxy's RSS per idle keep-alive client connection (1,000 and 10,000), and
-# HTTP/2 (h2c, prior knowledge) client load against all three.
+# HTTPS (TLS terminated by each proxy) and HTTP/2 (h2c, prior knowledge) client load against all
+# three.
 #
 # usage: benches/peers.sh [DURATION=10s] [CONNECTIONS=64] [ROUNDS=3]
 # env:   POST=0 skips the POST /v1/chat/completions pass; H2=0 skips h2load; MEM=0 skips memory;
 #        STREAM=0 skips the streaming pass (time to first byte and per-token delay added);
-#        H2N=200000 sets the requests per h2load run.
+#        H2N=200000 sets the requests per h2load run; TLS=0 skips the HTTPS pass (needs openssl).
 # needs: wrk, curl, python3, nginx, haproxy, h2load (apt-get install -y wrk nginx haproxy
 #        nghttp2-client); everything else is built here. Loopback only.
 set -euo pipefail
@@ -25,6 +26,7 @@ STREAM=${STREAM:-1}
 B1=127.0.0.1:18401 B2=127.0.0.1:18402
 WEIR=127.0.0.1:18480 ADMIN=127.0.0.1:18490 NGINX=127.0.0.1:18481 HAPROXY=127.0.0.1:18482
 NGINX_H2=127.0.0.1:18483 HAPROXY_H2=127.0.0.1:18484 # the peers take h2c (prior knowledge) on ports of their own
+WEIR_TLS=127.0.0.1:18485 ADMIN_TLS=127.0.0.1:18491 NGINX_TLS=127.0.0.1:18486 HAPROXY_TLS=127.0.0.1:18487
 IDLE_MAX=10000 # largest idle-connection count tried (weir's default listener max_connections)
 
 for tool in wrk curl python3 nginx haproxy; do
@@ -41,7 +43,7 @@ else
 fi
 TICK=$(getconf CLK_TCK)
 
-for a in $B1 $B2 $WEIR $ADMIN $NGINX $HAPROXY $NGINX_H2 $HAPROXY_H2; do
+for a in $B1 $B2 $WEIR $ADMIN $NGINX $HAPROXY $NGINX_H2 $HAPROXY_H2 $WEIR_TLS $ADMIN_TLS $NGINX_TLS $HAPROXY_TLS; do
   if ss -Htln "( sport = :${a##*:} )" | grep -q .; then echo "port ${a##*:} is already in use: $(ss -Htlnp "( sport = :${a##*:} )")" >&2; exit 1; fi
 done
 cargo build --release --quiet
@@ -67,6 +69,24 @@ mkdir -p "$work/state" "$work/nginx/logs"
   --weight 10% --listen $WEIR --admin $ADMIN --state-dir "$work/state" & pids+=($!)
 weir_pid=$!
 
+# TLS terminated by each proxy (one self-signed P-256 certificate for all three). weir serves TLS
+# from a second process with the same split, idle while the plain passes run.
+TLS=${TLS:-1}
+if [ "$TLS" = 1 ] && ! command -v openssl >/dev/null; then echo "openssl missing: TLS pass skipped"; TLS=0; fi
+if [ "$TLS" = 1 ]; then
+  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 -subj /CN=localhost \
+    -addext subjectAltName=IP:127.0.0.1 -keyout "$work/key.pem" -out "$work/cert.pem" 2>/dev/null
+  cat "$work/cert.pem" "$work/key.pem" >"$work/haproxy.pem"
+  mkdir -p "$work/state-tls"
+  "${PROXY_CPU[@]}" $BIN --log-level warn serve --stable chat@v1=http://$B1 --candidate chat@v2=http://$B2 \
+    --weight 10% --listen $WEIR_TLS --admin $ADMIN_TLS --state-dir "$work/state-tls" \
+    --tls-cert "$work/cert.pem" --tls-key "$work/key.pem" & pids+=($!)
+  weir_tls_pid=$!
+  NGINX_TLS_SERVER="server { listen $NGINX_TLS ssl; ssl_certificate $work/cert.pem; ssl_certificate_key $work/key.pem;
+    location / { proxy_pass http://\$backend; proxy_http_version 1.1; proxy_set_header Connection \"\"; } }"
+  HAPROXY_TLS_BIND="bind $HAPROXY_TLS ssl crt $work/haproxy.pem alpn http/1.1"
+fi
+
 cat >"$work/nginx.conf" <<EOF
 worker_processes 1;
 worker_rlimit_nofile $FDS;
@@ -86,6 +106,7 @@ http {
   split_clients "\${request_id}" \$backend { 10% v2; * v1; }
   upstream v1 { server $B1; keepalive 64; keepalive_requests 100000000; }
   upstream v2 { server $B2; keepalive 64; keepalive_requests 100000000; }
+  ${NGINX_TLS_SERVER:-}
   server {
     listen $NGINX;
     listen $NGINX_H2 http2;
@@ -115,6 +136,7 @@ defaults
 frontend fe
   bind $HAPROXY
   bind $HAPROXY_H2 proto h2
+  ${HAPROXY_TLS_BIND:-}
   default_backend be
 backend be
   http-reuse always
@@ -140,7 +162,7 @@ done
 # --- measurement helpers ----------------------------------------------------------------------
 proxy_pids() { # NAME -> the PIDs whose CPU counts for it
   case $1 in
-    weir) echo "$weir_pid" ;;
+    weir) echo "${weir_cpu_pid:-$weir_pid}" ;;
     nginx) echo "$nginx_pid $(pgrep -P "$nginx_pid" | tr '\n' ' ')" ;;
     haproxy) echo "$haproxy_pid $(pgrep -P "$haproxy_pid" | tr '\n' ' ')" ;;
     direct) echo "" ;;
@@ -213,13 +235,33 @@ bench() { # TITLE PATH [wrk args...]: ROUNDS interleaved rounds over TARGETS, th
       -v q1="${med[weir,3]}" -v q2="${med[$p,3]}" 'BEGIN {
       printf "weir / %-8s throughput %.2fx   CPU per request %.2fx   p99 %.2fx\n", p, r1 / r2, c1 / c2, q1 / q2 }'
   done
-  awk -v r1="${med[weir,1]}" -v r2="${med[direct,1]}" 'BEGIN { printf "weir / direct   throughput %.2fx\n", r1 / r2 }'
+  if [ -n "${med[direct,1]:-}" ]; then
+    awk -v r1="${med[weir,1]}" -v r2="${med[direct,1]}" 'BEGIN { printf "weir / direct   throughput %.2fx\n", r1 / r2 }'
+  fi
 }
 
 echo "peers benchmark: $PINNING; fd limit $FDS; CPU from /proc/PID/stat (nginx: master+worker)"
 bench "GET /ping" /ping
 if [ "$POST" = 1 ]; then
   bench "POST /v1/chat/completions (non-streaming, ~300 B answer)" /v1/chat/completions -s "$work/post.lua"
+fi
+
+# --- HTTPS: TLS 1.3 terminated by the proxy, HTTP/1.1 keep-alive (wrk offers no ALPN) -----------
+if [ "$TLS" = 1 ]; then
+  for _ in $(seq 100); do
+    curl -fsk https://$WEIR_TLS/ping >/dev/null 2>&1 && curl -fsk https://$NGINX_TLS/ping >/dev/null 2>&1 &&
+      curl -fsk https://$HAPROXY_TLS/ping >/dev/null 2>&1 && break
+    sleep 0.1
+  done
+  plain_targets=("${TARGETS[@]}")
+  plain_urls=("${URL[weir]}" "${URL[nginx]}" "${URL[haproxy]}")
+  TARGETS=(weir nginx haproxy)
+  URL[weir]=https://$WEIR_TLS URL[nginx]=https://$NGINX_TLS URL[haproxy]=https://$HAPROXY_TLS
+  weir_cpu_pid=$weir_tls_pid
+  bench "HTTPS GET /ping (TLS 1.3 by the proxy, P-256 certificate, HTTP/1.1 keep-alive)" /ping
+  TARGETS=("${plain_targets[@]}")
+  URL[weir]=${plain_urls[0]} URL[nginx]=${plain_urls[1]} URL[haproxy]=${plain_urls[2]}
+  unset weir_cpu_pid
 fi
 
 # --- streaming: what each proxy adds to time to first byte and to each token's delivery ----------

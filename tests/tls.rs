@@ -357,3 +357,115 @@ async fn certificates_are_reread_without_dropping_open_connections() {
         .await;
     assert!(stranger.is_err(), "an unrelated CA must not be accepted");
 }
+
+/// Reads one HTTP/1.1 response with a `Content-Length` body: (status, head, body).
+async fn read_response<S: tokio::io::AsyncRead + Unpin>(
+    stream: &mut S,
+    pending: &mut Vec<u8>,
+) -> (u16, String, String) {
+    let head_end = loop {
+        if let Some(at) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
+            break at + 4;
+        }
+        let mut chunk = [0u8; 4096];
+        let n = tokio::time::timeout(DEADLINE, stream.read(&mut chunk))
+            .await
+            .expect("a response head in time")
+            .unwrap();
+        assert!(n > 0, "closed before a response head: {pending:?}");
+        pending.extend_from_slice(&chunk[..n]);
+    };
+    let head = String::from_utf8_lossy(&pending[..head_end]).to_lowercase();
+    let status = head[9..12].parse().unwrap();
+    let length: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .unwrap_or_else(|| panic!("no content-length in {head}"))
+        .trim()
+        .parse()
+        .unwrap();
+    while pending.len() < head_end + length {
+        let mut chunk = [0u8; 4096];
+        let n = tokio::time::timeout(DEADLINE, stream.read(&mut chunk))
+            .await
+            .expect("a response body in time")
+            .unwrap();
+        assert!(n > 0, "closed mid-body");
+        pending.extend_from_slice(&chunk[..n]);
+    }
+    let body = String::from_utf8_lossy(&pending[head_end..head_end + length]).into_owned();
+    pending.drain(..head_end + length);
+    (status, head, body)
+}
+
+#[tokio::test]
+async fn http1_over_tls_serves_one_connection_through_fast_and_handed_over_requests() {
+    let pki = Pki::new();
+    let backend = Backend::echo("v1").await;
+    let weir = Weir::start(&tls_config(&pki, false), &[("v1", &backend.url())]).await;
+    // Without ALPN and with ALPN http/1.1: both are HTTP/1.1 over TLS.
+    for alpn in [None, Some(b"http/1.1".to_vec())] {
+        let mut config = pki.client_config(None);
+        config.alpn_protocols = alpn.clone().into_iter().collect();
+        let tcp = tokio::net::TcpStream::connect(weir.proxy).await.unwrap();
+        let mut tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+            .connect(
+                rustls::pki_types::ServerName::try_from("localhost").unwrap(),
+                tcp,
+            )
+            .await
+            .unwrap();
+        let mut pending = Vec::new();
+        let echo = |body: &str| serde_json::from_str::<serde_json::Value>(body).unwrap();
+
+        // A GET, then a POST with a Content-Length body.
+        tls.write_all(
+            b"GET /v1/models?x=1 HTTP/1.1\r\nHost: localhost\r\nX-Forwarded-For: 10.0.0.9\r\n\r\n",
+        )
+        .await
+        .unwrap();
+        let (status, head, body) = read_response(&mut tls, &mut pending).await;
+        assert_eq!(status, 200, "{alpn:?}: {head}");
+        assert!(head.contains("x-weir-version: chat@v1"), "{head}");
+        let e = echo(&body);
+        assert_eq!(e["path"], "/v1/models");
+        assert_eq!(echoed_header(&e, "x-forwarded-proto"), ["https"]);
+        assert_eq!(
+            echoed_header(&e, "x-forwarded-for"),
+            ["10.0.0.9, 127.0.0.1"]
+        );
+
+        let json = r#"{"model":"chat","messages":[]}"#;
+        tls.write_all(
+            format!(
+                "POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Length: {}\r\n\r\n{json}",
+                json.len()
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+        let (status, _, body) = read_response(&mut tls, &mut pending).await;
+        assert_eq!(status, 200);
+        assert_eq!(echo(&body)["body"], json);
+
+        // A chunked body is hyper's: the same connection is handed over mid-stream, and the
+        // request after it is still answered.
+        tls.write_all(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n",
+        )
+        .await
+        .unwrap();
+        let (status, _, body) = read_response(&mut tls, &mut pending).await;
+        assert_eq!(status, 200);
+        assert_eq!(echo(&body)["body"], "hello world");
+        assert_eq!(echoed_header(&echo(&body), "x-forwarded-proto"), ["https"]);
+        tls.write_all(b"GET /again HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let (status, _, body) = read_response(&mut tls, &mut pending).await;
+        assert_eq!(status, 200);
+        assert_eq!(echo(&body)["path"], "/again");
+    }
+    assert_eq!(backend.hits(), 8);
+}

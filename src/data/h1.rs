@@ -1,5 +1,5 @@
-//! The HTTP/1.1 fast path: plain-TCP HTTP/1.1 connections are served by one task that parses
-//! heads with `httparse`, writes the upstream request straight from the parsed slices onto a
+//! The HTTP/1.1 fast path: HTTP/1.1 client connections (plain TCP, or TLS that did not
+//! negotiate h2) are served by one task that parses heads with `httparse`, writes the upstream request straight from the parsed slices onto a
 //! pooled backend socket it owns for the exchange, and passes the response bytes through as they
 //! arrive (chunked framing is tracked, not re-encoded).
 //!
@@ -44,22 +44,34 @@ const READ_CHUNK: usize = 8 * 1024;
 
 /// How a connection left the fast path.
 #[derive(Debug)]
-pub enum Served {
+pub enum Served<S> {
     /// Closed (by either side, a timeout or the drain).
     Closed,
     /// Hyper serves the rest of the connection, starting with these unconsumed bytes.
-    HandOff(Rewind),
+    HandOff(Rewind<S>),
 }
 
-/// Serves a plain-TCP connection until it closes or needs hyper.
-pub async fn serve(
+/// What the client connection is: plain TCP or TLS (terminated by weir).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ClientTransport {
+    Plain,
+    Tls,
+}
+
+/// Serves a client connection until it closes or needs hyper.
+pub async fn serve<S>(
     proxy: &Proxy,
-    mut client: TcpStream,
+    mut client: S,
     peer: SocketAddr,
+    transport: ClientTransport,
     settings: &ConnSettings,
     stop: &mut watch::Receiver<bool>,
-) -> Served {
+) -> Served<S>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
     let client_ip = peer.ip().to_string();
+    let tls = transport == ClientTransport::Tls;
     let max_head = settings.limits.max_header_bytes.max(1024);
     // Empty (unallocated) while the connection is idle: an idle keep-alive connection costs its
     // task and socket, not a buffer.
@@ -69,7 +81,9 @@ pub async fn serve(
         // whole head (a client dribbling bytes does not keep restarting it).
         let deadline = tokio::time::Instant::now() + settings.header_read_timeout;
         loop {
-            if buf.starts_with(b"PRI * HTTP/2.0") || buf.first().is_some_and(|b| *b == 0x16) {
+            if buf.starts_with(b"PRI * HTTP/2.0")
+                || (!tls && buf.first().is_some_and(|b| *b == 0x16))
+            {
                 return Served::HandOff(Rewind::new(buf, client)); // h2 prior knowledge, or TLS
             }
             // A head ends at an empty line; like hyper, accept bare LF line ends too.
@@ -97,7 +111,15 @@ pub async fn serve(
             }
         }
         let draining = *stop.borrow();
-        let outcome = Box::pin(exchange(proxy, &mut client, &buf, &client_ip, draining)).await;
+        let outcome = Box::pin(exchange(
+            proxy,
+            &mut client,
+            &buf,
+            &client_ip,
+            tls,
+            draining,
+        ))
+        .await;
         match outcome {
             Exchange::HandOff => return Served::HandOff(Rewind::new(buf, client)),
             Exchange::Close => return Served::Closed,
@@ -200,11 +222,12 @@ fn read_head<'a>(headers: &'a [httparse::Header<'a>]) -> Option<Head<'a>> {
 }
 
 /// One request and its response.
-async fn exchange(
+async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
     proxy: &Proxy,
-    client: &mut TcpStream,
+    client: &mut S,
     buf: &[u8],
     client_ip: &str,
+    tls: bool,
     draining: bool,
 ) -> Exchange {
     let started = Instant::now();
@@ -385,7 +408,11 @@ async fn exchange(
         out.extend_from_slice(b", ");
     }
     out.extend_from_slice(client_ip.as_bytes());
-    out.extend_from_slice(b"\r\nx-forwarded-proto: http\r\n\r\n");
+    out.extend_from_slice(if tls {
+        b"\r\nx-forwarded-proto: https\r\n\r\n".as_slice()
+    } else {
+        b"\r\nx-forwarded-proto: http\r\n\r\n"
+    });
     out.extend_from_slice(&buf[head_len..consumed]);
     // A mirrored request starts its shadow now, with the head as forwarded; the tees get the
     // bodies as they pass.
@@ -523,7 +550,7 @@ async fn exchange(
                 backend.pool.put(conn, settings.pool_max_idle);
             }
             drop(picked);
-            if client.write_all(&pending).await.is_err() {
+            if write_out(client, &pending).await.is_err() {
                 return Exchange::Close;
             }
             return if keep_alive {
@@ -533,7 +560,7 @@ async fn exchange(
             };
         }
         if !pending.is_empty() {
-            if client.write_all(&pending).await.is_err() {
+            if write_out(client, &pending).await.is_err() {
                 return Exchange::Close; // the client left: the upstream connection goes too
             }
             pending.clear();
@@ -612,9 +639,9 @@ enum Failure {
 /// Sends the request on a pooled (or new) connection and reads the response head. A pooled
 /// connection that turns out closed is replaced once when the whole request is in hand and
 /// sending it again is safe.
-async fn send(
+async fn send<S: AsyncRead + AsyncWrite + Unpin>(
     proxy: &Proxy,
-    client: &mut TcpStream,
+    client: &mut S,
     backend: &Backend,
     mut request: Request<'_>,
 ) -> Result<(Upstream, ResponseHead), Failure> {
@@ -685,6 +712,13 @@ fn idempotent(method: &str) -> bool {
     )
 }
 
+/// Writes to the client and flushes (a TLS stream may hold records back until flushed; for plain
+/// TCP the flush is free).
+async fn write_out<S: AsyncWrite + Unpin>(client: &mut S, data: &[u8]) -> io::Result<()> {
+    client.write_all(data).await?;
+    client.flush().await
+}
+
 fn push_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
     out.extend_from_slice(name);
     out.extend_from_slice(b": ");
@@ -694,8 +728,8 @@ fn push_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
 
 /// Answers with weir's own JSON, draining a small unread request body so the connection can stay
 /// open (a large unread body closes it).
-async fn local(
-    client: &mut TcpStream,
+async fn local<S: AsyncRead + AsyncWrite + Unpin>(
+    client: &mut S,
     status: StatusCode,
     body: &serde_json::Value,
     version_header: Option<(&HeaderName, &[u8])>,
@@ -724,14 +758,14 @@ async fn local(
     out.extend_from_slice(b"\r\n");
     out.extend_from_slice(body.as_bytes());
     match consumed {
-        Some(consumed) if keep_alive && client.write_all(&out).await.is_ok() => {
+        Some(consumed) if keep_alive && write_out(client, &out).await.is_ok() => {
             Exchange::Done { consumed }
         }
         _ => {
             if keep_alive {
                 return Exchange::Close;
             }
-            let _ = client.write_all(&out).await;
+            let _ = write_out(client, &out).await;
             let _ = client.shutdown().await;
             Exchange::Close
         }
@@ -1151,18 +1185,18 @@ fn parse_response(buf: &[u8], head_request: bool) -> Result<Option<Parsed>, Head
 
 /// A connection with bytes already read from it put back in front, for hyper.
 #[derive(Debug)]
-pub struct Rewind {
+pub struct Rewind<S> {
     prefix: BytesMut,
-    inner: TcpStream,
+    inner: S,
 }
 
-impl Rewind {
-    fn new(prefix: BytesMut, inner: TcpStream) -> Rewind {
+impl<S> Rewind<S> {
+    fn new(prefix: BytesMut, inner: S) -> Rewind<S> {
         Rewind { prefix, inner }
     }
 }
 
-impl AsyncRead for Rewind {
+impl<S: AsyncRead + Unpin> AsyncRead for Rewind<S> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -1178,7 +1212,7 @@ impl AsyncRead for Rewind {
     }
 }
 
-impl AsyncWrite for Rewind {
+impl<S: AsyncWrite + Unpin> AsyncWrite for Rewind<S> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,

@@ -24,6 +24,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use super::body::BoxError;
+use super::h1::ClientTransport;
 
 /// How a drain ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -136,8 +137,15 @@ where
         let serving: Pin<Box<dyn Future<Output = ()> + Send>> = match (tls, fast) {
             (None, Some(proxy)) => Box::pin(async move {
                 let _alive = alive;
-                let served =
-                    super::h1::serve(&proxy, stream, peer, &conn_settings, &mut conn_stop).await;
+                let served = super::h1::serve(
+                    &proxy,
+                    stream,
+                    peer,
+                    ClientTransport::Plain,
+                    &conn_settings,
+                    &mut conn_stop,
+                )
+                .await;
                 if let super::h1::Served::HandOff(io) = served {
                     Box::pin(serve_io(&builder, io, service, watcher, name, peer)).await
                 }
@@ -147,12 +155,29 @@ where
                     async move { serve_io(&builder, stream, service, watcher, name, peer).await },
                 )
             }
-            (Some(config), _) => Box::pin(async move {
+            (Some(config), fast) => Box::pin(async move {
+                let _alive = alive;
                 let accept = tokio_rustls::TlsAcceptor::from(config).accept(stream);
                 match tokio::time::timeout(handshake_timeout, accept).await {
-                    Ok(Ok(stream)) => {
-                        serve_io(&builder, stream, service, watcher, name, peer).await
-                    }
+                    // HTTP/1.1 over TLS (ALPN http/1.1 or none) takes the fast path too; h2 is
+                    // hyper's from the start.
+                    Ok(Ok(stream)) => match fast {
+                        Some(proxy) if stream.get_ref().1.alpn_protocol() != Some(b"h2") => {
+                            let served = super::h1::serve(
+                                &proxy,
+                                stream,
+                                peer,
+                                ClientTransport::Tls,
+                                &conn_settings,
+                                &mut conn_stop,
+                            )
+                            .await;
+                            if let super::h1::Served::HandOff(io) = served {
+                                Box::pin(serve_io(&builder, io, service, watcher, name, peer)).await
+                            }
+                        }
+                        _ => serve_io(&builder, stream, service, watcher, name, peer).await,
+                    },
                     Ok(Err(e)) => {
                         tracing::debug!(listener = name, %peer, error = %e, "TLS handshake failed")
                     }
