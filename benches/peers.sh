@@ -334,7 +334,7 @@ if [ "$STREAM" = 1 ]; then
 fi
 
 echo
-echo "== weir's own count (weir_requests_total, 2xx) over all runs above"
+echo "== weir's own count (weir_requests_total, 2xx) over the plain-HTTP runs above"
 curl -fs http://$ADMIN/metrics | awk '/^weir_requests_total/ && /status_class="2xx"/ {
   match($0, /version="[^"]*"/); v = substr($0, RSTART + 9, RLENGTH - 10); n[v] = $NF; tot += $NF }
   END { for (v in n) printf "%-10s %12d  %5.1f%%\n", v, n[v], 100 * n[v] / tot }' | sort
