@@ -1546,3 +1546,133 @@ async fn a_backend_stalling_mid_body_cuts_the_client_connection() {
         "weir_request_errors_total{labels:?}"
     );
 }
+
+// === requests hyper serves, on the fast path's upstream connections ===
+
+type H2Client = hyper_util::client::legacy::Client<
+    hyper_util::client::legacy::connect::HttpConnector,
+    http_body_util::Full<bytes::Bytes>,
+>;
+
+/// An HTTP/2 (prior knowledge) client.
+fn h2_client() -> H2Client {
+    hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .http2_only(true)
+        .build_http()
+}
+
+/// Sends `method target` with `body` over HTTP/2; (status, headers, body or the body's error).
+async fn h2_send(
+    client: &H2Client,
+    weir: &Weir,
+    method: &str,
+    target: &str,
+    body: &str,
+) -> (u16, http::HeaderMap, Result<String, String>) {
+    use http_body_util::BodyExt;
+    let request = http::Request::builder()
+        .method(method)
+        .uri(format!("http://{}{target}", weir.proxy))
+        .body(http_body_util::Full::new(bytes::Bytes::from(
+            body.to_string(),
+        )))
+        .unwrap();
+    let response = tokio::time::timeout(DEADLINE, client.request(request))
+        .await
+        .expect("a response head in time")
+        .expect("a response");
+    let (parts, body) = response.into_parts();
+    let body = tokio::time::timeout(DEADLINE, body.collect())
+        .await
+        .expect("the body in time")
+        .map(|b| String::from_utf8_lossy(&b.to_bytes()).into_owned())
+        .map_err(|e| format!("{e:?}"));
+    (parts.status.as_u16(), parts.headers, body)
+}
+
+#[tokio::test]
+async fn http2_requests_share_pooled_upstream_connections_and_get_decoded_bodies() {
+    let json = r#"{"model":"chat","messages":[{"role":"user","content":"hi"}]}"#;
+    let (backend, requests) = WireBackend::answering(|req| match req.target.as_str() {
+        // Extensions, several chunks in one write, and a trailer.
+        "/v1/chunked" => b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: x-checksum\r\n\r\n5;ext=1\r\nhello\r\n6\r\n world\r\nA\r\n0123456789\r\n0\r\nx-checksum: abc\r\n\r\n".to_vec(),
+        _ => ok(describe(req)),
+    })
+    .await;
+    let weir = weir_with("", &backend.url()).await;
+    let client = h2_client();
+    for _ in 0..5 {
+        let (status, headers, body) = h2_send(&client, &weir, "GET", "/v1/models", "").await;
+        assert_eq!(status, 200);
+        assert_eq!(body.unwrap(), "GET /v1/models");
+        assert_eq!(headers["x-weir-version"], "chat@v1");
+    }
+    let (status, _, body) = h2_send(&client, &weir, "POST", "/v1/chat/completions", json).await;
+    assert_eq!(status, 200);
+    assert_eq!(body.unwrap(), format!("POST /v1/chat/completions {json}"));
+    let (status, headers, body) = h2_send(&client, &weir, "GET", "/v1/chunked", "").await;
+    assert_eq!(status, 200);
+    assert_eq!(body.unwrap(), "hello world0123456789");
+    assert!(headers.get("transfer-encoding").is_none(), "{headers:?}");
+    // One after another, the requests took turns on one upstream connection.
+    assert_eq!(backend.accepted(), 1);
+    // The backend saw HTTP/1.1 heads framed by Content-Length, and the forwarded headers.
+    let all = requests.all();
+    let post = all.iter().find(|r| r.method == "POST").unwrap();
+    assert_eq!(post.headers.all("content-length"), [json.len().to_string()]);
+    assert_eq!(post.headers.get("x-forwarded-proto"), Some("http"));
+    assert_eq!(post.headers.get("host"), Some(&*weir.proxy.to_string()));
+    let get = all.iter().find(|r| r.method == "GET").unwrap();
+    assert!(
+        get.headers.get("content-length").is_none(),
+        "{:?}",
+        get.headers
+    );
+}
+
+#[tokio::test]
+async fn http2_requests_get_close_delimited_bodies_whole_and_broken_framing_as_an_error() {
+    let backend = WireBackend::start(|mut wire, _| async move {
+        while let Ok(req) = wire.request().await {
+            let reply: &[u8] = match req.target.as_str() {
+                "/v1/close" => b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nuntil the end",
+                "/v1/bad" => {
+                    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\nzz\r\n"
+                }
+                _ => b"HTTP/1.1 204 No Content\r\n\r\n",
+            };
+            if wire.send(reply).await.is_err() || req.target == "/v1/close" {
+                return; // the end of a close-delimited body is the close
+            }
+        }
+    })
+    .await;
+    let weir = weir_with("", &backend.url()).await;
+    let client = h2_client();
+    let (status, _, body) = h2_send(&client, &weir, "GET", "/v1/close", "").await;
+    assert_eq!(status, 200);
+    assert_eq!(body.unwrap(), "until the end");
+    // The client sees the stream reset: with the head, or once the head has arrived.
+    let request = http::Request::get(format!("http://{}/v1/bad", weir.proxy))
+        .body(http_body_util::Full::default())
+        .unwrap();
+    let outcome = match tokio::time::timeout(DEADLINE, client.request(request)).await {
+        Err(_) => panic!("no answer to /v1/bad in time"),
+        Ok(Err(e)) => Err(format!("{e:?}")),
+        Ok(Ok(response)) => {
+            use http_body_util::BodyExt;
+            response
+                .into_body()
+                .collect()
+                .await
+                .map(|_| ())
+                .map_err(|e| format!("{e:?}"))
+        }
+    };
+    assert!(outcome.is_err(), "a body with broken framing ended cleanly");
+    assert_error_counted(&weir, "body").await;
+    // Neither connection is reused: the next request opens a third one.
+    let (status, _, body) = h2_send(&client, &weir, "GET", "/v1/empty", "").await;
+    assert_eq!((status, body.unwrap().as_str()), (204, ""));
+    assert_eq!(backend.accepted(), 3);
+}

@@ -293,6 +293,8 @@ pin_project! {
     #[project = ProxyBodyProj]
     pub enum ProxyBody {
         Upstream { #[pin] body: MeteredBody<Incoming> },
+        /// From a backend connection of the fast path's pool ([`super::h1::forward`]).
+        Raw { #[pin] body: MeteredBody<super::h1::RawBody> },
         Local { #[pin] body: Full<Bytes> },
     }
 }
@@ -301,6 +303,7 @@ impl std::fmt::Debug for ProxyBody {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             ProxyBody::Upstream { body } => body.fmt(f),
+            ProxyBody::Raw { body } => body.fmt(f),
             ProxyBody::Local { .. } => f.write_str("ProxyBody::Local"),
         }
     }
@@ -324,6 +327,7 @@ impl Body for ProxyBody {
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.project() {
             ProxyBodyProj::Upstream { body } => body.poll_frame(cx),
+            ProxyBodyProj::Raw { body } => body.poll_frame(cx),
             ProxyBodyProj::Local { body } => body.poll_frame(cx).map_err(|never| match never {}),
         }
     }
@@ -331,6 +335,7 @@ impl Body for ProxyBody {
     fn is_end_stream(&self) -> bool {
         match self {
             ProxyBody::Upstream { body } => body.is_end_stream(),
+            ProxyBody::Raw { body } => body.is_end_stream(),
             ProxyBody::Local { body } => body.is_end_stream(),
         }
     }
@@ -338,6 +343,7 @@ impl Body for ProxyBody {
     fn size_hint(&self) -> SizeHint {
         match self {
             ProxyBody::Upstream { body } => body.size_hint(),
+            ProxyBody::Raw { body } => body.size_hint(),
             ProxyBody::Local { body } => body.size_hint(),
         }
     }

@@ -936,6 +936,15 @@ impl Chunked {
     /// Consumes `data` up to the end of the body; returns the bytes taken and whether it ended.
     /// Invalid framing ends the pass-through (the caller sees no end, so the body fails).
     fn scan(&mut self, data: &[u8]) -> (usize, bool) {
+        self.scan_with(data, |_| {})
+    }
+
+    /// [`Chunked::scan`], telling `payload` where each run of chunk data lies in `data`.
+    fn scan_with(
+        &mut self,
+        data: &[u8],
+        mut payload: impl FnMut(std::ops::Range<usize>),
+    ) -> (usize, bool) {
         let mut i = 0;
         while i < data.len() {
             let b = data[i];
@@ -965,6 +974,7 @@ impl Chunked {
                 },
                 Chunked::Data { left } => {
                     let n = (left as usize).min(data.len() - i);
+                    payload(i..i + n);
                     i += n;
                     let left = left - n as u64;
                     *self = if left == 0 {
@@ -1179,6 +1189,232 @@ fn parse_response(buf: &[u8], head_request: bool) -> Result<Option<Parsed>, Head
         framing,
         keep_alive,
     })))
+}
+
+// === requests hyper serves ===
+
+/// Request bodies up to this size that hyper has read whole go out on the fast path's upstream
+/// connections; larger or open-ended ones stream through hyper's client.
+pub const FORWARD_BODY_MAX: u64 = 64 * 1024;
+
+/// Forwards a request hyper parsed (an HTTP/2 stream, or a request on a connection the fast path
+/// handed over) to a plain-HTTP backend on the fast path's pooled connections: head and body in
+/// one write, the response body decoded from the socket as it arrives ([`RawBody`]). `parts` is
+/// the head as the caller rewrote it (origin form, hop-by-hop headers gone, forwarded headers
+/// set); `body` is the whole request body.
+pub async fn forward(
+    proxy: &Proxy,
+    backend: &Backend,
+    parts: &http::request::Parts,
+    body: &[u8],
+) -> Result<(http::response::Parts, RawBody), ErrorKind> {
+    let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    let mut out = Vec::with_capacity(256 + target.len() + body.len());
+    out.extend_from_slice(parts.method.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(target.as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    for (name, value) in &parts.headers {
+        if name != http::header::CONTENT_LENGTH {
+            push_header(&mut out, name.as_str().as_bytes(), value.as_bytes());
+        }
+    }
+    let bodiless = matches!(
+        parts.method,
+        http::Method::GET | http::Method::HEAD | http::Method::OPTIONS | http::Method::TRACE
+    );
+    if !body.is_empty() || !bodiless {
+        push_header(
+            &mut out,
+            b"content-length",
+            body.len().to_string().as_bytes(),
+        );
+    }
+    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(body);
+    let request = Request {
+        method: parts.method.as_str(),
+        out: &out,
+        body_complete: true,
+        body_left: 0,
+        request_tee: None,
+    };
+    let (mut conn, head) = match send(proxy, &mut tokio::io::empty(), backend, request).await {
+        Ok(sent) => sent,
+        Err(Failure::Backend(kind)) => return Err(kind),
+        // Nothing is read from a client here; a failed write is the backend's doing.
+        Err(Failure::Sending | Failure::ClientBody) => return Err(ErrorKind::Reset),
+    };
+    let mut response = http::Response::new(());
+    *response.status_mut() = StatusCode::from_u16(head.status).map_err(|_| ErrorKind::Protocol)?;
+    let headers = response.headers_mut();
+    headers.reserve(head.headers.len());
+    for (name, value) in &head.headers {
+        let name =
+            HeaderName::from_bytes(&conn.buf[name.clone()]).map_err(|_| ErrorKind::Protocol)?;
+        // The body is handed on decoded: its framing on the client side is hyper's to choose.
+        if name == http::header::TRANSFER_ENCODING {
+            continue;
+        }
+        let value = http::HeaderValue::from_bytes(&conn.buf[value.clone()])
+            .map_err(|_| ErrorKind::Protocol)?;
+        headers.append(name, value);
+    }
+    conn.buf.advance(head.len);
+    let (parts, ()) = response.into_parts();
+    let mut body = RawBody {
+        conn: Some(conn),
+        framing: head.framing,
+        keep_alive: head.keep_alive,
+        pool: Arc::clone(&backend.pool),
+        max_idle: proxy.settings.pool_max_idle,
+    };
+    body.finish_if_ended();
+    Ok((parts, body))
+}
+
+/// A response body read from a backend connection the fast path owns, decoded from its HTTP/1.1
+/// framing. When the body ends cleanly the connection goes back to its pool (before the last
+/// frame is handed on); dropped before the end, the connection is closed with it.
+#[derive(Debug)]
+pub struct RawBody {
+    conn: Option<Upstream>,
+    framing: Framing,
+    keep_alive: bool,
+    pool: Arc<Pool>,
+    max_idle: usize,
+}
+
+impl RawBody {
+    /// Once the body has ended, returns the connection to the pool if it can carry another
+    /// request (kept alive, nothing unread).
+    fn finish_if_ended(&mut self) {
+        if self.framing == Framing::Ended {
+            if let Some(conn) = self.conn.take() {
+                if self.keep_alive && conn.buf.is_empty() {
+                    self.pool.put(conn, self.max_idle);
+                }
+            }
+        }
+    }
+
+    /// Decodes what is buffered: (payload, whether the body ended). Err: invalid framing.
+    fn take_buffered(&mut self) -> Result<(Bytes, bool), ()> {
+        let Some(conn) = self.conn.as_mut() else {
+            return Ok((Bytes::new(), true));
+        };
+        match &mut self.framing {
+            Framing::Length(left) => {
+                let n = (*left).min(conn.buf.len() as u64);
+                *left -= n;
+                let data = conn.buf.split_to(n as usize).freeze();
+                Ok((data, *left == 0))
+            }
+            Framing::UntilClose => Ok((conn.buf.split().freeze(), false)),
+            Framing::Ended => Ok((Bytes::new(), true)),
+            Framing::Chunked(state) => {
+                let mut runs: Vec<std::ops::Range<usize>> = Vec::new();
+                let (n, done) = state.scan_with(&conn.buf, |run| runs.push(run));
+                if *state == Chunked::Invalid {
+                    return Err(());
+                }
+                let taken = conn.buf.split_to(n).freeze();
+                let data = match runs.as_slice() {
+                    [] => Bytes::new(),
+                    [run] => taken.slice(run.clone()),
+                    runs => {
+                        let mut joined =
+                            BytesMut::with_capacity(runs.iter().map(|r| r.len()).sum());
+                        for run in runs {
+                            joined.extend_from_slice(&taken[run.clone()]);
+                        }
+                        joined.freeze()
+                    }
+                };
+                Ok((data, done))
+            }
+        }
+    }
+}
+
+impl http_body::Body for RawBody {
+    type Data = Bytes;
+    type Error = io::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, io::Error>>> {
+        let this = &mut *self;
+        loop {
+            if this.conn.as_ref().is_none_or(|c| !c.buf.is_empty()) {
+                let (data, done) = match this.take_buffered() {
+                    Ok(taken) => taken,
+                    Err(()) => {
+                        this.conn = None;
+                        return Poll::Ready(Some(Err(io::Error::new(
+                            io::ErrorKind::InvalidData,
+                            "backend sent invalid chunked framing",
+                        ))));
+                    }
+                };
+                if done {
+                    this.framing = Framing::Ended;
+                    this.finish_if_ended();
+                }
+                if !data.is_empty() {
+                    return Poll::Ready(Some(Ok(http_body::Frame::data(data))));
+                }
+                if done || this.conn.is_none() {
+                    return Poll::Ready(None);
+                }
+            }
+            let Some(conn) = this.conn.as_mut() else {
+                return Poll::Ready(None);
+            };
+            if conn.buf.capacity() - conn.buf.len() < 1024 {
+                conn.buf.reserve(READ_CHUNK);
+            }
+            match conn.stream.try_read_buf(&mut conn.buf) {
+                Ok(0) if this.framing == Framing::UntilClose => {
+                    this.framing = Framing::Ended;
+                    this.keep_alive = false;
+                    this.conn = None;
+                    return Poll::Ready(None);
+                }
+                Ok(0) => {
+                    this.conn = None;
+                    return Poll::Ready(Some(Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "backend closed the connection mid-body",
+                    ))));
+                }
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if let Err(e) = std::task::ready!(conn.stream.poll_read_ready(cx)) {
+                        this.conn = None;
+                        return Poll::Ready(Some(Err(e)));
+                    }
+                }
+                Err(e) => {
+                    this.conn = None;
+                    return Poll::Ready(Some(Err(e)));
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.framing == Framing::Ended
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        match self.framing {
+            Framing::Length(left) => http_body::SizeHint::with_exact(left),
+            Framing::Ended => http_body::SizeHint::with_exact(0),
+            _ => http_body::SizeHint::default(),
+        }
+    }
 }
 
 // === impl Rewind ===

@@ -12,6 +12,8 @@ use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::header::{self, HeaderName, HeaderValue, CONTENT_LENGTH, HOST};
 use http::{HeaderMap, Request, Response, StatusCode, Uri};
+use http_body::Body as _;
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -21,8 +23,9 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use super::body::{BodyTooLarge, InFlight, LimitedBody, MeteredBody, ProxyBody};
 use super::split::{BadOverride, OVERRIDE_HEADER};
 use super::table::RoutingTable;
+use super::upstream::{BackendGuard, Version};
 use crate::config::ProxyConfig;
-use crate::control::shadow::{ShadowPlan, Shadower};
+use crate::control::shadow::{ShadowPlan, ShadowStart, Shadower};
 use crate::metrics::ErrorKind;
 use crate::metrics::Role;
 use rand::Rng;
@@ -219,11 +222,66 @@ impl Proxy {
             )
         });
         let request_tee = shadow.as_mut().map(|s| s.take_request_tee());
-        let upstream = Request::from_parts(
-            parts,
-            LimitedBody::new(body, self.settings.max_request_body, request_tee),
-        );
+        let body = LimitedBody::new(body, self.settings.max_request_body, request_tee);
 
+        // A plain-HTTP backend and a body known to be small: the fast path's upstream
+        // connections, with no client connection task or pool lock in between.
+        let small_body = body.is_end_stream()
+            || body
+                .size_hint()
+                .exact()
+                .is_some_and(|n| n <= super::h1::FORWARD_BODY_MAX);
+        if b.scheme == http::uri::Scheme::HTTP && small_body {
+            let bytes = match body.collect().await {
+                Ok(collected) => collected.to_bytes(),
+                Err(e) => {
+                    let refusal = match e.downcast_ref::<BodyTooLarge>() {
+                        Some(too_large) => Refusal::TooLarge(too_large.limit),
+                        None => Refusal::ClientBody,
+                    };
+                    return Ok(self.refuse(refusal, &version.label, version_value, &in_flight));
+                }
+            };
+            let sent = tokio::time::timeout(
+                self.settings.response_header_timeout,
+                super::h1::forward(&self, b, &parts, &bytes),
+            )
+            .await
+            .unwrap_or(Err(ErrorKind::Timeout));
+            let (response, body) = match sent {
+                Ok(sent) => sent,
+                Err(kind) => {
+                    if matches!(kind, ErrorKind::Connect | ErrorKind::ConnectTimeout)
+                        && b.eject(self.settings.backend_eject)
+                    {
+                        tracing::warn!(
+                            version = %version.label,
+                            backend = %b.authority,
+                            "backend refused a connection; skipping it for {:?}",
+                            self.settings.backend_eject
+                        );
+                    }
+                    return Ok(self.refuse(
+                        Refusal::Backend(kind),
+                        &version.label,
+                        version_value,
+                        &in_flight,
+                    ));
+                }
+            };
+            let (parts, body) = self.respond(
+                response,
+                body,
+                client_version,
+                in_flight,
+                &version,
+                backend,
+                shadow,
+            );
+            return Ok(Response::from_parts(parts, ProxyBody::Raw { body }));
+        }
+
+        let upstream = Request::from_parts(parts, body);
         let result = tokio::time::timeout(
             self.settings.response_header_timeout,
             self.client.request(upstream),
@@ -258,12 +316,41 @@ impl Proxy {
             Ok(Ok(response)) => response,
         };
 
-        let (mut parts, body) = response.into_parts();
-        // Answer in the client's protocol, whatever the backend spoke.
+        let (parts, body) = response.into_parts();
+        let (parts, body) = self.respond(
+            parts,
+            body,
+            client_version,
+            in_flight,
+            &version,
+            backend,
+            shadow,
+        );
+        Ok(Response::from_parts(parts, ProxyBody::Upstream { body }))
+    }
+
+    /// The client's response from the backend's: in the client's protocol, hop-by-hop headers
+    /// gone, the version header set, counted, and the body metered (and teed for a shadow).
+    #[allow(clippy::too_many_arguments)]
+    fn respond<B>(
+        &self,
+        mut parts: http::response::Parts,
+        body: B,
+        client_version: http::Version,
+        in_flight: InFlight,
+        version: &Version,
+        backend: BackendGuard,
+        shadow: Option<ShadowStart>,
+    ) -> (http::response::Parts, MeteredBody<B>)
+    where
+        B: http_body::Body,
+    {
         parts.version = client_version;
         strip_hop_by_hop(&mut parts.headers);
         if let Some(name) = &self.settings.version_header {
-            parts.headers.insert(name.clone(), version_value.clone());
+            parts
+                .headers
+                .insert(name.clone(), version.label_header.clone());
         }
         in_flight.stats().count_response(parts.status);
         let response_tee = shadow.map(|s| s.response_tee(parts.status.as_u16(), &parts.headers));
@@ -275,7 +362,7 @@ impl Proxy {
             Some(backend),
             response_tee,
         );
-        Ok(Response::from_parts(parts, ProxyBody::Upstream { body }))
+        (parts, body)
     }
 
     /// Answers a request that weir could not forward, and counts it.

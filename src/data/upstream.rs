@@ -36,7 +36,7 @@ pub struct Backend {
     /// identity probe; with one, false until the first probe says so.
     verified: AtomicBool,
     /// Idle keep-alive connections of the HTTP/1.1 fast path.
-    pub pool: super::h1::Pool,
+    pub pool: Arc<super::h1::Pool>,
 }
 
 /// Process-wide reference point for ejection deadlines, kept as plain integers.
@@ -68,7 +68,7 @@ impl Version {
                     in_flight: AtomicUsize::new(0),
                     ejected_until: AtomicU64::new(0),
                     verified: AtomicBool::new(verified),
-                    pool: super::h1::Pool::new(),
+                    pool: Arc::new(super::h1::Pool::new()),
                 })
                 .collect(),
             balance: config.balance,
