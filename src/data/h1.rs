@@ -1,7 +1,8 @@
-//! The HTTP/1.1 fast path: HTTP/1.1 client connections (plain TCP, or TLS that did not
-//! negotiate h2) are served by one task that parses heads with `httparse`, writes the upstream request straight from the parsed slices onto a
-//! pooled backend socket it owns for the exchange, and passes the response bytes through as they
-//! arrive (chunked framing is tracked, not re-encoded).
+//! The HTTP/1.1 fast path: HTTP/1.1 client connections (plain TCP, or TLS that did not negotiate
+//! h2) are served by one task that parses heads with `httparse`, writes the upstream request
+//! straight from the parsed slices onto a pooled backend socket it owns for the exchange, and
+//! passes the response bytes through as they arrive (chunked framing is tracked, not re-encoded).
+//! Requests hyper serves reach plain-HTTP backends over the same pools through [`forward`].
 //!
 //! Invariant: the fast path serves only what it can serve exactly like the hyper path: origin-form
 //! HTTP/1.1 requests with no body or a `Content-Length` body, to plain-HTTP backends (mirrored
