@@ -1676,3 +1676,37 @@ async fn http2_requests_get_close_delimited_bodies_whole_and_broken_framing_as_a
     assert_eq!((status, body.unwrap().as_str()), (204, ""));
     assert_eq!(backend.accepted(), 3);
 }
+
+#[tokio::test]
+async fn broken_chunked_framing_from_the_backend_closes_the_client_connection() {
+    let (backend, _) = WireBackend::answering(|_| {
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\nzz\r\n".to_vec()
+    })
+    .await;
+    let weir = weir_with("", &backend.url()).await;
+    let mut client = Wire::connect(weir.proxy).await;
+    client.write(get_request("/v1/x")).await;
+    let head = within("the response head", client.response_head("GET")).await;
+    assert_eq!(head.status, 200);
+    // What was valid arrives; then the connection ends instead of waiting for framing that
+    // can never finish.
+    let cut = tokio::time::timeout(DEADLINE, client.body(head.framing))
+        .await
+        .expect("weir gave up on the broken body in time");
+    let cut = cut.expect_err("a body with broken framing ended cleanly");
+    assert_eq!(cut.body, b"hello");
+    assert_error_counted(&weir, "body").await;
+}
+
+#[tokio::test]
+async fn a_version_header_from_the_backend_is_replaced_by_weirs() {
+    let (backend, _) = WireBackend::answering(|_| {
+        b"HTTP/1.1 200 OK\r\nX-Weir-Version: other@v9\r\nContent-Length: 2\r\n\r\nok".to_vec()
+    })
+    .await;
+    let weir = weir_with("", &backend.url()).await;
+    let mut client = Wire::connect(weir.proxy).await;
+    client.write(get_request("/v1/x")).await;
+    let reply = client.response().await;
+    assert_eq!(reply.headers.all("x-weir-version"), ["chat@v1"]);
+}

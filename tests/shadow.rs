@@ -308,6 +308,43 @@ async fn equal_streamed_chat_answers_agree_and_different_ones_disagree() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_json_answer_sent_chunked_is_compared_by_its_content_not_its_framing() {
+    // The stable's answer reaches weir chunked, split mid-JSON across frames; the candidate's
+    // has a Content-Length. Only the content counts.
+    let v1 = RecordingBackend::start(|seen| async move {
+        let request: Value = serde_json::from_slice(&seen.body).unwrap_or(Value::Null);
+        let prompt = request["messages"][0]["content"].as_str().unwrap_or("");
+        let whole =
+            http_body_util::BodyExt::collect(chat_answer("v1", &stable_text(prompt)).into_body())
+                .await;
+        let text = String::from_utf8(whole.unwrap().to_bytes().to_vec()).unwrap();
+        let (tx, body) = channel_body(3);
+        let third = text.len() / 3;
+        for piece in [&text[..third], &text[third..2 * third], &text[2 * third..]] {
+            tx.try_send(Bytes::from(piece.to_string())).unwrap();
+        }
+        Response::builder()
+            .header("content-type", "application/json")
+            .header("x-backend", "v1")
+            .body(body)
+            .unwrap()
+    })
+    .await;
+    let v2 = chat_backend("v2", candidate_text).await;
+    let weir = start(&config("", ""), &v1.url(), &v2.url()).await;
+    let reply = chat(&weir, "the meaning of life", false).await;
+    assert_eq!(
+        reply.json()["choices"][0]["message"]["content"],
+        stable_text("the meaning of life")
+    );
+    assert_eventually_eq!(
+        comparisons(&weir, ROUTE, CANDIDATE).await,
+        counts(&[("status/agree", 1), ("text/agree", 1)]),
+        "the same answer, chunked on one side"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_streamed_answer_is_compared_with_a_plain_one_by_its_text() {
     // The stable streams, the candidate answers in one JSON body: same text, so they agree.
     let v1 = RecordingBackend::start(|seen| async move {

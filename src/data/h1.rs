@@ -11,7 +11,7 @@
 //! large or malformed) the connection is handed to hyper with every unconsumed byte, before
 //! anything was counted or sent.
 
-use std::io;
+use std::io::{self, Write as _};
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -486,7 +486,7 @@ async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
     let encode_chunks = matches!(response.framing, Framing::UntilClose);
     let mut head_out = Vec::with_capacity(response.len + 96);
     response.write_status_line(&conn.buf, &mut head_out);
-    response.write_headers(&conn.buf, &mut head_out);
+    response.write_headers(&conn.buf, &mut head_out, label_header.map(|(name, _)| name));
     if let Some((name, value)) = label_header {
         push_header(&mut head_out, name.as_str().as_bytes(), value);
     }
@@ -508,7 +508,14 @@ async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
     let mut first_byte = false;
     let mut pending = head_out;
     loop {
-        let (pass, done) = framing.take(&conn.buf);
+        // The copy for comparison gets the content, as the candidate's decoded answer has it.
+        let mut tee = response_tee.as_mut().filter(|t| t.is_open());
+        let buffered = &conn.buf[..];
+        let (pass, done) = framing.take_with(buffered, |run| {
+            if let Some(tee) = tee.as_mut() {
+                tee.push(&Bytes::copy_from_slice(&buffered[run]));
+            }
+        });
         if pass > 0 {
             if !first_byte {
                 first_byte = true;
@@ -517,11 +524,8 @@ async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
                     .ttfb
                     .observe(started.elapsed().as_secs_f64());
             }
-            if let Some(tee) = response_tee.as_mut().filter(|t| t.is_open()) {
-                tee.push(&Bytes::copy_from_slice(&conn.buf[..pass]));
-            }
             if encode_chunks {
-                pending.extend_from_slice(format!("{pass:x}\r\n").as_bytes());
+                let _ = write!(pending, "{pass:x}\r\n");
                 pending.extend_from_slice(&conn.buf[..pass]);
                 pending.extend_from_slice(b"\r\n");
             } else {
@@ -554,17 +558,23 @@ async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
             if write_out(client, &pending).await.is_err() {
                 return Exchange::Close;
             }
-            return if keep_alive {
-                Exchange::Done { consumed }
-            } else {
-                Exchange::Close
-            };
+            if !keep_alive {
+                let _ = client.shutdown().await;
+                return Exchange::Close;
+            }
+            return Exchange::Done { consumed };
         }
         if !pending.is_empty() {
             if write_out(client, &pending).await.is_err() {
                 return Exchange::Close; // the client left: the upstream connection goes too
             }
             pending.clear();
+        }
+        // Framing that can never end: what was valid has gone out, the rest is cut off.
+        if framing.is_invalid() {
+            in_flight.stats().count_error(ErrorKind::Body);
+            tracing::debug!(version = %version.label, "backend sent invalid chunked framing");
+            return Exchange::Close;
         }
         if conn.buf.capacity() - conn.buf.len() < 1024 {
             conn.buf.reserve(READ_CHUNK);
@@ -850,8 +860,7 @@ fn still_open(stream: &TcpStream) -> bool {
 }
 
 async fn connect(backend: &Backend, timeout: Duration) -> Result<Upstream, ErrorKind> {
-    let addr = backend.authority.as_str();
-    match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
+    match tokio::time::timeout(timeout, TcpStream::connect(backend.address.as_str())).await {
         Err(_) => Err(ErrorKind::ConnectTimeout),
         Ok(Err(e)) if e.kind() == io::ErrorKind::TimedOut => Err(ErrorKind::ConnectTimeout),
         Ok(Err(_)) => Err(ErrorKind::Connect),
@@ -885,18 +894,32 @@ enum Framing {
 }
 
 impl Framing {
-    /// How many bytes at the front of `data` belong to the body, and whether the body ends there.
-    fn take(&mut self, data: &[u8]) -> (usize, bool) {
-        match self {
+    /// How many bytes at the front of `data` belong to the body, and whether the body ends there;
+    /// `payload` is told where the body's content lies in them (chunked framing excluded).
+    fn take_with(
+        &mut self,
+        data: &[u8],
+        mut payload: impl FnMut(std::ops::Range<usize>),
+    ) -> (usize, bool) {
+        let (n, done) = match self {
             Framing::Length(left) => {
                 let n = (*left).min(data.len() as u64);
                 *left -= n;
                 (n as usize, *left == 0)
             }
-            Framing::Chunked(state) => state.scan(data),
+            Framing::Chunked(state) => return state.scan_with(data, payload),
             Framing::UntilClose => (data.len(), false),
             Framing::Ended => (0, true),
+        };
+        if n > 0 {
+            payload(0..n);
         }
+        (n, done)
+    }
+
+    /// Chunked framing the backend broke: the body can neither end nor go on.
+    fn is_invalid(&self) -> bool {
+        *self == Framing::Chunked(Chunked::Invalid)
     }
 }
 
@@ -934,13 +957,9 @@ impl Chunked {
         Chunked::Size { size: 0, digits: 0 }
     }
 
-    /// Consumes `data` up to the end of the body; returns the bytes taken and whether it ended.
-    /// Invalid framing ends the pass-through (the caller sees no end, so the body fails).
-    fn scan(&mut self, data: &[u8]) -> (usize, bool) {
-        self.scan_with(data, |_| {})
-    }
-
-    /// [`Chunked::scan`], telling `payload` where each run of chunk data lies in `data`.
+    /// Consumes `data` up to the end of the body; returns the bytes taken and whether it ended,
+    /// telling `payload` where each run of chunk data lies in `data`. Invalid framing stops the
+    /// scan in [`Chunked::Invalid`] (the body never ends, so it fails).
     fn scan_with(
         &mut self,
         data: &[u8],
@@ -1060,9 +1079,14 @@ impl ResponseHead {
             .and_then(|(_, value)| http::HeaderValue::from_bytes(&buf[value.clone()]).ok())
     }
 
-    fn write_headers(&self, buf: &[u8], out: &mut Vec<u8>) {
+    /// The headers to pass on, less `replaced` (a header weir sets itself).
+    fn write_headers(&self, buf: &[u8], out: &mut Vec<u8>, replaced: Option<&HeaderName>) {
         for (name, value) in &self.headers {
-            push_header(out, &buf[name.clone()], &buf[value.clone()]);
+            let name = &buf[name.clone()];
+            if replaced.is_some_and(|r| name.eq_ignore_ascii_case(r.as_str().as_bytes())) {
+                continue;
+            }
+            push_header(out, name, &buf[value.clone()]);
         }
         if matches!(self.framing, Framing::UntilClose) {
             out.extend_from_slice(b"transfer-encoding: chunked\r\n");
@@ -1304,37 +1328,30 @@ impl RawBody {
         let Some(conn) = self.conn.as_mut() else {
             return Ok((Bytes::new(), true));
         };
-        match &mut self.framing {
-            Framing::Length(left) => {
-                let n = (*left).min(conn.buf.len() as u64);
-                *left -= n;
-                let data = conn.buf.split_to(n as usize).freeze();
-                Ok((data, *left == 0))
-            }
-            Framing::UntilClose => Ok((conn.buf.split().freeze(), false)),
-            Framing::Ended => Ok((Bytes::new(), true)),
-            Framing::Chunked(state) => {
-                let mut runs: Vec<std::ops::Range<usize>> = Vec::new();
-                let (n, done) = state.scan_with(&conn.buf, |run| runs.push(run));
-                if *state == Chunked::Invalid {
-                    return Err(());
-                }
-                let taken = conn.buf.split_to(n).freeze();
-                let data = match runs.as_slice() {
-                    [] => Bytes::new(),
-                    [run] => taken.slice(run.clone()),
-                    runs => {
-                        let mut joined =
-                            BytesMut::with_capacity(runs.iter().map(|r| r.len()).sum());
-                        for run in runs {
-                            joined.extend_from_slice(&taken[run.clone()]);
-                        }
-                        joined.freeze()
-                    }
-                };
-                Ok((data, done))
-            }
+        // One run of content is a slice of what was read; only several (small chunks read
+        // together) are joined.
+        let mut first: Option<std::ops::Range<usize>> = None;
+        let mut more: Vec<std::ops::Range<usize>> = Vec::new();
+        let (n, done) = self.framing.take_with(&conn.buf, |run| match first {
+            None => first = Some(run),
+            Some(_) => more.push(run),
+        });
+        if self.framing.is_invalid() {
+            return Err(());
         }
+        let taken = conn.buf.split_to(n).freeze();
+        let data = match first {
+            None => Bytes::new(),
+            Some(run) if more.is_empty() => taken.slice(run),
+            Some(run) => {
+                let mut joined = BytesMut::with_capacity(n);
+                for run in std::iter::once(run).chain(more) {
+                    joined.extend_from_slice(&taken[run]);
+                }
+                joined.freeze()
+            }
+        };
+        Ok((data, done))
     }
 }
 
@@ -1487,7 +1504,7 @@ mod tests {
         let mut state = Chunked::start();
         let mut total = 0;
         for part in parts {
-            let (n, done) = state.scan(part);
+            let (n, done) = state.scan_with(part, |_| {});
             total += n;
             if done {
                 return (total, true);
@@ -1525,7 +1542,7 @@ mod tests {
         assert_eq!(head.framing, Framing::Length(5));
         assert!(head.keep_alive);
         let mut out = Vec::new();
-        head.write_headers(raw, &mut out);
+        head.write_headers(raw, &mut out, None);
         assert_eq!(
             String::from_utf8(out).unwrap(),
             "Content-Length: 5\r\nX-Kept: 2\r\n"
@@ -1535,7 +1552,7 @@ mod tests {
             panic!("parses")
         };
         let mut out = Vec::new();
-        head.write_headers(raw, &mut out);
+        head.write_headers(raw, &mut out, None);
         assert_eq!(
             String::from_utf8(out).unwrap(),
             "Transfer-Encoding: chunked\r\n"

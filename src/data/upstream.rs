@@ -29,6 +29,8 @@ pub struct Version {
 pub struct Backend {
     pub scheme: Scheme,
     pub authority: Authority,
+    /// `host:port` to connect to: the authority, with the scheme's default port when it has none.
+    pub address: String,
     in_flight: AtomicUsize,
     /// Milliseconds since [`epoch`] until which this backend is skipped; 0 when usable.
     ejected_until: AtomicU64,
@@ -37,6 +39,15 @@ pub struct Backend {
     verified: AtomicBool,
     /// Idle keep-alive connections of the HTTP/1.1 fast path.
     pub pool: Arc<super::h1::Pool>,
+}
+
+/// `host:port` for `authority`, with the scheme's default port when it names none.
+fn address(scheme: &Scheme, authority: &Authority) -> String {
+    match authority.port_u16() {
+        Some(_) => authority.as_str().to_string(),
+        None if *scheme == Scheme::HTTPS => format!("{}:443", authority.host()),
+        None => format!("{}:80", authority.host()),
+    }
 }
 
 /// Process-wide reference point for ejection deadlines, kept as plain integers.
@@ -59,16 +70,21 @@ impl Version {
             backends: config
                 .backends
                 .iter()
-                .map(|uri| Backend {
-                    scheme: uri.scheme().cloned().unwrap_or(Scheme::HTTP),
-                    authority: uri
+                .map(|uri| {
+                    let scheme = uri.scheme().cloned().unwrap_or(Scheme::HTTP);
+                    let authority = uri
                         .authority()
                         .cloned()
-                        .expect("config validation guarantees an authority"),
-                    in_flight: AtomicUsize::new(0),
-                    ejected_until: AtomicU64::new(0),
-                    verified: AtomicBool::new(verified),
-                    pool: Arc::new(super::h1::Pool::new()),
+                        .expect("config validation guarantees an authority");
+                    Backend {
+                        address: address(&scheme, &authority),
+                        scheme,
+                        authority,
+                        in_flight: AtomicUsize::new(0),
+                        ejected_until: AtomicU64::new(0),
+                        verified: AtomicBool::new(verified),
+                        pool: Arc::new(super::h1::Pool::new()),
+                    }
                 })
                 .collect(),
             balance: config.balance,
@@ -193,6 +209,19 @@ mod tests {
             },
             true,
         ))
+    }
+
+    #[test]
+    fn backends_without_a_port_connect_to_the_schemes_default() {
+        let address = |uri: &str| {
+            let uri: http::Uri = uri.parse().unwrap();
+            address(uri.scheme().unwrap(), uri.authority().unwrap())
+        };
+        assert_eq!(address("http://models.internal/"), "models.internal:80");
+        assert_eq!(address("https://models.internal"), "models.internal:443");
+        assert_eq!(address("http://127.0.0.1:9000/"), "127.0.0.1:9000");
+        assert_eq!(address("http://[::1]/"), "[::1]:80");
+        assert_eq!(address("http://[::1]:8080"), "[::1]:8080");
     }
 
     #[test]
