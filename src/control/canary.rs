@@ -701,7 +701,7 @@ async fn tick(
                 command,
                 actor: CANARY_ACTOR.to_string(),
                 reason: Some(reason),
-                if_match: None,
+                if_match: Some(run.generation),
             };
             if let Err(e) = writer.apply(change).await {
                 tracing::error!(route = %rc.name, error = %e, "canary ramp-down step refused");
@@ -718,14 +718,14 @@ async fn tick(
                     Ok(passed) => evidence.push(passed),
                     Err(failed) => {
                         let why = "the held-out evaluation failed before the first step";
-                        decide(writer, config, route, &label, "rollback", vec![failed], why).await;
+                        decide(writer, config, route, run, "rollback", vec![failed], why).await;
                         run.ramp = ramp_down(policy, route.weight);
                         continue;
                     }
                 }
             }
             let step = policy.steps[0];
-            decide_step(writer, config, route, &label, step, evidence, "first step").await;
+            decide_step(writer, config, route, run, step, evidence, "first step").await;
             run.step_start = Instant::now();
             continue;
         }
@@ -747,10 +747,10 @@ async fn tick(
                         "progress deadline of {:?} passed: {why}",
                         policy.progress_deadline
                     );
-                    decide(writer, config, route, &label, "rollback", evidence, &reason).await;
+                    decide(writer, config, route, run, "rollback", evidence, &reason).await;
                     run.ramp = ramp_down(policy, route.weight);
                 } else {
-                    decide(writer, config, route, &label, "hold", evidence, &why).await;
+                    decide(writer, config, route, run, "hold", evidence, &why).await;
                 }
             }
             Outcome::Fail => {
@@ -770,14 +770,14 @@ async fn tick(
                     .collect();
                 let reason = format!("failed gate: {}", failing.join("; "));
                 if run.failures >= policy.failure_limit {
-                    decide(writer, config, route, &label, "rollback", evidence, &reason).await;
+                    decide(writer, config, route, run, "rollback", evidence, &reason).await;
                     run.ramp = ramp_down(policy, route.weight);
                 } else {
                     let reason = format!(
                         "{reason} ({} of {} failures allowed)",
                         run.failures, policy.failure_limit
                     );
-                    decide(writer, config, route, &label, "hold", evidence, &reason).await;
+                    decide(writer, config, route, run, "hold", evidence, &reason).await;
                 }
             }
             Outcome::Pass => {
@@ -788,7 +788,7 @@ async fn tick(
                             writer,
                             config,
                             route,
-                            &label,
+                            run,
                             *next,
                             evidence,
                             "every gate passed",
@@ -801,7 +801,7 @@ async fn tick(
                             writer,
                             config,
                             route,
-                            &label,
+                            run,
                             "hold",
                             evidence,
                             "every step passed; awaiting an admin's promotion (confirm_promotion)",
@@ -819,7 +819,7 @@ async fn tick(
                                         writer,
                                         config,
                                         route,
-                                        &label,
+                                        run,
                                         "rollback",
                                         evidence,
                                         "the held-out evaluation failed before promotion",
@@ -834,7 +834,7 @@ async fn tick(
                             writer,
                             config,
                             route,
-                            &label,
+                            run,
                             "promote",
                             evidence,
                             "every step passed",
@@ -890,13 +890,13 @@ async fn decide_step(
     writer: &Writer,
     config: &Config,
     route: &Route,
-    label: &str,
+    run: &Run,
     step: u16,
     evidence: Vec<Value>,
     why: &str,
 ) {
     let reason = format!("{why}: step to {}", format_percent(step));
-    if decide(writer, config, route, label, "advance", evidence, &reason).await {
+    if decide(writer, config, route, run, "advance", evidence, &reason).await {
         let change = Change {
             command: Command::SetWeight {
                 route: route.name.to_string(),
@@ -904,7 +904,7 @@ async fn decide_step(
             },
             actor: CANARY_ACTOR.to_string(),
             reason: Some(reason),
-            if_match: None,
+            if_match: Some(run.generation),
         };
         if let Err(e) = writer.apply(change).await {
             tracing::error!(route = %route.name, error = %e, "canary step refused");
@@ -918,11 +918,12 @@ async fn decide(
     writer: &Writer,
     config: &Config,
     route: &Route,
-    label: &str,
+    run: &Run,
     decision: &str,
     gates: Vec<Value>,
     reason: &str,
 ) -> bool {
+    let label = run.candidate.as_str();
     let digest = load_registry(config)
         .ok()
         .flatten()
@@ -977,7 +978,7 @@ async fn decide(
         command,
         actor: CANARY_ACTOR.to_string(),
         reason: Some(reason.to_string()),
-        if_match: None,
+        if_match: Some(run.generation),
     };
     if let Err(e) = writer.apply(change).await {
         tracing::error!(route = %route.name, error = %e, "canary {decision} refused");

@@ -262,6 +262,12 @@ impl Fleet {
                 leader.rev(),
             ));
         }
+        // A record number is written once: never over a record already in the chain.
+        compares.push(Compare::version(
+            self.audit_key(record.seq),
+            CompareOp::Equal,
+            0,
+        ));
         let value = serde_json::to_vec(body).expect("state serializes");
         let txn = Txn::new().when(compares).and_then(vec![
             TxnOp::put(state_key.clone(), value, None),

@@ -428,7 +428,11 @@ impl Writer {
         }
         fill_audit(&mut inner.audit, &fleet, &shared.body)
             .await
-            .map_err(|e| CommandError::Persist(e.to_string()))?;
+            .map_err(|e| match e {
+                // etcd going away mid-refill is an outage (503), not a broken store.
+                OpenError::Fleet(e) => CommandError::from(e),
+                e => CommandError::Persist(e.to_string()),
+            })?;
         let state = shared.body.state;
         if state != inner.state {
             let table = build_table(&inner.config, &state, &self.metrics, &mut inner.versions)
@@ -778,10 +782,12 @@ impl Inner {
                 };
                 *revision = fleet.commit(*revision, &body, &prepared, fenced).await?;
                 // Committed fleet-wide; a failed local append is refilled from etcd at the next
-                // catch-up (it starts from the local copy's end).
+                // catch-up (it starts from the local copy's end). Forgetting the revision makes
+                // that catch-up happen before this replica writes again.
                 if let Err(e) = self.audit.append(&prepared) {
                     tracing::error!(error = %e, "cannot append to the local copy of the audit chain; it will be refilled from etcd");
                     let _ = self.audit.refresh();
+                    *revision = 0;
                 }
                 Ok(())
             }
