@@ -21,7 +21,6 @@ use std::time::{Duration, Instant};
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::HeaderName;
 use http::StatusCode;
-use rand::Rng;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
@@ -29,10 +28,9 @@ use tokio::sync::watch;
 use super::body::InFlight;
 use super::listener::ConnSettings;
 use super::proxy::{backend_message, bad_override_json, no_route_json, Proxy};
-use super::split::BadOverride;
+use super::split::{BadOverride, RequestHeaders};
 use super::upstream::Backend;
-use crate::control::shadow::ShadowPlan;
-use crate::metrics::{ErrorKind, Role};
+use crate::metrics::ErrorKind;
 
 /// Headers the fast path parses per message; a request with more goes to hyper (which applies
 /// `listener.max_headers`).
@@ -156,18 +154,9 @@ struct Head<'a> {
 }
 
 fn is_hop_by_hop(name: &str) -> bool {
-    const HOP: [&str; 9] = [
-        "connection",
-        "keep-alive",
-        "proxy-connection",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-    ];
-    HOP.iter().any(|h| name.eq_ignore_ascii_case(h))
+    super::proxy::HOP_BY_HOP
+        .iter()
+        .any(|h| name.eq_ignore_ascii_case(h.as_str()))
 }
 
 fn tokens(value: &[u8]) -> impl Iterator<Item = &[u8]> {
@@ -281,13 +270,8 @@ async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
         let chosen = match route.choose(headers) {
             Ok(t) => t,
             Err(BadOverride) => {
-                let wanted = headers
-                    .iter()
-                    .find(|h| {
-                        h.name
-                            .eq_ignore_ascii_case(super::split::OVERRIDE_HEADER.as_str())
-                    })
-                    .map(|h| String::from_utf8_lossy(h.value).into_owned())
+                let wanted = RequestHeaders::first(headers, &super::split::OVERRIDE_HEADER)
+                    .map(|v| String::from_utf8_lossy(v).into_owned())
                     .unwrap_or_default();
                 let body = bad_override_json(&wanted, route);
                 return local(
@@ -301,27 +285,10 @@ async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
                 .await;
             }
         };
-        if chosen
-            .version
-            .backends
-            .iter()
-            .any(|b| b.scheme != http::uri::Scheme::HTTP)
-        {
+        if !chosen.version.plain_http {
             return Exchange::HandOff;
         }
-        let shadow_plan = match (&route.shadow, &route.candidate, chosen.role) {
-            (Some(shadow), Some(candidate), Role::Stable)
-                if rand::rng().random_range(0..10_000u16) < shadow.mirror =>
-            {
-                Some(ShadowPlan {
-                    route: Arc::clone(&route.name),
-                    stable: Arc::clone(&chosen.version.label),
-                    candidate: Arc::clone(&candidate.version),
-                    shadow: Arc::clone(shadow),
-                })
-            }
-            _ => None,
-        };
+        let shadow_plan = route.shadow_plan(chosen);
         (
             Arc::clone(&chosen.stats),
             Arc::clone(&chosen.version),

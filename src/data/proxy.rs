@@ -25,10 +25,8 @@ use super::split::{BadOverride, OVERRIDE_HEADER};
 use super::table::RoutingTable;
 use super::upstream::{BackendGuard, Version};
 use crate::config::ProxyConfig;
-use crate::control::shadow::{ShadowPlan, ShadowStart, Shadower};
+use crate::control::shadow::{ShadowStart, Shadower};
 use crate::metrics::ErrorKind;
-use crate::metrics::Role;
-use rand::Rng;
 
 pub type UpstreamClient = Client<HttpsConnector<HttpConnector>, LimitedBody>;
 
@@ -70,7 +68,7 @@ static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1 and the older proxy ones), never forwarded.
-static HOP_BY_HOP: [&HeaderName; 9] = [
+pub(super) static HOP_BY_HOP: [&HeaderName; 9] = [
     &header::CONNECTION,
     &KEEP_ALIVE,
     &PROXY_CONNECTION,
@@ -143,19 +141,7 @@ impl Proxy {
                 Ok(t) => t,
                 Err(BadOverride) => return Ok(bad_override(&req, route)),
             };
-            let shadow_plan = match (&route.shadow, &route.candidate, target.role) {
-                (Some(shadow), Some(candidate), Role::Stable)
-                    if rand::rng().random_range(0..10_000u16) < shadow.mirror =>
-                {
-                    Some(ShadowPlan {
-                        route: Arc::clone(&route.name),
-                        stable: Arc::clone(&target.version.label),
-                        candidate: Arc::clone(&candidate.version),
-                        shadow: Arc::clone(shadow),
-                    })
-                }
-                _ => None,
-            };
+            let shadow_plan = route.shadow_plan(target);
             (
                 Arc::clone(&target.stats),
                 Arc::clone(&target.version),

@@ -10,7 +10,9 @@ use http::HeaderValue;
 
 use super::upstream::Version;
 use crate::config::StickyKey;
+use crate::control::shadow::ShadowPlan;
 use crate::metrics::{Role, TargetStats};
+use rand::Rng;
 
 /// One generation of routing: every route with its versions.
 #[derive(Debug)]
@@ -74,6 +76,24 @@ impl Route {
             }
         }
         prefix_matches(&self.prefix, path)
+    }
+
+    /// For a request routed to `target`: a shadow to the candidate, when this route mirrors,
+    /// the request goes to stable and the mirror's share draws it.
+    pub fn shadow_plan(&self, target: &Target) -> Option<ShadowPlan> {
+        match (&self.shadow, &self.candidate, target.role) {
+            (Some(shadow), Some(candidate), Role::Stable)
+                if rand::rng().random_range(0..10_000u16) < shadow.mirror =>
+            {
+                Some(ShadowPlan {
+                    route: Arc::clone(&self.name),
+                    stable: Arc::clone(&target.version.label),
+                    candidate: Arc::clone(&candidate.version),
+                    shadow: Arc::clone(shadow),
+                })
+            }
+            _ => None,
+        }
     }
 
     pub fn target(&self, role: Role) -> Option<&Target> {

@@ -20,6 +20,8 @@ pub struct Version {
     /// `label` as a header value, for `x-weir-version`.
     pub label_header: HeaderValue,
     pub backends: Box<[Backend]>,
+    /// Every backend speaks plain HTTP (the fast path serves it; TLS backends go through hyper).
+    pub plain_http: bool,
     balance: Balance,
     next: AtomicUsize,
 }
@@ -64,29 +66,31 @@ impl Version {
     /// A version whose backends start out verified (`verified`) or waiting for an identity probe.
     pub fn from_config(config: &VersionConfig, verified: bool) -> Version {
         let label = config.label();
+        let backends: Box<[Backend]> = config
+            .backends
+            .iter()
+            .map(|uri| {
+                let scheme = uri.scheme().cloned().unwrap_or(Scheme::HTTP);
+                let authority = uri
+                    .authority()
+                    .cloned()
+                    .expect("config validation guarantees an authority");
+                Backend {
+                    address: address(&scheme, &authority),
+                    scheme,
+                    authority,
+                    in_flight: AtomicUsize::new(0),
+                    ejected_until: AtomicU64::new(0),
+                    verified: AtomicBool::new(verified),
+                    pool: Arc::new(super::h1::Pool::new()),
+                }
+            })
+            .collect();
         Version {
             label_header: super::table::label_header(&label),
             label: label.into(),
-            backends: config
-                .backends
-                .iter()
-                .map(|uri| {
-                    let scheme = uri.scheme().cloned().unwrap_or(Scheme::HTTP);
-                    let authority = uri
-                        .authority()
-                        .cloned()
-                        .expect("config validation guarantees an authority");
-                    Backend {
-                        address: address(&scheme, &authority),
-                        scheme,
-                        authority,
-                        in_flight: AtomicUsize::new(0),
-                        ejected_until: AtomicU64::new(0),
-                        verified: AtomicBool::new(verified),
-                        pool: Arc::new(super::h1::Pool::new()),
-                    }
-                })
-                .collect(),
+            plain_http: backends.iter().all(|b| b.scheme == Scheme::HTTP),
+            backends,
             balance: config.balance,
             next: AtomicUsize::new(0),
         }
