@@ -782,9 +782,9 @@ impl Pool {
         }
     }
 
-    /// The most recently usable idle connection; older than `max_idle` ones are closed.
-    /// An idle connection that is still usable; older than `max_idle` ones, and ones the backend
-    /// closed (or wrote to) while they sat idle, are dropped.
+    /// The longest-idle connection that is still usable (the queue is first in, first out);
+    /// older than `max_idle` ones, and ones the backend closed (or wrote to) while they sat idle,
+    /// are dropped on the way.
     fn checkout(&self, max_idle: Duration) -> Option<Upstream> {
         while let Some(conn) = self.idle.pop() {
             if conn.idle_since.elapsed() < max_idle && still_open(&conn.stream) {
