@@ -487,14 +487,31 @@ pub async fn follow(writer: Arc<Writer>, mut stop: watch::Receiver<bool>) {
         return;
     };
     let mut revision = 0;
+    let mut failures = 0u32;
     loop {
-        match writer.sync().await {
-            Ok(applied) => revision = applied,
-            Err(e) => tracing::debug!(error = %e, "fleet sync failed; retrying"),
-        }
+        let synced = writer.sync().await;
         writer.metrics().set_fleet(fleet.is_leader(), fleet.is_up());
+        let backoff = match synced {
+            Ok(applied) => {
+                revision = applied;
+                failures = 0;
+                None
+            }
+            Err(e) => {
+                // A watch from a revision not yet applied would fire at once: back off instead,
+                // and say so once the failure is not a blip.
+                failures += 1;
+                if failures == 3 {
+                    tracing::warn!(error = %e, "cannot apply the fleet's state; retrying");
+                } else {
+                    tracing::debug!(error = %e, "fleet sync failed; retrying");
+                }
+                Some(Duration::from_millis(200 << failures.min(4)))
+            }
+        };
         tokio::select! {
-            _ = fleet.changed_after(revision, Duration::from_secs(1)) => {}
+            _ = fleet.changed_after(revision, Duration::from_secs(1)), if backoff.is_none() => {}
+            _ = tokio::time::sleep(backoff.unwrap_or_default()), if backoff.is_some() => {}
             _ = stopped(&mut stop) => return,
         }
     }
