@@ -1710,3 +1710,23 @@ async fn a_version_header_from_the_backend_is_replaced_by_weirs() {
     let reply = client.response().await;
     assert_eq!(reply.headers.all("x-weir-version"), ["chat@v1"]);
 }
+
+#[tokio::test]
+async fn an_http2_request_to_a_backend_silent_before_its_head_is_504_timeout() {
+    let backend = WireBackend::start(|mut wire, _| async move {
+        if wire.request().await.is_ok() {
+            std::future::pending::<()>().await; // holds the connection, says nothing
+        }
+    })
+    .await;
+    let weir = weir_with(
+        "[proxy]\nresponse_header_timeout = \"300ms\"",
+        &backend.url(),
+    )
+    .await;
+    let (status, headers, body) = h2_send(&h2_client(), &weir, "GET", "/v1/x", "").await;
+    assert_eq!(status, 504, "{body:?}");
+    assert_eq!(headers["x-weir-version"], "chat@v1");
+    assert!(body.unwrap().contains("\"kind\":\"timeout\""));
+    assert_error_counted(&weir, "timeout").await;
+}

@@ -228,13 +228,8 @@ impl Proxy {
                     return Ok(self.refuse(refusal, &version.label, version_value, &in_flight));
                 }
             };
-            let sent = tokio::time::timeout(
-                self.settings.response_header_timeout,
-                super::h1::forward(&self, b, &parts, &bytes),
-            )
-            .await
-            .unwrap_or(Err(ErrorKind::Timeout));
-            let (response, body) = match sent {
+            // `forward` bounds the connect and the wait for the head itself (one timer each).
+            let (response, body) = match super::h1::forward(&self, b, &parts, &bytes).await {
                 Ok(sent) => sent,
                 Err(kind) => {
                     if matches!(kind, ErrorKind::Connect | ErrorKind::ConnectTimeout)
