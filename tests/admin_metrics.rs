@@ -215,6 +215,21 @@ async fn health_endpoints_answer() {
         http::StatusCode::OK,
         "/readyz"
     );
+    let excluded = get(&client, &s.weir.admin_url("/readyz?exclude=serving")).await;
+    assert_eq!(excluded.status, 200, "{}", excluded.text());
+    assert_eq!(excluded.json()["checks"]["serving"], "excluded");
+    for bad in ["/readyz?exclude=etdc", "/readyz?verbose"] {
+        let reply = get(&client, &s.weir.admin_url(bad)).await;
+        assert_eq!(reply.status, 400, "{bad}: {}", reply.text());
+        assert!(
+            reply.json()["error"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("exclude"),
+            "{bad}: the 400 says what /readyz takes: {}",
+            reply.text()
+        );
+    }
     assert_eq!(
         get(&client, &s.weir.admin_url("/nope")).await.status,
         404,

@@ -175,10 +175,11 @@ impl Replica {
     }
 
     async fn readyz(&self) -> u16 {
-        get(&http1(), &self.admin_url("/readyz"))
-            .await
-            .status
-            .as_u16()
+        self.readyz_at("/readyz").await.status.as_u16()
+    }
+
+    async fn readyz_at(&self, path: &str) -> Reply {
+        get(&http1(), &self.admin_url(path)).await
     }
 
     fn token(&self) -> String {
@@ -1089,6 +1090,31 @@ async fn replicas_serve_the_last_table_while_etcd_is_down_and_converge_when_it_i
             r.name,
             r.readyz().await
         );
+        // A load balancer's probe leaves etcd out: the replica still serves, so it stays in.
+        let probe = r.readyz_at("/readyz?exclude=etcd").await;
+        assert_eq!(
+            probe.status,
+            StatusCode::OK,
+            "{}: /readyz?exclude=etcd with etcd down: {}",
+            r.name,
+            probe.text()
+        );
+        assert_eq!(
+            probe.json()["checks"]["etcd"],
+            "excluded",
+            "{}",
+            probe.text()
+        );
+        let full = r.readyz_at("/readyz").await;
+        assert!(
+            full.json()["checks"]["etcd"]
+                .as_str()
+                .is_some_and(|c| c.starts_with("etcd unreachable")),
+            "{}: /readyz names the failing check: {}",
+            r.name,
+            full.text()
+        );
+        assert_eq!(full.json()["checks"]["serving"], "ok", "{}", full.text());
         eventually!(
             DEADLINE,
             r.metric("weir_fleet_etcd_up").await == Some(0.0),

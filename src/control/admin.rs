@@ -70,22 +70,10 @@ pub async fn handle(
             r
         }
         (Method::GET, ["healthz"]) => json_response(StatusCode::OK, json!({"status": "ok"})),
-        (Method::GET, ["readyz"]) => {
-            let etcd_down = state.writer.fleet().and_then(|f| f.down_reason());
-            if !state.ready.load(Ordering::Relaxed) {
-                json_response(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    json!({"status": "not ready", "detail": "starting or draining"}),
-                )
-            } else if let Some(why) = etcd_down {
-                json_response(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    json!({"status": "not ready", "detail": format!("etcd unreachable: serving the last routing table, refusing changes ({why})")}),
-                )
-            } else {
-                json_response(StatusCode::OK, json!({"status": "ready"}))
-            }
-        }
+        (Method::GET, ["readyz"]) => match readiness(&state, req.uri().query()) {
+            Ok(response) => response,
+            Err(refused) => refused.into_response(),
+        },
         (Method::GET, ["v1", "routes"]) => {
             let mut all = routes_json(&state.writer.table().load());
             all["fleet"] = match state.writer.fleet() {
@@ -386,6 +374,73 @@ pub fn routes_json(table: &RoutingTable) -> Value {
     json!({
         "generation": table.generation,
         "routes": table.routes.iter().map(route_json).collect::<Vec<_>>(),
+    })
+}
+
+/// The checks `/readyz` runs, by the names `?exclude=` takes.
+const READY_CHECKS: [&str; 2] = ["serving", "etcd"];
+
+/// `/readyz`: 200 when every check passes, 503 naming the ones that fail. The checks are
+/// `serving` (started and not draining) and, in fleet mode, `etcd` (reachable, so changes can be
+/// made). `?exclude=etcd` leaves a check out, as kube-apiserver's `/readyz` does: a replica with
+/// etcd down still serves its last table, so a load balancer's probe should not pull it (and
+/// with it the whole fleet) out of rotation, while a monitor asking plain `/readyz` sees 503.
+fn readiness(state: &AdminState, query: Option<&str>) -> Result<AdminResponse, Refused> {
+    let mut excluded = Vec::new();
+    for (key, value) in form_urlencoded::parse(query.unwrap_or_default().as_bytes()) {
+        if key != "exclude" {
+            return Err(Refused::new(
+                StatusCode::BAD_REQUEST,
+                format!("/readyz takes only ?exclude=<check>, not {key:?}"),
+            ));
+        }
+        for name in value.split(',').filter(|n| !n.is_empty()) {
+            let Some(known) = READY_CHECKS.iter().find(|c| **c == name) else {
+                return Err(Refused::new(
+                    StatusCode::BAD_REQUEST,
+                    format!(
+                        "/readyz?exclude={name}: no such check; the checks are {}",
+                        READY_CHECKS.join(", ")
+                    ),
+                ));
+            };
+            excluded.push(*known);
+        }
+    }
+    let mut checks = serde_json::Map::new();
+    let mut failed = Vec::new();
+    let mut check = |name: &'static str, problem: Option<String>| {
+        let verdict = if excluded.contains(&name) {
+            "excluded".to_string()
+        } else if let Some(problem) = problem {
+            failed.push(problem.clone());
+            problem
+        } else {
+            "ok".to_string()
+        };
+        checks.insert(name.to_string(), Value::String(verdict));
+    };
+    check(
+        "serving",
+        (!state.ready.load(Ordering::Relaxed)).then(|| "starting or draining".to_string()),
+    );
+    if let Some(fleet) = state.writer.fleet() {
+        check(
+            "etcd",
+            fleet.down_reason().map(|why| {
+                format!(
+                    "etcd unreachable: serving the last routing table, refusing changes ({why})"
+                )
+            }),
+        );
+    }
+    Ok(if failed.is_empty() {
+        json_response(StatusCode::OK, json!({"status": "ready", "checks": checks}))
+    } else {
+        json_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            json!({"status": "not ready", "detail": failed.join("; "), "checks": checks}),
+        )
     })
 }
 
