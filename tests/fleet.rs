@@ -564,6 +564,161 @@ fn fleet_settings_are_checked_when_the_config_is_read() {
     }
 }
 
+/// The replica's lease carries its counters and its election key, and only one task keeps a
+/// lease alive: two tasks asking for it at the same moment (the counter publisher and the
+/// election, after a lapse or at start) must get one lease between them. A second, unkept lease
+/// would expire with the counters on it and stay in use while the kept one looks alive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tasks_that_ask_for_the_lease_together_share_one() {
+    let etcd = Etcd::start().await;
+    let config = weir::config::FleetConfig {
+        endpoints: vec![etcd.url()],
+        prefix: "/weir/lease-test".into(),
+        replica: "r1".into(),
+        lease_ttl: Duration::from_secs(5),
+        tls: None,
+        user: None,
+    };
+    let fleet = weir::control::fleet::Fleet::connect(&config)
+        .await
+        .expect("connect to etcd");
+    let (first, second, third) = tokio::join!(fleet.lease(), fleet.lease(), fleet.lease());
+    let (first, second, third) = (first.unwrap(), second.unwrap(), third.unwrap());
+    assert_eq!(
+        (first, second),
+        (second, third),
+        "one lease for all three asks"
+    );
+    assert_eq!(fleet.lease().await.unwrap(), first, "and it is kept");
+}
+
+/// A TCP relay to etcd that can hold etcd's answers back (and then let them through), so a
+/// change reaches etcd while its answer arrives too late: the commit times out after etcd
+/// applied it.
+struct HoldingRelay {
+    url: String,
+    hold: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl HoldingRelay {
+    async fn start(etcd: &Etcd) -> HoldingRelay {
+        let target: SocketAddr = etcd
+            .url()
+            .trim_start_matches("http://")
+            .parse()
+            .expect("etcd's client URL is host:port");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let hold = Arc::new(AtomicBool::new(false));
+        let held = Arc::clone(&hold);
+        let task = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = tokio::net::TcpStream::connect(target).await else {
+                    continue;
+                };
+                let hold = Arc::clone(&held);
+                tokio::spawn(async move {
+                    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                    let (mut client_read, mut client_write) = client.into_split();
+                    let (mut server_read, mut server_write) = server.into_split();
+                    let requests = tokio::io::copy(&mut client_read, &mut server_write);
+                    let answers = async {
+                        let mut buf = vec![0u8; 16 * 1024];
+                        loop {
+                            let n = server_read.read(&mut buf).await?;
+                            while hold.load(Ordering::SeqCst) {
+                                tokio::time::sleep(Duration::from_millis(5)).await;
+                            }
+                            if n == 0 {
+                                return client_write.shutdown().await;
+                            }
+                            client_write.write_all(&buf[..n]).await?;
+                        }
+                    };
+                    let _ = tokio::join!(requests, answers);
+                });
+            }
+        });
+        HoldingRelay { url, hold, task }
+    }
+
+    fn hold(&self, on: bool) {
+        self.hold.store(on, Ordering::SeqCst);
+    }
+}
+
+impl Drop for HoldingRelay {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// etcd applies a change but its answer comes after the commit's 2 s timeout: the commit asks
+/// etcd whether its audit record landed and reports the change applied, instead of an
+/// "unreachable, retry" that would have the caller repeat a change that is already live.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_etcd_applied_but_answered_late_is_reported_applied() {
+    use weir::control::audit::Prepared;
+    use weir::control::state::{AuditHead, StateBody, STATE_FORMAT};
+
+    let etcd = Etcd::start().await;
+    let relay = HoldingRelay::start(&etcd).await;
+    let config = weir::config::FleetConfig {
+        endpoints: vec![relay.url.clone()],
+        prefix: "/weir/late-answer".into(),
+        replica: "r1".into(),
+        lease_ttl: Duration::from_secs(5),
+        tls: None,
+        user: None,
+    };
+    // Only this test's calls use the connection, so the commit starts the moment it is called.
+    let fleet = Arc::new(
+        weir::control::fleet::Fleet::connect(&config)
+            .await
+            .expect("connect to etcd through the relay"),
+    );
+    let record = Prepared {
+        seq: 1,
+        hash: "h1".into(),
+        line: r#"{"seq":1,"action":"start"}"#.into(),
+    };
+    let body = StateBody {
+        format: STATE_FORMAT,
+        state: weir::control::RoutingState {
+            generation: 1,
+            routes: Vec::new(),
+        },
+        audit_head: Some(AuditHead {
+            seq: 1,
+            hash: "h1".into(),
+            line: record.line.clone(),
+        }),
+    };
+
+    relay.hold(true);
+    let commit = tokio::spawn({
+        let fleet = Arc::clone(&fleet);
+        let (body, record) = (body.clone(), record.clone());
+        async move { fleet.commit(0, &body, &record, false).await }
+    });
+    // Past the commit's timeout (2 s), then etcd's answers go through.
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    relay.hold(false);
+    let revision = commit
+        .await
+        .unwrap()
+        .unwrap_or_else(|e| panic!("a commit etcd applied is reported applied: {e}"));
+    let shared = fleet.load().await.unwrap().expect("the state is in etcd");
+    assert_eq!(revision, shared.revision, "the revision it was applied at");
+    assert_eq!(shared.body.state.generation, 1);
+    assert_eq!(
+        fleet.records(1, 1).await.unwrap(),
+        vec![record.line.clone()],
+        "the audit record went with it"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_single_weir_on_files_reports_no_fleet() {
     let v1 = Backend::named(STABLE).await;

@@ -19,7 +19,7 @@
 //! holds. When etcd is unreachable the replica keeps its last table, mutations fail with 503 and
 //! readiness says why.
 
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -45,6 +45,9 @@ pub const PUBLISH_INTERVAL: Duration = Duration::from_millis(500);
 pub enum FleetError {
     #[error("etcd is unreachable at {endpoints}: {detail}")]
     Unavailable { endpoints: String, detail: String },
+    /// A commit was sent but neither its answer nor a later check came back: it may be applied.
+    #[error("etcd at {endpoints} did not confirm the change ({detail})")]
+    Unconfirmed { endpoints: String, detail: String },
     /// Another replica changed the state first: re-read and try again.
     #[error("another replica changed the routing state first")]
     Stale,
@@ -67,14 +70,23 @@ pub struct Shared {
     pub revision: i64,
 }
 
+/// An etcd lease and until when it is known to live (the last keep-alive answer plus its TTL).
+#[derive(Clone, Copy, Debug)]
+struct Lease {
+    id: i64,
+    valid_until: Instant,
+}
+
 /// A connection to etcd for one replica.
 pub struct Fleet {
     client: Client,
     config: FleetConfig,
-    /// The replica's lease (0 before the first grant); it carries the election key and counters.
-    lease: AtomicI64,
-    /// Until when the lease is known to live (the last keep-alive answer plus its TTL).
-    lease_valid_until: Mutex<Option<Instant>>,
+    /// The replica's lease, which carries the election key and counters (`None` before the first
+    /// grant).
+    lease: Mutex<Option<Lease>>,
+    /// Held while a lease is granted: two tasks that find the lease lapsed get one new lease
+    /// between them, not one each (the one nobody keeps alive would take the counters with it).
+    granting: tokio::sync::Mutex<()>,
     /// Last etcd call succeeded.
     up: AtomicBool,
     /// Why the last call failed, for readiness and `/v1/routes`.
@@ -141,8 +153,8 @@ impl Fleet {
         let fleet = Fleet {
             client,
             config: config.clone(),
-            lease: AtomicI64::new(0),
-            lease_valid_until: Mutex::new(None),
+            lease: Mutex::new(None),
+            granting: tokio::sync::Mutex::new(()),
             up: AtomicBool::new(true),
             last_error: Mutex::new(None),
             leader: Mutex::new(None),
@@ -274,7 +286,10 @@ impl Fleet {
             TxnOp::put(self.audit_key(record.seq), record.line.clone(), None),
         ]);
         let mut kv = self.client.kv_client();
-        let response = self.call("commit a change", kv.txn(txn)).await?;
+        let response = match self.call("commit a change", kv.txn(txn)).await {
+            Ok(response) => response,
+            Err(lost) => return self.settle(record, lost).await,
+        };
         if response.succeeded() {
             return Ok(response.header().map_or(0, |h| h.revision()));
         }
@@ -287,6 +302,37 @@ impl Fleet {
             }
         }
         Err(FleetError::Stale)
+    }
+
+    /// A commit whose answer never came (a timeout, a dropped connection) may still have been
+    /// applied: the audit record it wrote says which. Returns the revision it was applied at,
+    /// [`FleetError::Stale`] when another change took that record number, or `lost` when the
+    /// record is absent, and [`FleetError::Unconfirmed`] when etcd cannot be asked either: then
+    /// the caller is told the outcome is unknown, so nobody blindly repeats a promotion or
+    /// rollback.
+    async fn settle(&self, record: &Prepared, lost: FleetError) -> Result<i64, FleetError> {
+        let FleetError::Unavailable { endpoints, detail } = lost else {
+            return Err(lost);
+        };
+        let mut kv = self.client.kv_client();
+        let key = self.audit_key(record.seq);
+        match self
+            .call("check whether the change was committed", kv.get(key, None))
+            .await
+        {
+            Ok(response) => match response.kvs().first() {
+                Some(kv) if kv.value() == record.line.as_bytes() => {
+                    tracing::info!(
+                        seq = record.seq,
+                        "etcd applied a change whose answer was lost"
+                    );
+                    Ok(kv.mod_revision())
+                }
+                Some(_) => Err(FleetError::Stale),
+                None => Err(FleetError::Unavailable { endpoints, detail }),
+            },
+            Err(_) => Err(FleetError::Unconfirmed { endpoints, detail }),
+        }
     }
 
     /// Audit record lines `from..=to` in order (missing ones are an error: the chain in etcd is
@@ -347,21 +393,45 @@ impl Fleet {
 
     /// The replica's lease, granted (again) when it has none or it lapsed.
     pub async fn lease(&self) -> Result<i64, FleetError> {
-        let id = self.lease.load(Ordering::Relaxed);
-        if id != 0 && self.lease_alive() {
+        if let Some(id) = self.live_lease() {
+            return Ok(id);
+        }
+        let _granting = self.granting.lock().await;
+        // Another task may have granted one while this one waited.
+        if let Some(id) = self.live_lease() {
             return Ok(id);
         }
         let ttl = self.config.lease_ttl.as_secs().max(1) as i64;
         let mut leases = self.client.lease_client();
         let granted = self.call("grant a lease", leases.grant(ttl, None)).await?;
-        self.lease.store(granted.id(), Ordering::Relaxed);
-        *lock(&self.lease_valid_until) =
-            Some(Instant::now() + Duration::from_secs(granted.ttl().max(1) as u64));
+        *lock(&self.lease) = Some(Lease {
+            id: granted.id(),
+            valid_until: Instant::now() + Duration::from_secs(granted.ttl().max(1) as u64),
+        });
         Ok(granted.id())
     }
 
+    /// The lease's id while it is known to live.
+    fn live_lease(&self) -> Option<i64> {
+        lock(&self.lease)
+            .filter(|lease| Instant::now() < lease.valid_until)
+            .map(|lease| lease.id)
+    }
+
     fn lease_alive(&self) -> bool {
-        lock(&self.lease_valid_until).is_some_and(|until| Instant::now() < until)
+        self.live_lease().is_some()
+    }
+
+    /// Records a keep-alive answer for lease `id`: lives `ttl` seconds more, or has ended (`ttl`
+    /// 0). An answer about a lease this replica has since replaced changes nothing.
+    fn renewed(&self, id: i64, ttl: i64) {
+        let mut lease = lock(&self.lease);
+        if lease.is_some_and(|l| l.id == id) {
+            *lease = (ttl > 0).then(|| Lease {
+                id,
+                valid_until: Instant::now() + Duration::from_secs(ttl as u64),
+            });
+        }
     }
 
     /// Keeps the lease alive until it lapses (etcd unreachable for a TTL, or revoked).
@@ -378,17 +448,15 @@ impl Fleet {
                 return;
             }
             match tokio::time::timeout(OP_TIMEOUT, answers.message()).await {
-                Ok(Ok(Some(answer))) if answer.ttl() > 0 => {
-                    *lock(&self.lease_valid_until) =
-                        Some(Instant::now() + Duration::from_secs(answer.ttl() as u64));
-                }
-                Ok(Ok(Some(_))) => {
+                Ok(Ok(Some(answer))) => {
                     // TTL 0: etcd no longer has the lease.
-                    *lock(&self.lease_valid_until) = None;
-                    return;
+                    self.renewed(id, answer.ttl());
+                    if answer.ttl() <= 0 {
+                        return;
+                    }
                 }
                 _ => {
-                    if !self.lease_alive() {
+                    if self.live_lease() != Some(id) {
                         return;
                     }
                 }
@@ -426,9 +494,9 @@ impl Fleet {
 
     /// Gives the seat up on shutdown so another replica takes over at once, not after the TTL.
     pub async fn resign(&self) {
-        let id = self.lease.swap(0, Ordering::Relaxed);
+        let lease = lock(&self.lease).take();
         lock(&self.leader).take();
-        if id != 0 {
+        if let Some(Lease { id, .. }) = lease {
             let mut leases = self.client.lease_client();
             let _ = self.call("revoke the lease", leases.revoke(id)).await;
         }

@@ -126,6 +126,9 @@ pub enum CommandError {
     /// Fleet mode: etcd did not answer; nothing changed anywhere.
     #[error("the change was not applied because etcd is unreachable ({0}); the fleet keeps serving its last routing table. Retry when etcd is back")]
     Unavailable(String),
+    /// Fleet mode: the commit was sent but etcd never confirmed it; it may be live.
+    #[error("{0}: it may have been applied. GET /v1/routes shows the generation once etcd answers; a retry with If-Match cannot apply it twice")]
+    Unconfirmed(String),
     /// Fleet mode: another replica kept changing the state while this one tried to.
     #[error("another replica changed the routing state at the same time, several times over; re-read it and retry")]
     Stale,
@@ -135,6 +138,7 @@ impl From<FleetError> for CommandError {
     fn from(e: FleetError) -> CommandError {
         match e {
             FleetError::Unavailable { .. } => CommandError::Unavailable(e.to_string()),
+            FleetError::Unconfirmed { .. } => CommandError::Unconfirmed(e.to_string()),
             FleetError::Stale => CommandError::Stale,
             FleetError::NotLeader => CommandError::Conflict(e.to_string()),
             FleetError::Corrupt { .. } | FleetError::File { .. } => {
@@ -154,7 +158,9 @@ impl CommandError {
             | CommandError::Pins(_)
             | CommandError::Promotion { .. }
             | CommandError::Stale => StatusCode::CONFLICT,
-            CommandError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            CommandError::Unavailable(_) | CommandError::Unconfirmed(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             CommandError::OutOfRange(_)
             | CommandError::InvalidConfig(_)
             | CommandError::Registry(_) => StatusCode::UNPROCESSABLE_ENTITY,
