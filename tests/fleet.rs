@@ -719,6 +719,85 @@ async fn a_commit_etcd_applied_but_answered_late_is_reported_applied() {
     );
 }
 
+/// A replica joining a fleet whose audit chain has grown past what one gRPC answer carries
+/// (4 MiB) fills its copy page by page: a fleet that has run canaries for a few days must not
+/// lock new replicas out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_joins_a_fleet_whose_audit_chain_is_larger_than_one_answer() {
+    use weir::control::audit::{AuditLog, Entry};
+    use weir::control::state::{StateBody, STATE_FORMAT};
+
+    let etcd = Etcd::start().await;
+    let prefix = format!("/weir/test-{}-long-chain", std::process::id());
+    let config = weir::config::FleetConfig {
+        endpoints: vec![etcd.url()],
+        prefix: prefix.clone(),
+        replica: "elder".into(),
+        lease_ttl: LEASE_TTL,
+        tls: None,
+        user: None,
+    };
+    let fleet = weir::control::fleet::Fleet::connect(&config)
+        .await
+        .expect("connect to etcd");
+    // An elder replica's history: 120 records of ~40 KB, ~4.8 MB in all.
+    let work = temp_dir("fleet-long-chain");
+    let elder = work.path().join("elder");
+    std::fs::create_dir_all(&elder).unwrap();
+    let mut audit = AuditLog::open(&elder, None).unwrap();
+    audit.set_replica("elder");
+    let note = "n".repeat(40_000);
+    let mut revision = 0;
+    for generation in 1..=120 {
+        let prepared = audit.prepare(Entry {
+            actor: "admin",
+            action: "note",
+            route: None,
+            before: Value::Null,
+            after: serde_json::json!({ "note": note }),
+            generation,
+            reason: Some("history"),
+            window: None,
+        });
+        let body = StateBody {
+            format: STATE_FORMAT,
+            state: weir::control::RoutingState {
+                generation,
+                routes: Vec::new(),
+            },
+            audit_head: Some(prepared.head()),
+        };
+        revision = fleet
+            .commit(revision, &body, &prepared, false)
+            .await
+            .unwrap_or_else(|e| panic!("commit record {generation}: {e}"));
+        audit.append(&prepared).unwrap();
+    }
+
+    let v1 = Backend::named(STABLE).await;
+    let v2 = Backend::named(CANDIDATE).await;
+    let dir = work.path().join("r1");
+    std::fs::create_dir_all(&dir).unwrap();
+    let template = format!(
+        "{}\n{}",
+        state_table(&dir, &etcd.url(), &prefix, "r1"),
+        routes("", "")
+    );
+    let _weir = Weir::start(&template, &[("v1", &v1.url()), ("v2", &v2.url())]).await;
+    let records = audit_records(&dir);
+    assert_eq!(
+        records.iter().filter(|r| r["action"] == "note").count(),
+        120,
+        "the joining replica copied the whole chain"
+    );
+    assert_eq!(
+        records.last().unwrap()["replica"],
+        "r1",
+        "then wrote its own start"
+    );
+    assert_eq!(records.last().unwrap()["seq"], 121);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_single_weir_on_files_reports_no_fleet() {
     let v1 = Backend::named(STABLE).await;

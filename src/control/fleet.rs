@@ -37,6 +37,12 @@ use crate::data::listener::stopped;
 
 /// Longest wait for one etcd call on the control path (mutations answer 503 after it).
 pub const OP_TIMEOUT: Duration = Duration::from_secs(2);
+/// Most audit records one read fetches: a replica joining a long-lived fleet fills its copy of
+/// the chain page by page, never in one answer bigger than gRPC takes.
+pub const AUDIT_PAGE: u64 = 64;
+/// Largest answer a page of records may be: [`AUDIT_PAGE`] records of etcd's largest default
+/// request (1.5 MiB) each. Records are about a kilobyte, so a page is usually far smaller.
+const AUDIT_PAGE_BYTES: usize = AUDIT_PAGE as usize * 3 * 1024 * 1024 / 2;
 /// How often each replica publishes its counters for the fleet-wide canary judgement.
 pub const PUBLISH_INTERVAL: Duration = Duration::from_millis(500);
 
@@ -335,13 +341,21 @@ impl Fleet {
         }
     }
 
-    /// Audit record lines `from..=to` in order (missing ones are an error: the chain in etcd is
-    /// written with the state, so a gap means someone deleted keys).
+    /// Audit record lines `from..=to` in order, at most [`AUDIT_PAGE`] of them (missing ones are
+    /// an error: the chain in etcd is written with the state, so a gap means someone deleted
+    /// keys).
     pub async fn records(&self, from: u64, to: u64) -> Result<Vec<String>, FleetError> {
         if from > to {
             return Ok(Vec::new());
         }
-        let mut kv = self.client.kv_client();
+        debug_assert!(
+            to - from < AUDIT_PAGE,
+            "records {from}..={to}: more than a page"
+        );
+        let mut kv = self
+            .client
+            .kv_client()
+            .max_decoding_message_size(AUDIT_PAGE_BYTES);
         let options = GetOptions::new().with_range(self.audit_key(to + 1));
         let response = self
             .call(

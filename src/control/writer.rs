@@ -15,7 +15,7 @@ use tokio::sync::Mutex;
 
 use super::audit::{AuditError, AuditLog, Entry, Prepared};
 use super::build::{build_table, VersionSet};
-use super::fleet::{Fleet, FleetError};
+use super::fleet::{Fleet, FleetError, AUDIT_PAGE};
 use super::pins::{load_registry, pin_refusals, RouteRefusal};
 use super::state::{
     reconcile, RouteState, RoutingState, StateBody, StateError, StateLock, StateStore, STATE_FORMAT,
@@ -881,8 +881,13 @@ async fn fill_audit(
             )));
         }
     }
-    for line in fleet.records(local_last + 1, head.seq).await? {
-        audit.append_foreign(&line)?;
+    let mut next = local_last + 1;
+    while next <= head.seq {
+        let last = head.seq.min(next + AUDIT_PAGE - 1);
+        for line in fleet.records(next, last).await? {
+            audit.append_foreign(&line)?;
+        }
+        next = last + 1;
     }
     Ok(())
 }
