@@ -435,6 +435,7 @@ fn serve_config(args: ServeArgs) -> anyhow::Result<Config> {
             prefix: FleetConfig::default_prefix(FleetConfig::DEFAULT_CLUSTER),
             replica: FleetConfig::default_replica(),
             lease_ttl: FleetConfig::DEFAULT_LEASE_TTL,
+            compaction_interval: Some(FleetConfig::DEFAULT_COMPACTION_INTERVAL),
             tls: None,
             user: None,
         });

@@ -188,6 +188,10 @@ impl Server {
                 Arc::clone(&writer),
                 stop_rx.clone(),
             )));
+            fleet_tasks.push(tokio::spawn(fleet::compact_history(
+                Arc::clone(&writer),
+                stop_rx.clone(),
+            )));
         }
         if config.identity.is_some() {
             tokio::spawn(identity::run(Arc::clone(&writer), prober, stop_rx.clone()));

@@ -30,6 +30,9 @@ const STICKY_HEADER: &str = "x-session";
 const PROPAGATION: Duration = Duration::from_secs(1);
 /// The replicas' election and liveness lease (`[state] lease_ttl`).
 const LEASE_TTL: Duration = Duration::from_secs(2);
+/// How often the leader compacts etcd's history (`[state] compaction_interval`): often, so every
+/// fleet test also runs with history being compacted under it.
+const COMPACTION: Duration = Duration::from_secs(1);
 /// How long after the controller's replica dies another one may take to lead.
 const TAKEOVER: Duration = Duration::from_secs(2 + 5);
 /// How long a whole canary (several 1 s windows and a takeover) may take on a busy 2-core machine.
@@ -66,8 +69,10 @@ etcd = [{etcd:?}]
 prefix = {prefix:?}
 replica = {replica:?}
 lease_ttl = "{}s"
+compaction_interval = "{}s"
 "#,
         LEASE_TTL.as_secs(),
+        COMPACTION.as_secs(),
         dir = dir.display().to_string(),
     )
 }
@@ -576,6 +581,7 @@ async fn tasks_that_ask_for_the_lease_together_share_one() {
         prefix: "/weir/lease-test".into(),
         replica: "r1".into(),
         lease_ttl: Duration::from_secs(5),
+        compaction_interval: None,
         tls: None,
         user: None,
     };
@@ -669,6 +675,7 @@ async fn a_commit_etcd_applied_but_answered_late_is_reported_applied() {
         prefix: "/weir/late-answer".into(),
         replica: "r1".into(),
         lease_ttl: Duration::from_secs(5),
+        compaction_interval: None,
         tls: None,
         user: None,
     };
@@ -734,6 +741,7 @@ async fn a_replica_joins_a_fleet_whose_audit_chain_is_larger_than_one_answer() {
         prefix: prefix.clone(),
         replica: "elder".into(),
         lease_ttl: LEASE_TTL,
+        compaction_interval: None,
         tls: None,
         user: None,
     };
@@ -796,6 +804,72 @@ async fn a_replica_joins_a_fleet_whose_audit_chain_is_larger_than_one_answer() {
         "then wrote its own start"
     );
     assert_eq!(records.last().unwrap()["seq"], 121);
+}
+
+/// etcd keeps every revision until compacted, and counters are published twice a second per
+/// replica: the leader compacts. Once the history is compacted past the state's own revision
+/// (no change for a while), followers stay quiet (they watch from the revision they read, not
+/// from the state's, which would be refused as compacted over and over) and still see the next
+/// change within a second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_leader_compacts_etcd_and_followers_stay_current_and_quiet() {
+    let fleet = Fleet::start("compaction", 2, &routes("", ""), Run::InProcess).await;
+    let mut etcd = etcd_client::Client::connect([fleet.etcd.url()], None)
+        .await
+        .expect("connect to etcd");
+    let state_key = format!("{}/state", fleet.prefix);
+    let state_revision = etcd.get(state_key.as_str(), None).await.unwrap().kvs()[0].mod_revision();
+    eventually!(
+        DEADLINE,
+        etcd.get(
+            state_key.as_str(),
+            Some(etcd_client::GetOptions::new().with_revision(state_revision))
+        )
+        .await
+        .is_err_and(|e| e.to_string().contains("compacted")),
+        "etcd's history was never compacted past the state's revision {state_revision}"
+    );
+
+    let calls = |text: &str| {
+        let scrape = parse_metrics(text);
+        ["Range", "Watch"]
+            .iter()
+            .map(|method| {
+                metric(
+                    &scrape,
+                    "grpc_server_started_total",
+                    &[("grpc_method", method)],
+                )
+                .unwrap_or_else(|| panic!("etcd counts {method} calls"))
+            })
+            .sum::<f64>()
+    };
+    let metrics_url = format!("{}/metrics", fleet.etcd.url());
+    let before = calls(&get(&http1(), &metrics_url).await.text());
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let during = calls(&get(&http1(), &metrics_url).await.text()) - before;
+    // Each replica reads the state and re-watches about once a second and the leader reads the
+    // revision once per compaction: about 10. Followers refused by compaction loop: about 80.
+    assert!(
+        during <= 24.0,
+        "{during} reads and watches in 2 s with nothing changing"
+    );
+
+    let reply = fleet.replicas[0].put_weight("40%", None).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    let generation = generation_of(&reply);
+    let started = Instant::now();
+    eventually!(
+        DEADLINE,
+        fleet.agree_on(generation, 4_000).await,
+        "the replicas never agreed on 40%:{}",
+        fleet.describe().await
+    );
+    assert!(
+        started.elapsed() <= PROPAGATION,
+        "live on both within {PROPAGATION:?}, took {:?}",
+        started.elapsed()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -109,6 +109,7 @@ struct RawState {
     prefix: Option<String>,
     replica: Option<String>,
     lease_ttl: Option<String>,
+    compaction_interval: Option<String>,
     etcd_ca: Option<PathBuf>,
     etcd_cert: Option<PathBuf>,
     etcd_key: Option<PathBuf>,
@@ -211,6 +212,10 @@ fn fleet(c: &mut Checker, raw: &RawState) -> Option<FleetConfig> {
         ("state.prefix", raw.prefix.is_some()),
         ("state.replica", raw.replica.is_some()),
         ("state.lease_ttl", raw.lease_ttl.is_some()),
+        (
+            "state.compaction_interval",
+            raw.compaction_interval.is_some(),
+        ),
         ("state.etcd_ca", raw.etcd_ca.is_some()),
         ("state.etcd_cert", raw.etcd_cert.is_some()),
         ("state.etcd_key", raw.etcd_key.is_some()),
@@ -276,6 +281,20 @@ fn fleet(c: &mut Checker, raw: &RawState) -> Option<FleetConfig> {
                     "must be at least 1s (etcd leases count whole seconds)",
                 );
             }
+            let compaction_interval = match raw.compaction_interval.as_deref() {
+                Some("off") => None,
+                _ => Some(c.duration(
+                    "state.compaction_interval",
+                    &raw.compaction_interval,
+                    FleetConfig::DEFAULT_COMPACTION_INTERVAL,
+                )),
+            };
+            if compaction_interval.is_some_and(|every| every < Duration::from_secs(1)) {
+                c.problem(
+                    "state.compaction_interval",
+                    "must be at least 1s, or \"off\" when the etcd cluster compacts itself",
+                );
+            }
             let client_cert = match (&raw.etcd_cert, &raw.etcd_key) {
                 (Some(cert), Some(key)) => Some((cert.clone(), key.clone())),
                 (None, None) => None,
@@ -338,6 +357,7 @@ fn fleet(c: &mut Checker, raw: &RawState) -> Option<FleetConfig> {
                 prefix,
                 replica,
                 lease_ttl,
+                compaction_interval,
                 tls,
                 user,
             })
@@ -1092,6 +1112,21 @@ mod tests {
         let f = config.fleet.expect("fleet mode");
         assert_eq!(f.prefix, "/weir/default");
         assert_eq!(f.lease_ttl, std::time::Duration::from_secs(10));
+        assert_eq!(
+            f.compaction_interval,
+            Some(std::time::Duration::from_secs(300))
+        );
+        for (text, expected) in [("off", None), ("1h", Some(3600))] {
+            let config = fleet(&format!(
+                "backend = \"etcd\"\netcd = [\"http://a:2379\"]\ncompaction_interval = {text:?}"
+            ))
+            .unwrap();
+            assert_eq!(
+                config.fleet.unwrap().compaction_interval,
+                expected.map(std::time::Duration::from_secs),
+                "{text}"
+            );
+        }
         let config = fleet(
             "backend = \"etcd\"\netcd = [\"http://a:2379\"]\ncluster = \"prod\"\nreplica = \"w0\"",
         )
@@ -1104,13 +1139,18 @@ mod tests {
         assert!(parse(MINIMAL).unwrap().fleet.is_none());
 
         let problems = fleet(
-            "backend = \"etcd\"\netcd = [\"127.0.0.1:2379\"]\nprefix = \"weir/\"\nlease_ttl = \"500ms\"",
+            "backend = \"etcd\"\netcd = [\"127.0.0.1:2379\"]\nprefix = \"weir/\"\nlease_ttl = \"500ms\"\ncompaction_interval = \"100ms\"",
         )
         .unwrap_err();
         let paths: Vec<&str> = problems.iter().map(|p| p.path.as_str()).collect();
         assert_eq!(
             paths,
-            ["state.etcd[0]", "state.prefix", "state.lease_ttl"],
+            [
+                "state.etcd[0]",
+                "state.prefix",
+                "state.lease_ttl",
+                "state.compaction_interval"
+            ],
             "{problems:?}"
         );
         let problems = fleet("backend = \"etcd\"").unwrap_err();

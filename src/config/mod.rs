@@ -49,6 +49,9 @@ pub struct FleetConfig {
     pub replica: String,
     /// TTL of the replica's lease: a dead controller's successor takes over within it.
     pub lease_ttl: Duration,
+    /// How often the canary leader compacts etcd's history (keeping at least this much of it);
+    /// `None` when the etcd cluster compacts itself.
+    pub compaction_interval: Option<Duration>,
     /// TLS to etcd (https endpoints): a private CA and a client certificate, both optional.
     pub tls: Option<EtcdTls>,
     /// etcd authentication (etcd's own users), when the cluster has auth enabled.
@@ -74,6 +77,8 @@ pub struct EtcdUser {
 impl FleetConfig {
     pub const DEFAULT_CLUSTER: &'static str = "default";
     pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(10);
+    /// kube-apiserver's default for the same job.
+    pub const DEFAULT_COMPACTION_INTERVAL: Duration = Duration::from_secs(300);
 
     pub fn default_prefix(cluster: &str) -> String {
         format!("/weir/{cluster}")

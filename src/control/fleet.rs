@@ -74,6 +74,9 @@ pub enum FleetError {
 pub struct Shared {
     pub body: StateBody,
     pub revision: i64,
+    /// etcd's revision when this was read: a watch for later changes starts after it (the state's
+    /// own `revision` may be older than etcd's compacted history).
+    pub read_at: i64,
 }
 
 /// An etcd lease and until when it is known to live (the last keep-alive answer plus its TTL).
@@ -251,6 +254,7 @@ impl Fleet {
         Ok(Some(Shared {
             body,
             revision: kv.mod_revision(),
+            read_at: response.header().map_or(0, |h| h.revision()),
         }))
     }
 
@@ -516,6 +520,39 @@ impl Fleet {
         }
     }
 
+    // === history ===
+
+    /// etcd's current revision (the header of a one-key count read).
+    pub async fn revision(&self) -> Result<i64, FleetError> {
+        let mut kv = self.client.kv_client();
+        let options = GetOptions::new().with_count_only();
+        let response = self
+            .call(
+                "read the revision",
+                kv.get(self.key("state"), Some(options)),
+            )
+            .await?;
+        Ok(response.header().map_or(0, |h| h.revision()))
+    }
+
+    /// Drops etcd's history before `revision` (every key's older values; current values stay).
+    /// Returns false when something else had already compacted past it.
+    pub async fn compact(&self, revision: i64) -> Result<bool, FleetError> {
+        let mut kv = self.client.kv_client();
+        match tokio::time::timeout(OP_TIMEOUT, kv.compact(revision, None)).await {
+            Ok(Ok(_)) => Ok(true),
+            Ok(Err(e)) if e.to_string().contains("compacted") => Ok(false),
+            Ok(Err(e)) => Err(FleetError::Unavailable {
+                endpoints: self.config.endpoints.join(","),
+                detail: format!("compact: {e}"),
+            }),
+            Err(_) => Err(FleetError::Unavailable {
+                endpoints: self.config.endpoints.join(","),
+                detail: format!("compact: no answer within {OP_TIMEOUT:?}"),
+            }),
+        }
+    }
+
     // === counters ===
 
     /// Publishes this replica's counters (JSON) on its lease.
@@ -641,6 +678,47 @@ pub async fn lead(writer: Arc<Writer>, mut stop: watch::Receiver<bool>) {
     }
     fleet.resign().await;
     writer.metrics().set_fleet(false, fleet.is_up());
+}
+
+/// While this replica leads, compacts etcd's history every `compaction_interval`, up to the
+/// revision it saw one interval earlier, as kube-apiserver does. etcd keeps every revision until
+/// compacted, and each replica publishes its counters twice a second: uncompacted, a fleet of a
+/// few replicas fills etcd's default 2 GiB quota within days, after which etcd refuses every
+/// write. Nothing in weir reads history (a watch that finds its start compacted falls back to
+/// reading the current state).
+pub async fn compact_history(writer: Arc<Writer>, mut stop: watch::Receiver<bool>) {
+    let Some(fleet) = writer.fleet().cloned() else {
+        return;
+    };
+    let Some(every) = fleet.config().compaction_interval else {
+        return;
+    };
+    let mut seen = None;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = stopped(&mut stop) => return,
+        }
+        if !fleet.is_leader() {
+            seen = None;
+            continue;
+        }
+        let now = match fleet.revision().await {
+            Ok(now) => now,
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot read etcd's revision to compact");
+                continue;
+            }
+        };
+        if let Some(old) = seen.filter(|old| *old < now) {
+            match fleet.compact(old).await {
+                Ok(true) => tracing::debug!(revision = old, "compacted etcd's history"),
+                Ok(false) => tracing::debug!(revision = old, "etcd was already compacted"),
+                Err(e) => tracing::warn!(error = %e, "cannot compact etcd's history"),
+            }
+        }
+        seen = Some(now);
+    }
 }
 
 /// Publishes this replica's counters every [`PUBLISH_INTERVAL`] until `stop`.

@@ -389,10 +389,11 @@ impl Writer {
 
     /// Fleet mode: applies what etcd holds when another replica moved it — fills the local audit
     /// copy, swaps the table — then records this replica's serving windows those changes closed.
-    /// Returns the revision applied.
+    /// Returns the etcd revision this replica is current at: a watch for the next change starts
+    /// after it.
     pub async fn sync(&self) -> Result<i64, CommandError> {
         let mut inner = self.inner.lock().await;
-        self.catch_up(&mut inner).await?;
+        let read_at = self.catch_up(&mut inner).await?;
         while !inner.pending_windows.is_empty() {
             let window = inner.pending_windows.remove(0);
             let generation = inner.state.generation;
@@ -412,15 +413,17 @@ impl Writer {
             }
         }
         Ok(match &inner.store {
-            Store::Fleet { revision, .. } => *revision,
+            // A window record committed here is newer than the read.
+            Store::Fleet { revision, .. } => read_at.max(*revision),
             Store::File(_) => 0,
         })
     }
 
     /// Fleet mode: brings `inner` up to the state in etcd (no-op in file mode or when current).
-    async fn catch_up(&self, inner: &mut Inner) -> Result<(), CommandError> {
+    /// Returns etcd's revision when the state was read (0 in file mode).
+    async fn catch_up(&self, inner: &mut Inner) -> Result<i64, CommandError> {
         let Store::Fleet { fleet, revision } = &inner.store else {
-            return Ok(());
+            return Ok(0);
         };
         let fleet = Arc::clone(fleet);
         let Some(shared) = fleet.load().await? else {
@@ -430,7 +433,7 @@ impl Writer {
             )));
         };
         if shared.revision == *revision {
-            return Ok(());
+            return Ok(shared.read_at);
         }
         fill_audit(&mut inner.audit, &fleet, &shared.body)
             .await
@@ -453,7 +456,7 @@ impl Writer {
         if let Store::Fleet { revision, .. } = &mut inner.store {
             *revision = shared.revision;
         }
-        Ok(())
+        Ok(shared.read_at)
     }
 
     /// The live table, shared with the data path.
@@ -477,7 +480,9 @@ impl Writer {
         loop {
             attempt += 1;
             match self.apply_once(&mut inner, &change).await {
-                Err(CommandError::Stale) if attempt < 5 => self.catch_up(&mut inner).await?,
+                Err(CommandError::Stale) if attempt < 5 => {
+                    self.catch_up(&mut inner).await?;
+                }
                 other => return other,
             }
         }
@@ -732,7 +737,9 @@ impl Writer {
                 ..entry
             };
             match inner.persist(&state, entry, fenced).await {
-                Err(CommandError::Stale) if attempt < 8 => self.catch_up(inner).await?,
+                Err(CommandError::Stale) if attempt < 8 => {
+                    self.catch_up(inner).await?;
+                }
                 other => return other,
             }
         }
