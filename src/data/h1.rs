@@ -27,7 +27,7 @@ use tokio::sync::watch;
 
 use super::body::InFlight;
 use super::listener::ConnSettings;
-use super::proxy::{backend_message, bad_override_json, no_route_json, Proxy};
+use super::proxy::{bad_override_json, no_route_json, Proxy, Refusal};
 use super::split::{BadOverride, RequestHeaders};
 use super::upstream::Backend;
 use crate::metrics::ErrorKind;
@@ -302,29 +302,11 @@ async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
         .map(|name| (name, version.label_header.as_bytes()));
 
     if body_len > settings.max_request_body {
-        let body = serde_json::json!({
-            "error": format!("request body is larger than the limit of {} bytes (listener.max_request_body)", settings.max_request_body),
-            "version": &*version.label,
-            "kind": "request_too_large",
-        });
-        in_flight
-            .stats()
-            .count_response(StatusCode::PAYLOAD_TOO_LARGE);
-        return local(
-            client,
-            StatusCode::PAYLOAD_TOO_LARGE,
-            &body,
-            label_header,
-            keep_alive,
-            reuse,
-        )
-        .await;
+        let (status, body) =
+            Refusal::TooLarge(settings.max_request_body).answer(&version.label, &in_flight);
+        return local(client, status, &body, label_header, keep_alive, reuse).await;
     }
-    let refuse = |kind: ErrorKind| {
-        in_flight.stats().count_error(kind);
-        in_flight.stats().count_response(kind.status());
-        serde_json::json!({"error": backend_message(kind, &version.label), "version": &*version.label, "kind": kind.as_str()})
-    };
+    let refuse = |kind: ErrorKind| Refusal::Backend(kind).answer(&version.label, &in_flight).1;
     let Some(picked) = version.pick() else {
         let kind = if version.any_verified() {
             ErrorKind::NoBackend
@@ -415,21 +397,15 @@ async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
     let (mut conn, response) = match sent {
         Ok(sent) => sent,
         Err(failure) => {
-            if let Failure::Backend(ErrorKind::Connect | ErrorKind::ConnectTimeout) = failure {
-                if backend.eject(settings.backend_eject) {
-                    tracing::warn!(
-                        version = %version.label,
-                        backend = %backend.authority,
-                        "backend refused a connection; skipping it for {:?}",
-                        settings.backend_eject
-                    );
-                }
+            if let Failure::Backend(kind @ (ErrorKind::Connect | ErrorKind::ConnectTimeout)) =
+                failure
+            {
+                backend.refused(settings.backend_eject, &version.label, kind.as_str());
             }
             let (status, body, reusable) = match failure {
                 Failure::ClientBody => {
-                    in_flight.stats().count_response(StatusCode::BAD_REQUEST);
-                    let body = serde_json::json!({"error": "the request body could not be read from the client", "version": &*version.label, "kind": "client_body"});
-                    (StatusCode::BAD_REQUEST, body, None)
+                    let (status, body) = Refusal::ClientBody.answer(&version.label, &in_flight);
+                    (status, body, None)
                 }
                 // Refused before anything was sent: the connection is as reusable as the
                 // request is read.

@@ -101,10 +101,41 @@ pub fn upstream_client(config: &ProxyConfig) -> Result<UpstreamClient, crate::tl
 }
 
 /// Why a request got an answer from weir rather than from a backend.
-enum Refusal {
+pub(super) enum Refusal {
     Backend(ErrorKind),
     TooLarge(u64),
     ClientBody,
+}
+
+impl Refusal {
+    /// The status and JSON body weir answers with for `label`'s request, counted on its stats.
+    pub(super) fn answer(
+        &self,
+        label: &str,
+        in_flight: &InFlight,
+    ) -> (StatusCode, serde_json::Value) {
+        let (status, kind, message) = match *self {
+            Refusal::Backend(kind) => {
+                in_flight.stats().count_error(kind);
+                (kind.status(), kind.as_str(), backend_message(kind, label))
+            }
+            Refusal::TooLarge(limit) => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "request_too_large",
+                format!("request body is larger than the limit of {limit} bytes (listener.max_request_body)"),
+            ),
+            Refusal::ClientBody => (
+                StatusCode::BAD_REQUEST,
+                "client_body",
+                "the request body could not be read from the client".to_string(),
+            ),
+        };
+        in_flight.stats().count_response(status);
+        (
+            status,
+            serde_json::json!({"error": message, "version": label, "kind": kind}),
+        )
+    }
 }
 
 impl Proxy {
@@ -232,15 +263,8 @@ impl Proxy {
             let (response, body) = match super::h1::forward(&self, b, &parts, &bytes).await {
                 Ok(sent) => sent,
                 Err(kind) => {
-                    if matches!(kind, ErrorKind::Connect | ErrorKind::ConnectTimeout)
-                        && b.eject(self.settings.backend_eject)
-                    {
-                        tracing::warn!(
-                            version = %version.label,
-                            backend = %b.authority,
-                            "backend refused a connection; skipping it for {:?}",
-                            self.settings.backend_eject
-                        );
+                    if matches!(kind, ErrorKind::Connect | ErrorKind::ConnectTimeout) {
+                        b.refused(self.settings.backend_eject, &version.label, kind.as_str());
                     }
                     return Ok(self.refuse(
                         Refusal::Backend(kind),
@@ -280,15 +304,7 @@ impl Proxy {
             Ok(Err(e)) => {
                 let refusal = classify(&e);
                 if let Refusal::Backend(ErrorKind::Connect | ErrorKind::ConnectTimeout) = refusal {
-                    if b.eject(self.settings.backend_eject) {
-                        tracing::warn!(
-                            version = %version.label,
-                            backend = %b.authority,
-                            error = %error_chain(&e),
-                            "backend refused a connection; skipping it for {:?}",
-                            self.settings.backend_eject
-                        );
-                    }
+                    b.refused(self.settings.backend_eject, &version.label, error_chain(&e));
                 } else {
                     tracing::debug!(version = %version.label, backend = %b.authority, error = %error_chain(&e), "upstream request failed");
                 }
@@ -354,27 +370,8 @@ impl Proxy {
         version_value: &HeaderValue,
         in_flight: &InFlight,
     ) -> Response<ProxyBody> {
-        let (status, kind, message) = match refusal {
-            Refusal::Backend(kind) => {
-                in_flight.stats().count_error(kind);
-                (kind.status(), kind.as_str(), backend_message(kind, label))
-            }
-            Refusal::TooLarge(limit) => (
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "request_too_large",
-                format!("request body is larger than the limit of {limit} bytes (listener.max_request_body)"),
-            ),
-            Refusal::ClientBody => (
-                StatusCode::BAD_REQUEST,
-                "client_body",
-                "the request body could not be read from the client".to_string(),
-            ),
-        };
-        in_flight.stats().count_response(status);
-        let mut response = json_error(
-            status,
-            serde_json::json!({"error": message, "version": label, "kind": kind}),
-        );
+        let (status, body) = refusal.answer(label, in_flight);
+        let mut response = json_error(status, body);
         if let Some(name) = &self.settings.version_header {
             response
                 .headers_mut()
@@ -384,7 +381,7 @@ impl Proxy {
     }
 }
 
-pub(crate) fn backend_message(kind: ErrorKind, label: &str) -> String {
+fn backend_message(kind: ErrorKind, label: &str) -> String {
     match kind {
         ErrorKind::Connect => format!("a backend of {label} refused the connection"),
         ErrorKind::ConnectTimeout => {

@@ -157,6 +157,19 @@ impl Backend {
         previous == 0 || previous <= now
     }
 
+    /// Ejects this backend after it refused a connection (`error` says how), warning once per
+    /// ejection rather than per request.
+    pub fn refused(&self, duration: Duration, version: &str, error: impl std::fmt::Display) {
+        if self.eject(duration) {
+            tracing::warn!(
+                version,
+                backend = %self.authority,
+                %error,
+                "backend refused a connection; skipping it for {duration:?}"
+            );
+        }
+    }
+
     pub fn in_flight(&self) -> usize {
         self.in_flight.load(Ordering::Relaxed)
     }
