@@ -113,6 +113,7 @@ pub struct Metrics {
     /// Fleet mode only (registered by [`Metrics::enable_fleet`]).
     fleet_leader: IntGauge,
     fleet_etcd_up: IntGauge,
+    fleet_state_applied: IntGauge,
 }
 
 /// Latency buckets from 1 ms to 5 min: inference spans fast embeddings to long generations.
@@ -241,10 +242,17 @@ impl Metrics {
             "Fleet mode: 1 while etcd answers; 0 means routing changes are refused and the last table serves",
         )
         .expect("valid metric");
+        let fleet_state_applied = IntGauge::new(
+            "weir_fleet_state_applied",
+            "Fleet mode: 1 while this replica routes by the fleet's current state; 0 when it cannot apply it (its config lacks a version the fleet routes to, say) and still routes by an older generation",
+        )
+        .expect("valid metric");
+        fleet_state_applied.set(1);
         Metrics {
             registry,
             fleet_leader,
             fleet_etcd_up,
+            fleet_state_applied,
             requests,
             errors,
             duration,
@@ -283,7 +291,11 @@ impl Metrics {
 
     /// Registers the fleet gauges (a single weir does not export them).
     pub fn enable_fleet(&self) {
-        for gauge in [&self.fleet_leader, &self.fleet_etcd_up] {
+        for gauge in [
+            &self.fleet_leader,
+            &self.fleet_etcd_up,
+            &self.fleet_state_applied,
+        ] {
             // Registered once per registry; a second call is harmless.
             let _ = self.registry.register(Box::new(gauge.clone()));
         }
@@ -292,6 +304,10 @@ impl Metrics {
     pub fn set_fleet(&self, leader: bool, etcd_up: bool) {
         self.fleet_leader.set(i64::from(leader));
         self.fleet_etcd_up.set(i64::from(etcd_up));
+    }
+
+    pub fn set_fleet_state_applied(&self, applied: bool) {
+        self.fleet_state_applied.set(i64::from(applied));
     }
 
     pub fn set_pinned(&self, pinned: bool) {

@@ -206,6 +206,12 @@ impl Replica {
         .await
     }
 
+    /// `POST /v1/reload`: re-read the replica's config file.
+    async fn reload(&self) -> Reply {
+        let url = self.admin_url("/v1/reload");
+        admin_call(&url, Method::POST, Some(&self.token()), None, &[]).await
+    }
+
     /// A `GET /v1/chat` with a sticky key; returns the version that answered.
     async fn version_for(&self, client: &HttpClient, key: &str) -> String {
         let reply = get_with(client, &self.url("/v1/chat"), &[(STICKY_HEADER, key)]).await;
@@ -870,6 +876,83 @@ async fn the_leader_compacts_etcd_and_followers_stay_current_and_quiet() {
         "live on both within {PROPAGATION:?}, took {:?}",
         started.elapsed()
     );
+}
+
+/// A replica whose config cannot build the fleet's state (another replica reloaded a config
+/// that routes to a version this one does not know) keeps its older table, but says so: it
+/// turns unready with the reason, `weir_fleet_state_applied` drops to 0, and `/v1/routes` shows
+/// it. Once its own config catches up (reload), it applies the state and is ready again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_that_cannot_apply_the_fleet_state_says_so_and_turns_unready() {
+    let fleet = Fleet::start("cannot-apply", 2, &routes("", ""), Run::Processes).await;
+    let v3 = Backend::named("chat@v3").await;
+    let with_v3 = |path: &Path| {
+        let text = std::fs::read_to_string(path).unwrap();
+        let text = text.replace(r#"candidate = "chat@v2""#, r#"candidate = "chat@v3""#);
+        let text = text.replace(
+            "[[routes]]",
+            &format!(
+                "[[versions]]\nmodel = \"chat\"\nversion = \"v3\"\nbackends = [{:?}]\n\n[[routes]]",
+                v3.url()
+            ),
+        );
+        std::fs::write(path, text).unwrap();
+    };
+    let (r1, r2) = (&fleet.replicas[0], &fleet.replicas[1]);
+    with_v3(&fleet.work.path().join("r1.toml"));
+    let reply = r1.reload().await;
+    assert_eq!(reply.status, StatusCode::OK, "r1 reload: {}", reply.text());
+    assert_eq!(route_of(&r1.routes().await)["candidate"], "chat@v3");
+
+    eventually!(
+        DEADLINE,
+        r2.readyz().await == 503,
+        "r2 stays ready on a state it cannot apply: {}",
+        r2.readyz_at("/readyz").await.text()
+    );
+    let ready = r2.readyz_at("/readyz?exclude=etcd").await;
+    assert_eq!(
+        ready.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "{}",
+        ready.text()
+    );
+    let why = ready.json()["checks"]["fleet_state"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        why.starts_with("cannot apply the fleet's routing state") && why.contains("chat@v3"),
+        "the check names the version it lacks: {}",
+        ready.text()
+    );
+    assert_eq!(r2.metric("weir_fleet_state_applied").await, Some(0.0));
+    assert_eq!(r1.metric("weir_fleet_state_applied").await, Some(1.0));
+    assert!(
+        r2.fleet().await["state"]
+            .as_str()
+            .is_some_and(|s| s.starts_with("cannot apply")),
+        "{}",
+        r2.fleet().await
+    );
+    assert_eq!(
+        route_of(&r2.routes().await)["candidate"],
+        "chat@v2",
+        "r2 keeps the table it had"
+    );
+
+    with_v3(&fleet.work.path().join("r2.toml"));
+    let reply = r2.reload().await;
+    assert_eq!(reply.status, StatusCode::OK, "r2 reload: {}", reply.text());
+    eventually!(
+        DEADLINE,
+        r2.readyz_at("/readyz").await.status == StatusCode::OK,
+        "r2 never applied the state after its reload: {}",
+        r2.readyz_at("/readyz").await.text()
+    );
+    assert_eq!(route_of(&r2.routes().await)["candidate"], "chat@v3");
+    assert_eq!(r2.metric("weir_fleet_state_applied").await, Some(1.0));
+    assert_eq!(r2.fleet().await["state"], "current");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -82,6 +82,7 @@ pub async fn handle(
                     "replica": fleet.replica(),
                     "prefix": fleet.config().prefix,
                     "etcd": if fleet.is_up() { "connected" } else { "unreachable" },
+                    "state": fleet.apply_problem().map_or("current".to_string(), |why| format!("cannot apply: {why}")),
                     "leader": fleet.is_leader(),
                 }),
             };
@@ -378,11 +379,12 @@ pub fn routes_json(table: &RoutingTable) -> Value {
 }
 
 /// The checks `/readyz` runs, by the names `?exclude=` takes.
-const READY_CHECKS: [&str; 2] = ["serving", "etcd"];
+const READY_CHECKS: [&str; 3] = ["serving", "etcd", "fleet_state"];
 
 /// `/readyz`: 200 when every check passes, 503 naming the ones that fail. The checks are
 /// `serving` (started and not draining) and, in fleet mode, `etcd` (reachable, so changes can be
-/// made). `?exclude=etcd` leaves a check out, as kube-apiserver's `/readyz` does: a replica with
+/// made) and `fleet_state` (this replica routes by the fleet's current state: a replica whose
+/// config cannot build it would send traffic where the rest of the fleet no longer does). `?exclude=etcd` leaves a check out, as kube-apiserver's `/readyz` does: a replica with
 /// etcd down still serves its last table, so a load balancer's probe should not pull it (and
 /// with it the whole fleet) out of rotation, while a monitor asking plain `/readyz` sees 503.
 fn readiness(state: &AdminState, query: Option<&str>) -> Result<AdminResponse, Refused> {
@@ -430,6 +432,15 @@ fn readiness(state: &AdminState, query: Option<&str>) -> Result<AdminResponse, R
             fleet.down_reason().map(|why| {
                 format!(
                     "etcd unreachable: serving the last routing table, refusing changes ({why})"
+                )
+            }),
+        );
+        check(
+            "fleet_state",
+            fleet.apply_problem().map(|why| {
+                format!(
+                    "cannot apply the fleet's routing state, still routing by generation {} ({why})",
+                    state.writer.table().load().generation
                 )
             }),
         );

@@ -31,7 +31,7 @@ use etcd_client::{
 
 use super::audit::Prepared;
 use super::state::StateBody;
-use super::Writer;
+use super::{CommandError, Writer};
 use crate::config::FleetConfig;
 use crate::data::listener::stopped;
 
@@ -100,6 +100,9 @@ pub struct Fleet {
     up: AtomicBool,
     /// Why the last call failed, for readiness and `/v1/routes`.
     last_error: Mutex<Option<String>>,
+    /// Why the fleet's current state could not be applied here (etcd answered, the replica
+    /// could not build a table from it), for readiness and `/v1/routes`.
+    apply_problem: Mutex<Option<String>>,
     leader: Mutex<Option<LeaderKey>>,
     /// Changes on every process start, so the controller never mixes two runs' counters.
     pub incarnation: String,
@@ -166,6 +169,7 @@ impl Fleet {
             granting: tokio::sync::Mutex::new(()),
             up: AtomicBool::new(true),
             last_error: Mutex::new(None),
+            apply_problem: Mutex::new(None),
             leader: Mutex::new(None),
             incarnation: format!("{:016x}", rand::random::<u64>()),
         };
@@ -202,6 +206,11 @@ impl Fleet {
         } else {
             lock(&self.last_error).clone()
         }
+    }
+
+    /// Why this replica cannot apply the fleet's current state, while that lasts.
+    pub fn apply_problem(&self) -> Option<String> {
+        lock(&self.apply_problem).clone()
     }
 
     /// Runs one etcd call with the control-path timeout, tracking reachability.
@@ -610,6 +619,23 @@ pub async fn follow(writer: Arc<Writer>, mut stop: watch::Receiver<bool>) {
     loop {
         let synced = writer.sync().await;
         writer.metrics().set_fleet(fleet.is_leader(), fleet.is_up());
+        let applied = match &synced {
+            Ok(_) => Some(None),
+            // etcd away: readiness and the etcd gauge say so; the state may well apply later.
+            Err(CommandError::Unavailable(_) | CommandError::Unconfirmed(_)) => None,
+            Err(e) => Some(Some(e.to_string())),
+        };
+        if let Some(problem) = applied {
+            writer.metrics().set_fleet_state_applied(problem.is_none());
+            let mut current = lock(&fleet.apply_problem);
+            if problem.is_some() && current.is_none() {
+                tracing::error!(
+                    error = problem.as_deref().unwrap_or_default(),
+                    "cannot apply the fleet's routing state: this replica routes by an older generation and reports unready until it can"
+                );
+            }
+            *current = problem;
+        }
         let backoff = match synced {
             Ok(applied) => {
                 revision = applied;

@@ -422,6 +422,16 @@ impl Writer {
     /// Fleet mode: brings `inner` up to the state in etcd (no-op in file mode or when current).
     /// Returns etcd's revision when the state was read (0 in file mode).
     async fn catch_up(&self, inner: &mut Inner) -> Result<i64, CommandError> {
+        self.catch_up_with(inner, None).await
+    }
+
+    /// [`Writer::catch_up`], building the table from `fresh` (a reloaded config) when given; the
+    /// config is then this replica's.
+    async fn catch_up_with(
+        &self,
+        inner: &mut Inner,
+        fresh: Option<&Config>,
+    ) -> Result<i64, CommandError> {
         let Store::Fleet { fleet, revision } = &inner.store else {
             return Ok(0);
         };
@@ -444,8 +454,12 @@ impl Writer {
             })?;
         let state = shared.body.state;
         if state != inner.state {
-            let table = build_table(&inner.config, &state, &self.metrics, &mut inner.versions)
+            let config = fresh.unwrap_or(&inner.config);
+            let table = build_table(config, &state, &self.metrics, &mut inner.versions)
                 .map_err(CommandError::Persist)?;
+            if let Some(fresh) = fresh {
+                inner.config = fresh.clone();
+            }
             tracing::info!(
                 generation = state.generation,
                 "routing changed by another replica"
@@ -476,12 +490,22 @@ impl Writer {
     /// when the caller sent `If-Match`, refused with 409 because the generation moved.
     pub async fn apply(&self, change: Change) -> Result<Applied, CommandError> {
         let mut inner = self.inner.lock().await;
+        // A reload reads the file once; the fleet's newer state is applied with it too, so a
+        // replica whose old config could not build that state is fixed by reloading.
+        let fresh = match change.command {
+            Command::Reload => {
+                let fresh = fresh_config(&inner.config)?;
+                warn_about_restart_only_settings(&inner.config, &fresh);
+                Some(fresh)
+            }
+            _ => None,
+        };
         let mut attempt = 0;
         loop {
             attempt += 1;
-            match self.apply_once(&mut inner, &change).await {
+            match self.apply_once(&mut inner, &change, fresh.as_ref()).await {
                 Err(CommandError::Stale) if attempt < 5 => {
-                    self.catch_up(&mut inner).await?;
+                    self.catch_up_with(&mut inner, fresh.as_ref()).await?;
                 }
                 other => return other,
             }
@@ -492,6 +516,7 @@ impl Writer {
         &self,
         inner: &mut Inner,
         change: &Change,
+        fresh: Option<&Config>,
     ) -> Result<Applied, CommandError> {
         if let Some(expected) = change.if_match {
             if expected != inner.state.generation {
@@ -503,15 +528,10 @@ impl Writer {
         }
         let (routes, new_config, mut notes) = match &change.command {
             Command::Reload => {
-                let Some(path) = inner.config.source.clone() else {
-                    return Err(CommandError::Conflict(
-                        "weir was started without a config file (quick mode): there is nothing to reload".into(),
-                    ));
+                let fresh = match fresh {
+                    Some(fresh) => fresh.clone(),
+                    None => fresh_config(&inner.config)?,
                 };
-                let mut fresh = Config::from_file(&path).map_err(CommandError::InvalidConfig)?;
-                // The token came from the environment or a flag, not from the file.
-                fresh.admin.token = inner.config.admin.token.clone();
-                warn_about_restart_only_settings(&inner.config, &fresh);
                 let (routes, notes) = reconcile(&fresh, Some(&inner.state));
                 let notes: Vec<String> = notes
                     .into_iter()
@@ -806,6 +826,20 @@ impl Inner {
             }
         }
     }
+}
+
+/// The config file re-read for a reload, keeping the admin token (it came from the environment
+/// or a flag, not from the file).
+fn fresh_config(current: &Config) -> Result<Config, CommandError> {
+    let Some(path) = &current.source else {
+        return Err(CommandError::Conflict(
+            "weir was started without a config file (quick mode): there is nothing to reload"
+                .into(),
+        ));
+    };
+    let mut fresh = Config::from_file(path).map_err(CommandError::InvalidConfig)?;
+    fresh.admin.token = current.admin.token.clone();
+    Ok(fresh)
 }
 
 /// The `start` record: the state found, the state served, and why they differ.
