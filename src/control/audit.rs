@@ -67,6 +67,8 @@ pub struct AuditLog {
     next_seq: u64,
     head: String,
     replica: Option<String>,
+    /// The log's last record names a replica: it is a fleet replica's copy of etcd's chain.
+    fleet_copy: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -89,7 +91,8 @@ pub enum AuditError {
 }
 
 /// The seq and hash of the last line of a log, checking only that line.
-fn last_record(path: &Path) -> Result<Option<(u64, String)>, String> {
+/// The last record's seq and hash, and whether a fleet replica wrote it.
+fn last_record(path: &Path) -> Result<Option<(u64, String, bool)>, String> {
     let file = match File::open(path) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
@@ -106,7 +109,9 @@ fn last_record(path: &Path) -> Result<Option<(u64, String)>, String> {
         None => Ok(None),
         Some(line) => {
             let (seq, hash) = check_line(&line)?;
-            Ok(Some((seq, hash)))
+            let fleet = serde_json::from_str::<Value>(&line)
+                .is_ok_and(|record| record.get("replica").is_some_and(|r| !r.is_null()));
+            Ok(Some((seq, hash, fleet)))
         }
     }
 }
@@ -151,9 +156,9 @@ impl AuditLog {
             .append(true)
             .open(&path)
             .map_err(open_error)?;
-        let (mut next_seq, mut head) = match &last {
-            Some((seq, hash)) => (seq + 1, hash.clone()),
-            None => (1, GENESIS.to_string()),
+        let (mut next_seq, mut head, fleet_copy) = match &last {
+            Some((seq, hash, fleet)) => (seq + 1, hash.clone(), *fleet),
+            None => (1, GENESIS.to_string(), false),
         };
         let mut log = AuditLog {
             path: path.clone(),
@@ -161,6 +166,7 @@ impl AuditLog {
             next_seq,
             head: head.clone(),
             replica: None,
+            fleet_copy,
         };
         if let Some(expected) = expected {
             if head != expected.hash {
@@ -212,10 +218,16 @@ impl AuditLog {
             detail: format!("its last record is bad: {detail}"),
         })?;
         (self.next_seq, self.head) = match last {
-            Some((seq, hash)) => (seq + 1, hash),
+            Some((seq, hash, _)) => (seq + 1, hash),
             None => (1, GENESIS.to_string()),
         };
         Ok(())
+    }
+
+    /// Whether this is a fleet replica's copy of the chain in etcd (its last record names a
+    /// replica): nothing but that replica may append to it.
+    pub fn is_fleet_copy(&self) -> bool {
+        self.fleet_copy
     }
 
     /// The seq the next record gets.

@@ -214,6 +214,14 @@ pub fn record_offline(dir: &Path, entry: super::audit::Entry<'_>) -> Result<(), 
     let mut log =
         super::audit::AuditLog::open(dir, body.as_ref().and_then(|b| b.audit_head.as_ref()))
             .map_err(|e| e.to_string())?;
+    if log.is_fleet_copy() {
+        return Err(format!(
+            "{} holds a fleet replica's copy of the audit chain in etcd; a record added here \
+             would fork it, and the replica would refuse to run. Give --state-dir a directory of \
+             its own for registry steps",
+            log.path().display()
+        ));
+    }
     let entry = super::audit::Entry {
         generation: body.as_ref().map_or(0, |b| b.state.generation),
         ..entry
@@ -396,6 +404,40 @@ mod tests {
             std::env::temp_dir().join(format!("weir-state-unit-{}-{tag}", std::process::id()));
         let _ = fs::remove_dir_all(&dir);
         dir
+    }
+
+    #[test]
+    fn offline_records_go_to_a_plain_state_dir_but_never_into_a_fleet_replicas_copy() {
+        use crate::control::audit::{AuditLog, Entry};
+        let entry = || Entry {
+            actor: "registry:test",
+            action: "approve",
+            route: None,
+            before: serde_json::Value::Null,
+            after: serde_json::Value::Null,
+            generation: 0,
+            reason: None,
+            window: None,
+        };
+        let plain = temp_dir("offline-plain");
+        record_offline(&plain, entry()).unwrap();
+        record_offline(&plain, entry()).unwrap();
+        assert_eq!(AuditLog::open(&plain, None).unwrap().next_seq(), 3);
+
+        let fleet = temp_dir("offline-fleet");
+        let mut log = AuditLog::open(&fleet, None).unwrap();
+        log.set_replica("r1");
+        let prepared = log.prepare(entry());
+        log.append(&prepared).unwrap();
+        let err = record_offline(&fleet, entry()).unwrap_err();
+        assert!(err.contains("fleet replica's copy"), "{err}");
+        assert_eq!(
+            AuditLog::open(&fleet, None).unwrap().next_seq(),
+            2,
+            "nothing appended"
+        );
+        let _ = fs::remove_dir_all(&plain);
+        let _ = fs::remove_dir_all(&fleet);
     }
 
     #[test]
