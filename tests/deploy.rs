@@ -39,10 +39,11 @@ fn the_kubernetes_manifests_parse_and_carry_a_valid_weir_config() {
     let deployment = kind(&manifests, "Deployment");
     assert!(deployment["spec"]["replicas"].as_u64().unwrap() >= 2);
     let container = &deployment["spec"]["template"]["spec"]["containers"][0];
-    // Readiness leaves etcd out, so an etcd outage does not empty the Service (fleet mode).
+    // Readiness leaves the fleet checks out, so an etcd outage or a config rollout does not
+    // empty the Service (fleet mode).
     assert_eq!(
         container["readinessProbe"]["httpGet"]["path"],
-        "/readyz?exclude=etcd"
+        "/readyz?exclude=etcd,fleet_state"
     );
     assert_eq!(container["livenessProbe"]["httpGet"]["path"], "/healthz");
     assert!(deployment["spec"]["template"]["spec"]["securityContext"]["runAsNonRoot"] == true);

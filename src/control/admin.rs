@@ -384,9 +384,10 @@ const READY_CHECKS: [&str; 3] = ["serving", "etcd", "fleet_state"];
 /// `/readyz`: 200 when every check passes, 503 naming the ones that fail. The checks are
 /// `serving` (started and not draining) and, in fleet mode, `etcd` (reachable, so changes can be
 /// made) and `fleet_state` (this replica routes by the fleet's current state: a replica whose
-/// config cannot build it would send traffic where the rest of the fleet no longer does). `?exclude=etcd` leaves a check out, as kube-apiserver's `/readyz` does: a replica with
-/// etcd down still serves its last table, so a load balancer's probe should not pull it (and
-/// with it the whole fleet) out of rotation, while a monitor asking plain `/readyz` sees 503.
+/// config cannot build it would send traffic where the rest of the fleet no longer does).
+/// `?exclude=etcd,fleet_state` leaves checks out, as kube-apiserver's `/readyz` does: a load
+/// balancer's probe should not pull every replica out of rotation because etcd is down or a
+/// config rollout is under way, while a monitor asking plain `/readyz` sees 503.
 fn readiness(state: &AdminState, query: Option<&str>) -> Result<AdminResponse, Refused> {
     let mut excluded = Vec::new();
     for (key, value) in form_urlencoded::parse(query.unwrap_or_default().as_bytes()) {

@@ -305,9 +305,9 @@ impl Fleet {
             TxnOp::put(self.audit_key(record.seq), record.line.clone(), None),
         ]);
         let mut kv = self.client.kv_client();
-        let response = match self.call("commit a change", kv.txn(txn)).await {
+        let response = match self.call("commit a change", kv.txn(txn.clone())).await {
             Ok(response) => response,
-            Err(lost) => return self.settle(record, lost).await,
+            Err(lost) => return self.settle(record, txn, lost).await,
         };
         if response.succeeded() {
             return Ok(response.header().map_or(0, |h| h.revision()));
@@ -323,17 +323,33 @@ impl Fleet {
         Err(FleetError::Stale)
     }
 
-    /// A commit whose answer never came (a timeout, a dropped connection) may still have been
-    /// applied: the audit record it wrote says which. Returns the revision it was applied at,
-    /// [`FleetError::Stale`] when another change took that record number, or `lost` when the
-    /// record is absent, and [`FleetError::Unconfirmed`] when etcd cannot be asked either: then
-    /// the caller is told the outcome is unknown, so nobody blindly repeats a promotion or
-    /// rollback.
-    async fn settle(&self, record: &Prepared, lost: FleetError) -> Result<i64, FleetError> {
+    /// A commit whose answer never came (a timeout, a dropped connection) may have been applied,
+    /// may be applied later (still in flight), or not at all. Sending the same transaction again
+    /// settles it, because its conditions let it apply at most once: if it succeeds now, the
+    /// change is committed; if not, the audit record says whether the first one was (its
+    /// revision) or another change came first ([`FleetError::Stale`]). When etcd cannot be asked,
+    /// [`FleetError::Unconfirmed`] tells the caller the outcome is unknown, so nobody blindly
+    /// repeats a promotion or rollback.
+    async fn settle(
+        &self,
+        record: &Prepared,
+        txn: Txn,
+        lost: FleetError,
+    ) -> Result<i64, FleetError> {
         let FleetError::Unavailable { endpoints, detail } = lost else {
             return Err(lost);
         };
+        let unconfirmed = || FleetError::Unconfirmed {
+            endpoints: endpoints.clone(),
+            detail: detail.clone(),
+        };
         let mut kv = self.client.kv_client();
+        let Ok(again) = self.call("commit the change again", kv.txn(txn)).await else {
+            return Err(unconfirmed());
+        };
+        if again.succeeded() {
+            return Ok(again.header().map_or(0, |h| h.revision()));
+        }
         let key = self.audit_key(record.seq);
         match self
             .call("check whether the change was committed", kv.get(key, None))
@@ -347,10 +363,10 @@ impl Fleet {
                     );
                     Ok(kv.mod_revision())
                 }
-                Some(_) => Err(FleetError::Stale),
-                None => Err(FleetError::Unavailable { endpoints, detail }),
+                // The state moved under it (another replica, or the seat went): never applied.
+                _ => Err(FleetError::Stale),
             },
-            Err(_) => Err(FleetError::Unconfirmed { endpoints, detail }),
+            Err(_) => Err(unconfirmed()),
         }
     }
 
@@ -445,23 +461,24 @@ impl Fleet {
             .map(|lease| lease.id)
     }
 
-    fn lease_alive(&self) -> bool {
-        self.live_lease().is_some()
-    }
-
     /// Records a keep-alive answer for lease `id`: lives `ttl` seconds more, or has ended (`ttl`
-    /// 0). An answer about a lease this replica has since replaced changes nothing.
-    fn renewed(&self, id: i64, ttl: i64) {
+    /// 0). Returns false, changing nothing, when this replica has since replaced `id` (it lapsed
+    /// here and another task was granted a new one).
+    fn renewed(&self, id: i64, ttl: i64) -> bool {
         let mut lease = lock(&self.lease);
-        if lease.is_some_and(|l| l.id == id) {
-            *lease = (ttl > 0).then(|| Lease {
-                id,
-                valid_until: Instant::now() + Duration::from_secs(ttl as u64),
-            });
+        if !lease.is_some_and(|l| l.id == id) {
+            return false;
         }
+        *lease = (ttl > 0).then(|| Lease {
+            id,
+            valid_until: Instant::now() + Duration::from_secs(ttl as u64),
+        });
+        true
     }
 
-    /// Keeps the lease alive until it lapses (etcd unreachable for a TTL, or revoked).
+    /// Keeps lease `id` alive until it lapses (etcd unreachable for a TTL, or revoked) or is
+    /// replaced; a replaced lease is revoked, so the seat and counters on it go at once and
+    /// nothing keeps two leases alive.
     pub async fn keep_lease(&self, id: i64) {
         let ttl = self.config.lease_ttl;
         let mut leases = self.client.lease_client();
@@ -476,19 +493,33 @@ impl Fleet {
             }
             match tokio::time::timeout(OP_TIMEOUT, answers.message()).await {
                 Ok(Ok(Some(answer))) => {
+                    if !self.renewed(id, answer.ttl()) {
+                        return self.revoke_replaced(id).await;
+                    }
                     // TTL 0: etcd no longer has the lease.
-                    self.renewed(id, answer.ttl());
                     if answer.ttl() <= 0 {
                         return;
                     }
                 }
                 _ => {
                     if self.live_lease() != Some(id) {
-                        return;
+                        return self.revoke_replaced(id).await;
                     }
                 }
             }
             tokio::time::sleep(ttl / 3).await;
+        }
+    }
+
+    /// Revokes lease `id` (best effort) when another lease has replaced it here: the seat on it
+    /// goes at once instead of after its TTL, so the campaign on the new lease is not queued
+    /// behind this replica's own old key.
+    async fn revoke_replaced(&self, id: i64) {
+        if lock(&self.lease).is_some_and(|lease| lease.id != id) {
+            let mut leases = self.client.lease_client();
+            let _ = self
+                .call("revoke a replaced lease", leases.revoke(id))
+                .await;
         }
     }
 
@@ -509,7 +540,8 @@ impl Fleet {
 
     /// This replica holds the controller's seat and its lease is alive.
     pub fn is_leader(&self) -> bool {
-        lock(&self.leader).is_some() && self.lease_alive()
+        let seat = lock(&self.leader).as_ref().map(LeaderKey::lease);
+        seat.is_some() && seat == self.live_lease()
     }
 
     /// Forgets the seat (the lease lapsed or a fenced write failed).
@@ -619,11 +651,12 @@ pub async fn follow(writer: Arc<Writer>, mut stop: watch::Receiver<bool>) {
     loop {
         let synced = writer.sync().await;
         writer.metrics().set_fleet(fleet.is_leader(), fleet.is_up());
+        // Only a state this replica cannot build (or a chain it cannot follow) is a problem of
+        // its own; etcd away or busy is reported elsewhere and passes.
         let applied = match &synced {
             Ok(_) => Some(None),
-            // etcd away: readiness and the etcd gauge say so; the state may well apply later.
-            Err(CommandError::Unavailable(_) | CommandError::Unconfirmed(_)) => None,
-            Err(e) => Some(Some(e.to_string())),
+            Err(CommandError::CannotApply(why)) => Some(Some(why.clone())),
+            Err(_) => None,
         };
         if let Some(problem) = applied {
             writer.metrics().set_fleet_state_applied(problem.is_none());

@@ -129,6 +129,9 @@ pub enum CommandError {
     /// Fleet mode: the commit was sent but etcd never confirmed it; it may be live.
     #[error("{0}: it may have been applied. GET /v1/routes shows the generation once etcd answers; a retry with If-Match cannot apply it twice")]
     Unconfirmed(String),
+    /// Fleet mode: this replica cannot build (or follow the audit chain to) the fleet's state.
+    #[error("this replica cannot apply the fleet's routing state: {0}. It routes by its older table until its config can build the fleet's: roll the config out to it and reload")]
+    CannotApply(String),
     /// Fleet mode: another replica kept changing the state while this one tried to.
     #[error("another replica changed the routing state at the same time, several times over; re-read it and retry")]
     Stale,
@@ -157,6 +160,7 @@ impl CommandError {
             | CommandError::GenerationMoved { .. }
             | CommandError::Pins(_)
             | CommandError::Promotion { .. }
+            | CommandError::CannotApply(_)
             | CommandError::Stale => StatusCode::CONFLICT,
             CommandError::Unavailable(_) | CommandError::Unconfirmed(_) => {
                 StatusCode::SERVICE_UNAVAILABLE
@@ -425,6 +429,23 @@ impl Writer {
         self.catch_up_with(inner, None).await
     }
 
+    /// [`Writer::catch_up`] for a reload: with the running config when it can build the
+    /// fleet's state, else with `fresh` (the file just re-read), which then becomes this
+    /// replica's config — the way out for a replica stuck on a state its old config lacked.
+    async fn catch_up_for_reload(
+        &self,
+        inner: &mut Inner,
+        fresh: Option<&Config>,
+    ) -> Result<i64, CommandError> {
+        let caught_up = self.catch_up_with(inner, None).await;
+        let (Err(CommandError::CannotApply(why)), Some(fresh)) = (&caught_up, fresh) else {
+            return caught_up;
+        };
+        let read_at = self.catch_up_with(inner, Some(fresh)).await?;
+        tracing::info!(previous = %why, "applied the fleet's routing state with the reloaded config");
+        Ok(read_at)
+    }
+
     /// [`Writer::catch_up`], building the table from `fresh` (a reloaded config) when given; the
     /// config is then this replica's.
     async fn catch_up_with(
@@ -450,13 +471,13 @@ impl Writer {
             .map_err(|e| match e {
                 // etcd going away mid-refill is an outage (503), not a broken store.
                 OpenError::Fleet(e) => CommandError::from(e),
-                e => CommandError::Persist(e.to_string()),
+                e => CommandError::CannotApply(e.to_string()),
             })?;
         let state = shared.body.state;
         if state != inner.state {
             let config = fresh.unwrap_or(&inner.config);
             let table = build_table(config, &state, &self.metrics, &mut inner.versions)
-                .map_err(CommandError::Persist)?;
+                .map_err(CommandError::CannotApply)?;
             if let Some(fresh) = fresh {
                 inner.config = fresh.clone();
             }
@@ -496,6 +517,8 @@ impl Writer {
             Command::Reload => {
                 let fresh = fresh_config(&inner.config)?;
                 warn_about_restart_only_settings(&inner.config, &fresh);
+                // Computed on the fleet's current state, which the old config may not build.
+                self.catch_up_for_reload(&mut inner, Some(&fresh)).await?;
                 Some(fresh)
             }
             _ => None,
@@ -505,7 +528,7 @@ impl Writer {
             attempt += 1;
             match self.apply_once(&mut inner, &change, fresh.as_ref()).await {
                 Err(CommandError::Stale) if attempt < 5 => {
-                    self.catch_up_with(&mut inner, fresh.as_ref()).await?;
+                    self.catch_up_for_reload(&mut inner, fresh.as_ref()).await?;
                 }
                 other => return other,
             }
@@ -636,7 +659,11 @@ impl Writer {
         };
         let fenced = change.actor == CANARY_ACTOR;
         if let Err(e) = inner.persist(&new_state, entry, fenced).await {
-            undo_registry(&registry_before);
+            // A change etcd may yet have applied keeps the promotion's stage: the fleet would
+            // otherwise route by a stable version the registry no longer calls production.
+            if !matches!(e, CommandError::Unconfirmed(_)) {
+                undo_registry(&registry_before);
+            }
             return Err(e);
         }
 
