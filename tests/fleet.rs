@@ -385,6 +385,48 @@ impl Fleet {
         leaders
     }
 
+    /// Sets the route to 50% through `r1` and waits until every replica serves it; returns the
+    /// generation and the version each of `keys` gets (both versions among them).
+    async fn at_half(&self, keys: &[String]) -> (u64, Vec<String>) {
+        let reply = self.replicas[0].put_weight("50%", None).await;
+        assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+        let generation = generation_of(&reply);
+        eventually!(
+            DEADLINE,
+            self.agree_on(generation, 5_000).await,
+            "the replicas never agreed on 50%:{}",
+            self.describe().await
+        );
+        let versions = self.versions_by_key(keys).await;
+        assert!(
+            versions.iter().any(|v| v == STABLE) && versions.iter().any(|v| v == CANDIDATE),
+            "both versions serve some keys at 50%: {versions:?}"
+        );
+        (generation, versions)
+    }
+
+    /// `PUT weight` through `replica` until etcd, just restarted, lets it through (503 until
+    /// then, for at most [`RECOVERY`]); returns the accepted reply.
+    async fn put_weight_once_etcd_is_back(&self, replica: usize, weight: &str) -> Reply {
+        let started = Instant::now();
+        loop {
+            let reply = self.replicas[replica].put_weight(weight, None).await;
+            match reply.status.as_u16() {
+                200 => return reply,
+                503 if started.elapsed() < RECOVERY => {
+                    tokio::time::sleep(Duration::from_millis(100)).await
+                }
+                _ => panic!(
+                    "{:?} after etcd came back a mutation got {} {}{}",
+                    started.elapsed(),
+                    reply.status,
+                    reply.text(),
+                    self.etcd.log_tail()
+                ),
+            }
+        }
+    }
+
     /// Waits until every replica is connected to etcd, names itself and the prefix, exactly one
     /// leads and all show one generation; returns it.
     async fn settle(&self) -> u64 {
@@ -955,6 +997,67 @@ async fn a_replica_that_cannot_apply_the_fleet_state_says_so_and_turns_unready()
     assert_eq!(r2.fleet().await["state"], "current");
 }
 
+/// A replica restarted while etcd is down starts from the state it last routed by (kept in its
+/// state directory) instead of exiting: the same sticky keys get the same versions, changes are
+/// refused with 503, the probe's readiness holds, and it joins the fleet when etcd returns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_restarted_while_etcd_is_down_serves_its_last_state_and_joins_later() {
+    let mut fleet = Fleet::start("restart-offline", 2, &sticky_route(), Run::Processes).await;
+    let keys = sticky_keys(16);
+    let (generation, versions) = fleet.at_half(&keys).await;
+
+    fleet.etcd.stop();
+    fleet.replicas[1].kill().await;
+    let config = fleet.work.path().join("r2.toml");
+    let child = WeirProcess::spawn(
+        &["serve", "--config", config.to_str().unwrap()],
+        fleet.work.path(),
+    );
+    let r2 = &mut fleet.replicas[1];
+    (r2.proxy, r2.admin) = (child.proxy, child.admin);
+    r2.process = Instance::Child(child);
+
+    assert_eq!(
+        fleet.replicas[1].generation().await,
+        generation,
+        "the restarted replica serves the generation it had"
+    );
+    assert_eq!(
+        fleet.versions_by_key(&keys).await,
+        versions,
+        "the restarted replica routes every sticky key as before"
+    );
+    let r2 = &fleet.replicas[1];
+    assert_eq!(r2.fleet().await["etcd"], "unreachable");
+    assert_eq!(r2.readyz().await, 503, "plain /readyz names etcd");
+    let probe = r2.readyz_at("/readyz?exclude=etcd,fleet_state").await;
+    assert_eq!(probe.status, StatusCode::OK, "{}", probe.text());
+    let refused = r2.put_weight("20%", None).await;
+    assert_eq!(
+        refused.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "{}",
+        refused.text()
+    );
+
+    fleet.etcd.restart().await;
+    eventually!(
+        DEADLINE,
+        fleet.replicas[1].fleet().await["etcd"] == "connected",
+        "the restarted replica never reached etcd: {}",
+        fleet.replicas[1].fleet().await
+    );
+    let accepted = fleet.put_weight_once_etcd_is_back(0, "70%").await;
+    let recovered = generation_of(&accepted);
+    eventually!(
+        DEADLINE,
+        fleet.agree_on(recovered, 7_000).await,
+        "the restarted replica never joined the fleet's changes:{}",
+        fleet.describe().await
+    );
+    fleet.assert_audit_chains_agree().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_single_weir_on_files_reports_no_fleet() {
     let v1 = Backend::named(STABLE).await;
@@ -1429,21 +1532,8 @@ progress_deadline = "60s"
 async fn replicas_serve_the_last_table_while_etcd_is_down_and_converge_when_it_is_back() {
     let mut fleet = Fleet::start("outage", 3, &sticky_route(), Run::InProcess).await;
     fleet.settle().await;
-    let reply = fleet.replicas[0].put_weight("50%", None).await;
-    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
-    let generation = generation_of(&reply);
-    eventually!(
-        DEADLINE,
-        fleet.agree_on(generation, 5_000).await,
-        "the replicas never agreed on 50%:{}",
-        fleet.describe().await
-    );
     let keys = sticky_keys(16);
-    let versions = fleet.versions_by_key(&keys).await;
-    assert!(
-        versions.iter().any(|v| v == STABLE) && versions.iter().any(|v| v == CANDIDATE),
-        "both versions serve some keys at 50%: {versions:?}"
-    );
+    let (generation, versions) = fleet.at_half(&keys).await;
 
     fleet.etcd.stop();
 
@@ -1529,23 +1619,7 @@ async fn replicas_serve_the_last_table_while_etcd_is_down_and_converge_when_it_i
     fleet.etcd.restart().await;
 
     // Within a few seconds a mutation goes through again (503 until then).
-    let started = Instant::now();
-    let accepted = loop {
-        let reply = fleet.replicas[2].put_weight("70%", None).await;
-        match reply.status.as_u16() {
-            200 => break reply,
-            503 if started.elapsed() < RECOVERY => {
-                tokio::time::sleep(Duration::from_millis(100)).await
-            }
-            _ => panic!(
-                "{:?} after etcd came back a mutation got {} {}{}",
-                started.elapsed(),
-                reply.status,
-                reply.text(),
-                fleet.etcd.log_tail()
-            ),
-        }
-    };
+    let accepted = fleet.put_weight_once_etcd_is_back(2, "70%").await;
     let recovered = generation_of(&accepted);
     assert_eq!(
         recovered,

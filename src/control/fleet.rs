@@ -119,7 +119,8 @@ impl std::fmt::Debug for Fleet {
 }
 
 impl Fleet {
-    /// Connects to etcd; fails when no endpoint answers within a few seconds.
+    /// A client for the configured endpoints. The channel connects lazily: only etcd auth (a
+    /// token to fetch) makes this fail when etcd is away; the first read tells reachability.
     pub async fn connect(config: &FleetConfig) -> Result<Fleet, FleetError> {
         let read = |what: &'static str, path: &std::path::Path| {
             std::fs::read(path).map_err(|source| FleetError::File {
@@ -173,8 +174,8 @@ impl Fleet {
             leader: Mutex::new(None),
             incarnation: format!("{:016x}", rand::random::<u64>()),
         };
-        // One read proves the endpoints are etcd and reachable before weir says it started.
-        fleet.load().await?;
+        // The writer's first read proves the endpoints are etcd and reachable (or, when they are
+        // not, makes the replica start from its cached state).
         Ok(fleet)
     }
 

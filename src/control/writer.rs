@@ -311,10 +311,34 @@ impl Writer {
     ) -> Result<Writer, OpenError> {
         let mut audit = AuditLog::open(&config.state_dir, None)?;
         audit.set_replica(fleet.replica());
+        let cache = StateStore::new(&config.state_dir);
         let mut attempt = 0;
         let (state, revision, versions, table) = loop {
             attempt += 1;
-            let shared = fleet.load().await?;
+            let shared = match fleet.load().await {
+                Ok(shared) => shared,
+                // etcd away at start: serve the state this replica last routed by, as a running
+                // replica would, and join when etcd answers (`follow` catches up from revision 0).
+                Err(unreachable @ FleetError::Unavailable { .. }) => {
+                    let cached = cache.load().map_err(OpenError::State)?;
+                    let Some(cached) = cached else {
+                        return Err(unreachable.into());
+                    };
+                    let state = cached.state;
+                    check_pins_at_start(&config, &metrics, &state, Some(&state))?;
+                    let mut versions = VersionSet::new(config.identity.is_some());
+                    let table = build_table(&config, &state, &metrics, &mut versions)
+                        .map_err(OpenError::Table)?;
+                    tracing::warn!(
+                        error = %unreachable,
+                        generation = state.generation,
+                        cache = %cache.path().display(),
+                        "etcd is unreachable at start: serving the routing state this replica last applied; changes are refused until etcd answers"
+                    );
+                    break (state, 0, versions, table);
+                }
+                Err(e) => return Err(e.into()),
+            };
             match &shared {
                 Some(shared) => fill_audit(&mut audit, &fleet, &shared.body).await?,
                 None if audit.next_seq() > 1 => {
@@ -368,21 +392,23 @@ impl Writer {
         };
         let table = Arc::new(table);
         publish(&metrics, &table);
+        let inner = Inner {
+            window: Window::open(&table, None),
+            config,
+            state,
+            versions,
+            store: Store::Fleet { fleet, revision },
+            audit,
+            pending_windows: Vec::new(),
+        };
+        inner.cache_fleet_state();
         Ok(Writer {
             table: Arc::new(ArcSwap::new(Arc::clone(&table))),
             metrics,
             swapped: tokio::sync::Notify::new(),
             canary_status: std::sync::Mutex::new(std::collections::HashMap::new()),
-            fleet: Some(Arc::clone(&fleet)),
-            inner: Mutex::new(Inner {
-                window: Window::open(&table, None),
-                config,
-                state,
-                versions,
-                store: Store::Fleet { fleet, revision },
-                audit,
-                pending_windows: Vec::new(),
-            }),
+            fleet: inner.fleet().cloned(),
+            inner: Mutex::new(inner),
         })
     }
 
@@ -694,6 +720,7 @@ impl Writer {
         self.swapped.notify_waiters();
         inner.window = Window::open(&table, Some(&inner.window));
         inner.state = state;
+        inner.cache_fleet_state();
     }
 
     pub fn set_canary_status(&self, route: &str, status: Option<Value>) {
@@ -794,6 +821,31 @@ impl Writer {
 }
 
 impl Inner {
+    fn fleet(&self) -> Option<&Arc<Fleet>> {
+        match &self.store {
+            Store::Fleet { fleet, .. } => Some(fleet),
+            Store::File(_) => None,
+        }
+    }
+
+    /// Fleet mode: keeps the state this replica routes by in its state directory, so that a
+    /// restart while etcd is away serves it instead of nothing. etcd holds the fleet's state;
+    /// this copy is only read at a start that cannot reach etcd, and a failure to write it is
+    /// only worth a warning.
+    fn cache_fleet_state(&self) {
+        if self.fleet().is_none() {
+            return;
+        }
+        let body = StateBody {
+            format: STATE_FORMAT,
+            state: self.state.clone(),
+            audit_head: None,
+        };
+        if let Err(e) = StateStore::new(&self.config.state_dir).save(&body) {
+            tracing::warn!(error = %e, "cannot keep a copy of the fleet's routing state for a start without etcd");
+        }
+    }
+
     /// Makes `state` durable with the audit record of `entry`, then appends the record locally.
     /// Nothing is written when this fails. `fenced`: only while this replica leads the canary.
     async fn persist(
