@@ -493,6 +493,12 @@ fn audit_verify(file: &std::path::Path, state: Option<&std::path::Path>) -> Exit
     match verify(file, head.as_ref()) {
         Ok(count) => {
             match &state_path {
+                // A fleet replica's cached state names no head: the chain's is in etcd.
+                Some(p) if head.is_none() => println!(
+                    "{}: {count} records, chain intact ({} records no head to check the tail against)",
+                    file.display(),
+                    p.display()
+                ),
                 Some(p) => println!(
                     "{}: {count} records, chain intact, ends at the head recorded in {}",
                     file.display(),
