@@ -927,8 +927,9 @@ async fn the_leader_compacts_etcd_and_followers_stay_current_and_quiet() {
 
 /// A replica whose config cannot build the fleet's state (another replica reloaded a config
 /// that routes to a version this one does not know) keeps its older table, but says so: it
-/// turns unready with the reason, `weir_fleet_state_applied` drops to 0, and `/v1/routes` shows
-/// it. Once its own config catches up (reload), it applies the state and is ready again.
+/// turns unready with the reason, `weir_fleet_state_applied` drops to 0, `/v1/routes` shows
+/// it, and it leaves the canary seat to a replica that can. Once its own config catches up
+/// (reload), it applies the state and is ready again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_that_cannot_apply_the_fleet_state_says_so_and_turns_unready() {
     let fleet = Fleet::start("cannot-apply", 2, &routes("", ""), Run::Processes).await;
@@ -945,19 +946,32 @@ async fn a_replica_that_cannot_apply_the_fleet_state_says_so_and_turns_unready()
         );
         std::fs::write(path, text).unwrap();
     };
-    let (r1, r2) = (&fleet.replicas[0], &fleet.replicas[1]);
-    with_v3(&fleet.work.path().join("r1.toml"));
-    let reply = r1.reload().await;
-    assert_eq!(reply.status, StatusCode::OK, "r1 reload: {}", reply.text());
-    assert_eq!(route_of(&r1.routes().await)["candidate"], "chat@v3");
+    // The canary leader is the one left behind: it must also leave its seat.
+    fleet.settle().await;
+    let leader = fleet.leaders().await;
+    let stuck_at = fleet
+        .replicas
+        .iter()
+        .position(|r| r.name == leader[0])
+        .unwrap();
+    let (stuck, ahead) = (&fleet.replicas[stuck_at], &fleet.replicas[1 - stuck_at]);
+    with_v3(&fleet.work.path().join(format!("{}.toml", ahead.name)));
+    let reply = ahead.reload().await;
+    assert_eq!(
+        reply.status,
+        StatusCode::OK,
+        "ahead reload: {}",
+        reply.text()
+    );
+    assert_eq!(route_of(&ahead.routes().await)["candidate"], "chat@v3");
 
     eventually!(
         DEADLINE,
-        r2.readyz().await == 503,
-        "r2 stays ready on a state it cannot apply: {}",
-        r2.readyz_at("/readyz").await.text()
+        stuck.readyz().await == 503,
+        "stuck stays ready on a state it cannot apply: {}",
+        stuck.readyz_at("/readyz").await.text()
     );
-    let ready = r2.readyz_at("/readyz?exclude=etcd").await;
+    let ready = stuck.readyz_at("/readyz?exclude=etcd").await;
     assert_eq!(
         ready.status,
         StatusCode::SERVICE_UNAVAILABLE,
@@ -973,33 +987,45 @@ async fn a_replica_that_cannot_apply_the_fleet_state_says_so_and_turns_unready()
         "the check names the version it lacks: {}",
         ready.text()
     );
-    assert_eq!(r2.metric("weir_fleet_state_applied").await, Some(0.0));
-    assert_eq!(r1.metric("weir_fleet_state_applied").await, Some(1.0));
+    assert_eq!(stuck.metric("weir_fleet_state_applied").await, Some(0.0));
+    assert_eq!(ahead.metric("weir_fleet_state_applied").await, Some(1.0));
     assert!(
-        r2.fleet().await["state"]
+        stuck.fleet().await["state"]
             .as_str()
             .is_some_and(|s| s.starts_with("cannot apply")),
         "{}",
-        r2.fleet().await
+        stuck.fleet().await
     );
     assert_eq!(
-        route_of(&r2.routes().await)["candidate"],
+        route_of(&stuck.routes().await)["candidate"],
         "chat@v2",
-        "r2 keeps the table it had"
+        "stuck keeps the table it had"
     );
 
-    with_v3(&fleet.work.path().join("r2.toml"));
-    let reply = r2.reload().await;
-    assert_eq!(reply.status, StatusCode::OK, "r2 reload: {}", reply.text());
     eventually!(
         DEADLINE,
-        r2.readyz_at("/readyz").await.status == StatusCode::OK,
-        "r2 never applied the state after its reload: {}",
-        r2.readyz_at("/readyz").await.text()
+        fleet.leaders().await == [ahead.name.clone()],
+        "the canary seat stayed with the replica that cannot apply the state: leaders {:?}",
+        fleet.leaders().await
     );
-    assert_eq!(route_of(&r2.routes().await)["candidate"], "chat@v3");
-    assert_eq!(r2.metric("weir_fleet_state_applied").await, Some(1.0));
-    assert_eq!(r2.fleet().await["state"], "current");
+
+    with_v3(&fleet.work.path().join(format!("{}.toml", stuck.name)));
+    let reply = stuck.reload().await;
+    assert_eq!(
+        reply.status,
+        StatusCode::OK,
+        "stuck reload: {}",
+        reply.text()
+    );
+    eventually!(
+        DEADLINE,
+        stuck.readyz_at("/readyz").await.status == StatusCode::OK,
+        "stuck never applied the state after its reload: {}",
+        stuck.readyz_at("/readyz").await.text()
+    );
+    assert_eq!(route_of(&stuck.routes().await)["candidate"], "chat@v3");
+    assert_eq!(stuck.metric("weir_fleet_state_applied").await, Some(1.0));
+    assert_eq!(stuck.fleet().await["state"], "current");
 }
 
 /// A replica restarted while etcd is down starts from the state it last routed by (kept in its

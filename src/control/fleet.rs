@@ -552,6 +552,20 @@ impl Fleet {
         }
     }
 
+    /// Gives the seat up, keeping the lease (and the counters on it): a replica that cannot apply
+    /// the fleet's state cannot run its canaries, and another one takes over at once.
+    pub async fn step_down(&self, why: &str) {
+        let Some(seat) = lock(&self.leader).take() else {
+            return;
+        };
+        tracing::warn!("leaving the canary controller's seat to another replica: {why}");
+        let mut election = self.client.election_client();
+        let options = etcd_client::ResignOptions::new().with_leader(seat);
+        let _ = self
+            .call("resign the canary seat", election.resign(Some(options)))
+            .await;
+    }
+
     /// Gives the seat up on shutdown so another replica takes over at once, not after the TTL.
     pub async fn resign(&self) {
         let lease = lock(&self.lease).take();
@@ -703,6 +717,22 @@ pub async fn lead(writer: Arc<Writer>, mut stop: watch::Receiver<bool>) {
         return;
     };
     loop {
+        // A replica that cannot apply the fleet's state would judge and change a state it does
+        // not route by: it leaves the seat to the others until it can.
+        let can_lead = async {
+            while fleet.apply_problem().is_some() {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        };
+        let cannot_lead = async {
+            while fleet.apply_problem().is_none() {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        };
+        tokio::select! {
+            _ = can_lead => {}
+            _ = stopped(&mut stop) => break,
+        }
         let held = async {
             let lease = fleet.lease().await?;
             let seat = async {
@@ -720,6 +750,10 @@ pub async fn lead(writer: Arc<Writer>, mut stop: watch::Receiver<bool>) {
                     Ok(())
                 }
                 result = seat => result,
+                _ = cannot_lead => {
+                    fleet.step_down("it cannot apply the fleet's routing state").await;
+                    Ok(())
+                }
             }
         };
         tokio::select! {
