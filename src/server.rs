@@ -62,6 +62,32 @@ pub struct Running {
     tls: Vec<(crate::config::TlsConfig, TlsConfigCell)>,
 }
 
+/// Closes pooled upstream connections idle longer than `max_idle` (or closed by their backend),
+/// for every version the writer has built, every half `max_idle`, until `stop`.
+async fn reap_idle_connections(
+    writer: Arc<Writer>,
+    max_idle: std::time::Duration,
+    mut stop: watch::Receiver<bool>,
+) {
+    use std::time::Duration;
+    let every = (max_idle / 2).clamp(Duration::from_millis(100), Duration::from_secs(30));
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = listener::stopped(&mut stop) => return,
+        }
+        let mut closed = 0;
+        for version in writer.versions().await {
+            for backend in version.backends.iter() {
+                closed += backend.pool.reap(max_idle);
+            }
+        }
+        if closed > 0 {
+            tracing::debug!(closed, "closed idle upstream connections");
+        }
+    }
+}
+
 async fn bind(
     what: &'static str,
     addr: SocketAddr,
@@ -196,6 +222,11 @@ impl Server {
         if config.identity.is_some() {
             tokio::spawn(identity::run(Arc::clone(&writer), prober, stop_rx.clone()));
         }
+        tokio::spawn(reap_idle_connections(
+            Arc::clone(&writer),
+            config.proxy.pool_idle_timeout,
+            stop_rx.clone(),
+        ));
         if config.routes.iter().any(|r| r.canary.is_some()) || config.source.is_some() {
             // Reloads may add a canary policy, so a file-based weir always runs the controller.
             tokio::spawn(crate::control::canary::run(

@@ -726,6 +726,41 @@ async fn closing_backend() -> (WireBackend, Arc<AtomicUsize>) {
     (backend, closed)
 }
 
+/// A pooled upstream connection idle longer than `pool_idle_timeout` is closed by weir even
+/// when no request comes to take it (a backend that gets no more traffic, such as a rolled-back
+/// candidate's), instead of staying open for as long as weir runs.
+#[tokio::test]
+async fn idle_pooled_connections_are_closed_after_the_pool_idle_timeout_without_traffic() {
+    let closed_by_weir = Arc::new(AtomicUsize::new(0));
+    let counter = closed_by_weir.clone();
+    let backend = WireBackend::start(move |mut wire, index| {
+        let closed = counter.clone();
+        async move {
+            // Keep-alive: answer every request until weir closes the connection.
+            while let Ok(req) = wire.request().await {
+                let answer = format!("connection {index}: {} bytes", req.body.len());
+                if wire.send(ok(answer)).await.is_err() {
+                    return;
+                }
+            }
+            closed.fetch_add(1, Ordering::SeqCst);
+        }
+    })
+    .await;
+    let weir = weir_with("[proxy]\npool_idle_timeout = \"300ms\"\n", &backend.url()).await;
+    let mut client = Wire::connect(weir.proxy).await;
+    client.write(get_request("/v1/x")).await;
+    assert_eq!(client.response().await.text(), "connection 0: 0 bytes");
+    assert_eventually!(closed_by_weir.load(Ordering::SeqCst) == 1);
+    client.write(get_request("/v1/x")).await;
+    assert_eq!(
+        client.response().await.text(),
+        "connection 1: 0 bytes",
+        "the next request opens a new connection"
+    );
+    assert_eq!(backend.accepted(), 2);
+}
+
 #[tokio::test]
 async fn a_pooled_connection_the_backend_closed_is_replaced_without_an_error() {
     let (backend, closed) = closing_backend().await;

@@ -32,6 +32,11 @@ impl VersionSet {
         }
     }
 
+    /// Every version built so far, routed to now or not.
+    pub fn all(&self) -> impl Iterator<Item = &Arc<Version>> {
+        self.versions.values()
+    }
+
     fn get_or_create(&mut self, config: &Config, label: &str) -> Option<Arc<Version>> {
         let wanted = config.version(label)?;
         let reuse = self.versions.get(label).filter(|v| v.same_as(wanted));

@@ -412,6 +412,12 @@ impl Writer {
         })
     }
 
+    /// Every upstream version this weir has built, including ones no route sends traffic to
+    /// any more (their backends' connection pools still need reaping).
+    pub async fn versions(&self) -> Vec<Arc<crate::data::upstream::Version>> {
+        self.inner.lock().await.versions.all().cloned().collect()
+    }
+
     /// Fleet mode: the connection to etcd.
     pub fn fleet(&self) -> Option<&Arc<Fleet>> {
         self.fleet.as_ref()

@@ -770,6 +770,26 @@ impl Pool {
         None
     }
 
+    /// Closes the idle connections older than `max_idle` or closed by the backend, keeping the
+    /// rest in order; returns how many it closed. Checkouts do the same on their way, but a
+    /// backend that gets no traffic (a rolled-back candidate) has none: without this its
+    /// connections would sit open, or half-closed by the backend, for as long as weir runs.
+    pub fn reap(&self, max_idle: Duration) -> usize {
+        let mut closed = 0;
+        for _ in 0..self.idle.len() {
+            let Some(conn) = self.idle.pop() else {
+                break;
+            };
+            if conn.idle_since.elapsed() < max_idle && still_open(&conn.stream) {
+                // Full only if checkins raced in meanwhile: then this one goes.
+                closed += usize::from(self.idle.push(conn).is_err());
+            } else {
+                closed += 1;
+            }
+        }
+        closed
+    }
+
     fn put(&self, mut conn: Upstream, max: usize) {
         if self.idle.len() < max {
             conn.idle_since = Instant::now();
