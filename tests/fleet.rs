@@ -777,6 +777,38 @@ async fn a_commit_etcd_applied_but_answered_late_is_reported_applied() {
         vec![record.line.clone()],
         "the audit record went with it"
     );
+
+    // When etcd stays silent through the commit, its re-send and the check, nobody can tell:
+    // the caller hears "not confirmed", never "not applied" (and here it was applied).
+    let second = Prepared {
+        seq: 2,
+        hash: "h2".into(),
+        line: r#"{"seq":2,"action":"set_weight"}"#.into(),
+    };
+    let mut body = body;
+    body.state.generation = 2;
+    relay.hold(true);
+    let commit = tokio::spawn({
+        let fleet = Arc::clone(&fleet);
+        let record = second.clone();
+        async move { fleet.commit(revision, &body, &record, false).await }
+    });
+    let outcome = commit.await.unwrap();
+    relay.hold(false);
+    match outcome {
+        Err(e @ weir::control::fleet::FleetError::Unconfirmed { .. }) => {
+            assert!(e.to_string().contains("did not confirm"), "{e}")
+        }
+        other => panic!("a commit etcd never answered: {other:?}"),
+    }
+    eventually!(
+        DEADLINE,
+        fleet
+            .load()
+            .await
+            .is_ok_and(|s| s.is_some_and(|s| s.body.state.generation == 2)),
+        "the unconfirmed change was in fact applied"
+    );
 }
 
 /// A replica joining a fleet whose audit chain has grown past what one gRPC answer carries
