@@ -64,9 +64,39 @@ trap 'exit 130' INT TERM
 "${LOAD_CPU[@]}" $BIN --log-level warn demo-backend --listen $B1 --model chat --version v1 --token-delay 2ms & pids+=($!)
 "${LOAD_CPU[@]}" $BIN --log-level warn demo-backend --listen $B2 --model chat --version v2 --token-delay 2ms & pids+=($!)
 
+# weir from a config file: the same 90/10 split as quick mode, with client keep-alive connections
+# kept idle as long as nginx (keepalive_timeout) and HAProxy (timeout client) keep theirs, 120 s,
+# so the idle-connection test measures all three on the same terms. ARGS: FILE LISTEN ADMIN STATE
+# [TLS table lines].
+weir_config() {
+  cat >"$1" <<EOF
+[listener]
+addr = "$2"
+header_read_timeout = "120s"
+${5:-}
+[admin]
+addr = "$3"
+[state]
+dir = "$4"
+[[versions]]
+model = "chat"
+version = "v1"
+backends = ["http://$B1"]
+[[versions]]
+model = "chat"
+version = "v2"
+backends = ["http://$B2"]
+[[routes]]
+name = "default"
+stable = "chat@v1"
+candidate = "chat@v2"
+weight = "10%"
+EOF
+}
+
 mkdir -p "$work/state" "$work/nginx/logs"
-"${PROXY_CPU[@]}" $BIN --log-level warn serve --stable chat@v1=http://$B1 --candidate chat@v2=http://$B2 \
-  --weight 10% --listen $WEIR --admin $ADMIN --state-dir "$work/state" & pids+=($!)
+weir_config "$work/weir.toml" $WEIR $ADMIN "$work/state"
+"${PROXY_CPU[@]}" $BIN --log-level warn serve --config "$work/weir.toml" & pids+=($!)
 weir_pid=$!
 
 # TLS terminated by each proxy (one self-signed P-256 certificate for all three). weir serves TLS
@@ -78,9 +108,11 @@ if [ "$TLS" = 1 ]; then
     -addext subjectAltName=IP:127.0.0.1 -keyout "$work/key.pem" -out "$work/cert.pem" 2>/dev/null
   cat "$work/cert.pem" "$work/key.pem" >"$work/haproxy.pem"
   mkdir -p "$work/state-tls"
-  "${PROXY_CPU[@]}" $BIN --log-level warn serve --stable chat@v1=http://$B1 --candidate chat@v2=http://$B2 \
-    --weight 10% --listen $WEIR_TLS --admin $ADMIN_TLS --state-dir "$work/state-tls" \
-    --tls-cert "$work/cert.pem" --tls-key "$work/key.pem" & pids+=($!)
+  weir_config "$work/weir-tls.toml" $WEIR_TLS $ADMIN_TLS "$work/state-tls" \
+    "[listener.tls]
+cert = \"$work/cert.pem\"
+key = \"$work/key.pem\""
+  "${PROXY_CPU[@]}" $BIN --log-level warn serve --config "$work/weir-tls.toml" & pids+=($!)
   weir_tls_pid=$!
   NGINX_TLS_SERVER="server { listen $NGINX_TLS ssl; ssl_certificate $work/cert.pem; ssl_certificate_key $work/key.pem;
     location / { proxy_pass http://\$backend; proxy_http_version 1.1; proxy_set_header Connection \"\"; } }"
