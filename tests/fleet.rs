@@ -1617,6 +1617,13 @@ async fn replicas_serve_the_last_table_while_etcd_is_down_and_converge_when_it_i
         "the 503 says etcd is the problem: {}",
         refused.text()
     );
+    assert_eq!(
+        fleet.replicas[1]
+            .metric("weir_route_weight_basis_points")
+            .await,
+        Some(5_000.0),
+        "the refused weight never shows as the route's weight"
+    );
 
     // Every replica notices, says so, and stops being ready.
     for r in &fleet.replicas {

@@ -92,7 +92,6 @@ pub fn build_table(
             }
             _ => None,
         };
-        metrics.set_weight(&r.name, weight);
         routes.push(Route {
             name: r.name.as_str().into(),
             prefix: r.prefix.clone(),
