@@ -43,7 +43,11 @@ impl VersionSet {
         if let Some(v) = reuse {
             return Some(Arc::clone(v));
         }
-        let v = Arc::new(Version::from_config(wanted, !self.probing));
+        let v = Arc::new(Version::from_config(
+            wanted,
+            !self.probing,
+            config.proxy.pool_max_idle_per_backend,
+        ));
         self.versions.insert(label.to_string(), Arc::clone(&v));
         Some(v)
     }

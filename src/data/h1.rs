@@ -750,11 +750,11 @@ impl std::fmt::Debug for Pool {
 }
 
 impl Pool {
-    pub const CAPACITY: usize = 1024;
-
-    pub fn new() -> Pool {
+    /// A pool holding at most `capacity` idle connections (`proxy.pool_max_idle_per_backend`);
+    /// its slots are allocated up front, so it is sized by that setting, not by a constant.
+    pub fn new(capacity: usize) -> Pool {
         Pool {
-            idle: crossbeam_queue::ArrayQueue::new(Pool::CAPACITY),
+            idle: crossbeam_queue::ArrayQueue::new(capacity.max(1)),
         }
     }
 
@@ -798,12 +798,6 @@ impl Pool {
             }
             let _ = self.idle.push(conn);
         }
-    }
-}
-
-impl Default for Pool {
-    fn default() -> Pool {
-        Pool::new()
     }
 }
 

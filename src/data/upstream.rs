@@ -63,8 +63,9 @@ fn now_millis() -> u64 {
 }
 
 impl Version {
-    /// A version whose backends start out verified (`verified`) or waiting for an identity probe.
-    pub fn from_config(config: &VersionConfig, verified: bool) -> Version {
+    /// A version whose backends start out verified (`verified`) or waiting for an identity probe,
+    /// each keeping at most `pool_max_idle` idle connections for the fast path.
+    pub fn from_config(config: &VersionConfig, verified: bool, pool_max_idle: usize) -> Version {
         let label = config.label();
         let backends: Box<[Backend]> = config
             .backends
@@ -82,7 +83,7 @@ impl Version {
                     in_flight: AtomicUsize::new(0),
                     ejected_until: AtomicU64::new(0),
                     verified: AtomicBool::new(verified),
-                    pool: Arc::new(super::h1::Pool::new()),
+                    pool: Arc::new(super::h1::Pool::new(pool_max_idle)),
                 }
             })
             .collect();
@@ -225,6 +226,7 @@ mod tests {
                 balance,
             },
             true,
+            4,
         ))
     }
 
