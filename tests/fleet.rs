@@ -1040,6 +1040,28 @@ async fn a_replica_that_cannot_apply_the_fleet_state_says_so_and_turns_unready()
         "the canary seat stayed with the replica that cannot apply the state: leaders {:?}",
         fleet.leaders().await
     );
+    // It keeps its lease while it waits: its published counters stay, on the same lease, well
+    // past the lease's TTL (a new lease would restart its counts in the leader's window).
+    let mut etcd = etcd_client::Client::connect([fleet.etcd.url()], None)
+        .await
+        .expect("connect to etcd");
+    let counters_key = format!("{}/counters/{}", fleet.prefix, stuck.name);
+    let mut lease_of_counters = async || {
+        let mut got = etcd.get(counters_key.as_str(), None).await.unwrap();
+        got.take_kvs().first().map(|kv| kv.lease())
+    };
+    let before = lease_of_counters().await;
+    assert!(
+        before.is_some_and(|l| l != 0),
+        "{} publishes its counters on a lease",
+        stuck.name
+    );
+    tokio::time::sleep(LEASE_TTL * 3).await;
+    assert_eq!(
+        lease_of_counters().await,
+        before,
+        "the replica that left the seat let its lease lapse"
+    );
 
     with_v3(&fleet.work.path().join(format!("{}.toml", stuck.name)));
     let reply = stuck.reload().await;

@@ -716,44 +716,46 @@ pub async fn lead(writer: Arc<Writer>, mut stop: watch::Receiver<bool>) {
     let Some(fleet) = writer.fleet().cloned() else {
         return;
     };
-    loop {
-        // A replica that cannot apply the fleet's state would judge and change a state it does
-        // not route by: it leaves the seat to the others until it can.
-        let can_lead = async {
-            while fleet.apply_problem().is_some() {
+    // A replica that cannot apply the fleet's state would judge and change a state it does not
+    // route by: it leaves the seat (or its place in the queue) to the others until it can. Its
+    // lease is kept alive meanwhile: the counters it publishes on it must not lapse.
+    let problem = |present: bool| {
+        let fleet = Arc::clone(&fleet);
+        async move {
+            while fleet.apply_problem().is_some() != present {
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
-        };
-        let cannot_lead = async {
-            while fleet.apply_problem().is_none() {
-                tokio::time::sleep(Duration::from_millis(500)).await;
-            }
-        };
-        tokio::select! {
-            _ = can_lead => {}
-            _ = stopped(&mut stop) => break,
         }
+    };
+    loop {
         let held = async {
             let lease = fleet.lease().await?;
             let seat = async {
-                fleet.campaign(lease).await?;
-                tracing::info!(
-                    replica = fleet.replica(),
-                    "this replica now runs the canary controller"
-                );
-                writer.metrics().set_fleet(true, fleet.is_up());
-                std::future::pending::<Result<(), FleetError>>().await
+                loop {
+                    problem(false).await;
+                    tokio::select! {
+                        campaigned = fleet.campaign(lease) => campaigned?,
+                        // Dropping the campaign withdraws it (etcd resigns a cancelled one).
+                        _ = problem(true) => continue,
+                    }
+                    tracing::info!(
+                        replica = fleet.replica(),
+                        "this replica now runs the canary controller"
+                    );
+                    writer.metrics().set_fleet(true, fleet.is_up());
+                    problem(true).await;
+                    fleet
+                        .step_down("it cannot apply the fleet's routing state")
+                        .await;
+                    writer.metrics().set_fleet(false, fleet.is_up());
+                }
             };
             tokio::select! {
                 _ = fleet.keep_lease(lease) => {
                     fleet.lost_leadership("its etcd lease lapsed or could not be renewed");
-                    Ok(())
+                    Ok::<(), FleetError>(())
                 }
                 result = seat => result,
-                _ = cannot_lead => {
-                    fleet.step_down("it cannot apply the fleet's routing state").await;
-                    Ok(())
-                }
             }
         };
         tokio::select! {
