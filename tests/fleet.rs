@@ -1091,6 +1091,13 @@ async fn a_replica_restarted_while_etcd_is_down_serves_its_last_state_and_joins_
     let keys = sticky_keys(16);
     let (generation, versions) = fleet.at_half(&keys).await;
 
+    let starts = |r: &Replica| {
+        r.audit()
+            .iter()
+            .filter(|rec| rec["action"] == "start" && rec["replica"] == r.name.as_str())
+            .count()
+    };
+    let started_before = starts(&fleet.replicas[1]);
     fleet.etcd.stop();
     fleet.replicas[1].kill().await;
     let config = fleet.work.path().join("r2.toml");
@@ -1132,8 +1139,15 @@ async fn a_replica_restarted_while_etcd_is_down_serves_its_last_state_and_joins_
         "the restarted replica never reached etcd: {}",
         fleet.replicas[1].fleet().await
     );
-    let accepted = fleet.put_weight_once_etcd_is_back(0, "70%").await;
+    // A change through the restarted replica itself: it joins first (its start recorded now),
+    // then commits on the fleet's state.
+    let accepted = fleet.put_weight_once_etcd_is_back(1, "70%").await;
     let recovered = generation_of(&accepted);
+    assert_eq!(
+        starts(&fleet.replicas[1]),
+        started_before + 1,
+        "the restarted replica recorded its start when it joined"
+    );
     eventually!(
         DEADLINE,
         fleet.agree_on(recovered, 7_000).await,

@@ -318,76 +318,52 @@ impl Writer {
             let shared = match fleet.load().await {
                 Ok(shared) => shared,
                 // etcd away at start: serve the state this replica last routed by, as a running
-                // replica would, and join when etcd answers (`follow` catches up from revision 0).
+                // replica would, and join when etcd answers (the first catch-up does).
                 Err(unreachable @ FleetError::Unavailable { .. }) => {
-                    let cached = cache.load().map_err(OpenError::State)?;
+                    // Only this replica's own cache: no head of a file-mode chain, beside a copy
+                    // of a fleet's chain (or none yet).
+                    let cached = cache.load().map_err(OpenError::State)?.filter(|c| {
+                        c.audit_head.is_none() && (audit.is_fleet_copy() || audit.next_seq() == 1)
+                    });
                     let Some(cached) = cached else {
                         return Err(unreachable.into());
                     };
-                    let state = cached.state;
-                    check_pins_at_start(&config, &metrics, &state, Some(&state))?;
+                    let (routes, notes) = reconcile(&config, Some(&cached.state));
+                    let state = RoutingState {
+                        generation: cached.state.generation,
+                        routes,
+                    };
+                    check_pins_at_start(&config, &metrics, &state, Some(&cached.state))?;
                     let mut versions = VersionSet::new(config.identity.is_some());
                     let table = build_table(&config, &state, &metrics, &mut versions)
                         .map_err(OpenError::Table)?;
+                    for note in &notes {
+                        tracing::warn!(route = %note.route, outcome = note.outcome, "{}", note.detail);
+                    }
                     tracing::warn!(
                         error = %unreachable,
                         generation = state.generation,
                         cache = %cache.path().display(),
                         "etcd is unreachable at start: serving the routing state this replica last applied; changes are refused until etcd answers"
                     );
-                    break (state, 0, versions, table);
+                    break (state, NOT_JOINED, versions, table);
                 }
                 Err(e) => return Err(e.into()),
             };
-            match &shared {
-                Some(shared) => fill_audit(&mut audit, &fleet, &shared.body).await?,
-                None if audit.next_seq() > 1 => {
-                    return Err(OpenError::Audit(AuditError::HeadMismatch {
-                        path: audit.path().to_path_buf(),
-                        detail: format!(
-                            "it holds {} records but the fleet at {} has none: it is another weir's history. \
-                             Move it aside (or use a fresh [state] dir) to join the fleet",
-                            audit.next_seq() - 1,
-                            fleet.config().prefix
-                        ),
-                    }))
-                }
-                None => {}
-            }
-            let previous = shared.as_ref().map(|s| &s.body.state);
-            let (routes, notes) = reconcile(&config, previous);
-            let changed = previous.is_none_or(|p| p.routes != routes);
-            let state = RoutingState {
-                generation: previous.map_or(0, |p| p.generation) + u64::from(changed),
-                routes,
-            };
-            check_pins_at_start(&config, &metrics, &state, previous)?;
             let mut versions = VersionSet::new(config.identity.is_some());
-            let table =
-                build_table(&config, &state, &metrics, &mut versions).map_err(OpenError::Table)?;
-            let prepared = start_record(&audit, previous, &state, &notes);
-            let body = StateBody {
-                format: STATE_FORMAT,
-                state: state.clone(),
-                audit_head: Some(prepared.head()),
-            };
-            let expected = shared.as_ref().map_or(0, |s| s.revision);
-            match fleet.commit(expected, &body, &prepared, false).await {
-                Ok(revision) => {
-                    audit.append(&prepared)?;
-                    for note in &notes {
-                        tracing::warn!(route = %note.route, outcome = note.outcome, "{}", note.detail);
-                    }
-                    tracing::info!(
-                        generation = state.generation,
-                        prefix = %fleet.config().prefix,
-                        replica = fleet.replica(),
-                        "joined the fleet's routing state in etcd"
-                    );
-                    break (state, revision, versions, table);
-                }
-                Err(FleetError::Stale) if attempt < 5 => continue,
-                Err(e) => return Err(e.into()),
+            let joined = join(
+                &config,
+                &metrics,
+                &fleet,
+                &mut audit,
+                &mut versions,
+                shared.as_ref(),
+            )
+            .await;
+            match joined {
+                Ok((state, revision, table)) => break (state, revision, versions, table),
+                Err(OpenError::Fleet(FleetError::Stale)) if attempt < 5 => continue,
+                Err(e) => return Err(e),
             }
         };
         let table = Arc::new(table);
@@ -498,6 +474,9 @@ impl Writer {
         if shared.revision == *revision {
             return Ok(shared.read_at);
         }
+        if *revision == NOT_JOINED {
+            return self.join_late(inner, &fleet, &shared).await;
+        }
         fill_audit(&mut inner.audit, &fleet, &shared.body)
             .await
             .map_err(|e| match e {
@@ -524,6 +503,38 @@ impl Writer {
             *revision = shared.revision;
         }
         Ok(shared.read_at)
+    }
+
+    /// Fleet mode: the join a replica that started without etcd could not do then (see
+    /// [`join`]), on the first state etcd gives it; the window it served meanwhile is recorded.
+    async fn join_late(
+        &self,
+        inner: &mut Inner,
+        fleet: &Fleet,
+        shared: &super::fleet::Shared,
+    ) -> Result<i64, CommandError> {
+        let joined = join(
+            &inner.config,
+            &self.metrics,
+            fleet,
+            &mut inner.audit,
+            &mut inner.versions,
+            Some(shared),
+        )
+        .await;
+        let (state, revision, table) = joined.map_err(|e| match e {
+            OpenError::Fleet(e) => CommandError::from(e),
+            e => CommandError::CannotApply(e.to_string()),
+        })?;
+        inner.pending_windows.push(inner.window.close());
+        self.swap(inner, table, state);
+        if let Store::Fleet {
+            revision: applied, ..
+        } = &mut inner.store
+        {
+            *applied = revision;
+        }
+        Ok(shared.read_at.max(revision))
     }
 
     /// The live table, shared with the data path.
@@ -925,6 +936,65 @@ fn fresh_config(current: &Config) -> Result<Config, CommandError> {
     let mut fresh = Config::from_file(path).map_err(CommandError::InvalidConfig)?;
     fresh.admin.token = current.admin.token.clone();
     Ok(fresh)
+}
+
+/// `Store::Fleet`'s revision while a replica that started without etcd has not joined yet: no
+/// state key ever has it, so a commit then is always stale and catches up (joining) first.
+const NOT_JOINED: i64 = -1;
+
+/// Fleet mode: joins the fleet's state `shared` (`None` when this is the first replica): fills
+/// the local audit copy, merges `config` into the state, builds its table and commits it with
+/// this replica's `start` record. Returns the state, its revision and table; a replica that
+/// committed first makes this [`FleetError::Stale`] (read again and retry).
+async fn join(
+    config: &Config,
+    metrics: &Metrics,
+    fleet: &Fleet,
+    audit: &mut AuditLog,
+    versions: &mut VersionSet,
+    shared: Option<&super::fleet::Shared>,
+) -> Result<(RoutingState, i64, RoutingTable), OpenError> {
+    match shared {
+        Some(shared) => fill_audit(audit, fleet, &shared.body).await?,
+        None if audit.next_seq() > 1 => return Err(OpenError::Audit(AuditError::HeadMismatch {
+            path: audit.path().to_path_buf(),
+            detail: format!(
+                "it holds {} records but the fleet at {} has none: it is another weir's history. \
+                     Move it aside (or use a fresh [state] dir) to join the fleet",
+                audit.next_seq() - 1,
+                fleet.config().prefix
+            ),
+        })),
+        None => {}
+    }
+    let previous = shared.map(|s| &s.body.state);
+    let (routes, notes) = reconcile(config, previous);
+    let changed = previous.is_none_or(|p| p.routes != routes);
+    let state = RoutingState {
+        generation: previous.map_or(0, |p| p.generation) + u64::from(changed),
+        routes,
+    };
+    check_pins_at_start(config, metrics, &state, previous)?;
+    let table = build_table(config, &state, metrics, versions).map_err(OpenError::Table)?;
+    let prepared = start_record(audit, previous, &state, &notes);
+    let body = StateBody {
+        format: STATE_FORMAT,
+        state: state.clone(),
+        audit_head: Some(prepared.head()),
+    };
+    let expected = shared.map_or(0, |s| s.revision);
+    let revision = fleet.commit(expected, &body, &prepared, false).await?;
+    audit.append(&prepared)?;
+    for note in &notes {
+        tracing::warn!(route = %note.route, outcome = note.outcome, "{}", note.detail);
+    }
+    tracing::info!(
+        generation = state.generation,
+        prefix = %fleet.config().prefix,
+        replica = fleet.replica(),
+        "joined the fleet's routing state in etcd"
+    );
+    Ok((state, revision, table))
 }
 
 /// The `start` record: the state found, the state served, and why they differ.
