@@ -413,6 +413,10 @@ impl Checker {
     }
 }
 
+/// Largest `proxy.pool_max_idle_per_backend`: far above any backend's useful keep-alive count,
+/// and about 6 MB of slots per backend.
+const MAX_POOL_IDLE: usize = 65_536;
+
 pub(super) fn parse(text: &str) -> Result<Config, Vec<Problem>> {
     let raw: RawConfig = toml::from_str(text).map_err(|e| vec![toml_problem(text, &e)])?;
     let mut c = Checker {
@@ -523,6 +527,15 @@ pub(super) fn parse(text: &str) -> Result<Config, Vec<Problem>> {
             client_key: p.backend_tls.client_key.clone(),
         },
     };
+    if proxy.pool_max_idle_per_backend > MAX_POOL_IDLE {
+        c.problem(
+            "proxy.pool_max_idle_per_backend",
+            format!(
+                "at most {MAX_POOL_IDLE} (each backend's idle slots are allocated up front), got {}",
+                proxy.pool_max_idle_per_backend
+            ),
+        );
+    }
     if proxy.backend_tls.client_cert.is_some() != proxy.backend_tls.client_key.is_some() {
         c.problem(
             "proxy.backend_tls",
@@ -1085,6 +1098,20 @@ mod tests {
         assert_eq!(
             weight.to_string(),
             "routes[1].weight: expected 0..=10000 basis points or a percentage, got \"150%\""
+        );
+    }
+
+    #[test]
+    fn an_unbounded_idle_pool_is_refused() {
+        let problems = parse(&format!(
+            "[proxy]\npool_max_idle_per_backend = 1000000\n{MINIMAL}"
+        ))
+        .unwrap_err();
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert_eq!(problems[0].path, "proxy.pool_max_idle_per_backend");
+        assert!(
+            problems[0].message.contains("at most 65536"),
+            "{problems:?}"
         );
     }
 

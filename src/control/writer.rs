@@ -956,15 +956,17 @@ async fn join(
 ) -> Result<(RoutingState, i64, RoutingTable), OpenError> {
     match shared {
         Some(shared) => fill_audit(audit, fleet, &shared.body).await?,
-        None if audit.next_seq() > 1 => return Err(OpenError::Audit(AuditError::HeadMismatch {
-            path: audit.path().to_path_buf(),
-            detail: format!(
+        None if audit.next_seq() > 1 => {
+            return Err(OpenError::Audit(AuditError::HeadMismatch {
+                path: audit.path().to_path_buf(),
+                detail: format!(
                 "it holds {} records but the fleet at {} has none: it is another weir's history. \
                      Move it aside (or use a fresh [state] dir) to join the fleet",
                 audit.next_seq() - 1,
                 fleet.config().prefix
             ),
-        })),
+            }))
+        }
         None => {}
     }
     let previous = shared.map(|s| &s.body.state);
