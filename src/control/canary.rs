@@ -926,9 +926,6 @@ async fn decide(
         "decision": decision, "version": label, "digest": digest, "weight": route.weight,
         "weight_percent": format_percent(route.weight), "gates": gates,
     });
-    writer
-        .metrics()
-        .count_canary_decision(&route.name, decision);
     writer.set_canary_status(
         &route.name,
         Some(json!({"last_decision": decision, "reason": reason, "evidence": detail.clone()})),
@@ -951,6 +948,10 @@ async fn decide(
         tracing::error!(error = %e, "cannot record the canary decision; not acting on it");
         return false;
     }
+    // Counted once recorded: a decision the audit log does not have was not taken.
+    writer
+        .metrics()
+        .count_canary_decision(&route.name, decision);
     let ramps = config
         .routes
         .iter()
