@@ -719,7 +719,7 @@ pub async fn lead(writer: Arc<Writer>, mut stop: watch::Receiver<bool>) {
     // A replica that cannot apply the fleet's state would judge and change a state it does not
     // route by: it leaves the seat (or its place in the queue) to the others until it can. Its
     // lease is kept alive meanwhile: the counters it publishes on it must not lapse.
-    let problem = |present: bool| {
+    let until_problem_is = |present: bool| {
         let fleet = Arc::clone(&fleet);
         async move {
             while fleet.apply_problem().is_some() != present {
@@ -732,18 +732,18 @@ pub async fn lead(writer: Arc<Writer>, mut stop: watch::Receiver<bool>) {
             let lease = fleet.lease().await?;
             let seat = async {
                 loop {
-                    problem(false).await;
+                    until_problem_is(false).await;
                     tokio::select! {
                         campaigned = fleet.campaign(lease) => campaigned?,
                         // Dropping the campaign withdraws it (etcd resigns a cancelled one).
-                        _ = problem(true) => continue,
+                        _ = until_problem_is(true) => continue,
                     }
                     tracing::info!(
                         replica = fleet.replica(),
                         "this replica now runs the canary controller"
                     );
                     writer.metrics().set_fleet(true, fleet.is_up());
-                    problem(true).await;
+                    until_problem_is(true).await;
                     fleet
                         .step_down("it cannot apply the fleet's routing state")
                         .await;
