@@ -214,6 +214,27 @@ impl Fleet {
         lock(&self.apply_problem).clone()
     }
 
+    /// Records whether the last catch-up applied the fleet's state (`None`) or why not, in
+    /// `weir_fleet_state_applied` too; says so when a problem starts.
+    fn set_apply_problem(&self, metrics: &crate::metrics::Metrics, problem: Option<&str>) {
+        metrics.set_fleet_state_applied(problem.is_none());
+        let mut current = lock(&self.apply_problem);
+        if let (Some(why), None) = (problem, current.as_ref()) {
+            tracing::error!(
+                error = why,
+                "cannot apply the fleet's routing state: this replica routes by an older generation and reports unready until it can"
+            );
+        }
+        *current = problem.map(str::to_string);
+    }
+
+    fn unavailable(&self, detail: String) -> FleetError {
+        FleetError::Unavailable {
+            endpoints: self.config.endpoints.join(","),
+            detail,
+        }
+    }
+
     /// Runs one etcd call with the control-path timeout, tracking reachability.
     async fn call<T, F>(&self, what: &str, call: F) -> Result<T, FleetError>
     where
@@ -236,10 +257,7 @@ impl Fleet {
                     tracing::warn!(error = %detail, "etcd is unreachable: serving the last routing table, changes are refused until it returns");
                 }
                 *lock(&self.last_error) = Some(detail.clone());
-                Err(FleetError::Unavailable {
-                    endpoints: self.config.endpoints.join(","),
-                    detail,
-                })
+                Err(self.unavailable(detail))
             }
         }
     }
@@ -530,10 +548,7 @@ impl Fleet {
         let response = election
             .campaign(self.key("leader"), self.config.replica.clone(), lease)
             .await
-            .map_err(|e| FleetError::Unavailable {
-                endpoints: self.config.endpoints.join(","),
-                detail: format!("campaign: {e}"),
-            })?;
+            .map_err(|e| self.unavailable(format!("campaign: {e}")))?;
         let key = response.leader().cloned().ok_or(FleetError::NotLeader)?;
         *lock(&self.leader) = Some(key);
         Ok(())
@@ -598,14 +613,8 @@ impl Fleet {
         match tokio::time::timeout(OP_TIMEOUT, kv.compact(revision, None)).await {
             Ok(Ok(_)) => Ok(true),
             Ok(Err(e)) if e.to_string().contains("compacted") => Ok(false),
-            Ok(Err(e)) => Err(FleetError::Unavailable {
-                endpoints: self.config.endpoints.join(","),
-                detail: format!("compact: {e}"),
-            }),
-            Err(_) => Err(FleetError::Unavailable {
-                endpoints: self.config.endpoints.join(","),
-                detail: format!("compact: no answer within {OP_TIMEOUT:?}"),
-            }),
+            Ok(Err(e)) => Err(self.unavailable(format!("compact: {e}"))),
+            Err(_) => Err(self.unavailable(format!("compact: no answer within {OP_TIMEOUT:?}"))),
         }
     }
 
@@ -668,21 +677,12 @@ pub async fn follow(writer: Arc<Writer>, mut stop: watch::Receiver<bool>) {
         writer.metrics().set_fleet(fleet.is_leader(), fleet.is_up());
         // Only a state this replica cannot build (or a chain it cannot follow) is a problem of
         // its own; etcd away or busy is reported elsewhere and passes.
-        let applied = match &synced {
-            Ok(_) => Some(None),
-            Err(CommandError::CannotApply(why)) => Some(Some(why.clone())),
-            Err(_) => None,
-        };
-        if let Some(problem) = applied {
-            writer.metrics().set_fleet_state_applied(problem.is_none());
-            let mut current = lock(&fleet.apply_problem);
-            if problem.is_some() && current.is_none() {
-                tracing::error!(
-                    error = problem.as_deref().unwrap_or_default(),
-                    "cannot apply the fleet's routing state: this replica routes by an older generation and reports unready until it can"
-                );
+        match &synced {
+            Ok(_) => fleet.set_apply_problem(writer.metrics(), None),
+            Err(CommandError::CannotApply(why)) => {
+                fleet.set_apply_problem(writer.metrics(), Some(why))
             }
-            *current = problem;
+            Err(_) => {}
         }
         let backoff = match synced {
             Ok(applied) => {

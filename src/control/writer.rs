@@ -479,11 +479,7 @@ impl Writer {
         }
         fill_audit(&mut inner.audit, &fleet, &shared.body)
             .await
-            .map_err(|e| match e {
-                // etcd going away mid-refill is an outage (503), not a broken store.
-                OpenError::Fleet(e) => CommandError::from(e),
-                e => CommandError::CannotApply(e.to_string()),
-            })?;
+            .map_err(cannot_apply)?;
         let state = shared.body.state;
         if state != inner.state {
             let config = fresh.unwrap_or(&inner.config);
@@ -499,9 +495,7 @@ impl Writer {
             inner.pending_windows.push(inner.window.close());
             self.swap(inner, table, state);
         }
-        if let Store::Fleet { revision, .. } = &mut inner.store {
-            *revision = shared.revision;
-        }
+        inner.applied(shared.revision);
         Ok(shared.read_at)
     }
 
@@ -522,18 +516,10 @@ impl Writer {
             Some(shared),
         )
         .await;
-        let (state, revision, table) = joined.map_err(|e| match e {
-            OpenError::Fleet(e) => CommandError::from(e),
-            e => CommandError::CannotApply(e.to_string()),
-        })?;
+        let (state, revision, table) = joined.map_err(cannot_apply)?;
         inner.pending_windows.push(inner.window.close());
         self.swap(inner, table, state);
-        if let Store::Fleet {
-            revision: applied, ..
-        } = &mut inner.store
-        {
-            *applied = revision;
-        }
+        inner.applied(revision);
         Ok(shared.read_at.max(revision))
     }
 
@@ -594,10 +580,7 @@ impl Writer {
         }
         let (routes, new_config, mut notes) = match &change.command {
             Command::Reload => {
-                let fresh = match fresh {
-                    Some(fresh) => fresh.clone(),
-                    None => fresh_config(&inner.config)?,
-                };
+                let fresh = fresh.expect("apply reads the file for a reload").clone();
                 let (routes, notes) = reconcile(&fresh, Some(&inner.state));
                 let notes: Vec<String> = notes
                     .into_iter()
@@ -845,6 +828,13 @@ impl Inner {
         }
     }
 
+    /// Fleet mode: records the revision of the state this replica now routes by.
+    fn applied(&mut self, revision: i64) {
+        if let Store::Fleet { revision: r, .. } = &mut self.store {
+            *r = revision;
+        }
+    }
+
     /// Fleet mode: keeps the state this replica routes by in its state directory, so that a
     /// restart while etcd is away serves it instead of nothing. etcd holds the fleet's state;
     /// this copy is only read at a start that cannot reach etcd, and a failure to write it is
@@ -924,6 +914,15 @@ impl Inner {
     }
 }
 
+/// A failure to fill the audit copy or build the fleet's state: etcd going away meanwhile is an
+/// outage (503); anything else means this replica cannot apply that state.
+fn cannot_apply(e: OpenError) -> CommandError {
+    match e {
+        OpenError::Fleet(e) => CommandError::from(e),
+        e => CommandError::CannotApply(e.to_string()),
+    }
+}
+
 /// The config file re-read for a reload, keeping the admin token (it came from the environment
 /// or a flag, not from the file).
 fn fresh_config(current: &Config) -> Result<Config, CommandError> {
@@ -957,15 +956,16 @@ async fn join(
     match shared {
         Some(shared) => fill_audit(audit, fleet, &shared.body).await?,
         None if audit.next_seq() > 1 => {
-            return Err(OpenError::Audit(AuditError::HeadMismatch {
-                path: audit.path().to_path_buf(),
-                detail: format!(
+            let detail = format!(
                 "it holds {} records but the fleet at {} has none: it is another weir's history. \
-                     Move it aside (or use a fresh [state] dir) to join the fleet",
+                 Move it aside (or use a fresh [state] dir) to join the fleet",
                 audit.next_seq() - 1,
                 fleet.config().prefix
-            ),
-            }))
+            );
+            return Err(OpenError::Audit(AuditError::HeadMismatch {
+                path: audit.path().to_path_buf(),
+                detail,
+            }));
         }
         None => {}
     }
