@@ -698,11 +698,7 @@ async fn local<S: AsyncRead + AsyncWrite + Unpin>(
     out.push(b' ');
     out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
     out.extend_from_slice(b"\r\ncontent-type: application/json\r\n");
-    push_header(
-        &mut out,
-        b"content-length",
-        body.len().to_string().as_bytes(),
-    );
+    let _ = write!(out, "content-length: {}\r\n", body.len());
     if let Some((name, value)) = version_header {
         push_header(&mut out, name.as_str().as_bytes(), value);
     }
@@ -1206,11 +1202,8 @@ pub async fn forward(
         http::Method::GET | http::Method::HEAD | http::Method::OPTIONS | http::Method::TRACE
     );
     if !body.is_empty() || !bodiless {
-        push_header(
-            &mut out,
-            b"content-length",
-            body.len().to_string().as_bytes(),
-        );
+        // Formatted in place: no string per request.
+        let _ = write!(out, "content-length: {}\r\n", body.len());
     }
     out.extend_from_slice(b"\r\n");
     out.extend_from_slice(body);
