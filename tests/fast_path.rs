@@ -1510,8 +1510,8 @@ async fn a_backend_closing_without_an_answer_is_502_reset() {
     assert_error_counted(&weir, "reset").await;
 }
 
-#[tokio::test]
-async fn a_backend_silent_before_its_head_is_504_timeout() {
+/// A backend that takes a request and never answers, behind a weir that waits 300 ms for a head.
+async fn silent_backend_behind_weir() -> (WireBackend, Weir) {
     let backend = WireBackend::start(|mut wire, _| async move {
         if wire.request().await.is_ok() {
             std::future::pending::<()>().await; // holds the connection, says nothing
@@ -1523,6 +1523,12 @@ async fn a_backend_silent_before_its_head_is_504_timeout() {
         &backend.url(),
     )
     .await;
+    (backend, weir)
+}
+
+#[tokio::test]
+async fn a_backend_silent_before_its_head_is_504_timeout() {
+    let (_backend, weir) = silent_backend_behind_weir().await;
     let mut client = Wire::connect(weir.proxy).await;
     client.write(get_request("/v1/x")).await;
     let reply = client.response().await;
@@ -1748,17 +1754,7 @@ async fn a_version_header_from_the_backend_is_replaced_by_weirs() {
 
 #[tokio::test]
 async fn an_http2_request_to_a_backend_silent_before_its_head_is_504_timeout() {
-    let backend = WireBackend::start(|mut wire, _| async move {
-        if wire.request().await.is_ok() {
-            std::future::pending::<()>().await; // holds the connection, says nothing
-        }
-    })
-    .await;
-    let weir = weir_with(
-        "[proxy]\nresponse_header_timeout = \"300ms\"",
-        &backend.url(),
-    )
-    .await;
+    let (_backend, weir) = silent_backend_behind_weir().await;
     let (status, headers, body) = h2_send(&h2_client(), &weir, "GET", "/v1/x", "").await;
     assert_eq!(status, 504, "{body:?}");
     assert_eq!(headers["x-weir-version"], "chat@v1");
