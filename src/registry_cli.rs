@@ -2,6 +2,7 @@
 //! copy on disk. A refused step exits 1 naming the rule and what is missing; with `--state-dir`
 //! every step (refusals included) is recorded in that directory's audit log.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::SystemTime;
@@ -11,7 +12,7 @@ use clap::{Args, Subcommand};
 use serde_json::{json, Value};
 
 use crate::control::audit::Entry;
-use crate::control::state::record_offline;
+use crate::control::state::{record_offline, Promotion, StateStore};
 use crate::registry::{
     check_stage_change, days, diff_manifests, digest::sha256_file, digest_artifact, format_time,
     parse_time, Approval, Dataset, ModelVersion, Reference, Registry, Stage,
@@ -27,7 +28,9 @@ pub struct RegistryArgs {
         default_value = "registry.toml"
     )]
     pub registry: PathBuf,
-    /// Record every step in this state directory's audit log.
+    /// Record every step in this state directory's audit log; `list` and `show` also read its
+    /// routing state, to show the stage a running weir promoted a version to (promotion never
+    /// writes the registry file, which is reviewed input and may be read-only).
     #[arg(long, value_name = "DIR", global = true)]
     pub state_dir: Option<PathBuf>,
     #[command(subcommand)]
@@ -395,6 +398,7 @@ pub fn run(args: RegistryArgs) -> anyhow::Result<ExitCode> {
         }
         RegistryCommand::List => {
             let registry = Registry::load(&path)?;
+            let promoted = runtime_promotions(&args)?;
             println!(
                 "{:<32} {:<11} {:<14} {:<12} approvals",
                 "version", "stage", "sha256", "owner"
@@ -408,14 +412,26 @@ pub fn run(args: RegistryArgs) -> anyhow::Result<ExitCode> {
                     .map(|a| a.role.as_str())
                     .collect::<Vec<_>>()
                     .join(",");
+                let stage = match promoted_over(&promoted, v) {
+                    Some(_) => format!("{}*", Stage::Production),
+                    None => v.stage.to_string(),
+                };
                 println!(
                     "{:<32} {:<11} {:<14} {:<12} {}",
                     v.label(),
-                    v.stage,
+                    stage,
                     &v.digest[..12.min(v.digest.len())],
                     v.owner.as_deref().unwrap_or("-"),
                     if valid.is_empty() { "-" } else { &valid }
                 );
+            }
+            for v in &registry.versions {
+                if let Some(p) = promoted_over(&promoted, v) {
+                    println!("* {}", runtime_note(v, p));
+                }
+            }
+            if promoted.is_none() {
+                eprintln!("(stages as the registry file records them; add --state-dir DIR to see what a running weir promoted)");
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -426,6 +442,10 @@ pub fn run(args: RegistryArgs) -> anyhow::Result<ExitCode> {
                 anyhow::bail!("{label} is not in the registry {}", path.display());
             };
             print!("{}", toml::to_string_pretty(v)?);
+            let promoted = runtime_promotions(&args)?;
+            if let Some(p) = promoted_over(&promoted, v) {
+                println!("# runtime stage: {}", runtime_note(v, p));
+            }
             let now = SystemTime::now();
             for a in &v.approvals {
                 let state = match parse_time(&a.expires_at) {
@@ -440,4 +460,34 @@ pub fn run(args: RegistryArgs) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// The promotions a running weir recorded in `--state-dir`'s routing state (`None` without one).
+fn runtime_promotions(args: &RegistryArgs) -> anyhow::Result<Option<BTreeMap<String, Promotion>>> {
+    let Some(dir) = &args.state_dir else {
+        return Ok(None);
+    };
+    let body = StateStore::new(dir).load()?;
+    Ok(Some(body.map(|b| b.state.production).unwrap_or_default()))
+}
+
+/// The runtime promotion that puts `v` in production over its file stage, if there is one (the
+/// same rule the running weir applies: see `control::pins::runtime_registry`).
+fn promoted_over<'p>(
+    promoted: &'p Option<BTreeMap<String, Promotion>>,
+    v: &ModelVersion,
+) -> Option<&'p Promotion> {
+    let p = promoted.as_ref()?.get(&v.label())?;
+    matches!(v.stage, Stage::Candidate | Stage::Approved).then_some(p)
+}
+
+fn runtime_note(v: &ModelVersion, p: &Promotion) -> String {
+    format!(
+        "{} is production: weir promoted it on route {} at generation {} ({}); the registry file still says {}",
+        v.label(),
+        p.route,
+        p.generation,
+        p.at,
+        v.stage
+    )
 }

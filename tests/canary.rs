@@ -1389,3 +1389,78 @@ async fn a_rollback_can_ramp_down_through_its_steps_first() {
         "one decision, carried out in steps"
     );
 }
+
+// === a promotion the writer refuses ===
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_promotion_is_decided_once_and_the_canary_holds() {
+    let dir = temp_dir("canary-refused");
+    // Production needs a security approval the candidate does not have: the writer refuses it.
+    let path = registry(dir.path());
+    let text = std::fs::read_to_string(&path)
+        .unwrap()
+        .replace("approval_roles = []", "approval_roles = [\"security\"]");
+    std::fs::write(&path, text).unwrap();
+    let (v1, _) = healthy(PARIS).await;
+    let (v2, _) = healthy(PARIS).await;
+    let top = format!("[registry]\nfile = {:?}", path.display().to_string());
+    let weir = start(
+        &config(&top, "", &policy(r#"["50%", "100%"]"#, "")),
+        &v1,
+        &v2,
+    )
+    .await;
+    let load = Load::start(&weir, 4, Kind::Get);
+    let refused = |d: &Value| {
+        d["after"]["decision"] == "hold"
+            && d["reason"]
+                .as_str()
+                .is_some_and(|r| r.contains("promotion of chat@v2 was refused"))
+    };
+    eventually!(
+        CANARY_DEADLINE,
+        decisions(&weir).iter().any(refused),
+        "the refused promotion was never recorded as a hold: {}{}",
+        weir.route(ROUTE).await,
+        summary(&weir)
+    );
+    // Ten more intervals of passing traffic: the controller must not decide to promote again.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    load.stop().await;
+    let records = decisions(&weir);
+    assert_eq!(
+        acts(&records),
+        ["advance", "advance", "promote"],
+        "one promotion decision, then holding: {}",
+        summary(&weir)
+    );
+    assert_eq!(
+        records.iter().filter(|d| refused(d)).count(),
+        1,
+        "{}",
+        summary(&weir)
+    );
+    let hold = records.iter().find(|d| refused(d)).unwrap();
+    assert!(
+        hold["reason"].as_str().unwrap().contains("role security"),
+        "the hold names the cause: {hold}"
+    );
+    assert_eq!(decision_count(&weir, "promote").await, 1);
+    assert_metric_matches_audit(&weir).await;
+    let route = weir.route(ROUTE).await;
+    assert_eq!(route["stable"], STABLE, "{route}");
+    assert_eq!(route["weight"], 10000, "held where it was: {route}");
+    assert_eq!(route["canary"]["last_decision"], "hold", "{route}");
+    assert!(
+        route["canary"]["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("until an admin")),
+        "{route}"
+    );
+    assert!(
+        !canary_changes(&weir)
+            .iter()
+            .any(|c| c["action"] == "promote"),
+        "nothing was promoted"
+    );
+}

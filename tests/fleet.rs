@@ -748,6 +748,7 @@ async fn a_commit_etcd_applied_but_answered_late_is_reported_applied() {
         state: weir::control::RoutingState {
             generation: 1,
             routes: Vec::new(),
+            production: Default::default(),
         },
         audit_head: Some(AuditHead {
             seq: 1,
@@ -857,6 +858,7 @@ async fn a_replica_joins_a_fleet_whose_audit_chain_is_larger_than_one_answer() {
             state: weir::control::RoutingState {
                 generation,
                 routes: Vec::new(),
+                production: Default::default(),
             },
             audit_head: Some(prepared.head()),
         };

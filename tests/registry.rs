@@ -358,7 +358,7 @@ async fn serve_refuses_pins_that_break_a_rule_naming_the_version() {
 }
 
 #[tokio::test]
-async fn promotion_needs_the_production_rules_and_moves_the_registry_stage() {
+async fn promotion_needs_the_production_rules_and_records_the_runtime_stage_not_the_file() {
     let ws = workspace();
     let d = ws.path();
     registry_with(d, &[("prod", "production")]);
@@ -391,6 +391,7 @@ async fn promotion_needs_the_production_rules_and_moves_the_registry_stage() {
     for role in ["platform", "product", "security"] {
         approve(d, "next", role, "30");
     }
+    let registry_before = std::fs::read(d.join("registry.toml")).unwrap();
     let reply = send(&http1(), promote()).await;
     assert_eq!(reply.status, 200, "{}", reply.text());
     assert_eq!(running.table().routes[0].state.stable, "chat@next");
@@ -398,11 +399,101 @@ async fn promotion_needs_the_production_rules_and_moves_the_registry_stage() {
         running.table().routes[0].state.rollback_target.as_deref(),
         Some("chat@prod")
     );
-    let listed = ok(d, &["registry", REG[0], REG[1], "list"]);
+    assert_eq!(
+        std::fs::read(d.join("registry.toml")).unwrap(),
+        registry_before,
+        "promotion never writes the registry file (reviewed input, often mounted read-only)"
+    );
+
+    // The runtime stage is the state's: /v1/routes and `weir registry list --state-dir` say so.
+    let routes = send(
+        &http1(),
+        request(
+            http::Method::GET,
+            &format!("http://{}/v1/routes", running.admin_addr()),
+        )
+        .body(empty())
+        .unwrap(),
+    )
+    .await
+    .json();
+    let stable = &routes["routes"][0]["registry"]["stable"];
+    assert_eq!(stable["version"], "chat@next", "{routes}");
+    assert_eq!(stable["stage"], "production", "{routes}");
+    assert_eq!(stable["file_stage"], "candidate", "{routes}");
+    assert_eq!(stable["promoted"]["route"], "chat", "{routes}");
+    assert_eq!(stable["promoted"]["from"], "candidate", "{routes}");
+    assert_eq!(
+        routes["production"]["chat@next"]["route"], "chat",
+        "{routes}"
+    );
+    let file_only = ok(d, &["registry", REG[0], REG[1], "list"]);
+    let line = file_only
+        .lines()
+        .find(|l| l.starts_with("chat@next"))
+        .unwrap();
+    assert!(line.contains("candidate"), "the file's own stage: {line}");
+    let state_dir = d.join("state-prod-next");
+    let state_dir = state_dir.to_str().unwrap();
+    let listed = ok(
+        d,
+        &["registry", REG[0], REG[1], "--state-dir", state_dir, "list"],
+    );
+    let line = listed.lines().find(|l| l.starts_with("chat@next")).unwrap();
+    assert!(line.contains("production*"), "the runtime stage: {line}");
+    assert!(
+        listed.contains("weir promoted it on route chat")
+            && listed.contains("still says candidate"),
+        "{listed}"
+    );
+    let shown = ok(
+        d,
+        &[
+            "registry",
+            REG[0],
+            REG[1],
+            "--state-dir",
+            state_dir,
+            "show",
+            "--model",
+            "chat",
+            "--version",
+            "next",
+        ],
+    );
+    assert!(
+        shown.contains("# runtime stage: chat@next is production"),
+        "{shown}"
+    );
+    let audit = std::fs::read_to_string(d.join("state-prod-next/audit.jsonl")).unwrap();
+    let promote = audit
+        .lines()
+        .find(|l| l.contains("\"action\":\"promote\""))
+        .unwrap();
+    assert!(
+        promote.contains("runtime stage: chat@next candidate → production"),
+        "{promote}"
+    );
+
+    // Undoing the promotion takes the runtime stage back.
+    let rollback = request(
+        http::Method::POST,
+        &format!("http://{}/v1/routes/chat/rollback", running.admin_addr()),
+    )
+    .header("authorization", format!("Bearer {}", token.trim()))
+    .body(empty())
+    .unwrap();
+    let reply = send(&http1(), rollback).await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(running.table().routes[0].state.stable, "chat@prod");
+    let listed = ok(
+        d,
+        &["registry", REG[0], REG[1], "--state-dir", state_dir, "list"],
+    );
     let line = listed.lines().find(|l| l.starts_with("chat@next")).unwrap();
     assert!(
-        line.contains("production"),
-        "promotion moves the registry stage: {line}"
+        !line.contains("production"),
+        "the rollback undid it: {line}"
     );
     running.shutdown();
     running.wait().await;

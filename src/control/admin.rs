@@ -17,9 +17,12 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::auth::AdminToken;
-use super::writer::{Change, Command, CommandError, Writer};
+use super::pins::runtime_registry;
+use super::state::RoutingState;
+use super::writer::{Change, Command, CommandError, RuntimeStages, Writer};
 use crate::config::units::{format_percent, parse_percent};
 use crate::data::table::{Route, RoutingTable, Target};
+use crate::registry::Registry;
 
 /// Largest admin request body.
 pub const MAX_ADMIN_BODY: usize = 64 * 1024;
@@ -86,10 +89,14 @@ pub async fn handle(
                     "leader": fleet.is_leader(),
                 }),
             };
+            let stages = state.writer.stages();
+            let registry = load_stages(&stages);
             for route in all["routes"].as_array_mut().into_iter().flatten() {
                 let name = route["name"].as_str().unwrap_or_default().to_string();
                 route["canary"] = state.writer.canary_status(&name).unwrap_or(Value::Null);
+                route["registry"] = route_stages(&registry, &stages, route);
             }
+            all["production"] = json!(stages.production);
             json_response(StatusCode::OK, all)
         }
         (Method::GET, ["v1", "routes", name]) => {
@@ -97,7 +104,9 @@ pub async fn handle(
             match table.routes.iter().find(|r| &*r.name == *name) {
                 Some(route) => {
                     let mut route = route_json(route);
+                    let stages = state.writer.stages();
                     route["canary"] = state.writer.canary_status(name).unwrap_or(Value::Null);
+                    route["registry"] = route_stages(&load_stages(&stages), &stages, &route);
                     json_response(StatusCode::OK, json!({"generation": table.generation, "route": route}))
                 }
                 None => Refused::new(StatusCode::NOT_FOUND, format!("no route named {name:?}")).into_response(),
@@ -368,6 +377,45 @@ pub fn route_json(r: &Route) -> Value {
             "candidate": r.candidate.as_ref().map(target),
         },
     })
+}
+
+/// The registry file and its runtime view (the file overlaid by the state's promotions);
+/// `Ok(None)` when weir runs unpinned.
+type Stages = Result<Option<(Registry, Registry)>, String>;
+
+fn load_stages(stages: &RuntimeStages) -> Stages {
+    let Some(path) = &stages.registry else {
+        return Ok(None);
+    };
+    let file = Registry::load(path).map_err(|e| e.to_string())?;
+    let state = RoutingState {
+        generation: 0,
+        routes: Vec::new(),
+        production: stages.production.clone(),
+    };
+    Ok(Some((file.clone(), runtime_registry(file, &state))))
+}
+
+/// What the registry says of a route's stable and candidate: the stage in force (`stage`), the
+/// registry file's own (`file_stage`), and the promotion that moved it at runtime, if one did.
+fn route_stages(registry: &Stages, stages: &RuntimeStages, route: &Value) -> Value {
+    let (file, runtime) = match registry {
+        Ok(Some(both)) => both,
+        Ok(None) => return Value::Null,
+        Err(e) => return json!({"error": e}),
+    };
+    let version = |label: &Value| {
+        let label = label.as_str()?;
+        let in_force = runtime.find(label);
+        Some(json!({
+            "version": label,
+            "stage": in_force.map(|v| v.stage),
+            "file_stage": file.find(label).map(|v| v.stage),
+            "digest": in_force.map(|v| v.digest.clone()),
+            "promoted": stages.production.get(label),
+        }))
+    };
+    json!({"stable": version(&route["stable"]), "candidate": version(&route["candidate"])})
 }
 
 /// The live table as `GET /v1/routes` shows it.

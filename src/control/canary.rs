@@ -17,7 +17,7 @@ use tokio::sync::watch;
 use crate::data::listener::stopped;
 
 use super::pins::load_registry;
-use super::writer::{Change, Command, CANARY_ACTOR};
+use super::writer::{Change, Command, CommandError, CANARY_ACTOR};
 use super::Writer;
 use crate::config::units::format_percent;
 use crate::config::{CanaryPolicy, Config, EvalGate};
@@ -474,6 +474,10 @@ struct Run {
     evaluated_first: bool,
     /// After a rollback decision with `rollback_steps`: the weights still to ramp down through.
     ramp: Option<Vec<u16>>,
+    /// The writer refused this run's promotion at this generation: the controller holds until
+    /// the table moves (an admin promotes, rolls back or sets a weight) instead of deciding to
+    /// promote again every interval.
+    promotion_refused: Option<u64>,
 }
 
 /// What one analysis concluded.
@@ -648,6 +652,7 @@ async fn tick(
                     failures: 0,
                     evaluated_first: false,
                     ramp: None,
+                    promotion_refused: None,
                 },
             );
         }
@@ -658,6 +663,10 @@ async fn tick(
             run.window_start = Instant::now();
             run.stable_at_start = sources.tally(route, &route.stable);
             run.candidate_at_start = sources.tally(route, candidate);
+        }
+
+        if run.promotion_refused == Some(table.generation) {
+            continue;
         }
 
         // Ramping down after a rollback decision: one step per interval, then the rollback.
@@ -884,7 +893,7 @@ async fn decide_step(
     writer: &Writer,
     config: &Config,
     route: &Route,
-    run: &Run,
+    run: &mut Run,
     step: u16,
     evidence: Vec<Value>,
     why: &str,
@@ -912,7 +921,7 @@ async fn decide(
     writer: &Writer,
     config: &Config,
     route: &Route,
-    run: &Run,
+    run: &mut Run,
     decision: &str,
     gates: Vec<Value>,
     reason: &str,
@@ -930,10 +939,13 @@ async fn decide(
         &route.name,
         Some(json!({"last_decision": decision, "reason": reason, "evidence": detail.clone()})),
     );
-    if decision == "hold" {
-        tracing::info!(route = %route.name, version = label, "canary hold: {reason}");
-    } else {
-        tracing::warn!(route = %route.name, version = label, decision, "canary: {reason}");
+    match decision {
+        "hold" => tracing::info!(route = %route.name, version = label, "canary hold: {reason}"),
+        // Routine progress is not a warning; a rollback is what an operator must look at.
+        "rollback" => {
+            tracing::warn!(route = %route.name, version = label, decision, "canary: {reason}")
+        }
+        _ => tracing::info!(route = %route.name, version = label, decision, "canary: {reason}"),
     }
     if let Err(e) = writer
         .record(
@@ -975,10 +987,46 @@ async fn decide(
         reason: Some(reason.to_string()),
         if_match: Some(run.generation),
     };
-    if let Err(e) = writer.apply(change).await {
-        tracing::error!(route = %route.name, error = %e, "canary {decision} refused");
+    match writer.apply(change).await {
+        Err(e) if decision == "promote" => promotion_refused(writer, route, run, &e).await,
+        Err(e) => tracing::error!(route = %route.name, error = %e, "canary {decision} refused"),
+        Ok(_) => {}
     }
     true
+}
+
+/// The writer refused the promotion (it could not be recorded, or the registry's rules refuse
+/// it): the controller holds at the current weight, says why once — log, status, audit — and
+/// waits for an admin instead of deciding to promote again every interval.
+async fn promotion_refused(writer: &Writer, route: &Route, run: &mut Run, error: &CommandError) {
+    run.promotion_refused = Some(run.generation);
+    let label = run.candidate.as_str();
+    let reason = format!(
+        "the promotion of {label} was refused ({error}); holding at {} until an admin promotes, rolls back or sets a weight",
+        format_percent(route.weight)
+    );
+    tracing::error!(route = %route.name, version = label, status = error.status().as_u16(), "canary: {reason}");
+    let detail = json!({
+        "decision": "hold", "version": label, "weight": route.weight,
+        "weight_percent": format_percent(route.weight), "refused": error.to_string(),
+    });
+    writer.set_canary_status(
+        &route.name,
+        Some(json!({"last_decision": "hold", "reason": reason, "evidence": detail.clone()})),
+    );
+    let recorded = writer
+        .record(
+            CANARY_ACTOR,
+            "canary_decision",
+            Some(&route.name),
+            detail,
+            &reason,
+        )
+        .await;
+    match recorded {
+        Ok(()) => writer.metrics().count_canary_decision(&route.name, "hold"),
+        Err(e) => tracing::error!(error = %e, "cannot record the canary's hold either"),
+    }
 }
 
 #[cfg(test)]

@@ -4,11 +4,26 @@
 use crate::config::Config;
 use crate::control::state::{RouteState, RoutingState};
 use crate::metrics::Role;
-use crate::registry::{check_servable, PinRefusal, Registry, RegistryError};
+use crate::registry::{check_servable, PinRefusal, Registry, RegistryError, Stage};
 
 /// The registry the config names, or `None` when weir runs unpinned.
 pub fn load_registry(config: &Config) -> Result<Option<Registry>, RegistryError> {
     config.registry.as_deref().map(Registry::load).transpose()
+}
+
+/// The registry as it stands at runtime: the file's stages, with the versions `state` records
+/// as promoted by a running weir moved to production. A version the file itself has since moved
+/// past approval (production, deprecated, retired) keeps the file's stage: the reviewed input
+/// catches up with, or overrules, what the runtime did.
+pub fn runtime_registry(mut registry: Registry, state: &RoutingState) -> Registry {
+    for label in state.production.keys() {
+        if let Some(v) = registry.find_mut(label) {
+            if matches!(v.stage, Stage::Candidate | Stage::Approved) {
+                v.stage = Stage::Production;
+            }
+        }
+    }
+    registry
 }
 
 /// A pin refused in one route.

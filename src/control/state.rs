@@ -5,6 +5,7 @@
 //! renamed, the directory fsynced — and carries a SHA-256 of its body, so a torn or edited file
 //! is refused instead of silently replaced by the config's weights.
 
+use std::collections::BTreeMap;
 use std::fs::{self, File};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -13,6 +14,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::config::{Config, RouteConfig, StickyKey};
+use crate::registry::Stage;
 
 /// The live, changeable part of one route.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -69,6 +71,26 @@ impl RouteState {
 pub struct RoutingState {
     pub generation: u64,
     pub routes: Vec<RouteState>,
+    /// Versions this weir promoted to production, by label: the runtime stage. The registry
+    /// file is reviewed input under source control (often mounted read-only), so a promotion is
+    /// recorded here, persisted and audited with the routing it belongs to (in etcd in fleet
+    /// mode), and overlays the file's stage (see [`crate::control::pins::runtime_registry`]).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub production: BTreeMap<String, Promotion>,
+}
+
+/// A version a running weir promoted to production.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Promotion {
+    /// The registry stage it had when it was promoted.
+    pub from: Stage,
+    /// The route whose canary (or admin) promoted it.
+    pub route: String,
+    /// The first generation that served it as production.
+    pub generation: u64,
+    /// When, in RFC 3339.
+    pub at: String,
 }
 
 impl RoutingState {
@@ -77,6 +99,20 @@ impl RoutingState {
         RoutingState {
             generation: 1,
             routes: config.routes.iter().map(RouteState::from_config).collect(),
+            production: BTreeMap::new(),
+        }
+    }
+
+    /// The state at `generation` with `routes`, keeping the runtime stages of `previous`.
+    pub fn next(
+        generation: u64,
+        routes: Vec<RouteState>,
+        previous: Option<&RoutingState>,
+    ) -> RoutingState {
+        RoutingState {
+            generation,
+            routes,
+            production: previous.map(|p| p.production.clone()).unwrap_or_default(),
         }
     }
 
@@ -394,6 +430,7 @@ mod tests {
                     rollback_target: None,
                     config_digest: "x".into(),
                 }],
+                production: BTreeMap::new(),
             },
             audit_head: None,
         }

@@ -16,9 +16,10 @@ use tokio::sync::Mutex;
 use super::audit::{AuditError, AuditLog, Entry, Prepared};
 use super::build::{build_table, VersionSet};
 use super::fleet::{Fleet, FleetError, AUDIT_PAGE};
-use super::pins::{load_registry, pin_refusals, RouteRefusal};
+use super::pins::{load_registry, pin_refusals, runtime_registry, RouteRefusal};
 use super::state::{
-    reconcile, RouteState, RoutingState, StateBody, StateError, StateLock, StateStore, STATE_FORMAT,
+    reconcile, Promotion, RouteState, RoutingState, StateBody, StateError, StateLock, StateStore,
+    STATE_FORMAT,
 };
 use crate::config::units::MAX_BASIS_POINTS;
 use crate::config::{Config, ConfigError};
@@ -102,8 +103,13 @@ pub struct Applied {
 pub enum CommandError {
     #[error("no route named {route:?}; routes: {known}")]
     UnknownRoute { route: String, known: String },
-    #[error("route {0} has no candidate: set `candidate` for it in the config and reload")]
-    NoCandidate(String),
+    /// `how` says how a candidate comes to this route: a reload, or a restart in quick mode.
+    #[error("route {route} has no candidate{}: {how}", .promoted_from.as_ref().map(|p| format!(" (its last candidate was promoted; `weir admin rollback {route}` returns to {p})")).unwrap_or_default())]
+    NoCandidate {
+        route: String,
+        promoted_from: Option<String>,
+        how: &'static str,
+    },
     #[error("{0}")]
     Conflict(String),
     #[error("the routing table is at generation {current}, not {expected} (If-Match): re-read it and retry")]
@@ -155,7 +161,7 @@ impl CommandError {
     pub fn status(&self) -> StatusCode {
         match self {
             CommandError::UnknownRoute { .. } => StatusCode::NOT_FOUND,
-            CommandError::NoCandidate(_)
+            CommandError::NoCandidate { .. }
             | CommandError::Conflict(_)
             | CommandError::GenerationMoved { .. }
             | CommandError::Pins(_)
@@ -222,7 +228,26 @@ pub struct Writer {
     swapped: tokio::sync::Notify,
     /// The canary controller's last word per route, for `GET /v1/routes`.
     canary_status: std::sync::Mutex<std::collections::HashMap<String, Value>>,
+    /// The registry file and the runtime stages of the state in force, for `GET /v1/routes`
+    /// (read without waiting for a change in progress).
+    stages: std::sync::Mutex<RuntimeStages>,
     fleet: Option<Arc<Fleet>>,
+}
+
+/// Where the registry's stages come from: the file, overlaid by the state's promotions.
+#[derive(Clone, Debug, Default)]
+pub struct RuntimeStages {
+    pub registry: Option<std::path::PathBuf>,
+    pub production: std::collections::BTreeMap<String, Promotion>,
+}
+
+impl RuntimeStages {
+    fn of(inner: &Inner) -> RuntimeStages {
+        RuntimeStages {
+            registry: inner.config.registry.clone(),
+            production: inner.state.production.clone(),
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -259,10 +284,7 @@ impl Writer {
         )?;
         let previous = persisted.as_ref().map(|p| &p.state);
         let (routes, notes) = reconcile(&config, previous);
-        let state = RoutingState {
-            generation: previous.map_or(0, |p| p.generation) + 1,
-            routes,
-        };
+        let state = RoutingState::next(previous.map_or(0, |p| p.generation) + 1, routes, previous);
         check_pins_at_start(&config, &metrics, &state, previous)?;
         let mut versions = VersionSet::new(config.identity.is_some());
         let table =
@@ -288,6 +310,10 @@ impl Writer {
             metrics,
             swapped: tokio::sync::Notify::new(),
             canary_status: std::sync::Mutex::new(std::collections::HashMap::new()),
+            stages: std::sync::Mutex::new(RuntimeStages {
+                registry: config.registry.clone(),
+                production: state.production.clone(),
+            }),
             fleet: None,
             inner: Mutex::new(Inner {
                 window: Window::open(&table, None),
@@ -329,10 +355,8 @@ impl Writer {
                         return Err(unreachable.into());
                     };
                     let (routes, notes) = reconcile(&config, Some(&cached.state));
-                    let state = RoutingState {
-                        generation: cached.state.generation,
-                        routes,
-                    };
+                    let state =
+                        RoutingState::next(cached.state.generation, routes, Some(&cached.state));
                     check_pins_at_start(&config, &metrics, &state, Some(&cached.state))?;
                     let mut versions = VersionSet::new(config.identity.is_some());
                     let table = build_table(&config, &state, &metrics, &mut versions)
@@ -383,6 +407,7 @@ impl Writer {
             metrics,
             swapped: tokio::sync::Notify::new(),
             canary_status: std::sync::Mutex::new(std::collections::HashMap::new()),
+            stages: std::sync::Mutex::new(RuntimeStages::of(&inner)),
             fleet: inner.fleet().cloned(),
             inner: Mutex::new(inner),
         })
@@ -487,6 +512,7 @@ impl Writer {
                 .map_err(CommandError::CannotApply)?;
             if let Some(fresh) = fresh {
                 inner.config = fresh.clone();
+                self.publish_stages(inner);
             }
             tracing::info!(
                 generation = state.generation,
@@ -603,7 +629,8 @@ impl Writer {
                             .join(", "),
                     });
                 };
-                mutate(route, command, &change.actor)?;
+                let quick = inner.config.source.is_none();
+                mutate(route, command, &change.actor, quick)?;
                 (routes, None, Vec::new())
             }
         };
@@ -618,28 +645,20 @@ impl Writer {
             });
         }
 
-        let new_state = RoutingState {
-            generation: inner.state.generation + 1,
-            routes,
-        };
         let config = new_config.as_ref().unwrap_or(&inner.config);
+        let mut new_state =
+            RoutingState::next(inner.state.generation + 1, routes, Some(&inner.state));
         // The registry is re-read for every change, so stages and approvals recorded with
-        // `weir registry` count at once.
-        let registry_path = config.registry.clone();
-        let mut registry = load_registry(config)?;
-        let mut promoted_stage = None;
-        if let (Some(reg), Command::Promote { route }) = (registry.as_mut(), &change.command) {
-            let label = new_state
-                .route(route)
-                .map(|r| r.stable.clone())
-                .unwrap_or_default();
-            promoted_stage = promote_in_registry(reg, &label)?;
-            if let Some(from) = promoted_stage {
-                notes.push(format!("registry: {label} {from} → production"));
-            }
-        }
-        if let Some(reg) = &registry {
-            let refusals = pin_refusals(reg, &new_state.routes, Some(&inner.state));
+        // `weir registry` count at once; the runtime stages overlay the file's.
+        let mut registry = load_registry(config)?.map(|r| runtime_registry(r, &inner.state));
+        if let Some(registry) = registry.as_mut() {
+            notes.extend(move_runtime_stage(
+                registry,
+                &change.command,
+                before_route.as_ref(),
+                &mut new_state,
+            )?);
+            let refusals = pin_refusals(registry, &new_state.routes, Some(&inner.state));
             if !refusals.is_empty() {
                 return Err(CommandError::Pins(refusals));
             }
@@ -647,22 +666,6 @@ impl Writer {
         let table = build_table(config, &new_state, &self.metrics, &mut inner.versions)
             .map_err(CommandError::Persist)?;
         let after_route = route_name.and_then(|n| new_state.route(n)).cloned();
-        // Promotion moves the registry stage; written first and put back if the change fails.
-        let registry_before = match (&registry_path, promoted_stage) {
-            (Some(path), Some(_)) => {
-                let before = Registry::load(path)?;
-                registry.as_ref().expect("loaded above").save(path)?;
-                Some((path.clone(), before))
-            }
-            _ => None,
-        };
-        let undo_registry = |registry_before: &Option<(std::path::PathBuf, Registry)>| {
-            if let Some((path, before)) = registry_before {
-                if let Err(e) = before.save(path) {
-                    tracing::error!(error = %e, "cannot put the registry back after a failed promotion");
-                }
-            }
-        };
         let (before, after) = match route_name {
             Some(_) => (json!(before_route), json!(after_route)),
             None => (state_json(&inner.state), state_json(&new_state)),
@@ -684,14 +687,9 @@ impl Writer {
             window: Some(inner.window.close()),
         };
         let fenced = change.actor == CANARY_ACTOR;
-        if let Err(e) = inner.persist(&new_state, entry, fenced).await {
-            // A change etcd may yet have applied keeps the promotion's stage: the fleet would
-            // otherwise route by a stable version the registry no longer calls production.
-            if !matches!(e, CommandError::Unconfirmed(_)) {
-                undo_registry(&registry_before);
-            }
-            return Err(e);
-        }
+        // The runtime stage is part of the state: a promotion that cannot be persisted is
+        // refused whole (5xx naming why), and nothing else records it.
+        inner.persist(&new_state, entry, fenced).await?;
 
         tracing::info!(
             actor = %change.actor,
@@ -703,6 +701,7 @@ impl Writer {
         self.swap(inner, table, new_state);
         if let Some(config) = new_config {
             inner.config = config;
+            self.publish_stages(inner);
         }
         Ok(Applied {
             generation: inner.state.generation,
@@ -721,6 +720,19 @@ impl Writer {
         inner.window = Window::open(&table, Some(&inner.window));
         inner.state = state;
         inner.cache_fleet_state();
+        self.publish_stages(inner);
+    }
+
+    fn publish_stages(&self, inner: &Inner) {
+        *self.stages.lock().unwrap_or_else(|p| p.into_inner()) = RuntimeStages::of(inner);
+    }
+
+    /// The registry file and the runtime stages of the state in force.
+    pub fn stages(&self) -> RuntimeStages {
+        self.stages
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     pub fn set_canary_status(&self, route: &str, status: Option<Value>) {
@@ -972,10 +984,11 @@ async fn join(
     let previous = shared.map(|s| &s.body.state);
     let (routes, notes) = reconcile(config, previous);
     let changed = previous.is_none_or(|p| p.routes != routes);
-    let state = RoutingState {
-        generation: previous.map_or(0, |p| p.generation) + u64::from(changed),
+    let state = RoutingState::next(
+        previous.map_or(0, |p| p.generation) + u64::from(changed),
         routes,
-    };
+        previous,
+    );
     check_pins_at_start(config, metrics, &state, previous)?;
     let table = build_table(config, &state, metrics, versions).map_err(OpenError::Table)?;
     let prepared = start_record(audit, previous, &state, &notes);
@@ -1032,6 +1045,7 @@ fn check_pins_at_start(
 ) -> Result<(), OpenError> {
     match load_registry(config)? {
         Some(registry) => {
+            let registry = runtime_registry(registry, state);
             let refusals = pin_refusals(&registry, &state.routes, previous);
             if !refusals.is_empty() {
                 return Err(OpenError::Pins(refusals));
@@ -1090,7 +1104,67 @@ async fn fill_audit(
     Ok(())
 }
 
-/// Moves a promoted version to the production stage in `registry` (a copy, saved by the caller).
+/// The runtime stage a change moves, in `state` and in `registry` (the runtime view, a copy):
+/// a promotion records its version as production (the registry file is never written: it is
+/// reviewed input, often read-only); a rollback that undoes a promotion takes that record back.
+/// Returns the notes for the answer and the audit record.
+fn move_runtime_stage(
+    registry: &mut Registry,
+    command: &Command,
+    before: Option<&RouteState>,
+    state: &mut RoutingState,
+) -> Result<Vec<String>, CommandError> {
+    let Some(route) = command.route().and_then(|name| state.route(name)).cloned() else {
+        return Ok(Vec::new());
+    };
+    match command {
+        Command::Promote { .. } => {
+            let label = route.stable.clone();
+            let Some(from) = promote_in_registry(registry, &label)? else {
+                return Ok(Vec::new());
+            };
+            let promotion = Promotion {
+                from,
+                route: route.name.clone(),
+                generation: state.generation,
+                at: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
+            };
+            state.production.insert(label.clone(), promotion);
+            Ok(vec![format!(
+                "runtime stage: {label} {from} → production (kept in weir's routing state; the registry file is not written)"
+            )])
+        }
+        Command::Rollback { .. } => {
+            // Undoing a promotion turns the demoted version back into a (rolled-back) candidate.
+            let undone = before
+                .filter(|b| b.rollback_target.is_some() && route.rollback_target.is_none())
+                .map(|b| b.stable.clone());
+            let Some(label) = undone else {
+                return Ok(Vec::new());
+            };
+            if state
+                .production
+                .get(&label)
+                .is_none_or(|p| p.route != route.name)
+            {
+                return Ok(Vec::new());
+            }
+            let Some(promotion) = state.production.remove(&label) else {
+                return Ok(Vec::new());
+            };
+            if let Some(v) = registry.find_mut(&label) {
+                v.stage = promotion.from;
+            }
+            Ok(vec![format!(
+                "runtime stage: {label} production → {} (the promotion at generation {} is undone)",
+                promotion.from, promotion.generation
+            )])
+        }
+        _ => Ok(Vec::new()),
+    }
+}
+
+/// Moves a promoted version to the production stage in `registry` (the runtime view, a copy).
 /// Returns the stage it had, or `None` when it already was production.
 fn promote_in_registry(
     registry: &mut Registry,
@@ -1114,9 +1188,25 @@ fn promote_in_registry(
     Ok(Some(before))
 }
 
-/// Applies one route command to a route's state.
-fn mutate(route: &mut RouteState, command: &Command, actor: &str) -> Result<(), CommandError> {
+/// Applies one route command to a route's state. `quick`: weir runs without a config file.
+fn mutate(
+    route: &mut RouteState,
+    command: &Command,
+    actor: &str,
+    quick: bool,
+) -> Result<(), CommandError> {
     let name = route.name.clone();
+    let no_candidate = |route: &RouteState| CommandError::NoCandidate {
+        route: route.name.clone(),
+        promoted_from: route.rollback_target.clone(),
+        how: if quick {
+            "this weir runs without a config file, so a new candidate comes with a restart: \
+             `weir serve --stable ... --candidate MODEL@VERSION=URL`, or run from a config file \
+             (`weir serve --config FILE`) to change versions with a reload"
+        } else {
+            "set `candidate` for it in the config and reload"
+        },
+    };
     match command {
         Command::SetWeight { basis_points, .. } => {
             if *basis_points > MAX_BASIS_POINTS {
@@ -1125,7 +1215,7 @@ fn mutate(route: &mut RouteState, command: &Command, actor: &str) -> Result<(), 
                 )));
             }
             if route.candidate.is_none() {
-                return Err(CommandError::NoCandidate(name));
+                return Err(no_candidate(route));
             }
             if route.paused && actor == CANARY_ACTOR {
                 return Err(CommandError::Conflict(format!(
@@ -1140,7 +1230,7 @@ fn mutate(route: &mut RouteState, command: &Command, actor: &str) -> Result<(), 
         }
         Command::Promote { .. } => {
             let Some(candidate) = route.candidate.clone() else {
-                return Err(CommandError::NoCandidate(name));
+                return Err(no_candidate(route));
             };
             if route.rolled_back {
                 return Err(CommandError::Conflict(format!(
