@@ -687,6 +687,7 @@ pub(super) fn parse(text: &str) -> Result<Config, Vec<Problem>> {
             versions,
             routes,
             source: None,
+            from_flags: false,
             registry: raw.registry.map(|r| r.file),
             identity,
             shadow,

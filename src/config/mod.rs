@@ -30,6 +30,8 @@ pub struct Config {
     pub routes: Vec<RouteConfig>,
     /// The file this config was read from; `POST /v1/reload` and SIGHUP re-read it.
     pub source: Option<PathBuf>,
+    /// Built from `weir serve` flags (quick mode): there is no file to edit and reload.
+    pub from_flags: bool,
     /// The model registry whose pins routes must satisfy; `None` runs unpinned.
     pub registry: Option<PathBuf>,
     /// How backends are asked which model they serve.

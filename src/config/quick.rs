@@ -179,6 +179,7 @@ impl QuickMode {
             versions: std::iter::once(stable).chain(candidate).collect(),
             routes: vec![route],
             source: None,
+            from_flags: true,
             shadow: ShadowConfig::default(),
             registry: self.registry,
             identity: match &self.identity_probe {

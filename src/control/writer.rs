@@ -629,7 +629,7 @@ impl Writer {
                             .join(", "),
                     });
                 };
-                let quick = inner.config.source.is_none();
+                let quick = inner.config.from_flags;
                 mutate(route, command, &change.actor, quick)?;
                 (routes, None, Vec::new())
             }
