@@ -102,3 +102,58 @@ stable = "chat@v1"
         "{error}"
     );
 }
+
+#[tokio::test]
+async fn a_promotion_that_cannot_be_recorded_is_refused_with_a_5xx_naming_the_state_file() {
+    let v1 = Backend::named("chat@v1").await;
+    let v2 = Backend::named("chat@v2").await;
+    let weir = Weir::start(
+        r#"
+[[versions]]
+model = "chat"
+version = "v1"
+backends = ["{v1}"]
+
+[[versions]]
+model = "chat"
+version = "v2"
+backends = ["{v2}"]
+
+[[routes]]
+name = "chat"
+stable = "chat@v1"
+candidate = "chat@v2"
+weight = "100%"
+"#,
+        &[("v1", &v1.url()), ("v2", &v2.url())],
+    )
+    .await;
+    // A directory where the state's temp file goes: no write succeeds, even for root.
+    let blocker = weir.state_dir.path().join("routing-state.json.tmp");
+    std::fs::create_dir(&blocker).unwrap();
+    let audit_before = weir.audit().len();
+
+    let reply = weir
+        .admin(Method::POST, "/v1/routes/chat/promote", None)
+        .await;
+    assert_eq!(reply.status, 500, "{}", reply.text());
+    let error = reply.json()["error"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        error.contains("could not be made durable") && error.contains("routing-state.json"),
+        "names the cause and the file: {error}"
+    );
+    let route = weir.route("chat").await;
+    assert_eq!(route["stable"], "chat@v1", "nothing changed: {route}");
+    assert_eq!(route["candidate"], "chat@v2", "{route}");
+    assert_eq!(weir.audit().len(), audit_before, "nothing was recorded");
+
+    std::fs::remove_dir(&blocker).unwrap();
+    let reply = weir
+        .admin(Method::POST, "/v1/routes/chat/promote", None)
+        .await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(weir.route("chat").await["stable"], "chat@v2");
+}
