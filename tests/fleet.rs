@@ -1939,3 +1939,64 @@ async fn replicas_reach_etcd_over_mutual_tls_as_an_etcd_user() {
     let error = start_error(&other_prefix, &v1, &v2).await;
     assert!(error.contains("permission denied"), "{error}");
 }
+
+// === runtime stage ===
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_promotion_through_one_replica_is_production_on_all_without_writing_the_registry() {
+    let registry_dir = temp_dir("fleet-registry");
+    let registry = registry_dir.path().join("registry.toml");
+    let text = format!(
+        r#"
+[policy]
+approval_roles = []
+require_provenance = false
+require_sbom = false
+
+[[versions]]
+model = "chat"
+version = "v1"
+digest = "{}"
+stage = "production"
+
+[[versions]]
+model = "chat"
+version = "v2"
+digest = "{}"
+stage = "approved"
+"#,
+        "1".repeat(64),
+        "2".repeat(64)
+    );
+    std::fs::write(&registry, &text).unwrap();
+    let tables = format!("[registry]\nfile = {:?}", registry.display().to_string());
+    let fleet = Fleet::start("runtime-stage", 2, &routes("", &tables), Run::InProcess).await;
+    fleet.settle().await;
+
+    let url = fleet.replicas[0].admin_url(&format!("/v1/routes/{ROUTE}/promote"));
+    let token = fleet.replicas[0].token();
+    let reply = admin_call(&url, Method::POST, Some(&token), None, &[]).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    let generation = generation_of(&reply);
+
+    let other = &fleet.replicas[1];
+    let deadline = Instant::now() + PROPAGATION;
+    let routes = loop {
+        let routes = other.routes().await;
+        if routes["generation"] == generation {
+            break routes;
+        }
+        assert!(Instant::now() < deadline, "never propagated: {routes}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    let stable = &route_of(&routes)["registry"]["stable"];
+    assert_eq!(stable["version"], CANDIDATE, "{routes}");
+    assert_eq!(stable["stage"], "production", "{routes}");
+    assert_eq!(stable["file_stage"], "approved", "{routes}");
+    assert_eq!(routes["production"][CANDIDATE]["route"], ROUTE, "{routes}");
+    assert_eq!(
+        std::fs::read_to_string(&registry).unwrap(),
+        text,
+        "no replica writes the registry file"
+    );
+}
