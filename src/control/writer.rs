@@ -713,14 +713,15 @@ impl Writer {
 
     /// Puts a durable state's table live: traffic, gauges, watchers, and a new serving window.
     fn swap(&self, inner: &mut Inner, table: RoutingTable, state: RoutingState) {
+        // The stages go first: whoever reads the new table's generation also reads its stages.
+        inner.state = state;
+        self.publish_stages(inner);
         let table = Arc::new(table);
         self.table.store(Arc::clone(&table));
         publish(&self.metrics, &table);
         self.swapped.notify_waiters();
         inner.window = Window::open(&table, Some(&inner.window));
-        inner.state = state;
         inner.cache_fleet_state();
-        self.publish_stages(inner);
     }
 
     fn publish_stages(&self, inner: &Inner) {
