@@ -5,9 +5,13 @@
 use std::sync::Arc;
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
+
+/// Every decision the canary controller takes: each is a `weir_canary_decisions_total` label,
+/// exported at zero for every canary route from the start so alerts see the first one.
+pub const CANARY_DECISIONS: [&str; 4] = ["advance", "hold", "promote", "rollback"];
 
 /// Why a proxied request failed. A closed set: each kind is a metric label.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -109,6 +113,8 @@ pub struct Metrics {
     mismatch: IntGaugeVec,
     mirror: IntCounterVec,
     comparisons: IntCounterVec,
+    agreement: GaugeVec,
+    agreement_window: IntGaugeVec,
     canary: IntCounterVec,
     /// Fleet mode only (registered by [`Metrics::enable_fleet`]).
     fleet_leader: IntGauge,
@@ -206,6 +212,22 @@ impl Metrics {
             &["route", "version", "comparator", "result"],
         )
         .expect("valid metric");
+        let agreement = GaugeVec::new(
+            Opts::new(
+                "weir_mirror_agreement_ratio",
+                "Rolling shadow agreement (0..1) as the canary's min_agreement gate and /v1/routes see it: the share of the last comparisons where every comparator agreed; absent until the first comparison",
+            ),
+            &["route", "version"],
+        )
+        .expect("valid metric");
+        let agreement_window = IntGaugeVec::new(
+            Opts::new(
+                "weir_mirror_agreement_comparisons",
+                "How many shadow comparisons weir_mirror_agreement_ratio covers (at most the rolling window)",
+            ),
+            &["route", "version"],
+        )
+        .expect("valid metric");
         let canary = IntCounterVec::new(
             Opts::new(
                 "weir_canary_decisions_total",
@@ -226,6 +248,8 @@ impl Metrics {
             Box::new(mismatch.clone()),
             Box::new(mirror.clone()),
             Box::new(comparisons.clone()),
+            Box::new(agreement.clone()),
+            Box::new(agreement_window.clone()),
             Box::new(canary.clone()),
         ] {
             registry
@@ -264,7 +288,16 @@ impl Metrics {
             mismatch,
             mirror,
             comparisons,
+            agreement,
+            agreement_window,
             canary,
+        }
+    }
+
+    /// Exports every canary decision of `route` at zero (a no-op for the ones already counted).
+    pub fn canary_route(&self, route: &str) {
+        for decision in CANARY_DECISIONS {
+            self.canary.with_label_values(&[route, decision]);
         }
     }
 
@@ -275,7 +308,7 @@ impl Metrics {
     /// Handles for shadowing `candidate` in `route`.
     pub fn shadow(&self, route: &str, candidate: &str) -> crate::data::shadow::ShadowStats {
         use crate::config::Comparator;
-        use crate::data::shadow::MirrorOutcome;
+        use crate::data::shadow::{AgreementGauges, MirrorOutcome};
         let outcomes = MirrorOutcome::ALL.map(|o| {
             self.mirror
                 .with_label_values(&[route, candidate, o.as_str()])
@@ -286,7 +319,13 @@ impl Metrics {
                     .with_label_values(&[route, candidate, c.as_str(), r])
             })
         });
-        crate::data::shadow::ShadowStats::new(outcomes, comparisons)
+        let gauges = AgreementGauges::new(
+            self.agreement.clone(),
+            self.agreement_window.clone(),
+            route,
+            candidate,
+        );
+        crate::data::shadow::ShadowStats::new(outcomes, comparisons, gauges)
     }
 
     /// Registers the fleet gauges (a single weir does not export them).

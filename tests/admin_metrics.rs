@@ -293,3 +293,45 @@ stable = "chat@v1"
         "the stream was not counted once"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_canary_decision_of_every_canary_route_is_exported_at_zero_from_the_start() {
+    // Alerts such as `increase(weir_canary_decisions_total{decision="rollback"}[15m]) > 0` see
+    // a process's first rollback only if the series existed before it, at zero.
+    let canaries: String = ["eu", "us"]
+        .iter()
+        .map(|region| {
+            format!(
+                "[[routes]]\nname = \"chat-{region}\"\nprefix = \"/{region}/v1/chat\"\n\
+                 stable = \"chat@v1\"\ncandidate = \"chat@v2\"\n\n\
+                 [routes.canary]\nsteps = [\"10%\", \"50%\"]\ninterval = \"1h\"\n\n"
+            )
+        })
+        .collect();
+    let v1 = Backend::echo("chat@v1").await;
+    let v2 = Backend::echo("chat@v2").await;
+    let e1 = Backend::echo("embed@e1").await;
+    let weir = Weir::start(
+        &format!("{CONFIG}\n{canaries}"),
+        &[("v1", &v1.url()), ("v2", &v2.url()), ("e1", &e1.url())],
+    )
+    .await;
+    let scrape = weir.metrics().await;
+    for route in ["chat-eu", "chat-us"] {
+        for decision in ["advance", "hold", "promote", "rollback"] {
+            let labels = [("route", route), ("decision", decision)];
+            assert_eq!(
+                metric(&scrape, "weir_canary_decisions_total", &labels),
+                Some(0.0),
+                "{route}/{decision} must be exported at 0"
+            );
+        }
+    }
+    for route in ["chat", "embed"] {
+        assert_eq!(
+            metric(&scrape, "weir_canary_decisions_total", &[("route", route)]),
+            None,
+            "route {route} has no canary, so no decisions"
+        );
+    }
+}

@@ -22,10 +22,10 @@ fn exported() -> String {
     let metrics = weir::metrics::Metrics::new();
     metrics.enable_fleet();
     let _stats = metrics.target("r", "m@v1", weir::metrics::Role::Stable);
-    let _shadow = metrics.shadow("r", "m@v2");
+    metrics.shadow("r", "m@v2").record_agreement(true);
     metrics.set_weight("r", 0);
     metrics.set_mismatch("r", "m@v1", "http://b", false);
-    metrics.count_canary_decision("r", "hold");
+    metrics.canary_route("r");
     String::from_utf8_lossy(&metrics.encode()).into_owned()
 }
 
@@ -864,6 +864,31 @@ fn the_alert_rules_name_real_metrics() {
                 "alert uses {metric}, which weir does not export"
             );
         }
+    }
+}
+
+/// `promtool test rules deploy/prometheus/alerts.test.yml` runs in `.ci/run`; this checks that
+/// the unit tests cover every alert, each both firing and silent.
+#[test]
+fn every_alert_has_a_promtool_test_that_fires_it_and_one_that_keeps_it_silent() {
+    let rules = &docs("deploy/prometheus/alerts.yml")[0]["groups"][0]["rules"];
+    let tests = &docs("deploy/prometheus/alerts.test.yml")[0];
+    assert_eq!(tests["rule_files"][0], "alerts.yml");
+    let cases: Vec<&Value> = tests["tests"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .flat_map(|t| t["alert_rule_test"].as_sequence().unwrap())
+        .collect();
+    for rule in rules.as_sequence().unwrap() {
+        let name = rule["alert"].as_str().unwrap();
+        let expected = |fires: bool| {
+            cases.iter().any(|c| {
+                c["alertname"] == name && c["exp_alerts"].as_sequence().unwrap().is_empty() != fires
+            })
+        };
+        assert!(expected(true), "no promtool test fires {name}");
+        assert!(expected(false), "no promtool test keeps {name} silent");
     }
 }
 

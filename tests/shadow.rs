@@ -307,6 +307,52 @@ async fn equal_streamed_chat_answers_agree_and_different_ones_disagree() {
     text_agreement(true).await;
 }
 
+/// `weir_mirror_agreement_ratio` and `weir_mirror_agreement_comparisons` of (route, candidate).
+async fn agreement_gauges(weir: &Weir, route: &str, candidate: &str) -> (Option<f64>, Option<f64>) {
+    let scrape = weir.metrics().await;
+    let labels = [("route", route), ("version", candidate)];
+    (
+        metric(&scrape, "weir_mirror_agreement_ratio", &labels),
+        metric(&scrape, "weir_mirror_agreement_comparisons", &labels),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agreement_gauge_shows_what_routes_and_the_gate_see() {
+    let (v1, v2) = stable_and_candidate().await;
+    let weir = start(&config("", ""), &v1.url(), &v2.url()).await;
+    // No comparison yet: no ratio either (0 would read as "nothing agrees").
+    assert_eq!(
+        agreement_gauges(&weir, ROUTE, CANDIDATE).await,
+        (None, None)
+    );
+
+    // Status agrees, text does not: the answer disagrees as a whole. A per-comparator average
+    // would show 50% here.
+    chat(&weir, &format!("a question {DIVERGE}"), false).await;
+    assert_eventually_eq!(
+        comparisons(&weir, ROUTE, CANDIDATE).await,
+        counts(&[("status/agree", 1), ("text/disagree", 1)]),
+        "one diverging answer"
+    );
+    assert_eq!(agreement(&weir, ROUTE).await, (Some(0.0), 1));
+    assert_eq!(
+        agreement_gauges(&weir, ROUTE, CANDIDATE).await,
+        (Some(0.0), Some(1.0))
+    );
+
+    chat(&weir, "a question", false).await;
+    assert_eventually_eq!(
+        agreement(&weir, ROUTE).await,
+        (Some(0.5), 2),
+        "one agreeing answer more"
+    );
+    assert_eq!(
+        agreement_gauges(&weir, ROUTE, CANDIDATE).await,
+        (Some(0.5), Some(2.0))
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_json_answer_sent_chunked_is_compared_by_its_content_not_its_framing() {
     // The stable's answer reaches weir chunked, split mid-JSON across frames; the candidate's

@@ -76,6 +76,9 @@ pub fn build_table(
                 role,
             })
         };
+        if r.canary.is_some() {
+            metrics.canary_route(&r.name);
+        }
         let stable = target(&live.stable, Role::Stable)?;
         let candidate = live
             .serving_candidate()

@@ -9,7 +9,7 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 
 use bytes::{Bytes, BytesMut};
-use prometheus::IntCounter;
+use prometheus::{Gauge, GaugeVec, IntCounter, IntGauge, IntGaugeVec};
 use tokio::sync::oneshot;
 
 use crate::config::{Comparator, CompareConfig};
@@ -60,16 +60,65 @@ pub struct ShadowStats {
     pub outcomes: [IntCounter; 5],
     /// Indexed by comparator (`Comparator::ALL` order), then verdict (agree, disagree, error).
     pub comparisons: [[IntCounter; 3]; 5],
-    /// Overall verdicts of the last comparisons (true: agree); cold, touched by shadow tasks only.
-    rolling: Mutex<VecDeque<bool>>,
+    /// Overall verdicts of the last comparisons; cold, touched by shadow tasks only.
+    rolling: Mutex<Rolling>,
+}
+
+/// The last [`AGREEMENT_WINDOW`] overall verdicts (true: every comparator agreed), and their
+/// export as gauges.
+#[derive(Debug)]
+struct Rolling {
+    verdicts: VecDeque<bool>,
+    agreed: usize,
+    gauges: AgreementGauges,
+}
+
+/// `weir_mirror_agreement_ratio` and `weir_mirror_agreement_comparisons` of one (route,
+/// candidate). The series are created at the first comparison: before it there is no agreement
+/// to show (a ratio exported at 0 would read as "nothing agrees").
+#[derive(Debug)]
+pub struct AgreementGauges {
+    families: (GaugeVec, IntGaugeVec),
+    labels: [String; 2],
+    series: Option<(Gauge, IntGauge)>,
+}
+
+impl AgreementGauges {
+    pub fn new(ratio: GaugeVec, window: IntGaugeVec, route: &str, version: &str) -> Self {
+        AgreementGauges {
+            families: (ratio, window),
+            labels: [route.to_string(), version.to_string()],
+            series: None,
+        }
+    }
+
+    fn set(&mut self, agreed: usize, n: usize) {
+        let (ratio, window) = self.series.get_or_insert_with(|| {
+            let labels = [self.labels[0].as_str(), self.labels[1].as_str()];
+            (
+                self.families.0.with_label_values(&labels),
+                self.families.1.with_label_values(&labels),
+            )
+        });
+        ratio.set(agreed as f64 / n as f64);
+        window.set(n as i64);
+    }
 }
 
 impl ShadowStats {
-    pub fn new(outcomes: [IntCounter; 5], comparisons: [[IntCounter; 3]; 5]) -> ShadowStats {
+    pub fn new(
+        outcomes: [IntCounter; 5],
+        comparisons: [[IntCounter; 3]; 5],
+        gauges: AgreementGauges,
+    ) -> ShadowStats {
         ShadowStats {
             outcomes,
             comparisons,
-            rolling: Mutex::new(VecDeque::with_capacity(AGREEMENT_WINDOW)),
+            rolling: Mutex::new(Rolling {
+                verdicts: VecDeque::with_capacity(AGREEMENT_WINDOW),
+                agreed: 0,
+                gauges,
+            }),
         }
     }
 
@@ -94,20 +143,24 @@ impl ShadowStats {
         self.comparisons[c][v].inc();
     }
 
+    /// Records one comparison's overall verdict: agreed when every comparator agreed.
     pub fn record_agreement(&self, agreed: bool) {
         let mut rolling = self.rolling.lock().unwrap_or_else(|p| p.into_inner());
-        if rolling.len() == AGREEMENT_WINDOW {
-            rolling.pop_front();
+        if rolling.verdicts.len() == AGREEMENT_WINDOW && rolling.verdicts.pop_front() == Some(true)
+        {
+            rolling.agreed -= 1;
         }
-        rolling.push_back(agreed);
+        rolling.verdicts.push_back(agreed);
+        rolling.agreed += usize::from(agreed);
+        let (agreed, n) = (rolling.agreed, rolling.verdicts.len());
+        rolling.gauges.set(agreed, n);
     }
 
     /// Agreement rate over the last comparisons, and how many it covers.
     pub fn agreement(&self) -> (Option<f64>, usize) {
         let rolling = self.rolling.lock().unwrap_or_else(|p| p.into_inner());
-        let n = rolling.len();
-        let agreed = rolling.iter().filter(|a| **a).count();
-        ((n > 0).then(|| agreed as f64 / n as f64), n)
+        let n = rolling.verdicts.len();
+        ((n > 0).then(|| rolling.agreed as f64 / n as f64), n)
     }
 }
 
