@@ -167,7 +167,7 @@ impl Server {
             proxy_listener,
             conn.clone(),
             proxy_tls.clone(),
-            Some(Arc::clone(&proxy)),
+            config.listener.http1_fast_path.then(|| Arc::clone(&proxy)),
             move |peer: SocketAddr, secure: bool| {
                 let info = Arc::new(ConnInfo {
                     client_ip: HeaderValue::from_str(&peer.ip().to_string())

@@ -44,6 +44,7 @@ struct RawListener {
     max_connections: Option<usize>,
     http2_max_concurrent_streams: Option<u32>,
     http2_max_pending_resets: Option<usize>,
+    http1_fast_path: Option<bool>,
 }
 
 #[derive(Deserialize, Clone)]
@@ -426,6 +427,7 @@ pub(super) fn parse(text: &str) -> Result<Config, Vec<Problem>> {
     let listener = ListenerConfig {
         tls: None,
         limits: ConnLimits::default(),
+        http1_fast_path: raw.listener.http1_fast_path.unwrap_or(true),
         addr: c.addr("listener.addr", &raw.listener.addr, DEFAULT_LISTEN),
         header_read_timeout: c.duration(
             "listener.header_read_timeout",

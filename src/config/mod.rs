@@ -186,6 +186,9 @@ pub struct ListenerConfig {
     /// Terminate TLS on this listener.
     pub tls: Option<TlsConfig>,
     pub limits: ConnLimits,
+    /// Serve HTTP/1.1 connections on weir's own fast path (true) or all through hyper. Both
+    /// frame, route and answer alike; off is for comparing the two, or ruling the fast path out.
+    pub http1_fast_path: bool,
 }
 
 /// What one client may hold or send; beyond these weir refuses rather than stalls.

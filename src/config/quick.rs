@@ -151,6 +151,7 @@ impl QuickMode {
                 header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
                 max_request_body: DEFAULT_MAX_REQUEST_BODY,
                 limits: ConnLimits::default(),
+                http1_fast_path: true,
                 tls: match (&self.tls_cert, &self.tls_key) {
                     (Some(cert), Some(key)) => Some(TlsConfig {
                         cert: cert.clone(),

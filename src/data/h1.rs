@@ -26,6 +26,7 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 
 use super::body::InFlight;
+use super::framing::{self, Framing};
 use super::listener::ConnSettings;
 use super::proxy::{bad_override_json, no_route_json, Proxy, Refusal};
 use super::split::{BadOverride, RequestHeaders};
@@ -144,73 +145,6 @@ enum Exchange {
     HandOff,
 }
 
-/// What the fast path reads from a request head.
-struct Head<'a> {
-    host: Option<&'a [u8]>,
-    content_length: Option<u64>,
-    close: bool,
-    /// `Connection` tokens other than close / keep-alive: headers not to forward.
-    connection_named: Vec<&'a [u8]>,
-}
-
-fn is_hop_by_hop(name: &str) -> bool {
-    super::proxy::HOP_BY_HOP
-        .iter()
-        .any(|h| name.eq_ignore_ascii_case(h.as_str()))
-}
-
-fn tokens(value: &[u8]) -> impl Iterator<Item = &[u8]> {
-    value
-        .split(|b| *b == b',')
-        .map(|t| t.trim_ascii())
-        .filter(|t| !t.is_empty())
-}
-
-/// Reads the request's framing and connection headers; `None`: hand the request to hyper.
-fn read_head<'a>(headers: &'a [httparse::Header<'a>]) -> Option<Head<'a>> {
-    let mut head = Head {
-        host: None,
-        content_length: None,
-        close: false,
-        connection_named: Vec::new(),
-    };
-    for h in headers {
-        let name = h.name;
-        if name.eq_ignore_ascii_case("host") {
-            if head.host.is_some() {
-                return None;
-            }
-            head.host = Some(h.value);
-        } else if name.eq_ignore_ascii_case("content-length") {
-            let text = std::str::from_utf8(h.value).ok()?.trim();
-            if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
-                return None;
-            }
-            let len: u64 = text.parse().ok()?;
-            if head.content_length.is_some_and(|l| l != len) {
-                return None;
-            }
-            head.content_length = Some(len);
-        } else if name.eq_ignore_ascii_case("transfer-encoding")
-            || name.eq_ignore_ascii_case("expect")
-            || name.eq_ignore_ascii_case("upgrade")
-        {
-            return None;
-        } else if name.eq_ignore_ascii_case("connection") {
-            for token in tokens(h.value) {
-                if token.eq_ignore_ascii_case(b"close") {
-                    head.close = true;
-                } else if token.eq_ignore_ascii_case(b"upgrade") {
-                    return None;
-                } else if !token.eq_ignore_ascii_case(b"keep-alive") {
-                    head.connection_named.push(token);
-                }
-            }
-        }
-    }
-    Some(head)
-}
-
 /// One request and its response.
 async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
     proxy: &Proxy,
@@ -234,22 +168,34 @@ async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
         return Exchange::HandOff;
     }
     let headers: &[httparse::Header<'_>] = req.headers;
-    let Some(head) = read_head(headers) else {
-        return Exchange::HandOff;
+    let fields = match framing::request(
+        false,
+        method,
+        headers.iter().map(|h| (h.name.as_bytes(), h.value)),
+    ) {
+        Ok(fields) => fields,
+        Err(malformed) => {
+            let body = malformed.json();
+            return local(client, malformed.request_status(), &body, None, false, None).await;
+        }
     };
-    let Some(host) = head.host.and_then(|h| std::str::from_utf8(h).ok()) else {
+    // Bodies hyper frames (chunked, Expect) and upgrades go to hyper, which checks the same rules.
+    if fields.chunked || fields.expect || fields.upgrade {
+        return Exchange::HandOff;
+    }
+    let Some(host) = fields.host.and_then(|h| std::str::from_utf8(h).ok()) else {
         return Exchange::HandOff;
     };
     let path = request_target
         .split_once('?')
         .map_or(request_target, |(p, _)| p);
-    let body_len = head.content_length.unwrap_or(0);
+    let body_len = fields.content_length.unwrap_or(0);
     let buffered_body = (buf.len() - head_len).min(body_len as usize);
     let consumed = head_len + buffered_body;
     let body_complete = buffered_body as u64 == body_len;
     // Where a local answer leaves the connection: reusable only when the whole request is read.
     let reuse = body_complete.then_some(consumed);
-    let keep_alive = !head.close && !draining;
+    let keep_alive = !fields.close && !draining;
     let settings = &proxy.settings;
 
     // Decide from one table snapshot, then let it go.
@@ -326,8 +272,8 @@ async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
     };
     let backend = picked.backend();
 
-    // The upstream request: the client's head minus hop-by-hop headers and the override, plus
-    // X-Forwarded-For / -Proto; then the body bytes already read.
+    // The upstream request: the client's head minus hop-by-hop headers and the override, its
+    // length once, plus X-Forwarded-For / -Proto; then the body bytes already read.
     let mut out = Vec::with_capacity(head_len + buffered_body + 64);
     out.extend_from_slice(method.as_bytes());
     out.push(b' ');
@@ -335,22 +281,22 @@ async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
     out.extend_from_slice(b" HTTP/1.1\r\n");
     let mut forwarded_for: Vec<&[u8]> = Vec::new();
     for h in headers {
-        let name = h.name;
-        if is_hop_by_hop(name)
-            || name.eq_ignore_ascii_case(super::split::OVERRIDE_HEADER.as_str())
-            || name.eq_ignore_ascii_case("x-forwarded-proto")
-            || head
-                .connection_named
-                .iter()
-                .any(|n| name.as_bytes().eq_ignore_ascii_case(n))
+        let name = h.name.as_bytes();
+        if fields.drops(name)
+            || name.eq_ignore_ascii_case(b"content-length")
+            || name.eq_ignore_ascii_case(super::split::OVERRIDE_HEADER.as_str().as_bytes())
+            || name.eq_ignore_ascii_case(b"x-forwarded-proto")
         {
             continue;
         }
-        if name.eq_ignore_ascii_case("x-forwarded-for") {
+        if name.eq_ignore_ascii_case(b"x-forwarded-for") {
             forwarded_for.push(h.value);
             continue;
         }
-        push_header(&mut out, name.as_bytes(), h.value);
+        push_header(&mut out, name, h.value);
+    }
+    if let Some(length) = fields.content_length {
+        let _ = write!(out, "content-length: {length}\r\n");
     }
     out.extend_from_slice(b"x-forwarded-for: ");
     for prior in &forwarded_for {
@@ -413,7 +359,7 @@ async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
                     (kind.status(), refuse(kind), reuse)
                 }
                 // Failed while sending: part of the body may still be unread.
-                Failure::Sending => (StatusCode::BAD_GATEWAY, refuse(ErrorKind::Reset), None),
+                Failure::Sending(kind) => (kind.status(), refuse(kind), None),
                 // Failed after the whole request was sent: the client's connection stays usable.
                 Failure::Backend(kind) => (kind.status(), refuse(kind), Some(consumed)),
             };
@@ -584,8 +530,9 @@ enum Failure {
     /// Connect, timeout, reset or protocol, after the whole request was sent (or before any of
     /// it was).
     Backend(ErrorKind),
-    /// The backend went away while the request body was still being sent.
-    Sending,
+    /// The backend went away (`Reset`) or stopped reading for longer than the idle timeout
+    /// (`Timeout`) while the request body was still being sent.
+    Sending(ErrorKind),
     /// The client stopped sending its body.
     ClientBody,
 }
@@ -613,15 +560,11 @@ async fn send<S: AsyncRead + AsyncWrite + Unpin>(
             ),
         };
         let retry = reused && request.body_complete && attempt < 2;
-        if conn.stream.write_all(request.out).await.is_err() {
-            if retry {
-                continue;
-            }
-            return Err(if request.body_complete {
-                Failure::Backend(ErrorKind::Reset)
-            } else {
-                Failure::Sending
-            });
+        match write_upstream(&mut conn, request.out, settings.idle_timeout).await {
+            Ok(()) => {}
+            Err(ErrorKind::Reset) if retry => continue,
+            Err(kind) if request.body_complete => return Err(Failure::Backend(kind)),
+            Err(kind) => return Err(Failure::Sending(kind)),
         }
         // The rest of the body, from the client as it arrives.
         let mut left = request.body_left;
@@ -636,9 +579,9 @@ async fn send<S: AsyncRead + AsyncWrite + Unpin>(
             if let Some(tee) = request.request_tee.as_mut().filter(|t| t.is_open()) {
                 tee.push(&Bytes::copy_from_slice(&chunk[..n]));
             }
-            if conn.stream.write_all(&chunk[..n]).await.is_err() {
-                return Err(Failure::Sending);
-            }
+            write_upstream(&mut conn, &chunk[..n], settings.idle_timeout)
+                .await
+                .map_err(Failure::Sending)?;
             left -= n as u64;
         }
         if request.body_left > 0 {
@@ -656,6 +599,19 @@ async fn send<S: AsyncRead + AsyncWrite + Unpin>(
             Ok(Err(HeadError::Invalid)) => return Err(Failure::Backend(ErrorKind::Protocol)),
             Ok(Ok(response)) => return Ok((conn, response)),
         }
+    }
+}
+
+/// Writes to a backend; one that takes nothing for `timeout` (it stopped reading) is cut off.
+async fn write_upstream(
+    conn: &mut Upstream,
+    data: &[u8],
+    timeout: Duration,
+) -> Result<(), ErrorKind> {
+    match tokio::time::timeout(timeout, conn.stream.write_all(data)).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(_)) => Err(ErrorKind::Reset),
+        Err(_) => Err(ErrorKind::Timeout),
     }
 }
 
@@ -837,156 +793,6 @@ enum HeadError {
     Invalid,
 }
 
-/// How a response body ends.
-#[derive(Clone, Copy, Debug, PartialEq)]
-enum Framing {
-    Length(u64),
-    Chunked(Chunked),
-    UntilClose,
-    Ended,
-}
-
-impl Framing {
-    /// How many bytes at the front of `data` belong to the body, and whether the body ends there;
-    /// `payload` is told where the body's content lies in them (chunked framing excluded).
-    fn take_with(
-        &mut self,
-        data: &[u8],
-        mut payload: impl FnMut(std::ops::Range<usize>),
-    ) -> (usize, bool) {
-        let (n, done) = match self {
-            Framing::Length(left) => {
-                let n = (*left).min(data.len() as u64);
-                *left -= n;
-                (n as usize, *left == 0)
-            }
-            Framing::Chunked(state) => return state.scan_with(data, payload),
-            Framing::UntilClose => (data.len(), false),
-            Framing::Ended => (0, true),
-        };
-        if n > 0 {
-            payload(0..n);
-        }
-        (n, done)
-    }
-
-    /// Chunked framing the backend broke: the body can neither end nor go on.
-    fn is_invalid(&self) -> bool {
-        *self == Framing::Chunked(Chunked::Invalid)
-    }
-}
-
-/// Where a chunked body stands; the bytes pass through untouched.
-#[derive(Clone, Copy, Debug, PartialEq)]
-enum Chunked {
-    Size {
-        size: u64,
-        digits: u8,
-    },
-    Extension {
-        size: u64,
-    },
-    SizeLf {
-        size: u64,
-    },
-    Data {
-        left: u64,
-    },
-    DataCr,
-    DataLf,
-    /// After the last chunk: trailer lines until an empty one. `empty`: the line so far is empty.
-    Trailer {
-        empty: bool,
-    },
-    TrailerLf {
-        empty: bool,
-    },
-    Done,
-    Invalid,
-}
-
-impl Chunked {
-    fn start() -> Chunked {
-        Chunked::Size { size: 0, digits: 0 }
-    }
-
-    /// Consumes `data` up to the end of the body; returns the bytes taken and whether it ended,
-    /// telling `payload` where each run of chunk data lies in `data`. Invalid framing stops the
-    /// scan in [`Chunked::Invalid`] (the body never ends, so it fails).
-    fn scan_with(
-        &mut self,
-        data: &[u8],
-        mut payload: impl FnMut(std::ops::Range<usize>),
-    ) -> (usize, bool) {
-        let mut i = 0;
-        while i < data.len() {
-            let b = data[i];
-            *self = match *self {
-                Chunked::Size { size, digits } => match (b as char).to_digit(16) {
-                    Some(d) if digits < 16 => Chunked::Size {
-                        size: size * 16 + u64::from(d),
-                        digits: digits + 1,
-                    },
-                    None if digits > 0 && (b == b';' || b == b' ' || b == b'\t') => {
-                        Chunked::Extension { size }
-                    }
-                    None if digits > 0 && b == b'\r' => Chunked::SizeLf { size },
-                    _ => Chunked::Invalid,
-                },
-                Chunked::Extension { size } => {
-                    if b == b'\r' {
-                        Chunked::SizeLf { size }
-                    } else {
-                        Chunked::Extension { size }
-                    }
-                }
-                Chunked::SizeLf { size } => match (b, size) {
-                    (b'\n', 0) => Chunked::Trailer { empty: true },
-                    (b'\n', size) => Chunked::Data { left: size },
-                    _ => Chunked::Invalid,
-                },
-                Chunked::Data { left } => {
-                    let n = (left as usize).min(data.len() - i);
-                    payload(i..i + n);
-                    i += n;
-                    let left = left - n as u64;
-                    *self = if left == 0 {
-                        Chunked::DataCr
-                    } else {
-                        Chunked::Data { left }
-                    };
-                    continue;
-                }
-                Chunked::DataCr if b == b'\r' => Chunked::DataLf,
-                Chunked::DataLf if b == b'\n' => Chunked::start(),
-                Chunked::Trailer { empty } => {
-                    if b == b'\r' {
-                        Chunked::TrailerLf { empty }
-                    } else {
-                        Chunked::Trailer { empty: false }
-                    }
-                }
-                Chunked::TrailerLf { empty } => match (b, empty) {
-                    (b'\n', true) => Chunked::Done,
-                    (b'\n', false) => Chunked::Trailer { empty: true },
-                    _ => Chunked::Invalid,
-                },
-                Chunked::DataCr | Chunked::DataLf | Chunked::Done | Chunked::Invalid => {
-                    Chunked::Invalid
-                }
-            };
-            if *self == Chunked::Invalid {
-                return (i, false);
-            }
-            i += 1;
-            if *self == Chunked::Done {
-                return (i, true);
-            }
-        }
-        (i, false)
-    }
-}
-
 /// A parsed response head, as offsets into the upstream buffer.
 struct ResponseHead {
     status: u16,
@@ -995,6 +801,8 @@ struct ResponseHead {
     reason: std::ops::Range<usize>,
     /// Header lines to pass on, as (name, value) ranges.
     headers: Vec<(std::ops::Range<usize>, std::ops::Range<usize>)>,
+    /// Content-Length, written once (the backend's lines are not passed on as they were).
+    content_length: Option<u64>,
     framing: Framing,
     keep_alive: bool,
 }
@@ -1040,6 +848,9 @@ impl ResponseHead {
                 continue;
             }
             push_header(out, name, &buf[value.clone()]);
+        }
+        if let Some(length) = self.content_length {
+            let _ = write!(out, "content-length: {length}\r\n");
         }
         if matches!(self.framing, Framing::UntilClose) {
             out.extend_from_slice(b"transfer-encoding: chunked\r\n");
@@ -1097,73 +908,40 @@ fn parse_response(buf: &[u8], head_request: bool) -> Result<Option<Parsed>, Head
     let offset = |s: &[u8]| s.as_ptr() as usize - buf.as_ptr() as usize;
     let range = |s: &[u8]| offset(s)..offset(s) + s.len();
     let reason = res.reason.map_or(0..0, |r| range(r.as_bytes()));
-    let mut keep_alive = res.version == Some(1);
-    let mut chunked = false;
-    let mut length: Option<u64> = None;
-    let mut named: Vec<&[u8]> = Vec::new();
-    for h in res.headers.iter() {
-        if h.name.eq_ignore_ascii_case("connection") {
-            for token in tokens(h.value) {
-                if token.eq_ignore_ascii_case(b"close") {
-                    keep_alive = false;
-                } else if token.eq_ignore_ascii_case(b"keep-alive") {
-                    keep_alive |= res.version == Some(0);
-                } else {
-                    named.push(token);
-                }
-            }
-        } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
-            let last = tokens(h.value).last().unwrap_or_default();
-            chunked = last.eq_ignore_ascii_case(b"chunked");
-            if !chunked {
-                return Err(HeadError::Invalid); // only chunked can frame a response we keep alive
-            }
-        } else if h.name.eq_ignore_ascii_case("content-length") {
-            let value = std::str::from_utf8(h.value)
-                .ok()
-                .and_then(|v| v.trim().parse::<u64>().ok())
-                .ok_or(HeadError::Invalid)?;
-            if length.is_some_and(|l| l != value) {
-                return Err(HeadError::Invalid);
-            }
-            length = Some(value);
-        }
-    }
-    let no_body = head_request || status == 204 || status == 304;
-    let framing = if no_body {
-        Framing::Ended
-    } else if chunked {
-        Framing::Chunked(Chunked::start())
-    } else if let Some(len) = length {
-        if len == 0 {
-            Framing::Ended
-        } else {
-            Framing::Length(len)
-        }
+    let http10 = res.version == Some(0);
+    let fields = framing::response(
+        http10,
+        res.headers.iter().map(|h| (h.name.as_bytes(), h.value)),
+    )
+    .map_err(|_| HeadError::Invalid)?;
+    let framing = framing::response_body(status, head_request, &fields);
+    let chunked = matches!(framing, Framing::Chunked(_));
+    // HTTP/1.0 stays open only if asked to; a body read until close, or framed by chunked
+    // beside a Content-Length (the backend may have meant either), ends the connection.
+    let keep_alive = if http10 {
+        fields.keep_alive
     } else {
-        keep_alive = false;
-        Framing::UntilClose
-    };
+        !fields.close
+    } && framing != Framing::UntilClose
+        && !(fields.chunked && fields.content_length.is_some());
     let mut headers = Vec::with_capacity(res.headers.len());
     for h in res.headers.iter() {
-        let name = h.name;
-        // Framing headers stay when the body passes through as framed; hop-by-hop ones go.
-        let framing_header = name.eq_ignore_ascii_case("transfer-encoding") && chunked && !no_body;
-        if (is_hop_by_hop(name) && !framing_header)
-            || (chunked && name.eq_ignore_ascii_case("content-length"))
-            || named
-                .iter()
-                .any(|n| name.as_bytes().eq_ignore_ascii_case(n))
-        {
+        let name = h.name.as_bytes();
+        // Transfer-Encoding stays when the body passes through chunked; Content-Length is
+        // written once, and only when it frames the body (or describes a HEAD's).
+        let framing_header = name.eq_ignore_ascii_case(b"transfer-encoding") && chunked;
+        if (fields.drops(name) && !framing_header) || name.eq_ignore_ascii_case(b"content-length") {
             continue;
         }
-        headers.push((range(name.as_bytes()), range(h.value)));
+        headers.push((range(name), range(h.value)));
     }
+    let content_length = fields.content_length.filter(|_| !fields.chunked);
     Ok(Some(Parsed::Final(ResponseHead {
         status,
         len,
         reason,
         headers,
+        content_length,
         framing,
         keep_alive,
     })))
@@ -1218,7 +996,8 @@ pub async fn forward(
         Ok(sent) => sent,
         Err(Failure::Backend(kind)) => return Err(kind),
         // Nothing is read from a client here; a failed write is the backend's doing.
-        Err(Failure::Sending | Failure::ClientBody) => return Err(ErrorKind::Reset),
+        Err(Failure::Sending(kind)) => return Err(kind),
+        Err(Failure::ClientBody) => return Err(ErrorKind::Reset),
     };
     let mut response = http::Response::new(());
     *response.status_mut() = StatusCode::from_u16(head.status).map_err(|_| ErrorKind::Protocol)?;
@@ -1234,6 +1013,9 @@ pub async fn forward(
         let value = http::HeaderValue::from_bytes(&conn.buf[value.clone()])
             .map_err(|_| ErrorKind::Protocol)?;
         headers.append(name, value);
+    }
+    if let Some(length) = head.content_length {
+        headers.insert(http::header::CONTENT_LENGTH, length.into());
     }
     conn.buf.advance(head.len);
     let (parts, ()) = response.into_parts();
@@ -1450,67 +1232,35 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Rewind<S> {
 mod tests {
     use super::*;
 
-    fn scan_all(parts: &[&[u8]]) -> (usize, bool) {
-        let mut state = Chunked::start();
-        let mut total = 0;
-        for part in parts {
-            let (n, done) = state.scan_with(part, |_| {});
-            total += n;
-            if done {
-                return (total, true);
-            }
+    fn final_head(raw: &[u8]) -> ResponseHead {
+        match parse_response(raw, false) {
+            Ok(Some(Parsed::Final(head))) => head,
+            _ => panic!("{:?} parses", String::from_utf8_lossy(raw)),
         }
-        (total, false)
     }
 
-    #[test]
-    fn chunked_bodies_end_exactly_where_their_framing_says() {
-        let body = b"5\r\nhello\r\n6;ext=1\r\n world\r\n0\r\n\r\nNEXT";
-        let (n, done) = scan_all(&[body]);
-        assert!(done);
-        assert_eq!(&body[..n], b"5\r\nhello\r\n6;ext=1\r\n world\r\n0\r\n\r\n");
-        // Split at every byte boundary.
-        for cut in 1..body.len() - 4 {
-            let (n, done) = scan_all(&[&body[..cut], &body[cut..]]);
-            assert!(done, "cut {cut}");
-            assert_eq!(n, body.len() - 4, "cut {cut}");
-        }
-        // Trailers.
-        let (n, done) = scan_all(&[b"0\r\nx-t: 1\r\n\r\n"]);
-        assert!(done && n == 13);
-        // Garbage never reads as an end.
-        assert!(!scan_all(&[b"zz\r\n"]).1);
-        assert!(!scan_all(&[b"3\r\nabcX\r\n0\r\n\r\n"]).1);
+    fn written(raw: &[u8], head: &ResponseHead) -> String {
+        let mut out = Vec::new();
+        head.write_headers(raw, &mut out, None);
+        String::from_utf8(out).unwrap()
     }
 
     #[test]
     fn response_heads_keep_framing_and_drop_hop_by_hop_headers() {
         let raw = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: x-secret\r\nX-Secret: 1\r\nKeep-Alive: timeout=5\r\nX-Kept: 2\r\n\r\nhello";
-        let Ok(Some(Parsed::Final(head))) = parse_response(raw, false) else {
-            panic!("parses")
-        };
+        let head = final_head(raw);
         assert_eq!(head.framing, Framing::Length(5));
         assert!(head.keep_alive);
-        let mut out = Vec::new();
-        head.write_headers(raw, &mut out, None);
-        assert_eq!(
-            String::from_utf8(out).unwrap(),
-            "Content-Length: 5\r\nX-Kept: 2\r\n"
-        );
+        assert_eq!(written(raw, &head), "X-Kept: 2\r\ncontent-length: 5\r\n");
+
+        // Chunked beats Content-Length, which is dropped; the connection is not reused.
         let raw = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 9\r\n\r\n";
-        let Ok(Some(Parsed::Final(head))) = parse_response(raw, false) else {
-            panic!("parses")
-        };
-        let mut out = Vec::new();
-        head.write_headers(raw, &mut out, None);
-        assert_eq!(
-            String::from_utf8(out).unwrap(),
-            "Transfer-Encoding: chunked\r\n"
-        );
+        let head = final_head(raw);
+        assert_eq!(written(raw, &head), "Transfer-Encoding: chunked\r\n");
+        assert!(!head.keep_alive);
+
         let raw = b"HTTP/1.0 200 OK\r\n\r\n";
-        let Ok(Some(Parsed::Final(head))) = parse_response(raw, false) else {
-            panic!("parses")
-        };
+        let head = final_head(raw);
         assert_eq!(head.framing, Framing::UntilClose);
         assert!(!head.keep_alive);
         assert!(matches!(
@@ -1521,20 +1271,35 @@ mod tests {
     }
 
     #[test]
-    fn requests_with_bodies_hyper_must_frame_are_handed_over() {
-        let h = |name: &'static str, value: &'static [u8]| httparse::Header { name, value };
-        assert!(read_head(&[h("Host", b"a"), h("Transfer-Encoding", b"chunked")]).is_none());
-        assert!(read_head(&[h("Host", b"a"), h("Expect", b"100-continue")]).is_none());
-        assert!(read_head(&[h("Content-Length", b"1"), h("Content-Length", b"2")]).is_none());
-        assert!(read_head(&[h("Content-Length", b"+1")]).is_none());
-        let headers = [
-            h("Host", b"a"),
-            h("Connection", b"close, X-Drop"),
-            h("Content-Length", b"12"),
-        ];
-        let head = read_head(&headers).unwrap();
-        assert!(head.close);
-        assert_eq!(head.content_length, Some(12));
-        assert_eq!(head.connection_named, [b"X-Drop".as_slice()]);
+    fn connection_cannot_strip_a_response_s_framing() {
+        let raw =
+            b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: content-length\r\n\r\nhello";
+        let head = final_head(raw);
+        assert_eq!(head.framing, Framing::Length(5));
+        assert!(head.keep_alive);
+        assert_eq!(written(raw, &head), "content-length: 5\r\n");
+
+        let raw = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nConnection: transfer-encoding\r\n\r\n";
+        let head = final_head(raw);
+        assert!(matches!(head.framing, Framing::Chunked(_)));
+        assert_eq!(written(raw, &head), "Transfer-Encoding: chunked\r\n");
+
+        // Identical lengths collapse to one line; differing or malformed ones are refused.
+        let raw = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\n";
+        assert_eq!(written(raw, &final_head(raw)), "content-length: 5\r\n");
+        for bad in [
+            "Content-Length: +5\r\n",
+            "Content-Length: 5, 6\r\n",
+            "Content-Length: 5\r\nContent-Length: 6\r\n",
+            "Content-Length: \r\n",
+            "Transfer-Encoding: chunked, chunked\r\n",
+            "Transfer-Encoding: gzip\r\n",
+            "Transfer-Encoding: gzip, chunked\r\n",
+        ] {
+            let raw = format!("HTTP/1.1 200 OK\r\n{bad}\r\n");
+            assert!(parse_response(raw.as_bytes(), false).is_err(), "{bad:?}");
+        }
+        let raw = b"HTTP/1.0 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n";
+        assert!(parse_response(raw, false).is_err());
     }
 }

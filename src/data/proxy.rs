@@ -21,6 +21,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use super::body::{BodyTooLarge, InFlight, LimitedBody, MeteredBody, ProxyBody};
+use super::framing;
 use super::split::{BadOverride, OVERRIDE_HEADER};
 use super::table::RoutingTable;
 use super::upstream::{BackendGuard, Version};
@@ -67,8 +68,8 @@ static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-prot
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
-/// Hop-by-hop headers (RFC 9110 §7.6.1 and the older proxy ones), never forwarded.
-pub(super) static HOP_BY_HOP: [&HeaderName; 9] = [
+/// [`framing::HOP_BY_HOP`] as header names, for removal from a parsed map.
+static HOP_BY_HOP: [&HeaderName; 9] = [
     &header::CONNECTION,
     &KEEP_ALIVE,
     &PROXY_CONNECTION,
@@ -156,10 +157,14 @@ impl Proxy {
     /// Serves one request. Never fails: every problem becomes a JSON error response.
     pub async fn handle(
         self: Arc<Self>,
-        req: Request<Incoming>,
+        mut req: Request<Incoming>,
         conn: Arc<ConnInfo>,
     ) -> Result<Response<ProxyBody>, Infallible> {
         let started = Instant::now();
+        // The same framing and Host rules as the fast path, before anything is decided.
+        if let Err(malformed) = normalize_head(&mut req) {
+            return Ok(malformed_answer(malformed, req.version()));
+        }
         // Resolve everything the request needs from one table snapshot, then let it go: the
         // request keeps its version and handles even if the table is swapped meanwhile.
         let (target_stats, version, shadow_plan) = {
@@ -211,13 +216,6 @@ impl Proxy {
         let client_version = parts.version;
         let b = backend.backend();
         let mut uri = std::mem::take(&mut parts.uri).into_parts();
-        if parts.headers.get(HOST).is_none() {
-            if let Some(authority) = &uri.authority {
-                if let Ok(value) = HeaderValue::from_str(authority.as_str()) {
-                    parts.headers.insert(HOST, value);
-                }
-            }
-        }
         uri.scheme = Some(b.scheme.clone());
         uri.authority = Some(b.authority.clone());
         if uri.path_and_query.is_none() {
@@ -456,6 +454,55 @@ fn error_chain(e: &(dyn StdError + 'static)) -> String {
     text
 }
 
+/// Applies the framing rules (one valid Content-Length or chunked, see [`framing`]) and makes the
+/// Host the backend sees the authority weir routes by: an absolute-form target's authority
+/// replaces Host (RFC 9112 §3.2.2); an HTTP/2 `:authority` becomes Host, and a Host that differs
+/// from it is refused (RFC 9113 §8.3.1).
+fn normalize_head<B>(req: &mut Request<B>) -> Result<(), framing::Malformed> {
+    let http2 = req.version() == http::Version::HTTP_2;
+    let headers = req
+        .headers()
+        .iter()
+        .map(|(name, value)| (name.as_str().as_bytes(), value.as_bytes()));
+    let fields = if http2 {
+        framing::check_method(req.method().as_str())?;
+        framing::read(headers)?
+    } else {
+        let http10 = req.version() <= http::Version::HTTP_10;
+        framing::request(http10, req.method().as_str(), headers)?
+    };
+    let length = fields.content_length;
+    let host = fields.host.map(<[u8]>::to_vec);
+    if let Some(authority) = req.uri().authority() {
+        if !framing::valid_host(authority.as_str().as_bytes()) {
+            return Err(framing::Malformed::Host);
+        }
+        if http2 && host.is_some_and(|h| !h.eq_ignore_ascii_case(authority.as_str().as_bytes())) {
+            return Err(framing::Malformed::Host);
+        }
+        let value =
+            HeaderValue::from_str(authority.as_str()).map_err(|_| framing::Malformed::Host)?;
+        req.headers_mut().insert(HOST, value);
+    }
+    // Identical Content-Length lines go on as one.
+    if let Some(length) = length {
+        req.headers_mut()
+            .insert(CONTENT_LENGTH, HeaderValue::from(length));
+    }
+    Ok(())
+}
+
+/// weir's answer to a request whose head it refuses; an HTTP/1 connection closes after it.
+fn malformed_answer(malformed: framing::Malformed, version: http::Version) -> Response<ProxyBody> {
+    let mut response = json_error(malformed.request_status(), malformed.json());
+    if version < http::Version::HTTP_2 {
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    response
+}
+
 /// The request's host: the URI authority (HTTP/2, absolute form) or the Host header.
 fn request_host<B>(req: &Request<B>) -> Option<&str> {
     req.uri()
@@ -481,9 +528,9 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
         let named: Vec<HeaderName> = headers
             .get_all(header::CONNECTION)
             .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .filter_map(|token| HeaderName::try_from(token.trim()).ok())
+            .flat_map(|v| framing::tokens(v.as_bytes()))
+            .filter(|token| framing::connection_may_name(token))
+            .filter_map(|token| HeaderName::from_bytes(token).ok())
             .collect();
         for name in named {
             headers.remove(name);
@@ -575,6 +622,28 @@ mod tests {
         strip_hop_by_hop(&mut h);
         let left: Vec<_> = h.keys().map(|k| k.as_str()).collect();
         assert_eq!(left, ["x-kept"]);
+    }
+
+    #[test]
+    fn hop_by_hop_names_are_the_framing_module_s() {
+        let names: Vec<&str> = HOP_BY_HOP.iter().map(|n| n.as_str()).collect();
+        assert_eq!(names, framing::HOP_BY_HOP);
+    }
+
+    #[test]
+    fn connection_cannot_remove_framing_headers_or_host() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            "connection",
+            HeaderValue::from_static("content-length, host, transfer-encoding, x-drop"),
+        );
+        h.insert("content-length", HeaderValue::from_static("5"));
+        h.insert("host", HeaderValue::from_static("a.example"));
+        h.insert("x-drop", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h);
+        let mut left: Vec<_> = h.keys().map(|k| k.as_str()).collect();
+        left.sort_unstable();
+        assert_eq!(left, ["content-length", "host"]);
     }
 
     #[test]
