@@ -77,6 +77,11 @@ impl ErrorKind {
         }
     }
 
+    /// Whether the backend was not reached: refused or not accepted in time.
+    pub fn is_connect(self) -> bool {
+        matches!(self, ErrorKind::Connect | ErrorKind::ConnectTimeout)
+    }
+
     fn index(self) -> usize {
         self as usize
     }

@@ -234,3 +234,82 @@ async fn a_version_with_every_backend_ejected_is_503_no_backend() {
         );
     }
 }
+
+/// A backend that answers every request with a head promising 100 bytes, sends 10, and closes.
+async fn breaking_backend() -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 1024];
+                let _ = socket.read(&mut buf).await;
+                let _ = socket
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n0123456789")
+                    .await;
+            });
+        }
+    });
+    format!("http://{addr}")
+}
+
+/// Traffic that fails every request leaves a WARN line per backend and kind at the default log
+/// level, not one per request: protocol errors before the head, body errors mid-response.
+#[tokio::test]
+async fn a_backend_failing_every_request_is_logged_at_warn_once_per_kind() {
+    let garbage = format!("chat@v1={}", misbehaving_backend(Misbehaviour::Garbage).await);
+    let breaking = format!("chat@v2={}", breaking_backend().await);
+    let cwd = temp_dir("failing-backend-log");
+    let weir = WeirProcess::spawn(
+        &[
+            "serve",
+            "--stable",
+            &garbage,
+            "--candidate",
+            &breaking,
+            "--weight",
+            "0%",
+            "--allow-override",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
+        ],
+        cwd.path(),
+    );
+    let client = http1();
+    for _ in 0..10 {
+        let reply = get(&client, &weir.url("/v1/x")).await;
+        assert_weir_error(&reply, 502, "protocol", Some("chat@v1"));
+        let req = request(http::Method::GET, &weir.url("/v1/x"))
+            .header("x-weir-version", "chat@v2")
+            .body(empty())
+            .unwrap();
+        // The head arrives; the body breaks off.
+        let response = client.request(req).await.expect("a response head");
+        assert_eq!(response.status(), 200);
+        let body = http_body_util::BodyExt::collect(response.into_body()).await;
+        assert!(body.is_err(), "the body breaks off");
+    }
+    let warnings = |kind: &str| -> Vec<String> {
+        weir.log()
+            .lines()
+            .filter(|l| l.contains("WARN") && l.contains(&format!("kind=\"{kind}\"")))
+            .map(str::to_string)
+            .collect()
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while (warnings("protocol").is_empty() || warnings("body").is_empty())
+        && Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let protocol = warnings("protocol");
+    assert_eq!(protocol.len(), 1, "one protocol warning:\n{}", weir.log());
+    assert!(protocol[0].contains("chat@v1"), "{}", protocol[0]);
+    assert!(protocol[0].contains("not valid HTTP"), "{}", protocol[0]);
+    let body = warnings("body");
+    assert_eq!(body.len(), 1, "one body warning:\n{}", weir.log());
+    assert!(body[0].contains("chat@v2"), "{}", body[0]);
+    assert!(body[0].contains("mid-body"), "{}", body[0]);
+}

@@ -254,9 +254,9 @@ async fn mtls_refuses_a_client_without_a_certificate() {
     );
 }
 
-#[tokio::test]
-async fn an_https_backend_with_a_private_ca_works() {
-    let pki = Pki::new();
+/// An https backend with a certificate from `pki`'s CA for `localhost`, answering every request
+/// with `body` and `x-backend: body`; returns its port.
+async fn https_backend(pki: &Pki, body: &'static str) -> u16 {
     let (cert, key) = pki.issue("backend");
     let server_config = rustls::ServerConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
@@ -282,8 +282,12 @@ async fn an_https_backend_with_a_private_ca_works() {
                 let Ok(tls) = acceptor.accept(tcp).await else {
                     return;
                 };
-                let service = hyper::service::service_fn(|_req| async {
-                    Ok::<_, Infallible>(http::Response::new(full("secret backend")))
+                let service = hyper::service::service_fn(move |_req| async move {
+                    let mut response = http::Response::new(full(body));
+                    response
+                        .headers_mut()
+                        .insert("x-backend", http::HeaderValue::from_static(body));
+                    Ok::<_, Infallible>(response)
                 });
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(TokioIo::new(tls), service)
@@ -291,6 +295,13 @@ async fn an_https_backend_with_a_private_ca_works() {
             });
         }
     });
+    port
+}
+
+#[tokio::test]
+async fn an_https_backend_with_a_private_ca_works() {
+    let pki = Pki::new();
+    let port = https_backend(&pki, "secret backend").await;
     let config = format!(
         r#"
         [proxy.backend_tls]
@@ -468,4 +479,56 @@ async fn http1_over_tls_serves_one_connection_through_fast_and_handed_over_reque
         assert_eq!(echo(&body)["path"], "/again");
     }
     assert_eq!(backend.hits(), 8);
+}
+
+/// The HTTP/1 fast path sends only to plain-HTTP backends and hands other requests (and the rest
+/// of their connection) to hyper; the split must still draw once, so a route with one https
+/// version splits at its weight.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_route_with_an_https_candidate_splits_http1_requests_at_its_weight() {
+    const N: usize = 1000;
+    let pki = Pki::new();
+    let port = https_backend(&pki, "chat@v2").await;
+    let stable = Backend::named("chat@v1").await;
+    let config = format!(
+        r#"
+        [proxy.backend_tls]
+        ca = {ca:?}
+        [[versions]]
+        model = "chat"
+        version = "v2"
+        backends = ["https://localhost:{port}"]
+        [[versions]]
+        model = "chat"
+        version = "v1"
+        backends = ["{{v1}}"]
+        [[routes]]
+        name = "chat"
+        stable = "chat@v1"
+        candidate = "chat@v2"
+        weight = "50%"
+        "#,
+        ca = pki.path("ca.pem")
+    );
+    let weir = Weir::start(&config, &[("v1", &stable.url())]).await;
+    let client = http1();
+    let mut candidate = 0;
+    for i in 0..N {
+        // One connection per request: a connection handed over stays with hyper.
+        let reply = get_with(&client, &weir.url("/"), &[("connection", "close")]).await;
+        assert_eq!(reply.status, 200, "request {i}: {}", reply.text());
+        assert_eq!(
+            reply.header("x-backend"),
+            Some(reply.served_by()),
+            "request {i}"
+        );
+        if reply.served_by() == "chat@v2" {
+            candidate += 1;
+        }
+    }
+    // 50% of 1000 is 500 ± 79 (5σ); a split drawn twice for the candidate gives 25%.
+    assert!(
+        (421..=579).contains(&candidate),
+        "candidate served {candidate} of {N} requests at weight 50%"
+    );
 }

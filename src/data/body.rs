@@ -19,6 +19,7 @@ use hyper::body::Incoming;
 use pin_project_lite::pin_project;
 use tokio::time::Sleep;
 
+use super::decide::backend_failure;
 use super::shadow::{RequestTee, ResponseTee};
 use super::upstream::BackendGuard;
 use crate::metrics::{ErrorKind, TargetStats};
@@ -159,7 +160,7 @@ pin_project! {
         version: Arc<str>,
         first_byte: bool,
         // Keeps the backend counted in flight for as long as the body streams.
-        _backend: Option<BackendGuard>,
+        backend: Option<BackendGuard>,
         // A copy for comparison with a shadow answer, when this request was mirrored.
         tee: Option<ResponseTee>,
     }
@@ -199,7 +200,7 @@ impl<B> MeteredBody<B> {
             in_flight: Some(in_flight),
             version,
             first_byte: false,
-            _backend: backend,
+            backend,
             tee,
         }
     }
@@ -242,6 +243,12 @@ where
             }
             Poll::Ready(Some(Err(_))) => {
                 in_flight.stats.count_error(ErrorKind::Body);
+                if let Some(backend) = this.backend.as_ref() {
+                    let kind = ErrorKind::Body;
+                    backend
+                        .backend()
+                        .failed(this.version, kind, backend_failure(kind));
+                }
                 // Done: duration is recorded now, and the body ends here.
                 this.in_flight.take();
                 Poll::Ready(Some(Err(Box::new(UpstreamBodyError {
@@ -270,6 +277,12 @@ where
                 }
                 ready!(this.idle.as_mut().poll(cx));
                 in_flight.stats.count_error(ErrorKind::IdleTimeout);
+                if let Some(backend) = this.backend.as_ref() {
+                    let kind = ErrorKind::IdleTimeout;
+                    backend
+                        .backend()
+                        .failed(this.version, kind, backend_failure(kind));
+                }
                 this.in_flight.take();
                 Poll::Ready(Some(Err(Box::new(UpstreamBodyError {
                     version: this.version.clone(),

@@ -25,11 +25,11 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
-use super::body::InFlight;
+use super::decide::{backend_failure, decide_on, Ask, Decided, Decision, Local, Refusal};
 use super::framing::{self, Framing};
 use super::listener::ConnSettings;
-use super::proxy::{bad_override_json, no_route_json, Proxy, Refusal};
-use super::split::{BadOverride, RequestHeaders};
+use super::proxy::Proxy;
+
 use super::upstream::Backend;
 use crate::metrics::ErrorKind;
 
@@ -198,78 +198,51 @@ async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
     let keep_alive = !fields.close && !draining;
     let settings = &proxy.settings;
 
-    // Decide from one table snapshot, then let it go.
-    let (target, version, shadow_plan) = {
+    // Decide from one table snapshot, then let it go. A route with a version the fast path
+    // cannot send to goes to hyper before the split draws, so the split draws once.
+    let decided = {
         let table = proxy.table.load();
-        let Some(route) = table.find(Some(host), path) else {
-            let body = no_route_json(path, host);
+        let ask = Ask {
+            host: Some(host),
+            path,
+            headers,
+            content_length: fields.content_length,
+            started,
+        };
+        match table.find(ask.host, ask.path) {
+            None => Decided::Local(Local::no_route(&ask)),
+            Some(route) if !route.plain_http() => return Exchange::HandOff,
+            Some(route) => decide_on(route, &ask, settings.max_request_body),
+        }
+    };
+    let Decision {
+        version,
+        backend: picked,
+        in_flight,
+        shadow_plan,
+    } = match decided {
+        Decided::Forward(decision) => decision,
+        Decided::Local(answer) => {
+            let label_header = match (&settings.version_header, &answer.version) {
+                (Some(name), Some((version, _))) => Some((name, version.label_header.as_bytes())),
+                _ => None,
+            };
             return local(
                 client,
-                StatusCode::NOT_FOUND,
-                &body,
-                None,
+                answer.status,
+                &answer.body,
+                label_header,
                 keep_alive,
                 reuse,
             )
             .await;
-        };
-        let chosen = match route.choose(headers) {
-            Ok(t) => t,
-            Err(BadOverride) => {
-                let wanted = RequestHeaders::first(headers, &super::split::OVERRIDE_HEADER)
-                    .map(|v| String::from_utf8_lossy(v).into_owned())
-                    .unwrap_or_default();
-                let body = bad_override_json(&wanted, route);
-                return local(
-                    client,
-                    StatusCode::BAD_REQUEST,
-                    &body,
-                    None,
-                    keep_alive,
-                    reuse,
-                )
-                .await;
-            }
-        };
-        if !chosen.version.plain_http {
-            return Exchange::HandOff;
         }
-        let shadow_plan = route.shadow_plan(chosen);
-        (
-            Arc::clone(&chosen.stats),
-            Arc::clone(&chosen.version),
-            shadow_plan,
-        )
     };
-    let in_flight = InFlight::start(target, started);
     let label_header = settings
         .version_header
         .as_ref()
         .map(|name| (name, version.label_header.as_bytes()));
-
-    if body_len > settings.max_request_body {
-        let (status, body) =
-            Refusal::TooLarge(settings.max_request_body).answer(&version.label, &in_flight);
-        return local(client, status, &body, label_header, keep_alive, reuse).await;
-    }
     let refuse = |kind: ErrorKind| Refusal::Backend(kind).answer(&version.label, &in_flight).1;
-    let Some(picked) = version.pick() else {
-        let kind = if version.any_verified() {
-            ErrorKind::NoBackend
-        } else {
-            ErrorKind::Unverified
-        };
-        let body = refuse(kind);
-        return local(
-            client,
-            kind.status(),
-            &body,
-            label_header,
-            keep_alive,
-            reuse,
-        )
-        .await;
-    };
     let backend = picked.backend();
 
     // The upstream request: the client's head minus hop-by-hop headers and the override, its
@@ -347,6 +320,17 @@ async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
                 failure
             {
                 backend.refused(settings.backend_eject, &version.label, kind.as_str());
+            }
+            match failure {
+                Failure::Sending(kind) => backend.failed(
+                    &version.label,
+                    kind,
+                    "stopped taking the request before it was sent",
+                ),
+                Failure::Backend(kind) if !kind.is_connect() => {
+                    backend.failed(&version.label, kind, backend_failure(kind));
+                }
+                _ => {}
             }
             let (status, body, reusable) = match failure {
                 Failure::ClientBody => {
@@ -462,7 +446,11 @@ async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
         // Framing that can never end: what was valid has gone out, the rest is cut off.
         if framing.is_invalid() {
             in_flight.stats().count_error(ErrorKind::Body);
-            tracing::debug!(version = %version.label, "backend sent invalid chunked framing");
+            backend.failed(
+                &version.label,
+                ErrorKind::Body,
+                "sent invalid chunked framing",
+            );
             return Exchange::Close;
         }
         if conn.buf.capacity() - conn.buf.len() < 1024 {
@@ -474,12 +462,17 @@ async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
             Ok(Ok(n)) if n > 0 => {}
             Ok(_) => {
                 in_flight.stats().count_error(ErrorKind::Body);
-                tracing::debug!(version = %version.label, "backend broke off the response mid-body");
+                backend.failed(
+                    &version.label,
+                    ErrorKind::Body,
+                    backend_failure(ErrorKind::Body),
+                );
                 return Exchange::Close;
             }
             Err(_) => {
                 in_flight.stats().count_error(ErrorKind::IdleTimeout);
-                tracing::debug!(version = %version.label, "backend went silent mid-body for longer than the idle timeout");
+                let kind = ErrorKind::IdleTimeout;
+                backend.failed(&version.label, kind, backend_failure(kind));
                 return Exchange::Close;
             }
         }

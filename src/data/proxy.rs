@@ -21,8 +21,9 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use super::body::{BodyTooLarge, InFlight, LimitedBody, MeteredBody, ProxyBody};
+use super::decide::{backend_failure, decide, Ask, Decided, Decision, Local, Refusal};
 use super::framing;
-use super::split::{BadOverride, OVERRIDE_HEADER};
+use super::split::OVERRIDE_HEADER;
 use super::table::RoutingTable;
 use super::upstream::{BackendGuard, Version};
 use crate::config::ProxyConfig;
@@ -101,44 +102,6 @@ pub fn upstream_client(config: &ProxyConfig) -> Result<UpstreamClient, crate::tl
         .build(connector))
 }
 
-/// Why a request got an answer from weir rather than from a backend.
-pub(super) enum Refusal {
-    Backend(ErrorKind),
-    TooLarge(u64),
-    ClientBody,
-}
-
-impl Refusal {
-    /// The status and JSON body weir answers with for `label`'s request, counted on its stats.
-    pub(super) fn answer(
-        &self,
-        label: &str,
-        in_flight: &InFlight,
-    ) -> (StatusCode, serde_json::Value) {
-        let (status, kind, message) = match *self {
-            Refusal::Backend(kind) => {
-                in_flight.stats().count_error(kind);
-                (kind.status(), kind.as_str(), backend_message(kind, label))
-            }
-            Refusal::TooLarge(limit) => (
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "request_too_large",
-                format!("request body is larger than the limit of {limit} bytes (listener.max_request_body)"),
-            ),
-            Refusal::ClientBody => (
-                StatusCode::BAD_REQUEST,
-                "client_body",
-                "the request body could not be read from the client".to_string(),
-            ),
-        };
-        in_flight.stats().count_response(status);
-        (
-            status,
-            serde_json::json!({"error": message, "version": label, "kind": kind}),
-        )
-    }
-}
-
 impl Proxy {
     pub fn new(
         table: Arc<ArcSwap<RoutingTable>>,
@@ -165,52 +128,30 @@ impl Proxy {
         if let Err(malformed) = normalize_head(&mut req) {
             return Ok(malformed_answer(malformed, req.version()));
         }
-        // Resolve everything the request needs from one table snapshot, then let it go: the
-        // request keeps its version and handles even if the table is swapped meanwhile.
-        let (target_stats, version, shadow_plan) = {
-            let table = self.table.load();
-            let host = request_host(&req);
-            let Some(route) = table.find(host, req.uri().path()) else {
-                return Ok(no_route(&req));
-            };
-            let target = match route.choose(req.headers()) {
-                Ok(t) => t,
-                Err(BadOverride) => return Ok(bad_override(&req, route)),
-            };
-            let shadow_plan = route.shadow_plan(target);
-            (
-                Arc::clone(&target.stats),
-                Arc::clone(&target.version),
-                shadow_plan,
-            )
-        };
-        let in_flight = InFlight::start(target_stats, started);
-        let version_value = &version.label_header;
-
+        // Decide from one table snapshot, then let it go: the request keeps its version and
+        // handles even if the table is swapped meanwhile.
         let request_length = content_length(req.headers());
-        if let Some(len) = request_length {
-            if len > self.settings.max_request_body {
-                return Ok(self.refuse(
-                    Refusal::TooLarge(self.settings.max_request_body),
-                    &version.label,
-                    version_value,
-                    &in_flight,
-                ));
-            }
-        }
-        let Some(backend) = version.pick() else {
-            let kind = if version.any_verified() {
-                ErrorKind::NoBackend
-            } else {
-                ErrorKind::Unverified
+        let decided = {
+            let table = self.table.load();
+            let ask = Ask {
+                host: request_host(&req),
+                path: req.uri().path(),
+                headers: req.headers(),
+                content_length: request_length,
+                started,
             };
-            return Ok(self.refuse(
-                Refusal::Backend(kind),
-                &version.label,
-                version_value,
-                &in_flight,
-            ));
+            decide(&table, &ask, self.settings.max_request_body)
         };
+        let Decision {
+            version,
+            backend,
+            in_flight,
+            shadow_plan,
+        } = match decided {
+            Decided::Forward(decision) => decision,
+            Decided::Local(local) => return Ok(self.local(local)),
+        };
+        let version_value = &version.label_header;
 
         let (mut parts, body) = req.into_parts();
         let client_version = parts.version;
@@ -261,8 +202,10 @@ impl Proxy {
             let (response, body) = match super::h1::forward(&self, b, &parts, &bytes).await {
                 Ok(sent) => sent,
                 Err(kind) => {
-                    if matches!(kind, ErrorKind::Connect | ErrorKind::ConnectTimeout) {
+                    if kind.is_connect() {
                         b.refused(self.settings.backend_eject, &version.label, kind.as_str());
+                    } else {
+                        b.failed(&version.label, kind, backend_failure(kind));
                     }
                     return Ok(self.refuse(
                         Refusal::Backend(kind),
@@ -292,6 +235,8 @@ impl Proxy {
         .await;
         let response = match result {
             Err(_elapsed) => {
+                let kind = ErrorKind::Timeout;
+                b.failed(&version.label, kind, backend_failure(kind));
                 return Ok(self.refuse(
                     Refusal::Backend(ErrorKind::Timeout),
                     &version.label,
@@ -303,8 +248,9 @@ impl Proxy {
                 let refusal = classify(&e);
                 if let Refusal::Backend(ErrorKind::Connect | ErrorKind::ConnectTimeout) = refusal {
                     b.refused(self.settings.backend_eject, &version.label, error_chain(&e));
-                } else {
-                    tracing::debug!(version = %version.label, backend = %b.authority, error = %error_chain(&e), "upstream request failed");
+                } else if let Refusal::Backend(kind) = refusal {
+                    let what = format!("{}: {}", backend_failure(kind), error_chain(&e));
+                    b.failed(&version.label, kind, &what);
                 }
                 return Ok(self.refuse(refusal, &version.label, version_value, &in_flight));
             }
@@ -360,6 +306,17 @@ impl Proxy {
         (parts, body)
     }
 
+    /// Weir's own answer to a request it decided not to forward.
+    fn local(&self, local: Local) -> Response<ProxyBody> {
+        let mut response = json_error(local.status, local.body);
+        if let (Some(name), Some((version, _))) = (&self.settings.version_header, &local.version) {
+            response
+                .headers_mut()
+                .insert(name.clone(), version.label_header.clone());
+        }
+        response
+    }
+
     /// Answers a request that weir could not forward, and counts it.
     fn refuse(
         &self,
@@ -376,31 +333,6 @@ impl Proxy {
                 .insert(name.clone(), version_value.clone());
         }
         response
-    }
-}
-
-fn backend_message(kind: ErrorKind, label: &str) -> String {
-    match kind {
-        ErrorKind::Connect => format!("a backend of {label} refused the connection"),
-        ErrorKind::ConnectTimeout => {
-            format!("a backend of {label} did not accept a connection within proxy.connect_timeout")
-        }
-        ErrorKind::Reset => format!("a backend of {label} closed the connection before answering"),
-        ErrorKind::Timeout => {
-            format!("a backend of {label} sent no response within proxy.response_header_timeout")
-        }
-        ErrorKind::Protocol => {
-            format!("a backend of {label} answered with something that is not valid HTTP")
-        }
-        ErrorKind::NoBackend => {
-            format!("every backend of {label} is failing; none is usable right now")
-        }
-        ErrorKind::Unverified => format!(
-            "no backend of {label} reports the identity the registry expects; weir will not serve an unverified model"
-        ),
-        ErrorKind::Body | ErrorKind::IdleTimeout => {
-            format!("a backend of {label} failed mid-response")
-        }
     }
 }
 
@@ -567,39 +499,6 @@ pub fn json_error(status: StatusCode, body: serde_json::Value) -> Response<Proxy
         HeaderValue::from_static("application/json"),
     );
     response
-}
-
-fn no_route<B>(req: &Request<B>) -> Response<ProxyBody> {
-    json_error(
-        StatusCode::NOT_FOUND,
-        no_route_json(req.uri().path(), request_host(req).unwrap_or("")),
-    )
-}
-
-pub(crate) fn no_route_json(path: &str, host: &str) -> serde_json::Value {
-    serde_json::json!({
-        "error": format!("no route matches {path} (host {host:?})"),
-        "kind": "no_route",
-    })
-}
-
-fn bad_override<B>(req: &Request<B>, route: &super::table::Route) -> Response<ProxyBody> {
-    let wanted = req
-        .headers()
-        .get(&OVERRIDE_HEADER)
-        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
-        .unwrap_or_default();
-    json_error(StatusCode::BAD_REQUEST, bad_override_json(&wanted, route))
-}
-
-pub(crate) fn bad_override_json(wanted: &str, route: &super::table::Route) -> serde_json::Value {
-    serde_json::json!({
-        "error": format!(
-            "x-weir-version: {wanted:?} is not served by route {}; it serves {}",
-            route.name, route.override_choices()
-        ),
-        "kind": "bad_override",
-    })
 }
 
 #[cfg(test)]

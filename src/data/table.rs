@@ -96,6 +96,15 @@ impl Route {
         }
     }
 
+    /// Whether every version of this route is served over plain HTTP.
+    pub fn plain_http(&self) -> bool {
+        self.stable.version.plain_http
+            && self
+                .candidate
+                .as_ref()
+                .is_none_or(|candidate| candidate.version.plain_http)
+    }
+
     pub fn target(&self, role: Role) -> Option<&Target> {
         match role {
             Role::Stable => Some(&self.stable),

@@ -12,6 +12,7 @@ use http::uri::{Authority, Scheme};
 use http::HeaderValue;
 
 use crate::config::{Balance, VersionConfig};
+use crate::metrics::ErrorKind;
 
 /// One model version and its backends.
 #[derive(Debug)]
@@ -41,6 +42,19 @@ pub struct Backend {
     verified: AtomicBool,
     /// Idle keep-alive connections of the HTTP/1.1 fast path.
     pub pool: Arc<super::h1::Pool>,
+    /// When each kind of failure was last logged, by [`ErrorKind`] index.
+    failure_logs: [FailureLog; ErrorKind::ALL.len()],
+}
+
+/// Each kind of backend failure is logged at most once per this period per backend, with the
+/// number of failures of that kind not logged since.
+const FAILURE_LOG_PERIOD: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Default)]
+struct FailureLog {
+    /// Milliseconds since [`epoch`] before which this kind is not logged again.
+    quiet_until: AtomicU64,
+    suppressed: AtomicU64,
 }
 
 /// `host:port` for `authority`, with the scheme's default port when it names none.
@@ -84,6 +98,7 @@ impl Version {
                     ejected_until: AtomicU64::new(0),
                     verified: AtomicBool::new(verified),
                     pool: Arc::new(super::h1::Pool::new(pool_max_idle)),
+                    failure_logs: Default::default(),
                 }
             })
             .collect();
@@ -169,6 +184,40 @@ impl Backend {
                 "backend refused a connection; skipping it for {duration:?}"
             );
         }
+    }
+
+    /// Logs a request this backend failed (after it accepted the connection) at WARN: the
+    /// first of each kind, then at most one line per kind every [`FAILURE_LOG_PERIOD`] with
+    /// the count of those not logged, so a backend failing every request is seen without a
+    /// line per request.
+    pub fn failed(&self, version: &str, kind: ErrorKind, what: &str) {
+        let log = &self.failure_logs[kind as usize];
+        let now = now_millis();
+        let quiet_until = log.quiet_until.load(Ordering::Relaxed);
+        let period = FAILURE_LOG_PERIOD.as_millis() as u64;
+        if now < quiet_until
+            || log
+                .quiet_until
+                .compare_exchange(
+                    quiet_until,
+                    now + period,
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                )
+                .is_err()
+        {
+            log.suppressed.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        let suppressed = log.suppressed.swap(0, Ordering::Relaxed);
+        tracing::warn!(
+            version,
+            backend = %self.authority,
+            kind = kind.as_str(),
+            not_logged = suppressed,
+            "backend {what}; further {} failures of this backend are logged at most every {FAILURE_LOG_PERIOD:?}",
+            kind.as_str()
+        );
     }
 
     pub fn in_flight(&self) -> usize {
