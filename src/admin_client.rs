@@ -17,11 +17,12 @@ use crate::control::auth::{read_token_file, TOKEN_FILE};
 
 #[derive(Args, Debug)]
 pub struct AdminArgs {
-    /// Admin endpoint of the weir to talk to.
+    /// Admin endpoint of the weir to talk to; a bare HOST:PORT means http://HOST:PORT.
     #[arg(
         long,
         value_name = "URL",
         default_value = "http://127.0.0.1:9901",
+        value_parser = admin_url,
         global = true
     )]
     pub admin: String,
@@ -67,6 +68,23 @@ pub enum AdminCommand {
     Reload,
 }
 
+/// `--admin`: a URL, or `HOST:PORT` as printed by `weir serve` (`admin=127.0.0.1:9901`).
+fn admin_url(text: &str) -> Result<String, String> {
+    let url = if text.contains("://") {
+        text.to_string()
+    } else {
+        format!("http://{text}")
+    };
+    match url.parse::<http::Uri>() {
+        Ok(uri) if uri.host().is_some_and(|h| !h.is_empty()) => {
+            Ok(url.trim_end_matches('/').to_string())
+        }
+        _ => Err(format!(
+            "expected a URL such as http://127.0.0.1:9901 or an address such as 127.0.0.1:9901, got {text:?}"
+        )),
+    }
+}
+
 fn token(args: &AdminArgs) -> anyhow::Result<String> {
     if let Ok(token) = std::env::var("WEIR_ADMIN_TOKEN") {
         return Ok(token);
@@ -76,12 +94,12 @@ fn token(args: &AdminArgs) -> anyhow::Result<String> {
         .clone()
         .unwrap_or_else(|| args.state_dir.join(TOKEN_FILE));
     read_token_file(&path).with_context(|| {
-        "no admin token: set WEIR_ADMIN_TOKEN, pass --admin-token-file, or --state-dir of the weir you talk to"
+        "no admin token: set WEIR_ADMIN_TOKEN, pass --admin-token-file FILE, or --state-dir DIR of the weir you talk to"
     })
 }
 
 pub async fn run(args: AdminArgs) -> anyhow::Result<ExitCode> {
-    let base = args.admin.trim_end_matches('/').to_string();
+    let base = args.admin.clone();
     let (method, path, body) = match &args.command {
         AdminCommand::Status => (Method::GET, "/v1/routes".to_string(), None),
         AdminCommand::Weight { route, weight } => (
@@ -157,18 +175,29 @@ fn post(route: &str, action: &str, args: &AdminArgs) -> (Method, String, Option<
 fn print_status(answer: &Value) {
     println!("generation {}", answer["generation"]);
     println!(
-        "{:<16} {:<12} {:<28} {:<28} {:>8}",
+        "{:<16} {:<20} {:<28} {:<28} {:>8}",
         "route", "state", "stable", "candidate", "weight"
     );
     for r in answer["routes"].as_array().into_iter().flatten() {
         println!(
-            "{:<16} {:<12} {:<28} {:<28} {:>8}",
+            "{:<16} {:<20} {:<28} {:<28} {:>8}",
             r["name"].as_str().unwrap_or(""),
-            r["state"].as_str().unwrap_or(""),
+            state(r),
             r["stable"].as_str().unwrap_or(""),
             r["candidate"].as_str().unwrap_or("-"),
             r["weight_percent"].as_str().unwrap_or(""),
         );
+    }
+}
+
+/// A route's `state`, and its pause when the state does not say it: a rolled-back route can be
+/// paused too, and the pause is what holds off the canary controller once a weight is set again.
+fn state(route: &Value) -> String {
+    let state = route["state"].as_str().unwrap_or("");
+    if route["paused"] == json!(true) && state != "paused" {
+        format!("{state}, paused")
+    } else {
+        state.to_string()
     }
 }
 
@@ -183,7 +212,7 @@ fn print_change(answer: &Value) {
         Some(r) => println!(
             "route {}: {} — stable {}, candidate {}, weight {} (generation {generation}, {changed})",
             r["name"].as_str().unwrap_or(""),
-            r["state"].as_str().unwrap_or(""),
+            state(&answer["route"]),
             r["stable"].as_str().unwrap_or(""),
             r["candidate"].as_str().unwrap_or("-"),
             r["weight_percent"].as_str().unwrap_or(""),

@@ -269,10 +269,28 @@ pub fn main() -> ExitCode {
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", one_line(&e));
             ExitCode::FAILURE
         }
     }
+}
+
+/// `error` and its causes on one line, each said once. weir's errors end their message with
+/// their source's (`cannot read {path}: {source}`) and also return it as `source()`, which
+/// anyhow's `{:#}` would print a second time.
+fn one_line(error: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in error.chain() {
+        let text = cause.to_string();
+        if line.ends_with(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line
 }
 
 fn init_logging(level: &str) {
@@ -457,7 +475,9 @@ fn serve_config(args: ServeArgs) -> anyhow::Result<Config> {
     if let Ok(token) = std::env::var("WEIR_ADMIN_TOKEN") {
         config.admin.token = Some(token);
     } else if let Some(path) = &args.admin_token_file {
-        config.admin.token = Some(crate::control::auth::read_token_file(path)?);
+        let token = crate::control::auth::read_token_file(path)
+            .context("--admin-token-file (WEIR_ADMIN_TOKEN takes precedence)")?;
+        config.admin.token = Some(token);
     }
     Ok(config)
 }

@@ -284,6 +284,47 @@ async fn every_mutating_call_needs_the_token_and_a_refused_one_changes_nothing()
     assert_eq!(weir.audit().len(), audit_before.len() + accepted.len());
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bearer_scheme_is_case_insensitive() {
+    // RFC 9110 §11.1: the authentication scheme is a case-insensitive token.
+    let s = setup().await;
+    let weir = &s.weir;
+    let token = weir.token();
+    for (scheme, action) in [
+        ("bearer", "pause"),
+        ("BEARER", "resume"),
+        ("bEaReR", "pause"),
+    ] {
+        let authorization = format!("{scheme} {token}");
+        let reply = admin_call(
+            &weir.admin_url(&format!("/v1/routes/chat/{action}")),
+            Method::POST,
+            None,
+            None,
+            &[("authorization", &authorization)],
+        )
+        .await;
+        assert_eq!(
+            reply.status,
+            StatusCode::OK,
+            "{action} with scheme {scheme:?}: {}",
+            reply.text()
+        );
+        let last = weir.audit().pop().unwrap();
+        assert_eq!(last["action"], action, "{last}");
+        assert_eq!(last["actor"], actor_of(&token), "{last}");
+    }
+    let reply = admin_call(
+        &weir.admin_url("/v1/routes/chat/resume"),
+        Method::POST,
+        None,
+        None,
+        &[("authorization", &format!("bearer {token}0"))],
+    )
+    .await;
+    assert_admin_error(&reply, 401, "a wrong token under a lowercase scheme");
+}
+
 // === bad input ===
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -11,6 +11,7 @@ fn weir(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_weir"))
         .args(args)
         .env("NO_COLOR", "1")
+        .env_remove("WEIR_ADMIN_TOKEN")
         .output()
         .expect("weir binary runs")
 }
@@ -314,5 +315,129 @@ async fn weir_admin_moves_the_split_and_reports_refusals() {
     assert!(
         audit.contains("\"reason\":\"looks good\""),
         "the reason reaches the audit log"
+    );
+}
+
+#[tokio::test]
+async fn weir_admin_takes_a_bare_address_and_shows_the_pause_of_a_rolled_back_route() {
+    let v1 = Backend::named("v1").await;
+    let v2 = Backend::named("v2").await;
+    let server = Weir::start(ONE_CANARY, &[("v1", &v1.url()), ("v2", &v2.url())]).await;
+    // As `weir serve` prints it: `admin=127.0.0.1:PORT`, no scheme.
+    let admin = server.admin.to_string();
+    let dir = server.state_dir.path();
+    for args in [&["weight", "chat", "5%"][..], &["rollback", "chat"]] {
+        let out = weir_admin(&admin, dir, args).await;
+        assert!(out.status.success(), "{args:?}: {}", all_output(&out));
+    }
+
+    let out = weir_admin(&admin, dir, &["pause", "chat"]).await;
+    let text = all_output(&out);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("route chat: rolled_back, paused") && text.contains("changed"),
+        "the summary hides the pause: {text}"
+    );
+    let route = &server.routes().await["routes"][0];
+    assert_eq!(
+        (route["state"].as_str(), route["paused"].as_bool()),
+        (Some("rolled_back"), Some(true)),
+        "{route}"
+    );
+    let status = all_output(&weir_admin(&admin, dir, &["status"]).await);
+    assert!(
+        status.contains("rolled_back, paused"),
+        "status hides the pause: {status}"
+    );
+}
+
+/// `text` says `what` exactly once.
+fn assert_said_once(text: &str, what: &str) {
+    assert_eq!(
+        text.matches(what).count(),
+        1,
+        "{what:?} not said once in:\n{text}"
+    );
+}
+
+/// Writes a config in `dir` serving [`ONE_CANARY`] (backends unreachable) with the admin token
+/// in the file `token_file`, and returns its path.
+fn config_with_token_file(dir: &std::path::Path, token_file: &str) -> String {
+    let config = dir.join("weir.toml");
+    let template =
+        format!("[admin]\naddr = \"127.0.0.1:0\"\ntoken_file = {token_file:?}\n{ONE_CANARY}");
+    let nowhere = "http://127.0.0.1:9";
+    write_config(&config, &template, &[("v1", nowhere), ("v2", nowhere)], dir);
+    config.display().to_string()
+}
+
+#[tokio::test]
+async fn a_missing_admin_token_file_is_named_once_with_how_to_give_the_token() {
+    let dir = temp_dir("no-token");
+    let state = dir.path().to_str().unwrap();
+    let missing = "/nonexistent/weir-token";
+    let client = ["admin", "--admin-token-file", missing, "pause", "chat"];
+    let serve = [
+        "serve",
+        "--stable",
+        "http://127.0.0.1:9",
+        "--listen",
+        "127.0.0.1:0",
+        "--admin",
+        "127.0.0.1:0",
+        "--state-dir",
+        state,
+        "--admin-token-file",
+        missing,
+    ];
+    let config = config_with_token_file(dir.path(), missing);
+    let from_config = ["serve", "--config", &config];
+    for (args, settings) in [
+        (
+            &client[..],
+            &["WEIR_ADMIN_TOKEN", "--admin-token-file", "--state-dir"][..],
+        ),
+        (&serve, &["WEIR_ADMIN_TOKEN", "--admin-token-file"]),
+        (&from_config, &["WEIR_ADMIN_TOKEN", "admin.token_file"]),
+    ] {
+        let output = run_weir(args, dir.path(), DEADLINE).await;
+        let text = all_output(&output);
+        assert_eq!(output.status.code(), Some(1), "{text}");
+        assert_said_once(&text, "No such file or directory");
+        assert_said_once(&text, missing);
+        for setting in settings {
+            assert!(text.contains(setting), "{setting} not named: {text}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn weir_refuses_to_start_with_the_shipped_placeholder_token() {
+    use std::os::unix::fs::PermissionsExt;
+    let template = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/deploy/kubernetes/admin-token.yaml"
+    );
+    let template = std::fs::read_to_string(template).unwrap();
+    let placeholder = template
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("token: "))
+        .expect("the Secret template has a token");
+    let dir = temp_dir("placeholder");
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, format!("{placeholder}\n")).unwrap();
+    std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let token_file = token_file.to_str().unwrap();
+    let config = config_with_token_file(dir.path(), token_file);
+    let output = run_weir(&["serve", "--config", &config], dir.path(), DEADLINE).await;
+    let text = all_output(&output);
+    assert_eq!(output.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains("shipped placeholder") && text.contains(token_file),
+        "{text}"
+    );
+    assert!(
+        !dir.path().join("audit.jsonl").exists(),
+        "weir started before refusing the token"
     );
 }

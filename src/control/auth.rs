@@ -16,6 +16,10 @@ use crate::config::Config;
 
 pub const TOKEN_FILE: &str = "admin.token";
 
+/// How the token in the shipped Secret template (deploy/kubernetes/admin-token.yaml) begins: a
+/// weir started with it would accept a token anyone can read in the repository.
+const PLACEHOLDER: &str = "REPLACE-ME";
+
 /// The admin token, kept only as its SHA-256.
 #[derive(Clone)]
 pub struct AdminToken {
@@ -52,6 +56,20 @@ pub enum TokenError {
     },
     #[error("the admin token is empty")]
     EmptyToken,
+    #[error(
+        "the admin token file {path} holds the shipped placeholder REPLACE-ME...; put a secret in its place, e.g. from `openssl rand -hex 32`"
+    )]
+    PlaceholderFile { path: PathBuf },
+    #[error(
+        "the admin token (WEIR_ADMIN_TOKEN) is the shipped placeholder REPLACE-ME...; use a secret, e.g. from `openssl rand -hex 32`"
+    )]
+    Placeholder,
+    #[error("{setting}: {source}")]
+    Setting {
+        /// The flag or config key that named the token file.
+        setting: &'static str,
+        source: Box<TokenError>,
+    },
 }
 
 impl AdminToken {
@@ -59,6 +77,9 @@ impl AdminToken {
         let token = token.trim();
         if token.is_empty() {
             return Err(TokenError::EmptyToken);
+        }
+        if token.starts_with(PLACEHOLDER) {
+            return Err(TokenError::Placeholder);
         }
         let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
         let actor = format!(
@@ -77,7 +98,12 @@ impl AdminToken {
             return AdminToken::new(token);
         }
         if let Some(path) = &config.admin.token_file {
-            return AdminToken::new(&read_token_file(path)?);
+            let token = read_token_file(path).map_err(|e| TokenError::Setting {
+                setting:
+                    "admin.token_file (WEIR_ADMIN_TOKEN and --admin-token-file take precedence)",
+                source: Box::new(e),
+            })?;
+            return AdminToken::new(&token);
         }
         let path = config.state_dir.join(TOKEN_FILE);
         if path.exists() {
@@ -106,7 +132,7 @@ impl AdminToken {
     pub fn allows(&self, authorization: Option<&HeaderValue>) -> bool {
         let Some(presented) = authorization
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
+            .and_then(bearer_credentials)
         else {
             return false;
         };
@@ -123,7 +149,14 @@ impl AdminToken {
     }
 }
 
-/// Reads a token file, refusing one that every user can read.
+/// The credentials of a `Bearer` authorization. The scheme is a case-insensitive token
+/// (RFC 9110 §11.1): `bearer` and `BEARER` are `Bearer`.
+fn bearer_credentials(authorization: &str) -> Option<&str> {
+    let (scheme, credentials) = authorization.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then_some(credentials)
+}
+
+/// Reads a token file, refusing one that every user can read or that holds the placeholder.
 pub fn read_token_file(path: &Path) -> Result<String, TokenError> {
     let read_error = |source| TokenError::Read {
         path: path.to_path_buf(),
@@ -140,6 +173,11 @@ pub fn read_token_file(path: &Path) -> Result<String, TokenError> {
     let token = token.trim().to_string();
     if token.is_empty() {
         return Err(TokenError::Empty {
+            path: path.to_path_buf(),
+        });
+    }
+    if token.starts_with(PLACEHOLDER) {
+        return Err(TokenError::PlaceholderFile {
             path: path.to_path_buf(),
         });
     }
@@ -160,6 +198,10 @@ mod tests {
         let token = AdminToken::new("s3cret").unwrap();
         let header = |v: &'static str| HeaderValue::from_static(v);
         assert!(token.allows(Some(&header("Bearer s3cret"))));
+        assert!(token.allows(Some(&header("bearer s3cret"))));
+        assert!(token.allows(Some(&header("BEARER s3cret"))));
+        assert!(!token.allows(Some(&header("Bearers3cret"))));
+        assert!(!token.allows(Some(&header("Bearer-x s3cret"))));
         assert!(!token.allows(Some(&header("Bearer s3cret2"))));
         assert!(!token.allows(Some(&header("Bearer "))));
         assert!(!token.allows(Some(&header("s3cret"))));
