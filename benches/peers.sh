@@ -11,7 +11,8 @@
 # usage: benches/peers.sh [DURATION=10s] [CONNECTIONS=64] [ROUNDS=3]
 # env:   POST=0 skips the POST /v1/chat/completions pass; H2=0 skips h2load; MEM=0 skips memory;
 #        STREAM=0 skips the streaming pass (time to first byte and per-token delay added);
-#        H2N=200000 sets the requests per h2load run; TLS=0 skips the HTTPS pass (needs openssl).
+#        H2N=200000 sets the requests per h2load run; TLS=0 skips the HTTPS pass (needs openssl);
+#        WEIR_BIN=path uses that weir binary instead of building this checkout's.
 # needs: wrk, curl, python3, nginx, haproxy, h2load (apt-get install -y wrk nginx haproxy
 #        nghttp2-client); everything else is built here. Loopback only.
 set -euo pipefail
@@ -46,8 +47,8 @@ TICK=$(getconf CLK_TCK)
 for a in $B1 $B2 $WEIR $ADMIN $NGINX $HAPROXY $NGINX_H2 $HAPROXY_H2 $WEIR_TLS $ADMIN_TLS $NGINX_TLS $HAPROXY_TLS; do
   if ss -Htln "( sport = :${a##*:} )" | grep -q .; then echo "port ${a##*:} is already in use: $(ss -Htlnp "( sport = :${a##*:} )")" >&2; exit 1; fi
 done
-cargo build --release --quiet
-BIN=target/release/weir
+# WEIR_BIN=path measures another weir build (an A/B against an earlier commit) instead of this one.
+if [ -n "${WEIR_BIN:-}" ]; then BIN=$WEIR_BIN; else cargo build --release --quiet; BIN=target/release/weir; fi
 work=$(mktemp -d)
 pids=()
 cleanup() {

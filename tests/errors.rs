@@ -257,7 +257,10 @@ async fn breaking_backend() -> String {
 /// level, not one per request: protocol errors before the head, body errors mid-response.
 #[tokio::test]
 async fn a_backend_failing_every_request_is_logged_at_warn_once_per_kind() {
-    let garbage = format!("chat@v1={}", misbehaving_backend(Misbehaviour::Garbage).await);
+    let garbage = format!(
+        "chat@v1={}",
+        misbehaving_backend(Misbehaviour::Garbage).await
+    );
     let breaking = format!("chat@v2={}", breaking_backend().await);
     let cwd = temp_dir("failing-backend-log");
     let weir = WeirProcess::spawn(
