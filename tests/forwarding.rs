@@ -11,17 +11,6 @@ use http_body_util::BodyExt;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
-const ONE_VERSION: &str = r#"
-[[versions]]
-model = "chat"
-version = "v1"
-backends = ["{v1}"]
-
-[[routes]]
-name = "chat"
-stable = "chat@v1"
-"#;
-
 /// Sends one request on a fresh HTTP/1.1 connection with exactly the headers given (no pool, no
 /// header normalisation beyond what hyper's encoder does).
 async fn send_raw_http1(addr: std::net::SocketAddr, req: Request<Body>) -> Reply {

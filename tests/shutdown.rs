@@ -11,17 +11,6 @@ use http::Request;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
-const ONE_VERSION: &str = r#"
-[[versions]]
-model = "chat"
-version = "v1"
-backends = ["{v1}"]
-
-[[routes]]
-name = "chat"
-stable = "chat@v1"
-"#;
-
 /// Whether a new request to `addr` gets no response: the connection is refused, closed, or not
 /// served within a second.
 async fn new_request_gets_no_response(addr: SocketAddr) -> bool {

@@ -17,17 +17,6 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 
-const ONE_VERSION: &str = r#"
-[[versions]]
-model = "chat"
-version = "v1"
-backends = ["{v1}"]
-
-[[routes]]
-name = "chat"
-stable = "chat@v1"
-"#;
-
 const SIXTEEN_MIB: usize = 16 * 1024 * 1024;
 const CHUNK: usize = 64 * 1024;
 

@@ -176,7 +176,12 @@ async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
         Ok(fields) => fields,
         Err(malformed) => {
             let body = malformed.json();
-            return local(client, malformed.request_status(), &body, None, false, None).await;
+            let answer = Answer {
+                status: malformed.request_status(),
+                body: &body,
+                head_request: method == "HEAD",
+            };
+            return local(client, answer, None, false, None).await;
         }
     };
     // Bodies hyper frames (chunked, Expect) and upgrades go to hyper, which checks the same rules.
@@ -227,10 +232,14 @@ async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
                 (Some(name), Some((version, _))) => Some((name, version.label_header.as_bytes())),
                 _ => None,
             };
+            let head_request = method == "HEAD";
             return local(
                 client,
-                answer.status,
-                &answer.body,
+                Answer {
+                    status: answer.status,
+                    body: &answer.body,
+                    head_request,
+                },
                 label_header,
                 keep_alive,
                 reuse,
@@ -347,7 +356,12 @@ async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
                 // Failed after the whole request was sent: the client's connection stays usable.
                 Failure::Backend(kind) => (kind.status(), refuse(kind), Some(consumed)),
             };
-            return local(client, status, &body, label_header, keep_alive, reusable).await;
+            let answer = Answer {
+                status,
+                body: &body,
+                head_request: method == "HEAD",
+            };
+            return local(client, answer, label_header, keep_alive, reusable).await;
         }
     };
 
@@ -631,16 +645,23 @@ fn push_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
 
 /// Answers with weir's own JSON, draining a small unread request body so the connection can stay
 /// open (a large unread body closes it).
+/// weir's own answer to one request; to a HEAD request it has no body.
+struct Answer<'a> {
+    status: StatusCode,
+    body: &'a serde_json::Value,
+    head_request: bool,
+}
+
 async fn local<S: AsyncRead + AsyncWrite + Unpin>(
     client: &mut S,
-    status: StatusCode,
-    body: &serde_json::Value,
+    answer: Answer<'_>,
     version_header: Option<(&HeaderName, &[u8])>,
     keep_alive: bool,
     consumed: Option<usize>,
 ) -> Exchange {
     let keep_alive = keep_alive && consumed.is_some();
-    let body = body.to_string();
+    let status = answer.status;
+    let body = answer.body.to_string();
     let mut out = Vec::with_capacity(body.len() + 160);
     out.extend_from_slice(b"HTTP/1.1 ");
     out.extend_from_slice(status.as_str().as_bytes());
@@ -655,7 +676,9 @@ async fn local<S: AsyncRead + AsyncWrite + Unpin>(
         out.extend_from_slice(b"connection: close\r\n");
     }
     out.extend_from_slice(b"\r\n");
-    out.extend_from_slice(body.as_bytes());
+    if !answer.head_request {
+        out.extend_from_slice(body.as_bytes());
+    }
     match consumed {
         Some(consumed) if keep_alive && write_out(client, &out).await.is_ok() => {
             Exchange::Done { consumed }

@@ -421,6 +421,11 @@ fn normalize_head<B>(req: &mut Request<B>) -> Result<(), framing::Malformed> {
         req.headers_mut()
             .insert(CONTENT_LENGTH, HeaderValue::from(length));
     }
+    // An HTTP/1.0 request may come without Host; the HTTP/1.1 request weir sends on carries one,
+    // empty as for a target without authority (RFC 9112 §3.2).
+    if !http2 && !req.headers().contains_key(HOST) {
+        req.headers_mut().insert(HOST, HeaderValue::from_static(""));
+    }
     Ok(())
 }
 

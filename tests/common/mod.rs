@@ -6,6 +6,7 @@
 
 pub mod etcd;
 pub mod pki;
+pub mod wire;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -90,6 +91,18 @@ macro_rules! assert_eventually_eq {
 }
 
 // === bodies ===
+
+/// One version, `chat@v1` on the backend `{v1}`, and one route to it for every path.
+pub const ONE_VERSION: &str = r#"
+[[versions]]
+model = "chat"
+version = "v1"
+backends = ["{v1}"]
+
+[[routes]]
+name = "chat"
+stable = "chat@v1"
+"#;
 
 pub fn full(data: impl Into<Bytes>) -> Body {
     Full::new(data.into()).map_err(|e| match e {}).boxed()
