@@ -22,8 +22,7 @@ use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 
 use super::compare::{compare, default_comparators, Answer, Verdict};
 use crate::config::ShadowConfig;
-use crate::data::shadow::{MirrorOutcome, RequestTee, ResponseTee, ShadowRoute};
-use crate::data::upstream::Version;
+use crate::data::shadow::{MirrorOutcome, RequestTee, ResponseTee, ShadowPlan};
 
 static SHADOW_HEADER: HeaderName = HeaderName::from_static("x-weir-shadow");
 static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -37,15 +36,6 @@ pub struct Shadower {
     timeout: Duration,
     samples: Option<SampleLog>,
     next_id: AtomicU64,
-}
-
-/// What a mirrored request needs from the routing decision.
-#[derive(Debug)]
-pub struct ShadowPlan {
-    pub route: Arc<str>,
-    pub stable: Arc<str>,
-    pub candidate: Arc<Version>,
-    pub shadow: Arc<ShadowRoute>,
 }
 
 /// The hot path's ends of one shadow: feed the request tee into the stable request body, and

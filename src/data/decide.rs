@@ -10,10 +10,10 @@ use std::time::Instant;
 use http::StatusCode;
 
 use super::body::InFlight;
+use super::shadow::ShadowPlan;
 use super::split::{BadOverride, RequestHeaders, OVERRIDE_HEADER};
 use super::table::{Route, RoutingTable};
 use super::upstream::{BackendGuard, Version};
-use crate::control::shadow::ShadowPlan;
 use crate::metrics::ErrorKind;
 
 /// What the decision looks at: the request's head, already framed and normalized.

@@ -12,8 +12,18 @@ use bytes::{Bytes, BytesMut};
 use prometheus::{Gauge, GaugeVec, IntCounter, IntGauge, IntGaugeVec};
 use tokio::sync::oneshot;
 
+use super::upstream::Version;
 use crate::config::{Comparator, CompareConfig};
 use crate::control::compare::{Answer, Verdict};
+
+/// What a mirrored request needs from the routing decision.
+#[derive(Debug)]
+pub struct ShadowPlan {
+    pub route: Arc<str>,
+    pub stable: Arc<str>,
+    pub candidate: Arc<Version>,
+    pub shadow: Arc<ShadowRoute>,
+}
 
 /// What happened to one mirror decision: exactly one outcome is counted per decision.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -8,9 +8,9 @@ use std::sync::Arc;
 
 use http::HeaderValue;
 
+use super::shadow::ShadowPlan;
 use super::upstream::Version;
 use crate::config::StickyKey;
-use crate::control::shadow::ShadowPlan;
 use crate::metrics::{Role, TargetStats};
 use rand::Rng;
 
