@@ -331,11 +331,14 @@ pub fn echoed_header(echo: &serde_json::Value, name: &str) -> Vec<String> {
         .collect()
 }
 
-/// A URL nothing listens on: bind port 0, note the port, close the listener.
+/// A URL whose connections are refused: a socket bound to a port but never listening. The
+/// socket stays bound for the life of the test process, so no other listener (another test's
+/// weir, say) can take the port and answer instead.
 pub fn refused_url() -> String {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    drop(listener);
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let addr = socket.local_addr().unwrap();
+    std::mem::forget(socket);
     format!("http://{addr}")
 }
 
