@@ -254,9 +254,8 @@ async fn mtls_refuses_a_client_without_a_certificate() {
     );
 }
 
-/// An https backend with a certificate from `pki`'s CA for `localhost`, answering every request
-/// with `body` and `x-backend: body`; returns its port.
-async fn https_backend(pki: &Pki, body: &'static str) -> u16 {
+/// A TLS acceptor with a certificate from `pki`'s CA for `localhost`.
+fn backend_acceptor(pki: &Pki) -> tokio_rustls::TlsAcceptor {
     let (cert, key) = pki.issue("backend");
     let server_config = rustls::ServerConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
@@ -272,37 +271,30 @@ async fn https_backend(pki: &Pki, body: &'static str) -> u16 {
         PrivateKeyDer::from_pem_file(&key).unwrap(),
     )
     .unwrap();
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server_config));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    tokio::spawn(async move {
-        while let Ok((tcp, _)) = listener.accept().await {
-            let acceptor = acceptor.clone();
-            tokio::spawn(async move {
-                let Ok(tls) = acceptor.accept(tcp).await else {
-                    return;
-                };
-                let service = hyper::service::service_fn(move |_req| async move {
-                    let mut response = http::Response::new(full(body));
-                    response
-                        .headers_mut()
-                        .insert("x-backend", http::HeaderValue::from_static(body));
-                    Ok::<_, Infallible>(response)
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(tls), service)
-                    .await;
-            });
-        }
-    });
-    port
+    tokio_rustls::TlsAcceptor::from(Arc::new(server_config))
 }
 
-#[tokio::test]
-async fn an_https_backend_with_a_private_ca_works() {
-    let pki = Pki::new();
-    let port = https_backend(&pki, "secret backend").await;
-    let config = format!(
+/// An https backend with a certificate from `pki`'s CA for `localhost`, answering every request
+/// with `body` and `x-backend: body`; returns its port.
+async fn https_backend(pki: &Pki, body: &'static str) -> u16 {
+    tls_server(pki, move |tls| async move {
+        let service = hyper::service::service_fn(move |_req| async move {
+            let mut response = http::Response::new(full(body));
+            response
+                .headers_mut()
+                .insert("x-backend", http::HeaderValue::from_static(body));
+            Ok::<_, Infallible>(response)
+        });
+        let _ = hyper::server::conn::http1::Builder::new()
+            .serve_connection(TokioIo::new(tls), service)
+            .await;
+    })
+    .await
+}
+
+/// One route to one version served by the https backend on `port`, trusting `pki`'s CA.
+fn https_backend_config(pki: &Pki, port: u16) -> String {
+    format!(
         r#"
         [proxy.backend_tls]
         ca = {:?}
@@ -315,7 +307,14 @@ async fn an_https_backend_with_a_private_ca_works() {
         stable = "chat@v1"
         "#,
         pki.path("ca.pem")
-    );
+    )
+}
+
+#[tokio::test]
+async fn an_https_backend_with_a_private_ca_works() {
+    let pki = Pki::new();
+    let port = https_backend(&pki, "secret backend").await;
+    let config = https_backend_config(&pki, port);
     let weir = Weir::start(&config, &[]).await;
     let reply = get(&http1(), &weir.url("/")).await;
     assert_eq!(reply.status, 200, "{}", reply.text());
@@ -531,4 +530,105 @@ async fn a_route_with_an_https_candidate_splits_http1_requests_at_its_weight() {
         (421..=579).contains(&candidate),
         "candidate served {candidate} of {N} requests at weight 50%"
     );
+}
+
+/// An https backend that answers each request (read up to the end of its head) with the raw
+/// bytes `response`, keeping the connection open; returns its port.
+async fn raw_https_backend(pki: &Pki, response: &'static str) -> u16 {
+    tls_server(pki, move |tls| async move {
+        let mut wire = common::wire::Wire::new(tls);
+        while wire.head().await.is_ok() {
+            if wire.io.write_all(response.as_bytes()).await.is_err() {
+                return;
+            }
+        }
+        // Held open: a body read until close would never end by itself.
+        std::future::pending::<()>().await;
+    })
+    .await
+}
+
+/// A TLS server on a port of its own with `pki`'s `localhost` certificate, each connection
+/// served by `serve`; returns the port.
+async fn tls_server<F, Fut>(pki: &Pki, serve: F) -> u16
+where
+    F: Fn(tokio_rustls::server::TlsStream<tokio::net::TcpStream>) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let acceptor = backend_acceptor(pki);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let (acceptor, serve) = (acceptor.clone(), serve.clone());
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                serve(tls).await;
+            });
+        }
+    });
+    port
+}
+
+/// Responses from an https backend come through hyper's client; they are held to the same
+/// framing rules as the fast path's (tests/framing.rs checks those for plain backends).
+#[tokio::test]
+async fn responses_from_an_https_backend_are_held_to_the_framing_rules() {
+    // (what, the backend's response, the client's body and Content-Length or weir's error kind)
+    type Expected = Result<(&'static str, Option<&'static str>), &'static str>;
+    let rows: [(&str, &'static str, Expected); 5] = [
+        (
+            "chunked beside Content-Length: framed by chunked alone",
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+            Ok(("hello", None)),
+        ),
+        (
+            "one Content-Length, twice",
+            "HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\nhello",
+            Ok(("hello", Some("5"))),
+        ),
+        (
+            "gzip transfer coding",
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\nhello",
+            Err("protocol"),
+        ),
+        (
+            "chunked, identity",
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, identity\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+            Err("protocol"),
+        ),
+        (
+            "chunked in HTTP/1.0",
+            "HTTP/1.0 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+            Err("protocol"),
+        ),
+    ];
+    let pki = Pki::new();
+    for (what, response, expected) in rows {
+        let port = raw_https_backend(&pki, response).await;
+        let config = https_backend_config(&pki, port);
+        let weir = Weir::start(&config, &[]).await;
+        let stream = tokio::net::TcpStream::connect(weir.proxy).await.unwrap();
+        let mut client = common::wire::Wire::new(stream);
+        client
+            .io
+            .write_all(b"GET /v1/x HTTP/1.1\r\nHost: weir.test\r\n\r\n")
+            .await
+            .unwrap();
+        let reply = client.response().await;
+        match expected {
+            Ok((body, length)) => {
+                assert_eq!(reply.status, 200, "{what}: {}", reply.text());
+                assert_eq!(reply.text(), body, "{what}");
+                let lengths = reply.headers.all("content-length");
+                assert_eq!(lengths, length.into_iter().collect::<Vec<_>>(), "{what}");
+            }
+            Err(kind) => {
+                assert_eq!(reply.status, 502, "{what}: {}", reply.text());
+                assert_eq!(reply.json()["kind"], kind, "{what}");
+            }
+        }
+    }
 }

@@ -30,6 +30,7 @@ use super::framing::{self, Framing};
 use super::listener::ConnSettings;
 use super::proxy::Proxy;
 
+use super::body::BoxError;
 use super::upstream::Backend;
 use crate::metrics::ErrorKind;
 
@@ -557,15 +558,7 @@ async fn send<S: AsyncRead + AsyncWrite + Unpin>(
     let mut attempt = 0;
     loop {
         attempt += 1;
-        let (mut conn, reused) = match backend.pool.checkout(settings.pool_idle_timeout) {
-            Some(conn) => (conn, true),
-            None => (
-                connect(backend, settings.connect_timeout)
-                    .await
-                    .map_err(Failure::Backend)?,
-                false,
-            ),
-        };
+        let (mut conn, reused) = open(proxy, backend).await.map_err(Failure::Backend)?;
         let retry = reused && request.body_complete && attempt < 2;
         match write_upstream(&mut conn, request.out, settings.idle_timeout).await {
             Ok(()) => {}
@@ -596,16 +589,35 @@ async fn send<S: AsyncRead + AsyncWrite + Unpin>(
                 tee.finish();
             }
         }
-        let head = read_response_head(&mut conn, request.method == "HEAD");
-        match tokio::time::timeout(settings.response_header_timeout, head).await {
-            Err(_) => return Err(Failure::Backend(ErrorKind::Timeout)),
+        match await_response(proxy, &mut conn, request.method).await {
             // Closed before any answer on a reused connection: sent again only when that is safe
             // (the backend may have acted on a request it then did not answer).
-            Ok(Err(HeadError::Closed)) if retry && idempotent(request.method) => continue,
-            Ok(Err(HeadError::Closed)) => return Err(Failure::Backend(ErrorKind::Reset)),
-            Ok(Err(HeadError::Invalid)) => return Err(Failure::Backend(ErrorKind::Protocol)),
-            Ok(Ok(response)) => return Ok((conn, response)),
+            Err(HeadError::Closed) if retry && idempotent(request.method) => continue,
+            Err(error) => return Err(Failure::Backend(error.kind())),
+            Ok(response) => return Ok((conn, response)),
         }
+    }
+}
+
+/// A pooled connection to `backend` (and `true`), or a new one.
+async fn open(proxy: &Proxy, backend: &Backend) -> Result<(Upstream, bool), ErrorKind> {
+    let settings = &proxy.settings;
+    match backend.pool.checkout(settings.pool_idle_timeout) {
+        Some(conn) => Ok((conn, true)),
+        None => Ok((connect(backend, settings.connect_timeout).await?, false)),
+    }
+}
+
+/// The response head to a request that has been sent, within `proxy.response_header_timeout`.
+async fn await_response(
+    proxy: &Proxy,
+    conn: &mut Upstream,
+    method: &str,
+) -> Result<ResponseHead, HeadError> {
+    let head = read_response_head(conn, method == "HEAD");
+    match tokio::time::timeout(proxy.settings.response_header_timeout, head).await {
+        Err(_) => Err(HeadError::TimedOut),
+        Ok(result) => result,
     }
 }
 
@@ -802,11 +814,24 @@ async fn connect(backend: &Backend, timeout: Duration) -> Result<Upstream, Error
 
 // === responses ===
 
+#[derive(Clone, Copy, Debug)]
 enum HeadError {
     /// The backend closed (or reset) before a complete head.
     Closed,
     /// Not an HTTP/1.x response head.
     Invalid,
+    /// No complete head within the response header timeout.
+    TimedOut,
+}
+
+impl HeadError {
+    fn kind(self) -> ErrorKind {
+        match self {
+            HeadError::Closed => ErrorKind::Reset,
+            HeadError::Invalid => ErrorKind::Protocol,
+            HeadError::TimedOut => ErrorKind::Timeout,
+        }
+    }
 }
 
 /// A parsed response head, as offsets into the upstream buffer.
@@ -965,69 +990,139 @@ fn parse_response(buf: &[u8], head_request: bool) -> Result<Option<Parsed>, Head
 
 // === requests hyper serves ===
 
-/// Request bodies up to this size that hyper has read whole go out on the fast path's upstream
-/// connections; larger or open-ended ones stream through hyper's client.
+/// Request bodies known to be at most this size are read whole before they are sent (head and
+/// body in one write, and sent again on a fresh connection if a pooled one turns out closed);
+/// larger or open-ended ones stream.
 pub const FORWARD_BODY_MAX: u64 = 64 * 1024;
 
+/// Why [`forward`] produced no response.
+#[derive(Debug)]
+pub enum ForwardError {
+    /// The backend refused, failed or sent no usable head, with the request body read whole (or
+    /// none of it taken).
+    Backend(ErrorKind),
+    /// The backend failed or stopped taking the body while it streamed: part of it is unread.
+    Sending(ErrorKind),
+    /// The client's body failed (too large, broken framing, gone, stalled): the backend never
+    /// got a complete request.
+    Body(BoxError),
+}
+
 /// Forwards a request hyper parsed (an HTTP/2 stream, or a request on a connection the fast path
-/// handed over) to a plain-HTTP backend on the fast path's pooled connections: head and body in
-/// one write, the response body decoded from the socket as it arrives ([`RawBody`]). `parts` is
-/// the head as the caller rewrote it (origin form, hop-by-hop headers gone, forwarded headers
-/// set); `body` is the whole request body.
-pub async fn forward(
+/// handed over) to a plain-HTTP backend on the fast path's pooled connections. A small body goes
+/// with the head in one write; any other streams as it arrives, framed by its exact length or
+/// chunked (trailers included), each write bounded by the idle timeout. The response body is
+/// decoded from the socket as it arrives ([`RawBody`]). `parts` is the head as the caller
+/// rewrote it (origin form, hop-by-hop headers gone, forwarded headers set).
+pub async fn forward<B>(
     proxy: &Proxy,
     backend: &Backend,
     parts: &http::request::Parts,
-    body: &[u8],
-) -> Result<(http::response::Parts, RawBody), ErrorKind> {
+    mut body: B,
+) -> Result<(http::response::Parts, RawBody), ForwardError>
+where
+    B: http_body::Body<Data = Bytes, Error = BoxError> + Unpin,
+{
     let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-    let mut out = Vec::with_capacity(256 + target.len() + body.len());
+    let mut out = Vec::with_capacity(256 + target.len());
     out.extend_from_slice(parts.method.as_str().as_bytes());
     out.push(b' ');
     out.extend_from_slice(target.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
     for (name, value) in &parts.headers {
-        if name != http::header::CONTENT_LENGTH {
+        if name != http::header::CONTENT_LENGTH && name != http::header::TRANSFER_ENCODING {
             push_header(&mut out, name.as_str().as_bytes(), value.as_bytes());
         }
     }
-    let bodiless = matches!(
-        parts.method,
-        http::Method::GET | http::Method::HEAD | http::Method::OPTIONS | http::Method::TRACE
-    );
-    if !body.is_empty() || !bodiless {
-        // Formatted in place: no string per request.
-        let _ = write!(out, "content-length: {}\r\n", body.len());
+    // A body of unknown length is read up to the small size before anything is sent: if it ends
+    // by then it goes as a small one, so a body whose framing breaks early never reaches the
+    // backend at all.
+    let exact = body.size_hint().exact();
+    let mut read = Vec::new();
+    let mut read_len = 0;
+    let mut trailers = None;
+    let mut ended = body.is_end_stream() || exact.is_some_and(|n| n <= FORWARD_BODY_MAX);
+    while !ended && exact.is_none() && read_len <= FORWARD_BODY_MAX {
+        match next_frame(&mut body, proxy.settings.idle_timeout).await? {
+            None => ended = true,
+            Some(Frame::Data(data)) => {
+                read_len += data.len() as u64;
+                read.push(data);
+            }
+            Some(Frame::Trailers(fields)) => trailers = Some(fields),
+        }
     }
-    out.extend_from_slice(b"\r\n");
-    out.extend_from_slice(body);
-    let request = Request {
-        method: parts.method.as_str(),
-        out: &out,
-        body_complete: true,
-        body_left: 0,
-        request_tee: None,
+    if ended {
+        while let Some(frame) = next_frame(&mut body, proxy.settings.idle_timeout).await? {
+            match frame {
+                Frame::Data(data) => read.push(data),
+                Frame::Trailers(fields) => trailers = Some(fields),
+            }
+        }
+    }
+    // Trailers go on only in chunked framing (a body of known length has nowhere to put them).
+    let (mut conn, head) = if ended && (trailers.is_none() || exact.is_some()) {
+        let bodiless = matches!(
+            parts.method,
+            http::Method::GET | http::Method::HEAD | http::Method::OPTIONS | http::Method::TRACE
+        );
+        let length: usize = read.iter().map(Bytes::len).sum();
+        if length > 0 || !bodiless {
+            // Formatted in place: no string per request.
+            let _ = write!(out, "content-length: {length}\r\n");
+        }
+        out.extend_from_slice(b"\r\n");
+        for data in &read {
+            out.extend_from_slice(data);
+        }
+        let request = Request {
+            method: parts.method.as_str(),
+            out: &out,
+            body_complete: true,
+            body_left: 0,
+            request_tee: None,
+        };
+        match send(proxy, &mut tokio::io::empty(), backend, request).await {
+            Ok(sent) => sent,
+            // Nothing is read from a client here; a failed write is the backend's doing.
+            Err(Failure::Backend(kind) | Failure::Sending(kind)) => {
+                return Err(ForwardError::Backend(kind))
+            }
+            Err(Failure::ClientBody) => return Err(ForwardError::Backend(ErrorKind::Reset)),
+        }
+    } else {
+        let chunked = match exact {
+            Some(length) => {
+                let _ = write!(out, "content-length: {length}\r\n");
+                false
+            }
+            None => {
+                out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+                true
+            }
+        };
+        out.extend_from_slice(b"\r\n");
+        let streamed = Streamed {
+            head: &out,
+            read,
+            trailers,
+            chunked,
+        };
+        send_streaming(proxy, backend, parts.method.as_str(), streamed, &mut body).await?
     };
-    let (mut conn, head) = match send(proxy, &mut tokio::io::empty(), backend, request).await {
-        Ok(sent) => sent,
-        Err(Failure::Backend(kind)) => return Err(kind),
-        // Nothing is read from a client here; a failed write is the backend's doing.
-        Err(Failure::Sending(kind)) => return Err(kind),
-        Err(Failure::ClientBody) => return Err(ErrorKind::Reset),
-    };
+    let protocol = || ForwardError::Backend(ErrorKind::Protocol);
     let mut response = http::Response::new(());
-    *response.status_mut() = StatusCode::from_u16(head.status).map_err(|_| ErrorKind::Protocol)?;
+    *response.status_mut() = StatusCode::from_u16(head.status).map_err(|_| protocol())?;
     let headers = response.headers_mut();
     headers.reserve(head.headers.len());
     for (name, value) in &head.headers {
-        let name =
-            HeaderName::from_bytes(&conn.buf[name.clone()]).map_err(|_| ErrorKind::Protocol)?;
+        let name = HeaderName::from_bytes(&conn.buf[name.clone()]).map_err(|_| protocol())?;
         // The body is handed on decoded: its framing on the client side is hyper's to choose.
         if name == http::header::TRANSFER_ENCODING {
             continue;
         }
-        let value = http::HeaderValue::from_bytes(&conn.buf[value.clone()])
-            .map_err(|_| ErrorKind::Protocol)?;
+        let value =
+            http::HeaderValue::from_bytes(&conn.buf[value.clone()]).map_err(|_| protocol())?;
         headers.append(name, value);
     }
     if let Some(length) = head.content_length {
@@ -1044,6 +1139,128 @@ pub async fn forward(
     };
     body.finish_if_ended();
     Ok((parts, body))
+}
+
+/// A request whose body streams: its head, the part of the body already read, and how the rest
+/// is framed.
+struct Streamed<'a> {
+    head: &'a [u8],
+    read: Vec<Bytes>,
+    trailers: Option<http::HeaderMap>,
+    chunked: bool,
+}
+
+/// A frame of a request body, read within `timeout`.
+enum Frame {
+    Data(Bytes),
+    Trailers(http::HeaderMap),
+}
+
+async fn next_frame<B>(body: &mut B, timeout: Duration) -> Result<Option<Frame>, ForwardError>
+where
+    B: http_body::Body<Data = Bytes, Error = BoxError> + Unpin,
+{
+    loop {
+        let next = std::future::poll_fn(|cx| Pin::new(&mut *body).poll_frame(cx));
+        let frame = match tokio::time::timeout(timeout, next).await {
+            Ok(None) => return Ok(None),
+            Ok(Some(Ok(frame))) => frame,
+            Ok(Some(Err(e))) => return Err(ForwardError::Body(e)),
+            Err(_) => return Err(ForwardError::Body("the client's body stalled".into())),
+        };
+        match frame.into_data() {
+            Ok(data) if data.is_empty() => {}
+            Ok(data) => return Ok(Some(Frame::Data(data))),
+            Err(frame) => {
+                if let Ok(trailers) = frame.into_trailers() {
+                    return Ok(Some(Frame::Trailers(trailers)));
+                }
+            }
+        }
+    }
+}
+
+/// Sends the head and what was read of the body, then the rest as it arrives (chunk-encoded if
+/// so framed), and reads the response head. Only the head is sent again if a pooled connection
+/// turns out closed: no more of the body has been taken from the client by then.
+async fn send_streaming<B>(
+    proxy: &Proxy,
+    backend: &Backend,
+    method: &str,
+    streamed: Streamed<'_>,
+    body: &mut B,
+) -> Result<(Upstream, ResponseHead), ForwardError>
+where
+    B: http_body::Body<Data = Bytes, Error = BoxError> + Unpin,
+{
+    let timeout = proxy.settings.idle_timeout;
+    let mut attempt = 0;
+    let mut conn = loop {
+        attempt += 1;
+        let (mut conn, reused) = open(proxy, backend).await.map_err(ForwardError::Backend)?;
+        match write_upstream(&mut conn, streamed.head, timeout).await {
+            Ok(()) => break conn,
+            Err(ErrorKind::Reset) if reused && attempt < 2 => continue,
+            Err(kind) => return Err(ForwardError::Backend(kind)),
+        }
+    };
+    let chunked = streamed.chunked;
+    let mut line = Vec::with_capacity(32);
+    for data in &streamed.read {
+        write_data(&mut conn, data, chunked.then_some(&mut line), timeout)
+            .await
+            .map_err(ForwardError::Sending)?;
+    }
+    let mut trailers = streamed.trailers;
+    while let Some(frame) = next_frame(body, timeout).await? {
+        match frame {
+            Frame::Data(data) => {
+                write_data(&mut conn, &data, chunked.then_some(&mut line), timeout)
+                    .await
+                    .map_err(ForwardError::Sending)?
+            }
+            Frame::Trailers(fields) => trailers = Some(fields),
+        }
+    }
+    if chunked {
+        line.clear();
+        line.extend_from_slice(b"0\r\n");
+        for (name, value) in trailers.iter().flatten() {
+            // Trailers never carry framing or routing (RFC 9110 §6.5.1).
+            if !framing::is_hop_by_hop(name.as_str().as_bytes())
+                && name != http::header::CONTENT_LENGTH
+                && name != http::header::HOST
+            {
+                push_header(&mut line, name.as_str().as_bytes(), value.as_bytes());
+            }
+        }
+        line.extend_from_slice(b"\r\n");
+        write_upstream(&mut conn, &line, timeout)
+            .await
+            .map_err(ForwardError::Sending)?;
+    }
+    match await_response(proxy, &mut conn, method).await {
+        Ok(response) => Ok((conn, response)),
+        Err(error) => Err(ForwardError::Backend(error.kind())),
+    }
+}
+
+/// Writes one run of body data, as a chunk when `chunk_line` (scratch space for the size line)
+/// is given.
+async fn write_data(
+    conn: &mut Upstream,
+    data: &[u8],
+    chunk_line: Option<&mut Vec<u8>>,
+    timeout: Duration,
+) -> Result<(), ErrorKind> {
+    let Some(line) = chunk_line else {
+        return write_upstream(conn, data, timeout).await;
+    };
+    line.clear();
+    let _ = write!(line, "{:x}\r\n", data.len());
+    write_upstream(conn, line, timeout).await?;
+    write_upstream(conn, data, timeout).await?;
+    write_upstream(conn, b"\r\n", timeout).await
 }
 
 /// A response body read from a backend connection the fast path owns, decoded from its HTTP/1.1

@@ -12,8 +12,6 @@ use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::header::{self, HeaderName, HeaderValue, CONTENT_LENGTH, HOST};
 use http::{HeaderMap, Request, Response, StatusCode, Uri};
-use http_body::Body as _;
-use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -23,6 +21,7 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use super::body::{BodyTooLarge, InFlight, LimitedBody, MeteredBody, ProxyBody};
 use super::decide::{backend_failure, decide, Ask, Decided, Decision, Local, Refusal};
 use super::framing;
+use super::h1::ForwardError;
 use super::split::OVERRIDE_HEADER;
 use super::table::RoutingTable;
 use super::upstream::{BackendGuard, Version};
@@ -152,6 +151,7 @@ impl Proxy {
             Decided::Local(local) => return Ok(self.local(local)),
         };
         let version_value = &version.label_header;
+        let refuse = |refusal| self.refuse(refusal, &version.label, version_value, &in_flight);
 
         let (mut parts, body) = req.into_parts();
         let client_version = parts.version;
@@ -180,39 +180,39 @@ impl Proxy {
         let request_tee = shadow.as_mut().map(|s| s.take_request_tee());
         let body = LimitedBody::new(body, self.settings.max_request_body, request_tee);
 
-        // A plain-HTTP backend and a body known to be small: the fast path's upstream
-        // connections, with no client connection task or pool lock in between.
-        let small_body = body.is_end_stream()
-            || body
-                .size_hint()
-                .exact()
-                .is_some_and(|n| n <= super::h1::FORWARD_BODY_MAX);
-        if b.scheme == http::uri::Scheme::HTTP && small_body {
-            let bytes = match body.collect().await {
-                Ok(collected) => collected.to_bytes(),
-                Err(e) => {
+        // A plain-HTTP backend: the fast path's upstream connections and its framing rules,
+        // with no client connection task or pool lock in between.
+        if b.scheme == http::uri::Scheme::HTTP {
+            // `forward` bounds the connect, each write and the wait for the head itself.
+            let (response, body) = match super::h1::forward(&self, b, &parts, body).await {
+                Ok(sent) => sent,
+                Err(ForwardError::Body(e)) => {
                     let refusal = match e.downcast_ref::<BodyTooLarge>() {
                         Some(too_large) => Refusal::TooLarge(too_large.limit),
                         None => Refusal::ClientBody,
                     };
-                    return Ok(self.refuse(refusal, &version.label, version_value, &in_flight));
+                    let answer = refuse(refusal);
+                    return Ok(closing(answer, client_version));
                 }
-            };
-            // `forward` bounds the connect and the wait for the head itself (one timer each).
-            let (response, body) = match super::h1::forward(&self, b, &parts, &bytes).await {
-                Ok(sent) => sent,
-                Err(kind) => {
+                Err(ForwardError::Backend(kind)) => {
                     if kind.is_connect() {
                         b.refused(self.settings.backend_eject, &version.label, kind.as_str());
                     } else {
                         b.failed(&version.label, kind, backend_failure(kind));
                     }
-                    return Ok(self.refuse(
-                        Refusal::Backend(kind),
+                    return Ok(refuse(Refusal::Backend(kind)));
+                }
+                // Part of the body is still unread: the client's connection cannot carry another
+                // request.
+                Err(ForwardError::Sending(kind)) => {
+                    b.failed(
                         &version.label,
-                        version_value,
-                        &in_flight,
-                    ));
+                        kind,
+                        "stopped taking the request before it was sent",
+                    );
+                    let refusal = Refusal::Backend(kind);
+                    let answer = refuse(refusal);
+                    return Ok(closing(answer, client_version));
                 }
             };
             let (parts, body) = self.respond(
@@ -237,12 +237,7 @@ impl Proxy {
             Err(_elapsed) => {
                 let kind = ErrorKind::Timeout;
                 b.failed(&version.label, kind, backend_failure(kind));
-                return Ok(self.refuse(
-                    Refusal::Backend(ErrorKind::Timeout),
-                    &version.label,
-                    version_value,
-                    &in_flight,
-                ));
+                return Ok(refuse(Refusal::Backend(ErrorKind::Timeout)));
             }
             Ok(Err(e)) => {
                 let refusal = classify(&e);
@@ -252,12 +247,18 @@ impl Proxy {
                     let what = format!("{}: {}", backend_failure(kind), error_chain(&e));
                     b.failed(&version.label, kind, &what);
                 }
-                return Ok(self.refuse(refusal, &version.label, version_value, &in_flight));
+                return Ok(refuse(refusal));
             }
             Ok(Ok(response)) => response,
         };
 
-        let (parts, body) = response.into_parts();
+        let (mut parts, body) = response.into_parts();
+        // hyper's client decoded the body; its head is held to the fast path's rules.
+        if reframe_response(&mut parts).is_err() {
+            let kind = ErrorKind::Protocol;
+            b.failed(&version.label, kind, backend_failure(kind));
+            return Ok(refuse(Refusal::Backend(kind)));
+        }
         let (parts, body) = self.respond(
             parts,
             body,
@@ -429,9 +430,42 @@ fn normalize_head<B>(req: &mut Request<B>) -> Result<(), framing::Malformed> {
     Ok(())
 }
 
+/// Applies the response framing rules to a head hyper's client parsed: one valid Content-Length
+/// or a single final chunked (which hyper has decoded; a Content-Length beside it describes
+/// nothing and goes), anything else is the backend's protocol error.
+fn reframe_response(parts: &mut http::response::Parts) -> Result<(), framing::Malformed> {
+    let http10 = parts.version <= http::Version::HTTP_10;
+    let headers = parts
+        .headers
+        .iter()
+        .map(|(name, value)| (name.as_str().as_bytes(), value.as_bytes()));
+    let fields = framing::response(http10, headers)?;
+    let (chunked, length) = (fields.chunked, fields.content_length);
+    match length {
+        Some(_) if chunked => {
+            parts.headers.remove(CONTENT_LENGTH);
+        }
+        Some(length) => {
+            parts
+                .headers
+                .insert(CONTENT_LENGTH, HeaderValue::from(length));
+        }
+        None => {}
+    }
+    Ok(())
+}
+
 /// weir's answer to a request whose head it refuses; an HTTP/1 connection closes after it.
 fn malformed_answer(malformed: framing::Malformed, version: http::Version) -> Response<ProxyBody> {
-    let mut response = json_error(malformed.request_status(), malformed.json());
+    closing(
+        json_error(malformed.request_status(), malformed.json()),
+        version,
+    )
+}
+
+/// `response` as the last on an HTTP/1 connection (one whose request was not read to its end);
+/// an HTTP/2 stream ends by itself.
+fn closing(mut response: Response<ProxyBody>, version: http::Version) -> Response<ProxyBody> {
     if version < http::Version::HTTP_2 {
         response
             .headers_mut()
