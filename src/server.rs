@@ -22,6 +22,7 @@ use crate::control::identity::{self, probe_once, Prober};
 use crate::control::shadow::Shadower;
 use crate::control::writer::{Change, Command, CommandError};
 use crate::control::Writer;
+use crate::data::body::RequestBody;
 pub use crate::data::listener::Drained;
 use crate::data::listener::{self, ConnSettings, TlsConfigCell};
 use crate::data::proxy::{upstream_client, ConnInfo, Proxy, ProxySettings};
@@ -138,6 +139,7 @@ impl Server {
                 connect_timeout: config.proxy.connect_timeout,
                 pool_idle_timeout: config.proxy.pool_idle_timeout,
                 pool_max_idle: config.proxy.pool_max_idle_per_backend,
+                http1_relay: config.listener.http1_fast_path,
             },
             Arc::new(Shadower::new(&config.shadow, &config.state_dir)),
         ));
@@ -167,7 +169,7 @@ impl Server {
             proxy_listener,
             conn.clone(),
             proxy_tls.clone(),
-            config.listener.http1_fast_path.then(|| Arc::clone(&proxy)),
+            Some(Arc::clone(&proxy)),
             move |peer: SocketAddr, secure: bool| {
                 let info = Arc::new(ConnInfo {
                     client_ip: HeaderValue::from_str(&peer.ip().to_string())
@@ -175,7 +177,10 @@ impl Server {
                     proto: HeaderValue::from_static(if secure { "https" } else { "http" }),
                 });
                 let proxy = Arc::clone(&proxy);
-                service_fn(move |req| Arc::clone(&proxy).handle(req, Arc::clone(&info)))
+                service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                    let (proxy, info) = (Arc::clone(&proxy), Arc::clone(&info));
+                    async move { proxy.handle(req.map(RequestBody::Left), &info).await }
+                })
             },
             stop_rx.clone(),
         ));

@@ -186,8 +186,9 @@ pub struct ListenerConfig {
     /// Terminate TLS on this listener.
     pub tls: Option<TlsConfig>,
     pub limits: ConnLimits,
-    /// Serve HTTP/1.1 connections on weir's own fast path (true) or all through hyper. Both
-    /// frame, route and answer alike; off is for comparing the two, or ruling the fast path out.
+    /// Relay the HTTP/1.1 requests that allow it byte for byte (true), or send every HTTP/1
+    /// request through the general path (false). Both frame, route and answer alike; off is for
+    /// comparing the two, or ruling the relay out.
     pub http1_fast_path: bool,
 }
 

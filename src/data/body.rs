@@ -33,10 +33,104 @@ pub struct BodyTooLarge {
     pub limit: u64,
 }
 
+/// A client's request body as a front end hands it over: hyper's (HTTP/2) on the left, decoded by
+/// weir's HTTP/1 server ([`WireBody`]) on the right.
+pub type RequestBody = http_body_util::Either<Incoming, WireBody>;
+
+/// A request body weir's HTTP/1 server decodes from the client's connection as it is asked for:
+/// the first poll tells the reader to start (and to send `100 Continue` if it was expected), and
+/// each run of content arrives over a small channel, so a backend that reads slowly slows the
+/// client down. A broken body arrives as an error, never as a clean end.
+#[derive(Debug)]
+pub struct WireBody {
+    frames: tokio::sync::mpsc::Receiver<Result<Bytes, BoxError>>,
+    start: Option<tokio::sync::oneshot::Sender<()>>,
+    /// What is left of a body of known length.
+    left: Option<u64>,
+    ended: bool,
+}
+
+/// The reading side of a [`WireBody`].
+#[derive(Debug)]
+pub struct WireBodySender {
+    pub frames: tokio::sync::mpsc::Sender<Result<Bytes, BoxError>>,
+    /// Resolves when the body is first asked for; fails if it is dropped unasked.
+    pub start: tokio::sync::oneshot::Receiver<()>,
+}
+
+impl WireBody {
+    /// A body of `length` bytes (`None`: chunked), and the side that fills it.
+    pub fn channel(length: Option<u64>) -> (WireBody, WireBodySender) {
+        let (frames_tx, frames) = tokio::sync::mpsc::channel(2);
+        let (start_tx, start) = tokio::sync::oneshot::channel();
+        let body = WireBody {
+            frames,
+            start: Some(start_tx),
+            left: length,
+            ended: false,
+        };
+        let sender = WireBodySender {
+            frames: frames_tx,
+            start,
+        };
+        (body, sender)
+    }
+
+    /// A request without a body.
+    pub fn empty() -> WireBody {
+        let (body, _) = WireBody::channel(Some(0));
+        body
+    }
+}
+
+impl Body for WireBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if self.is_end_stream() {
+            return Poll::Ready(None);
+        }
+        if let Some(start) = self.start.take() {
+            let _ = start.send(());
+        }
+        match ready!(self.frames.poll_recv(cx)) {
+            Some(Ok(data)) => {
+                if let Some(left) = self.left.as_mut() {
+                    *left = left.saturating_sub(data.len() as u64);
+                }
+                Poll::Ready(Some(Ok(Frame::data(data))))
+            }
+            Some(Err(e)) => {
+                self.ended = true;
+                Poll::Ready(Some(Err(e)))
+            }
+            None => {
+                self.ended = true;
+                Poll::Ready(None)
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.ended || self.left == Some(0)
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.left {
+            Some(left) => SizeHint::with_exact(left),
+            None => SizeHint::default(),
+        }
+    }
+}
+
 /// A client's request body, cut off with [`BodyTooLarge`] past the limit.
 #[derive(Debug)]
 pub struct LimitedBody {
-    inner: Incoming,
+    inner: RequestBody,
     remaining: u64,
     limit: u64,
     /// A copy for the shadow request, when this request is mirrored.
@@ -44,7 +138,7 @@ pub struct LimitedBody {
 }
 
 impl LimitedBody {
-    pub fn new(inner: Incoming, limit: u64, mut tee: Option<RequestTee>) -> LimitedBody {
+    pub fn new(inner: RequestBody, limit: u64, mut tee: Option<RequestTee>) -> LimitedBody {
         if inner.is_end_stream() {
             // No body to stream: the backend may never poll it, so the tee is complete now.
             if let Some(tee) = tee.as_mut() {
@@ -90,7 +184,7 @@ impl Body for LimitedBody {
                 }
                 Some(Ok(frame))
             }
-            Some(Err(e)) => Some(Err(Box::new(e))),
+            Some(Err(e)) => Some(Err(e)),
             None => {
                 if let Some(tee) = self.tee.as_mut() {
                     tee.finish();

@@ -1,15 +1,16 @@
-//! The HTTP/1.1 fast path: HTTP/1.1 client connections (plain TCP, or TLS that did not negotiate
-//! h2) are served by one task that parses heads with `httparse`, writes the upstream request
-//! straight from the parsed slices onto a pooled backend socket it owns for the exchange, and
-//! passes the response bytes through as they arrive (chunked framing is tracked, not re-encoded).
-//! Requests hyper serves reach plain-HTTP backends over the same pools through [`forward`].
+//! weir's HTTP/1.1 server and its fast path: HTTP/1 client connections (plain TCP, or TLS that
+//! did not negotiate h2) are served by one task that parses heads with `httparse` and frames
+//! every request by [`super::framing`]. Requests it can relay byte for byte it writes straight
+//! from the parsed slices onto a pooled backend socket it owns for the exchange, passing the
+//! response bytes through as they arrive (chunked framing is tracked, not re-encoded); the rest
+//! are served by [`super::general`]. Requests from other front ends reach plain-HTTP backends
+//! over the same pools through [`forward`].
 //!
-//! Invariant: the fast path serves only what it can serve exactly like the hyper path: origin-form
+//! Invariant: the relay serves only what it can serve exactly like the general path: origin-form
 //! HTTP/1.1 requests with no body or a `Content-Length` body, to plain-HTTP backends (mirrored
-//! requests included: their bodies and answers are teed as they pass). At the first request that
-//! is anything else (HTTP/2 preface, chunked or `Expect` bodies, upgrades, TLS backends, heads too
-//! large or malformed) the connection is handed to hyper with every unconsumed byte, before
-//! anything was counted or sent.
+//! requests included: their bodies and answers are teed as they pass). Any other request goes to
+//! the general path before anything was counted or sent. Only an HTTP/2 preface (or a TLS
+//! handshake on the plain port) hands the connection to hyper, with every unconsumed byte.
 
 use std::io::{self, Write as _};
 use std::net::SocketAddr;
@@ -28,7 +29,7 @@ use tokio::sync::watch;
 use super::decide::{backend_failure, decide_on, Ask, Decided, Decision, Local, Refusal};
 use super::framing::{self, Framing};
 use super::listener::ConnSettings;
-use super::proxy::Proxy;
+use super::proxy::{ConnInfo, Proxy};
 
 use super::body::BoxError;
 use super::upstream::Backend;
@@ -94,7 +95,17 @@ where
                 break;
             }
             if buf.len() >= max_head {
-                return Served::HandOff(Rewind::new(buf, client)); // hyper answers 431
+                let body = serde_json::json!({
+                    "error": format!("the request head is larger than listener.max_header_bytes = {max_head}"),
+                    "kind": "bad_request",
+                });
+                let answer = Answer {
+                    status: StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                    body: &body,
+                    head_request: false,
+                };
+                local(&mut client, answer, None, false, None).await;
+                return Served::Closed;
             }
             if buf.is_empty() && *stop.borrow() {
                 return Served::Closed;
@@ -122,7 +133,31 @@ where
         ))
         .await;
         match outcome {
-            Exchange::HandOff => return Served::HandOff(Rewind::new(buf, client)),
+            Exchange::General => {
+                let info = ConnInfo {
+                    client_ip: http::HeaderValue::from_str(&client_ip)
+                        .expect("an IP address is a valid header value"),
+                    proto: http::HeaderValue::from_static(if tls { "https" } else { "http" }),
+                };
+                let max_headers = settings.limits.max_headers;
+                let served = super::general::serve_request(
+                    proxy,
+                    &mut client,
+                    &mut buf,
+                    &info,
+                    max_headers,
+                    draining,
+                );
+                if let Exchange::Close = Box::pin(served).await {
+                    return Served::Closed;
+                }
+                if buf.is_empty() {
+                    buf = BytesMut::new();
+                }
+                if *stop.borrow() {
+                    return Served::Closed;
+                }
+            }
             Exchange::Close => return Served::Closed,
             Exchange::Done { consumed } => {
                 buf.advance(consumed);
@@ -137,13 +172,13 @@ where
     }
 }
 
-enum Exchange {
+pub(super) enum Exchange {
     /// Answered; the request took `consumed` bytes of the buffer; the connection stays open.
     Done { consumed: usize },
     /// Answered (or failed) in a way that ends the connection.
     Close,
-    /// Not for the fast path: nothing was sent or counted.
-    HandOff,
+    /// Not relayed byte for byte: served by [`super::general`]; nothing was sent or counted.
+    General,
 }
 
 /// One request and its response.
@@ -155,18 +190,21 @@ async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
     tls: bool,
     draining: bool,
 ) -> Exchange {
+    if !proxy.settings.http1_relay {
+        return Exchange::General;
+    }
     let started = Instant::now();
     let mut storage = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut storage);
     let head_len = match req.parse(buf) {
         Ok(httparse::Status::Complete(n)) => n,
-        _ => return Exchange::HandOff,
+        _ => return Exchange::General,
     };
     let (Some(method), Some(request_target), Some(1)) = (req.method, req.path, req.version) else {
-        return Exchange::HandOff;
+        return Exchange::General;
     };
     if method == "CONNECT" || !request_target.starts_with('/') {
-        return Exchange::HandOff;
+        return Exchange::General;
     }
     let headers: &[httparse::Header<'_>] = req.headers;
     let fields = match framing::request(
@@ -187,10 +225,10 @@ async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
     };
     // Bodies hyper frames (chunked, Expect) and upgrades go to hyper, which checks the same rules.
     if fields.chunked || fields.expect || fields.upgrade {
-        return Exchange::HandOff;
+        return Exchange::General;
     }
     let Some(host) = fields.host.and_then(|h| std::str::from_utf8(h).ok()) else {
-        return Exchange::HandOff;
+        return Exchange::General;
     };
     let path = request_target
         .split_once('?')
@@ -217,7 +255,7 @@ async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
         };
         match table.find(ask.host, ask.path) {
             None => Decided::Local(Local::no_route(&ask)),
-            Some(route) if !route.plain_http() => return Exchange::HandOff,
+            Some(route) if !route.plain_http() => return Exchange::General,
             Some(route) => decide_on(route, &ask, settings.max_request_body),
         }
     };
@@ -643,12 +681,15 @@ fn idempotent(method: &str) -> bool {
 
 /// Writes to the client and flushes (a TLS stream may hold records back until flushed; for plain
 /// TCP the flush is free).
-async fn write_out<S: AsyncWrite + Unpin>(client: &mut S, data: &[u8]) -> io::Result<()> {
+pub(super) async fn write_out<S: AsyncWrite + Unpin>(
+    client: &mut S,
+    data: &[u8],
+) -> io::Result<()> {
     client.write_all(data).await?;
     client.flush().await
 }
 
-fn push_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+pub(super) fn push_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
     out.extend_from_slice(name);
     out.extend_from_slice(b": ");
     out.extend_from_slice(value);
@@ -658,13 +699,13 @@ fn push_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
 /// Answers with weir's own JSON, draining a small unread request body so the connection can stay
 /// open (a large unread body closes it).
 /// weir's own answer to one request; to a HEAD request it has no body.
-struct Answer<'a> {
-    status: StatusCode,
-    body: &'a serde_json::Value,
-    head_request: bool,
+pub(super) struct Answer<'a> {
+    pub status: StatusCode,
+    pub body: &'a serde_json::Value,
+    pub head_request: bool,
 }
 
-async fn local<S: AsyncRead + AsyncWrite + Unpin>(
+pub(super) async fn local<S: AsyncRead + AsyncWrite + Unpin>(
     client: &mut S,
     answer: Answer<'_>,
     version_header: Option<(&HeaderName, &[u8])>,

@@ -70,8 +70,8 @@ pub type TlsConfigCell = Arc<ArcSwap<rustls::ServerConfig>>;
 
 /// Accepts connections until `stop` turns true, then drains them. With `tls`, each connection
 /// completes a TLS handshake (within the header read timeout) before HTTP starts. With `fast`,
-/// plain connections and TLS ones that did not negotiate h2 start on the HTTP/1.1 fast path
-/// ([`super::h1`]) and move to hyper when they need it.
+/// plain connections and TLS ones that did not negotiate h2 are served by weir's HTTP/1.1
+/// server ([`super::h1`]), and move to hyper only for HTTP/2 with prior knowledge.
 pub async fn serve<F, S, B>(
     name: &'static str,
     listener: TcpListener,

@@ -6,6 +6,7 @@
 pub mod body;
 pub mod decide;
 pub mod framing;
+mod general;
 pub mod h1;
 pub mod listener;
 pub mod proxy;

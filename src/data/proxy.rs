@@ -12,13 +12,12 @@ use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::header::{self, HeaderName, HeaderValue, CONTENT_LENGTH, HOST};
 use http::{HeaderMap, Request, Response, StatusCode, Uri};
-use hyper::body::Incoming;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
-use super::body::{BodyTooLarge, InFlight, LimitedBody, MeteredBody, ProxyBody};
+use super::body::{BodyTooLarge, InFlight, LimitedBody, MeteredBody, ProxyBody, RequestBody};
 use super::decide::{backend_failure, decide, Ask, Decided, Decision, Local, Refusal};
 use super::framing;
 use super::h1::ForwardError;
@@ -43,6 +42,9 @@ pub struct ProxySettings {
     pub connect_timeout: Duration,
     pub pool_idle_timeout: Duration,
     pub pool_max_idle: usize,
+    /// `listener.http1_fast_path`: HTTP/1 requests that can be relayed byte for byte are; off,
+    /// every one goes through [`Proxy::handle`].
+    pub http1_relay: bool,
 }
 
 /// Shared state of the proxy service.
@@ -118,9 +120,9 @@ impl Proxy {
 
     /// Serves one request. Never fails: every problem becomes a JSON error response.
     pub async fn handle(
-        self: Arc<Self>,
-        mut req: Request<Incoming>,
-        conn: Arc<ConnInfo>,
+        &self,
+        mut req: Request<RequestBody>,
+        conn: &ConnInfo,
     ) -> Result<Response<ProxyBody>, Infallible> {
         let started = Instant::now();
         // The same framing and Host rules as the fast path, before anything is decided.
@@ -166,7 +168,7 @@ impl Proxy {
         parts.version = http::Version::HTTP_11;
         strip_hop_by_hop(&mut parts.headers);
         parts.headers.remove(&OVERRIDE_HEADER);
-        forwarded_headers(&mut parts.headers, &conn);
+        forwarded_headers(&mut parts.headers, conn);
         // A mirrored request starts its shadow now; the shadow gets the body as it streams.
         let mut shadow = shadow_plan.and_then(|plan| {
             self.shadower.begin(
@@ -184,7 +186,7 @@ impl Proxy {
         // with no client connection task or pool lock in between.
         if b.scheme == http::uri::Scheme::HTTP {
             // `forward` bounds the connect, each write and the wait for the head itself.
-            let (response, body) = match super::h1::forward(&self, b, &parts, body).await {
+            let (response, body) = match super::h1::forward(self, b, &parts, body).await {
                 Ok(sent) => sent,
                 Err(ForwardError::Body(e)) => {
                     let refusal = match e.downcast_ref::<BodyTooLarge>() {
