@@ -542,6 +542,47 @@ async fn an_http_1_0_request_without_host_is_forwarded() {
     .await;
 }
 
+/// An HTTP/1.0 connection stays open only when asked to, and never when `close` is asked too.
+#[tokio::test]
+async fn an_http_1_0_request_asking_keep_alive_and_close_gets_its_connection_closed() {
+    on_both(|front| async move {
+        let what = "HTTP/1.0 with Connection: keep-alive, close";
+        let rig = Rig::echoing(front).await;
+        let request =
+            "GET /v1/old HTTP/1.0\r\nHost: weir.test\r\nConnection: keep-alive, close\r\n\r\n";
+        let (reply, mut client) = rig.exchange(what, request).await;
+        rig.assert_answer(&reply, what, "GET /v1/old");
+        client.assert_ends(what).await;
+        reply.status
+    })
+    .await;
+}
+
+/// What weir does not serve is refused before anything is forwarded: a CONNECT tunnel (405), an
+/// expectation other than `100-continue` (417, RFC 9110 §10.1.1), a head over
+/// `listener.max_header_bytes` even when it arrives in one piece (431).
+#[tokio::test]
+async fn tunnels_unknown_expectations_and_oversized_heads_are_refused() {
+    let oversized = format!(
+        "GET /v1/x HTTP/1.1\r\nHost: weir.test\r\nX-Big: {}\r\n\r\n",
+        "a".repeat(100 * 1024)
+    );
+    let rows = vec![
+        (
+            "CONNECT".to_string(),
+            "CONNECT weir.test:443 HTTP/1.1\r\nHost: weir.test:443\r\n\r\n".to_string(),
+            405,
+        ),
+        (
+            "Expect: something".to_string(),
+            post_with("Expect: something\r\nContent-Length: 5\r\n", "hello"),
+            417,
+        ),
+        ("a 100 KiB head in one write".to_string(), oversized, 431),
+    ];
+    assert_each_refused(rows).await;
+}
+
 /// Two routes limited to hosts, two versions: an absolute-form target is routed by its
 /// authority, and the backend sees that authority as Host (RFC 9112 §3.2.2).
 #[tokio::test]

@@ -578,7 +578,7 @@ where
 async fn responses_from_an_https_backend_are_held_to_the_framing_rules() {
     // (what, the backend's response, the client's body and Content-Length or weir's error kind)
     type Expected = Result<(&'static str, Option<&'static str>), &'static str>;
-    let rows: [(&str, &'static str, Expected); 5] = [
+    let rows: [(&str, &'static str, Expected); 6] = [
         (
             "chunked beside Content-Length: framed by chunked alone",
             "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
@@ -597,6 +597,11 @@ async fn responses_from_an_https_backend_are_held_to_the_framing_rules() {
         (
             "chunked, identity",
             "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, identity\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+            Err("protocol"),
+        ),
+        (
+            "101 to a request that asked no upgrade",
+            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\nConnection: upgrade\r\n\r\n",
             Err("protocol"),
         ),
         (

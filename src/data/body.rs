@@ -40,10 +40,11 @@ pub type RequestBody = http_body_util::Either<Incoming, WireBody>;
 /// A request body weir's HTTP/1 server decodes from the client's connection as it is asked for:
 /// the first poll tells the reader to start (and to send `100 Continue` if it was expected), and
 /// each run of content arrives over a small channel, so a backend that reads slowly slows the
-/// client down. A broken body arrives as an error, never as a clean end.
+/// client down. A broken body arrives as an error, never as a clean end: a body of unknown length
+/// ends only at its reader's `Ok(None)`, and a reader that goes away first cuts it off.
 #[derive(Debug)]
 pub struct WireBody {
-    frames: tokio::sync::mpsc::Receiver<Result<Bytes, BoxError>>,
+    frames: tokio::sync::mpsc::Receiver<Result<Option<Bytes>, BoxError>>,
     start: Option<tokio::sync::oneshot::Sender<()>>,
     /// What is left of a body of known length.
     left: Option<u64>,
@@ -53,7 +54,9 @@ pub struct WireBody {
 /// The reading side of a [`WireBody`].
 #[derive(Debug)]
 pub struct WireBodySender {
-    pub frames: tokio::sync::mpsc::Sender<Result<Bytes, BoxError>>,
+    /// Content, then `Ok(None)` at the end of a body of unknown length (one of known length
+    /// ends with its last byte), or an error.
+    pub frames: tokio::sync::mpsc::Sender<Result<Option<Bytes>, BoxError>>,
     /// Resolves when the body is first asked for; fails if it is dropped unasked.
     pub start: tokio::sync::oneshot::Receiver<()>,
 }
@@ -98,11 +101,15 @@ impl Body for WireBody {
             let _ = start.send(());
         }
         match ready!(self.frames.poll_recv(cx)) {
-            Some(Ok(data)) => {
+            Some(Ok(Some(data))) => {
                 if let Some(left) = self.left.as_mut() {
                     *left = left.saturating_sub(data.len() as u64);
                 }
                 Poll::Ready(Some(Ok(Frame::data(data))))
+            }
+            Some(Ok(None)) => {
+                self.ended = true;
+                Poll::Ready(None)
             }
             Some(Err(e)) => {
                 self.ended = true;
@@ -110,7 +117,9 @@ impl Body for WireBody {
             }
             None => {
                 self.ended = true;
-                Poll::Ready(None)
+                Poll::Ready(Some(Err(
+                    "the request body was cut off before its end".into()
+                )))
             }
         }
     }
@@ -453,5 +462,41 @@ impl Body for ProxyBody {
             ProxyBody::Raw { body } => body.size_hint(),
             ProxyBody::Local { body } => body.size_hint(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    async fn send(sender: &WireBodySender, data: &'static str) {
+        sender
+            .frames
+            .send(Ok(Some(Bytes::from(data))))
+            .await
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_wire_body_of_unknown_length_ends_only_when_its_reader_says_so() {
+        let (body, sender) = WireBody::channel(None);
+        send(&sender, "hel").await;
+        sender.frames.send(Ok(None)).await.unwrap();
+        assert_eq!(body.collect().await.unwrap().to_bytes(), "hel");
+
+        // A reader that goes away mid-body (the request was answered early) cuts it off: the
+        // backend must not see a complete body.
+        let (body, sender) = WireBody::channel(None);
+        send(&sender, "hel").await;
+        drop(sender);
+        assert!(body.collect().await.is_err());
+
+        let (mut body, sender) = WireBody::channel(Some(3));
+        assert_eq!(body.size_hint().exact(), Some(3));
+        send(&sender, "abc").await;
+        let frame = body.frame().await.unwrap().unwrap();
+        assert_eq!(frame.into_data().unwrap(), "abc");
+        assert!(body.is_end_stream());
     }
 }

@@ -32,6 +32,8 @@ pub enum Malformed {
     /// A case variant of a standard method (`head`, `Get`): some servers would read it as the
     /// standard one and frame its response differently.
     Method,
+    /// A 1xx status as a final response (weir asks for no upgrade).
+    Informational,
 }
 
 impl Malformed {
@@ -65,6 +67,7 @@ impl Malformed {
             Malformed::Method => {
                 "methods are case-sensitive: send the standard method in upper case (RFC 9110 §9.1)"
             }
+            Malformed::Informational => "a 1xx status cannot end an exchange weir asked no upgrade for",
         }
     }
 

@@ -116,6 +116,10 @@ enum HeadRefusal {
     /// Not an HTTP/1.x request head at all.
     Unparsable,
     TooManyHeaders(usize),
+    /// A tunnel: weir is a reverse proxy and opens none.
+    Connect,
+    /// An `Expect` other than `100-continue` (RFC 9110 §10.1.1: 417).
+    Expectation,
 }
 
 fn parse(buf: &[u8], max_headers: usize) -> Result<Head, HeadRefusal> {
@@ -132,6 +136,17 @@ fn parse(buf: &[u8], max_headers: usize) -> Result<Head, HeadRefusal> {
         return Err(HeadRefusal::Unparsable);
     };
     let http10 = version == 0;
+    if method == "CONNECT" {
+        return Err(HeadRefusal::Connect);
+    }
+    let expectation = req
+        .headers
+        .iter()
+        .find(|h| h.name.eq_ignore_ascii_case("expect"))
+        .map(|h| h.value);
+    if expectation.is_some_and(|v| !v.eq_ignore_ascii_case(b"100-continue")) {
+        return Err(HeadRefusal::Expectation);
+    }
     let headers = req.headers.iter().map(|h| (h.name.as_bytes(), h.value));
     let fields = framing::request(http10, method, headers).map_err(HeadRefusal::Malformed)?;
     let framing = if fields.chunked {
@@ -143,7 +158,7 @@ fn parse(buf: &[u8], max_headers: usize) -> Result<Head, HeadRefusal> {
         }
     };
     let keep_alive = if http10 {
-        fields.keep_alive
+        fields.keep_alive && !fields.close
     } else {
         !fields.close
     };
@@ -195,6 +210,20 @@ async fn refuse<S: AsyncRead + AsyncWrite + Unpin>(
                 "kind": "bad_request",
             }),
         ),
+        HeadRefusal::Connect => (
+            StatusCode::METHOD_NOT_ALLOWED,
+            serde_json::json!({
+                "error": "weir is a reverse proxy and opens no CONNECT tunnels",
+                "kind": "bad_request",
+            }),
+        ),
+        HeadRefusal::Expectation => (
+            StatusCode::EXPECTATION_FAILED,
+            serde_json::json!({
+                "error": "the only expectation weir meets is Expect: 100-continue (RFC 9110 §10.1.1)",
+                "kind": "bad_request",
+            }),
+        ),
         HeadRefusal::TooManyHeaders(max) => (
             StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             serde_json::json!({
@@ -240,13 +269,15 @@ async fn read_body<S: AsyncRead + AsyncWrite + Unpin>(
             runs.clear();
             let (n, done) = framing.take_with(buf, |run| runs.push(run));
             let taken = buf.split_to(n).freeze();
-            for run in runs.drain(..) {
-                if frames.send(Ok(taken.slice(run))).await.is_err() {
+            for run in runs.drain(..).filter(|run| !run.is_empty()) {
+                if frames.send(Ok(Some(taken.slice(run)))).await.is_err() {
                     return false;
                 }
             }
             if done {
-                return true;
+                // A body of known length ends with its last byte; a chunked one is told.
+                return matches!(framing, Framing::Length(_))
+                    || frames.send(Ok(None)).await.is_ok();
             }
             if framing.is_invalid() {
                 let _ = frames
@@ -351,6 +382,9 @@ async fn write_response<S: AsyncWrite + Unpin>(
         return Some(keep_alive);
     }
     let mut trailers = None;
+    // What a body of announced length has sent: one that runs long or ends short would leave the
+    // client reading another response's bytes as this one's, so it ends the connection instead.
+    let mut sent: u64 = 0;
     loop {
         // Frames that are ready go out together; the buffer is flushed before waiting.
         let next = std::future::poll_fn(|cx| std::task::Poll::Ready(body.as_mut().poll_frame(cx)));
@@ -374,6 +408,11 @@ async fn write_response<S: AsyncWrite + Unpin>(
             Some(Ok(frame)) => match frame.into_data() {
                 Ok(data) if data.is_empty() => {}
                 Ok(data) => {
+                    sent += data.len() as u64;
+                    if out == Out::Length && exact.is_some_and(|length| sent > length) {
+                        let _ = write_out(client, &pending).await;
+                        return None;
+                    }
                     if out == Out::Chunked {
                         let _ = write!(pending, "{:x}\r\n", data.len());
                         pending.extend_from_slice(&data);
@@ -389,6 +428,10 @@ async fn write_response<S: AsyncWrite + Unpin>(
                 Err(frame) => trailers = frame.into_trailers().ok(),
             },
         }
+    }
+    if out == Out::Length && exact != Some(sent) {
+        let _ = write_out(client, &pending).await;
+        return None;
     }
     if out == Out::Chunked {
         pending.extend_from_slice(b"0\r\n");

@@ -88,13 +88,14 @@ where
             {
                 return Served::HandOff(Rewind::new(buf, client)); // h2 prior knowledge, or TLS
             }
-            // A head ends at an empty line; like hyper, accept bare LF line ends too.
-            if memchr::memmem::find(&buf, b"\r\n\r\n").is_some()
-                || memchr::memmem::find(&buf, b"\n\n").is_some()
-            {
+            // A head ends at an empty line; like hyper, accept bare LF line ends too. One that
+            // arrived whole in a large read is held to the limit as well.
+            let end = memchr::memmem::find(&buf, b"\r\n\r\n")
+                .or_else(|| memchr::memmem::find(&buf, b"\n\n"));
+            if end.is_some_and(|end| end < max_head) {
                 break;
             }
-            if buf.len() >= max_head {
+            if end.is_some() || buf.len() >= max_head {
                 let body = serde_json::json!({
                     "error": format!("the request head is larger than listener.max_header_bytes = {max_head}"),
                     "kind": "bad_request",
@@ -1001,7 +1002,7 @@ fn parse_response(buf: &[u8], head_request: bool) -> Result<Option<Parsed>, Head
     // HTTP/1.0 stays open only if asked to; a body read until close, or framed by chunked
     // beside a Content-Length (the backend may have meant either), ends the connection.
     let keep_alive = if http10 {
-        fields.keep_alive
+        fields.keep_alive && !fields.close
     } else {
         !fields.close
     } && framing != Framing::UntilClose

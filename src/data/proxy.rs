@@ -436,6 +436,11 @@ fn normalize_head<B>(req: &mut Request<B>) -> Result<(), framing::Malformed> {
 /// or a single final chunked (which hyper has decoded; a Content-Length beside it describes
 /// nothing and goes), anything else is the backend's protocol error.
 fn reframe_response(parts: &mut http::response::Parts) -> Result<(), framing::Malformed> {
+    // weir asks for no upgrade: a 101 (or another 1xx) as the answer would switch the client's
+    // connection to whatever follows.
+    if parts.status.is_informational() {
+        return Err(framing::Malformed::Informational);
+    }
     let http10 = parts.version <= http::Version::HTTP_10;
     let headers = parts
         .headers
