@@ -19,8 +19,8 @@ use hyper_util::rt::TokioExecutor;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::control::compare::{generated_text, text_similarity, Answer};
 use crate::registry::digest::sha256_file;
+use crate::shadow::compare::{generated_text, text_similarity, Answer};
 
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]

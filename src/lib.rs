@@ -17,6 +17,7 @@ pub mod metrics;
 pub mod registry;
 pub mod registry_cli;
 mod server;
+pub mod shadow;
 pub mod tls;
 
 pub use config::Config;

@@ -311,9 +311,9 @@ impl Metrics {
     }
 
     /// Handles for shadowing `candidate` in `route`.
-    pub fn shadow(&self, route: &str, candidate: &str) -> crate::data::shadow::ShadowStats {
+    pub fn shadow(&self, route: &str, candidate: &str) -> crate::shadow::tee::ShadowStats {
         use crate::config::Comparator;
-        use crate::data::shadow::{AgreementGauges, MirrorOutcome};
+        use crate::shadow::tee::{AgreementGauges, MirrorOutcome};
         let outcomes = MirrorOutcome::ALL.map(|o| {
             self.mirror
                 .with_label_values(&[route, candidate, o.as_str()])
@@ -330,7 +330,7 @@ impl Metrics {
             route,
             candidate,
         );
-        crate::data::shadow::ShadowStats::new(outcomes, comparisons, gauges)
+        crate::shadow::tee::ShadowStats::new(outcomes, comparisons, gauges)
     }
 
     /// Registers the fleet gauges (a single weir does not export them).

@@ -19,7 +19,6 @@ use crate::control::admin::{self, AdminState};
 use crate::control::auth::AdminToken;
 use crate::control::fleet::{self, Fleet, FleetError};
 use crate::control::identity::{self, probe_once, Prober};
-use crate::control::shadow::Shadower;
 use crate::control::writer::{Change, Command, CommandError};
 use crate::control::Writer;
 use crate::data::body::RequestBody;
@@ -27,6 +26,7 @@ pub use crate::data::listener::Drained;
 use crate::data::listener::{self, ConnSettings, TlsConfigCell};
 use crate::data::proxy::{upstream_client, ConnInfo, Proxy, ProxySettings};
 use crate::metrics::Metrics;
+use crate::shadow::task::Shadower;
 
 /// Why weir could not start.
 #[derive(Debug, thiserror::Error)]
@@ -287,6 +287,11 @@ impl Running {
     /// The live routing table (read-only).
     pub fn table(&self) -> Arc<crate::data::RoutingTable> {
         self.writer.table().load_full()
+    }
+
+    /// The live table and the routing state it was built from (read-only).
+    pub fn live(&self) -> Arc<crate::control::writer::Live> {
+        self.writer.live()
     }
 
     /// The one writer of routing changes.

@@ -383,7 +383,7 @@ async fn promotion_needs_the_production_rules_and_records_the_runtime_stage_not_
     assert_eq!(reply.status, 409, "{}", reply.text());
     assert!(reply.text().contains("role security"), "{}", reply.text());
     assert_eq!(
-        running.table().routes[0].state.stable,
+        running.live().state.routes[0].stable,
         "chat@prod",
         "a refused promotion changes nothing"
     );
@@ -394,9 +394,9 @@ async fn promotion_needs_the_production_rules_and_records_the_runtime_stage_not_
     let registry_before = std::fs::read(d.join("registry.toml")).unwrap();
     let reply = send(&http1(), promote()).await;
     assert_eq!(reply.status, 200, "{}", reply.text());
-    assert_eq!(running.table().routes[0].state.stable, "chat@next");
+    assert_eq!(running.live().state.routes[0].stable, "chat@next");
     assert_eq!(
-        running.table().routes[0].state.rollback_target.as_deref(),
+        running.live().state.routes[0].rollback_target.as_deref(),
         Some("chat@prod")
     );
     assert_eq!(
@@ -485,7 +485,7 @@ async fn promotion_needs_the_production_rules_and_records_the_runtime_stage_not_
     .unwrap();
     let reply = send(&http1(), rollback).await;
     assert_eq!(reply.status, 200, "{}", reply.text());
-    assert_eq!(running.table().routes[0].state.stable, "chat@prod");
+    assert_eq!(running.live().state.routes[0].stable, "chat@prod");
     let listed = ok(
         d,
         &["registry", REG[0], REG[1], "--state-dir", state_dir, "list"],

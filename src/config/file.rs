@@ -808,12 +808,12 @@ fn check_canary(c: &mut Checker, path: &str, raw: &RawCanary) -> Option<CanaryPo
     p.max_p99_ratio = raw.max_p99_ratio.unwrap_or(p.max_p99_ratio);
     p.max_ttfb_p99_ratio = raw.max_ttfb_p99_ratio;
     p.min_comparisons = raw.min_comparisons.unwrap_or(p.min_comparisons);
-    if p.min_comparisons > crate::data::shadow::AGREEMENT_WINDOW {
+    if p.min_comparisons > super::AGREEMENT_WINDOW {
         c.problem(
             format!("{path}.min_comparisons"),
             format!(
                 "the rolling agreement covers the last {} comparisons; ask for at most that many",
-                crate::data::shadow::AGREEMENT_WINDOW
+                super::AGREEMENT_WINDOW
             ),
         );
     }

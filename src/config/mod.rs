@@ -17,6 +17,10 @@ use http::{HeaderName, Uri};
 
 pub use quick::{QuickMode, QuickSpecError};
 
+/// How many comparisons a route's rolling shadow agreement covers (the canary's
+/// `min_comparisons` cannot ask for more).
+pub const AGREEMENT_WINDOW: usize = 1000;
+
 /// A validated configuration.
 #[derive(Clone, Debug)]
 pub struct Config {

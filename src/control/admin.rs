@@ -19,9 +19,10 @@ use serde_json::{json, Value};
 use super::auth::AdminToken;
 use super::pins::runtime_registry;
 use super::state::RoutingState;
+use super::writer::Live;
 use super::writer::{Change, Command, CommandError, RuntimeStages, Writer};
 use crate::config::units::{format_percent, parse_percent};
-use crate::data::table::{Route, RoutingTable, Target};
+use crate::data::table::{Route, Target};
 use crate::registry::Registry;
 
 /// Largest admin request body.
@@ -78,7 +79,7 @@ pub async fn handle(
             Err(refused) => refused.into_response(),
         },
         (Method::GET, ["v1", "routes"]) => {
-            let mut all = routes_json(&state.writer.table().load());
+            let mut all = routes_json(&state.writer.live());
             all["fleet"] = match state.writer.fleet() {
                 None => Value::Null,
                 Some(fleet) => json!({
@@ -100,10 +101,11 @@ pub async fn handle(
             json_response(StatusCode::OK, all)
         }
         (Method::GET, ["v1", "routes", name]) => {
-            let table = state.writer.table().load();
+            let live = state.writer.live();
+            let table = &live.table;
             match table.routes.iter().find(|r| &*r.name == *name) {
                 Some(route) => {
-                    let mut route = route_json(route);
+                    let mut route = route_json(route, &live);
                     let stages = state.writer.stages();
                     route["canary"] = state.writer.canary_status(name).unwrap_or(Value::Null);
                     route["registry"] = route_stages(&load_stages(&stages), &stages, &route);
@@ -246,12 +248,12 @@ async fn mutate(state: &AdminState, req: Request<Incoming>) -> Result<AdminRespo
             if_match,
         })
         .await?;
-    let table = state.writer.table().load();
+    let live = state.writer.live();
     let route = applied
         .route
         .as_ref()
-        .and_then(|r| table.routes.iter().find(|t| *t.name == r.name))
-        .map(route_json);
+        .and_then(|r| live.table.routes.iter().find(|t| *t.name == r.name))
+        .map(|r| route_json(r, &live));
     Ok(json_response(
         StatusCode::OK,
         json!({
@@ -337,7 +339,8 @@ fn basis_points_from_json(value: &Value) -> Result<u16, Refused> {
 }
 
 /// One route as the admin API shows it.
-pub fn route_json(r: &Route) -> Value {
+pub fn route_json(r: &Route, live: &Live) -> Value {
+    let s = live.route(&r.name);
     let target = |t: &Target| {
         json!({
             "version": &*t.version.label,
@@ -351,13 +354,13 @@ pub fn route_json(r: &Route) -> Value {
         "name": &*r.name,
         "prefix": r.prefix,
         "host": r.host,
-        "stable": r.state.stable,
-        "candidate": r.state.candidate,
-        "weight": r.state.weight,
-        "weight_percent": format_percent(r.state.weight),
-        "state": r.state.status(),
-        "paused": r.state.paused,
-        "rollback_target": r.state.rollback_target,
+        "stable": s.map(|s| &s.stable),
+        "candidate": s.and_then(|s| s.candidate.as_ref()),
+        "weight": s.map(|s| s.weight),
+        "weight_percent": s.map(|s| format_percent(s.weight)),
+        "state": s.map(|s| s.status()),
+        "paused": s.map(|s| s.paused),
+        "rollback_target": s.and_then(|s| s.rollback_target.as_ref()),
         "sticky": r.sticky.as_ref().map(|s| match s {
             crate::config::StickyKey::Header(h) => json!({"header": h.as_str()}),
             crate::config::StickyKey::Cookie(c) => json!({"cookie": c}),
@@ -419,10 +422,10 @@ fn route_stages(registry: &Stages, stages: &RuntimeStages, route: &Value) -> Val
 }
 
 /// The live table as `GET /v1/routes` shows it.
-pub fn routes_json(table: &RoutingTable) -> Value {
+pub fn routes_json(live: &Live) -> Value {
     json!({
-        "generation": table.generation,
-        "routes": table.routes.iter().map(route_json).collect::<Vec<_>>(),
+        "generation": live.table.generation,
+        "routes": live.table.routes.iter().map(|r| route_json(r, live)).collect::<Vec<_>>(),
     })
 }
 

@@ -6,11 +6,11 @@ use std::sync::Arc;
 
 use super::state::RoutingState;
 use crate::config::Config;
-use crate::data::shadow::{ShadowRoute, ShadowStats};
 use crate::data::split::cohort_seed;
 use crate::data::table::{Route, RoutingTable, Target};
 use crate::data::upstream::Version;
 use crate::metrics::{Metrics, Role};
+use crate::shadow::tee::{ShadowRoute, ShadowStats};
 
 /// The upstream versions in use, kept across table rebuilds so in-flight counts and ejections
 /// carry over when only weights change.
@@ -112,7 +112,6 @@ pub fn build_table(
             sticky: r.sticky.clone(),
             allow_override: r.allow_override,
             shadow,
-            state: live.clone(),
         });
     }
     RoutingTable::sort_routes(&mut routes);
@@ -120,4 +119,129 @@ pub fn build_table(
         generation: state.generation,
         routes,
     })
+}
+
+/// The split as tables built from config draw it (the draw itself is `data::split`'s).
+#[cfg(test)]
+mod split_tests {
+    use http::HeaderMap;
+
+    use super::{build_table, VersionSet};
+    use crate::data::split::{BadOverride, OVERRIDE_HEADER};
+    use crate::data::table::RoutingTable;
+    use crate::metrics::{Metrics, Role};
+
+    fn table(weight: &str, candidate: &str, extra: &str) -> RoutingTable {
+        let text = format!(
+            r#"
+            [[versions]]
+            model = "m"
+            version = "v1"
+            backends = ["http://127.0.0.1:1"]
+            [[versions]]
+            model = "m"
+            version = "v2"
+            backends = ["http://127.0.0.1:2"]
+            [[versions]]
+            model = "m"
+            version = "v3"
+            backends = ["http://127.0.0.1:3"]
+            [[routes]]
+            name = "r"
+            stable = "m@v1"
+            candidate = "{candidate}"
+            weight = "{weight}"
+            {extra}
+            "#
+        );
+        let config = crate::Config::from_toml_str(&text, "test").unwrap();
+        let state = crate::control::RoutingState::from_config(&config);
+        build_table(&config, &state, &Metrics::new(), &mut VersionSet::default()).unwrap()
+    }
+
+    #[test]
+    fn random_split_share_is_within_tolerance() {
+        const N: u32 = 200_000;
+        let headers = HeaderMap::new();
+        for (weight, bp) in [
+            ("0%", 0u32),
+            ("0.5%", 50),
+            ("10%", 1000),
+            ("50%", 5000),
+            ("100%", 10_000),
+        ] {
+            let t = table(weight, "m@v2", "");
+            let route = &t.routes[0];
+            let to_candidate = (0..N)
+                .filter(|_| route.choose(&headers).unwrap().role == Role::Candidate)
+                .count() as f64;
+            let p = f64::from(bp) / 10_000.0;
+            let expected = p * f64::from(N);
+            let tolerance = 5.0 * (f64::from(N) * p * (1.0 - p)).sqrt();
+            assert!(
+                (to_candidate - expected).abs() <= tolerance,
+                "weight {weight}: {to_candidate} to candidate, expected {expected} ± {tolerance}"
+            );
+        }
+    }
+
+    fn cohort(t: &RoutingTable, keys: &[String]) -> Vec<bool> {
+        keys.iter()
+            .map(|k| {
+                let mut h = HeaderMap::new();
+                h.insert("x-session", k.parse().unwrap());
+                t.routes[0].choose(&h).unwrap().role == Role::Candidate
+            })
+            .collect()
+    }
+
+    #[test]
+    fn sticky_keys_only_move_towards_the_candidate_as_weight_rises() {
+        let keys: Vec<String> = (0..5000).map(|i| format!("session-{i}")).collect();
+        let sticky = r#"sticky_header = "x-session""#;
+        let mut previous = vec![false; keys.len()];
+        for weight in ["5%", "20%", "50%"] {
+            let t = table(weight, "m@v2", sticky);
+            let now = cohort(&t, &keys);
+            assert_eq!(now, cohort(&t, &keys), "same key, same version");
+            for (i, (was, is)) in previous.iter().zip(&now).enumerate() {
+                assert!(!was || *is, "{} moved back to stable at {weight}", keys[i]);
+            }
+            previous = now;
+        }
+        let share = previous.iter().filter(|c| **c).count();
+        assert!((2250..=2750).contains(&share), "{share} of 5000 at 50%");
+
+        let v2 = cohort(&table("20%", "m@v2", sticky), &keys);
+        let v3 = cohort(&table("20%", "m@v3", sticky), &keys);
+        let both = v2.iter().zip(&v3).filter(|(a, b)| **a && **b).count();
+        // Independent 20% cohorts share about 4% of keys (200), not 20% (1000).
+        assert!(
+            both < 350,
+            "a new candidate kept {both} keys of the old cohort"
+        );
+    }
+
+    #[test]
+    fn override_reaches_only_the_routes_versions() {
+        let allowed = table("0%", "m@v2", "allow_override = true");
+        let denied = table("0%", "m@v2", "");
+        let pin = |t: &RoutingTable, value: &'static str| {
+            let mut h = HeaderMap::new();
+            h.insert(&OVERRIDE_HEADER, http::HeaderValue::from_static(value));
+            t.routes[0]
+                .choose(&h)
+                .map(|target| target.version.label.to_string())
+        };
+        assert_eq!(pin(&allowed, "m@v2"), Ok("m@v2".into()));
+        assert_eq!(pin(&allowed, "m@v1"), Ok("m@v1".into()));
+        assert_eq!(pin(&allowed, "candidate"), Ok("m@v2".into()));
+        assert_eq!(pin(&allowed, "m@v3"), Err(BadOverride));
+        assert_eq!(
+            pin(&denied, "m@v2"),
+            Ok("m@v1".into()),
+            "ignored when not allowed"
+        );
+        assert_eq!(pin(&denied, "m@v3"), Ok("m@v1".into()));
+    }
 }

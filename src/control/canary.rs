@@ -618,7 +618,8 @@ async fn tick(
     runs: &mut HashMap<String, Run>,
     sources: &Sources,
 ) {
-    let table = writer.table().load_full();
+    let live = writer.live();
+    let table = &live.table;
     for rc in &config.routes {
         let Some(policy) = &rc.canary else { continue };
         let Some(route) = table.routes.iter().find(|r| *r.name == rc.name) else {
@@ -629,7 +630,7 @@ async fn tick(
             runs.remove(&rc.name);
             continue;
         };
-        if route.state.paused {
+        if live.route(&rc.name).is_some_and(|s| s.paused) {
             // The deadline is for progress the controller may make: a pause stops its clock.
             if let Some(run) = runs.get_mut(&rc.name) {
                 run.step_start = Instant::now();

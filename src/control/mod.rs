@@ -10,11 +10,9 @@ pub mod audit;
 pub mod auth;
 mod build;
 pub mod canary;
-pub mod compare;
 pub mod fleet;
 pub mod identity;
 pub mod pins;
-pub mod shadow;
 pub mod state;
 pub mod writer;
 

@@ -1,9 +1,10 @@
-//! The one writer: every routing change — admin call, reload, later the canary controller — is a
+//! The one writer: every routing change — admin call, reload, the canary controller — is a
 //! [`Command`] applied here, one at a time.
 //!
 //! Order of a change: validate → build the new table (generation + 1) → persist the state →
-//! append the audit record → swap the table in. A change that fails before the swap leaves
-//! traffic, state file and audit log as they were; a change is acknowledged only after the swap.
+//! append the audit record → swap the table in (and publish it with its state, [`Live`]). A
+//! change that fails before the swap leaves traffic, state file and audit log as they were; a
+//! change is acknowledged only after the swap.
 
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -218,11 +219,27 @@ pub enum OpenError {
     Fleet(#[from] FleetError),
 }
 
+/// What is live, as the control path reads it: the table the data path serves and the routing
+/// state it was built from, published together (the hot table carries no control state).
+#[derive(Debug)]
+pub struct Live {
+    pub table: Arc<RoutingTable>,
+    pub state: RoutingState,
+}
+
+impl Live {
+    /// The state of the route named `name`.
+    pub fn route(&self, name: &str) -> Option<&RouteState> {
+        self.state.routes.iter().find(|r| r.name == name)
+    }
+}
+
 /// The single writer of routing state.
 #[derive(Debug)]
 pub struct Writer {
     inner: Mutex<Inner>,
     table: Arc<ArcSwap<RoutingTable>>,
+    live: ArcSwap<Live>,
     metrics: Metrics,
     /// Wakes whoever watches the table (the identity prober) after each swap.
     swapped: tokio::sync::Notify,
@@ -307,6 +324,10 @@ impl Writer {
         publish(&metrics, &table);
         let writer = Writer {
             table: Arc::new(ArcSwap::new(Arc::clone(&table))),
+            live: ArcSwap::from_pointee(Live {
+                table: Arc::clone(&table),
+                state: state.clone(),
+            }),
             metrics,
             swapped: tokio::sync::Notify::new(),
             canary_status: std::sync::Mutex::new(std::collections::HashMap::new()),
@@ -404,6 +425,10 @@ impl Writer {
         inner.cache_fleet_state();
         Ok(Writer {
             table: Arc::new(ArcSwap::new(Arc::clone(&table))),
+            live: ArcSwap::from_pointee(Live {
+                table: Arc::clone(&table),
+                state: inner.state.clone(),
+            }),
             metrics,
             swapped: tokio::sync::Notify::new(),
             canary_status: std::sync::Mutex::new(std::collections::HashMap::new()),
@@ -550,6 +575,11 @@ impl Writer {
     }
 
     /// The live table, shared with the data path.
+    /// The live table and state, one consistent snapshot.
+    pub fn live(&self) -> Arc<Live> {
+        self.live.load_full()
+    }
+
     pub fn table(&self) -> &Arc<ArcSwap<RoutingTable>> {
         &self.table
     }
@@ -718,6 +748,10 @@ impl Writer {
         self.publish_stages(inner);
         let table = Arc::new(table);
         self.table.store(Arc::clone(&table));
+        self.live.store(Arc::new(Live {
+            table: Arc::clone(&table),
+            state: inner.state.clone(),
+        }));
         publish(&self.metrics, &table);
         self.swapped.notify_waiters();
         inner.window = Window::open(&table, Some(&inner.window));

@@ -10,11 +10,11 @@ use std::time::Instant;
 use http::StatusCode;
 
 use super::body::InFlight;
-use super::shadow::ShadowPlan;
 use super::split::{BadOverride, RequestHeaders, OVERRIDE_HEADER};
 use super::table::{Route, RoutingTable};
 use super::upstream::{BackendGuard, Version};
 use crate::metrics::ErrorKind;
+use crate::shadow::tee::ShadowPlan;
 
 /// What the decision looks at: the request's head, already framed and normalized.
 #[derive(Debug)]

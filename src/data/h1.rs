@@ -569,7 +569,7 @@ struct Request<'a> {
     out: &'a [u8],
     body_complete: bool,
     body_left: u64,
-    request_tee: Option<&'a mut crate::data::shadow::RequestTee>,
+    request_tee: Option<&'a mut crate::shadow::tee::RequestTee>,
 }
 
 /// Why an upstream exchange produced no response head.

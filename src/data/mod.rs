@@ -10,7 +10,6 @@ mod general;
 pub mod h1;
 pub mod listener;
 pub mod proxy;
-pub mod shadow;
 pub mod split;
 pub mod table;
 pub mod upstream;

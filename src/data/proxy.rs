@@ -25,8 +25,8 @@ use super::split::OVERRIDE_HEADER;
 use super::table::RoutingTable;
 use super::upstream::{BackendGuard, Version};
 use crate::config::ProxyConfig;
-use crate::control::shadow::{ShadowStart, Shadower};
 use crate::metrics::ErrorKind;
+use crate::shadow::task::{ShadowStart, Shadower};
 
 pub type UpstreamClient = Client<HttpsConnector<HttpConnector>, LimitedBody>;
 

@@ -8,10 +8,10 @@ use std::sync::Arc;
 
 use http::HeaderValue;
 
-use super::shadow::ShadowPlan;
 use super::upstream::Version;
 use crate::config::StickyKey;
 use crate::metrics::{Role, TargetStats};
+use crate::shadow::tee::ShadowPlan;
 use rand::Rng;
 
 /// One generation of routing: every route with its versions.
@@ -45,9 +45,7 @@ pub struct Route {
     pub cohort_seed: u64,
     pub allow_override: bool,
     /// Shadowing to the candidate, when the route mirrors and has a serving candidate.
-    pub shadow: Option<Arc<super::shadow::ShadowRoute>>,
-    /// The admin view of this route (status, pause, rollback target); cold, never read per request.
-    pub state: crate::control::RouteState,
+    pub shadow: Option<Arc<crate::shadow::tee::ShadowRoute>>,
 }
 
 impl RoutingTable {

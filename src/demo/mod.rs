@@ -220,7 +220,7 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
     .await?;
     let mut second = None;
     if !first.interrupted {
-        let stable_now = running.table().routes[0].state.stable.clone();
+        let stable_now = running.live().state.routes[0].stable.clone();
         std::fs::write(
             &config_path,
             demo_config(&opts, &state_dir, &versions, &stable_now, v3.label()),
@@ -322,11 +322,12 @@ async fn act(
                         last_shown = line;
                     }
                 }
-                let route = &running.table().routes[0];
+                let live = running.live();
+                let route = &live.state.routes[0];
                 if outcome.is_none() {
-                    if route.state.stable == candidate {
+                    if route.stable == candidate {
                         outcome = Some(format!("{candidate} promoted"));
-                    } else if route.state.rolled_back && route.state.candidate.as_deref() == Some(candidate) {
+                    } else if route.rolled_back && route.candidate.as_deref() == Some(candidate) {
                         outcome = Some(format!("{candidate} rolled back, {stable} serves"));
                     }
                     if outcome.is_some() {

@@ -3,7 +3,7 @@
 //!
 //! Invariant: a client never waits for a shadow. Tees copy `Bytes` handles (no byte copies) up to
 //! the cap and give up beyond it; the shadow itself runs in its own task
-//! (`control::shadow`), holding one of a fixed number of permits.
+//! ([`super::task`]), holding one of a fixed number of permits.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
@@ -12,9 +12,9 @@ use bytes::{Bytes, BytesMut};
 use prometheus::{Gauge, GaugeVec, IntCounter, IntGauge, IntGaugeVec};
 use tokio::sync::oneshot;
 
-use super::upstream::Version;
-use crate::config::{Comparator, CompareConfig};
-use crate::control::compare::{Answer, Verdict};
+use crate::config::{Comparator, CompareConfig, AGREEMENT_WINDOW};
+use crate::data::upstream::Version;
+use crate::shadow::compare::{Answer, Verdict};
 
 /// What a mirrored request needs from the routing decision.
 #[derive(Debug)]
@@ -59,9 +59,6 @@ impl MirrorOutcome {
         }
     }
 }
-
-/// How many comparisons the rolling agreement rate covers.
-pub const AGREEMENT_WINDOW: usize = 1000;
 
 /// Counters of one (route, candidate), kept across table rebuilds so the rolling agreement
 /// survives weight changes.

@@ -22,7 +22,7 @@ use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 
 use super::compare::{compare, default_comparators, Answer, Verdict};
 use crate::config::ShadowConfig;
-use crate::data::shadow::{MirrorOutcome, RequestTee, ResponseTee, ShadowPlan};
+use crate::shadow::tee::{MirrorOutcome, RequestTee, ResponseTee, ShadowPlan};
 
 static SHADOW_HEADER: HeaderName = HeaderName::from_static("x-weir-shadow");
 static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
