@@ -30,22 +30,6 @@ const CANDIDATE_DIGEST: &str = "222222222222222222222222222222222222222222222222
 const PARIS: &str = "The capital of France is Paris.";
 const BANANAS: &str = "Bananas are a yellow fruit rich in potassium.";
 
-/// Like `assert_eventually!`, with its own deadline: polls `$cond` every 25 ms.
-macro_rules! eventually {
-    ($within:expr, $cond:expr, $($msg:tt)+) => {{
-        let deadline = Instant::now() + $within;
-        loop {
-            if $cond {
-                break;
-            }
-            if Instant::now() >= deadline {
-                panic!($($msg)+);
-            }
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-    }};
-}
-
 // === config ===
 
 /// `chat@v1` stable and `chat@v2` candidate at weight 0 on one route, with `route_keys` on the
@@ -407,8 +391,8 @@ async fn a_healthy_candidate_steps_through_every_step_and_is_promoted() {
     )
     .await;
     let load = Load::start(&weir, 4, Kind::Get);
-    eventually!(
-        CANARY_DEADLINE,
+    assert_eventually!(
+        within CANARY_DEADLINE,
         weir.route(ROUTE).await["stable"] == CANDIDATE,
         "the candidate was never promoted: {}{}",
         weir.route(ROUTE).await,
@@ -535,8 +519,8 @@ async fn a_candidate_failing_30_percent_is_rolled_back_at_the_first_step() {
     )
     .await;
     let load = Load::start(&weir, 4, Kind::Get);
-    eventually!(
-        CANARY_DEADLINE,
+    assert_eventually!(
+        within CANARY_DEADLINE,
         weir.route(ROUTE).await["state"] == "rolled_back",
         "the candidate was never rolled back: {}{}",
         weir.route(ROUTE).await,
@@ -628,8 +612,8 @@ async fn too_little_data_holds_until_the_progress_deadline_rolls_back() {
         let reply = get(&client, &weir.url("/v1/models")).await;
         assert_eq!(reply.status, StatusCode::OK);
     }
-    eventually!(
-        CANARY_DEADLINE,
+    assert_eventually!(
+        within CANARY_DEADLINE,
         weir.route(ROUTE).await["canary"]["last_decision"] == "hold",
         "no hold on /v1/routes: {}",
         weir.route(ROUTE).await
@@ -646,8 +630,8 @@ async fn too_little_data_holds_until_the_progress_deadline_rolls_back() {
     assert_eq!(route["weight"], 1000, "a hold does not step: {route}");
     assert_eq!(route["state"], "canary", "{route}");
 
-    eventually!(
-        CANARY_DEADLINE,
+    assert_eventually!(
+        within CANARY_DEADLINE,
         weir.route(ROUTE).await["state"] == "rolled_back",
         "the progress deadline never rolled back: {}{}",
         weir.route(ROUTE).await,
@@ -702,8 +686,8 @@ async fn a_latency_regression_is_rolled_back_naming_the_p99_gate() {
     )
     .await;
     let load = Load::start(&weir, 6, Kind::Get);
-    eventually!(
-        CANARY_DEADLINE,
+    assert_eventually!(
+        within CANARY_DEADLINE,
         weir.route(ROUTE).await["state"] == "rolled_back",
         "the slow candidate was never rolled back: {}{}",
         weir.route(ROUTE).await,
@@ -752,8 +736,8 @@ async fn an_answer_regression_is_rolled_back_naming_the_agreement_gate() {
     )
     .await;
     let load = Load::start(&weir, 4, Kind::Chat);
-    eventually!(
-        CANARY_DEADLINE,
+    assert_eventually!(
+        within CANARY_DEADLINE,
         weir.route(ROUTE).await["state"] == "rolled_back",
         "the disagreeing candidate was never rolled back: {}{}",
         weir.route(ROUTE).await,
@@ -840,8 +824,8 @@ async fn a_failing_eval_set_blocks_the_first_step() {
     )
     .await;
     let load = Load::start(&weir, 2, Kind::Get);
-    eventually!(
-        CANARY_DEADLINE,
+    assert_eventually!(
+        within CANARY_DEADLINE,
         weir.route(ROUTE).await["state"] == "rolled_back",
         "the failing eval never rolled back: {}{}",
         weir.route(ROUTE).await,
@@ -897,8 +881,8 @@ async fn an_empty_eval_set_is_refused_and_blocks_the_first_step() {
         &v2,
     )
     .await;
-    eventually!(
-        CANARY_DEADLINE,
+    assert_eventually!(
+        within CANARY_DEADLINE,
         weir.route(ROUTE).await["state"] == "rolled_back",
         "the empty eval set never rolled back: {}{}",
         weir.route(ROUTE).await,
@@ -943,8 +927,8 @@ async fn a_passing_eval_set_lets_the_candidate_step_and_be_promoted() {
     )
     .await;
     let load = Load::start(&weir, 4, Kind::Get);
-    eventually!(
-        CANARY_DEADLINE,
+    assert_eventually!(
+        within CANARY_DEADLINE,
         weir.route(ROUTE).await["stable"] == CANDIDATE,
         "the candidate that passed its eval was never promoted: {}{}",
         weir.route(ROUTE).await,
@@ -1024,8 +1008,8 @@ async fn an_eval_set_failing_at_promotion_rolls_back_instead_of_promoting() {
     )
     .await;
     let load = Load::start(&weir, 4, Kind::Get);
-    eventually!(
-        CANARY_DEADLINE,
+    assert_eventually!(
+        within CANARY_DEADLINE,
         weir.route(ROUTE).await["state"] == "rolled_back",
         "the candidate was never rolled back at promotion: {}{}",
         weir.route(ROUTE).await,
@@ -1101,8 +1085,8 @@ async fn a_paused_route_is_left_alone_until_resumed() {
     let load = Load::start(&weir, 4, Kind::Get);
     // Several intervals' worth of traffic, far more than min_requests.
     let since = Instant::now();
-    eventually!(
-        CANARY_DEADLINE,
+    assert_eventually!(
+        within CANARY_DEADLINE,
         load.total() >= 400 && since.elapsed() >= Duration::from_millis(1500),
         "the load never got going: {} responses",
         load.total()
@@ -1130,8 +1114,8 @@ async fn a_paused_route_is_left_alone_until_resumed() {
         .admin(Method::POST, "/v1/routes/chat/resume", None)
         .await;
     assert_eq!(resumed.status, StatusCode::OK, "{}", resumed.text());
-    eventually!(
-        CANARY_DEADLINE,
+    assert_eventually!(
+        within CANARY_DEADLINE,
         weir.route(ROUTE).await["stable"] == CANDIDATE,
         "the resumed canary never finished: {}{}",
         weir.route(ROUTE).await,
@@ -1168,8 +1152,8 @@ async fn confirm_promotion_holds_after_the_last_step_for_an_admin() {
                 .as_str()
                 .is_some_and(|r| r.contains("confirm_promotion"))
     };
-    eventually!(
-        CANARY_DEADLINE,
+    assert_eventually!(
+        within CANARY_DEADLINE,
         decisions(&weir).iter().filter(|d| awaiting(d)).count() >= 2,
         "never held for confirmation: {}{}",
         weir.route(ROUTE).await,
@@ -1218,8 +1202,8 @@ async fn time_spent_paused_does_not_count_against_the_progress_deadline() {
     // A quiet pause longer than the deadline: nothing may happen meanwhile.
     let since = Instant::now();
     let decided = decisions(&weir).len();
-    eventually!(
-        CANARY_DEADLINE,
+    assert_eventually!(
+        within CANARY_DEADLINE,
         since.elapsed() >= Duration::from_millis(2500),
         "unreachable"
     );
@@ -1235,8 +1219,8 @@ async fn time_spent_paused_does_not_count_against_the_progress_deadline() {
     assert_eq!(resumed.status, StatusCode::OK, "{}", resumed.text());
     // The first window after the resume is still short of data: the step has its deadline ahead
     // of it (the pause froze it), so that is a hold, not a rollback.
-    eventually!(
-        CANARY_DEADLINE,
+    assert_eventually!(
+        within CANARY_DEADLINE,
         decisions(&weir).len() > decided,
         "no decision after the resume:{}",
         summary(&weir)
@@ -1247,8 +1231,8 @@ async fn time_spent_paused_does_not_count_against_the_progress_deadline() {
         "rolled back on resume for a deadline that ran out while paused: {after_resume}"
     );
     let load = Load::start(&weir, 4, Kind::Get);
-    eventually!(
-        CANARY_DEADLINE,
+    assert_eventually!(
+        within CANARY_DEADLINE,
         weir.route(ROUTE).await["state"] != "canary",
         "the canary never finished: {}{}",
         weir.route(ROUTE).await,
@@ -1278,8 +1262,8 @@ async fn a_failed_error_gate_is_not_held_for_want_of_shadow_comparisons() {
     )
     .await;
     let load = Load::start(&weir, 4, Kind::Chat);
-    eventually!(
-        CANARY_DEADLINE,
+    assert_eventually!(
+        within CANARY_DEADLINE,
         weir.route(ROUTE).await["state"] == "rolled_back",
         "the failing candidate was never rolled back: {}{}",
         weir.route(ROUTE).await,
@@ -1355,8 +1339,8 @@ async fn a_rollback_can_ramp_down_through_its_steps_first() {
     )
     .await;
     let load = Load::start(&weir, 4, Kind::Get);
-    eventually!(
-        CANARY_DEADLINE,
+    assert_eventually!(
+        within CANARY_DEADLINE,
         weir.route(ROUTE).await["state"] == "rolled_back",
         "the candidate was never rolled back: {}{}",
         weir.route(ROUTE).await,
@@ -1417,8 +1401,8 @@ async fn a_refused_promotion_is_decided_once_and_the_canary_holds() {
                 .as_str()
                 .is_some_and(|r| r.contains("promotion of chat@v2 was refused"))
     };
-    eventually!(
-        CANARY_DEADLINE,
+    assert_eventually!(
+        within CANARY_DEADLINE,
         decisions(&weir).iter().any(refused),
         "the refused promotion was never recorded as a hold: {}{}",
         weir.route(ROUTE).await,

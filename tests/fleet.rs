@@ -40,22 +40,6 @@ const CANARY_DEADLINE: Duration = Duration::from_secs(60);
 /// "Within a few seconds" of etcd coming back, mutations work again.
 const RECOVERY: Duration = Duration::from_secs(15);
 
-/// Like `assert_eventually!`, with its own deadline: polls `$cond` every 25 ms.
-macro_rules! eventually {
-    ($within:expr, $cond:expr, $($msg:tt)+) => {{
-        let deadline = Instant::now() + $within;
-        loop {
-            if $cond {
-                break;
-            }
-            if Instant::now() >= deadline {
-                panic!($($msg)+);
-            }
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-    }};
-}
-
 // === config ===
 
 /// The `[state]` table of one replica in fleet mode.
@@ -391,8 +375,8 @@ impl Fleet {
         let reply = self.replicas[through].put_weight("50%", None).await;
         assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
         let generation = generation_of(&reply);
-        eventually!(
-            DEADLINE,
+        assert_eventually!(
+            within DEADLINE,
             self.agree_on(generation, 5_000).await,
             "the replicas never agreed on 50%:{}",
             self.describe().await
@@ -430,8 +414,8 @@ impl Fleet {
     /// Waits until every replica is connected to etcd, names itself and the prefix, exactly one
     /// leads and all show one generation; returns it.
     async fn settle(&self) -> u64 {
-        eventually!(
-            DEADLINE,
+        assert_eventually!(
+            within DEADLINE,
             self.is_settled().await,
             "the fleet never settled (connected, one leader, one generation):{}",
             self.describe().await
@@ -520,8 +504,8 @@ impl Fleet {
                 .map(|r| (r.name.clone(), chain(&r.audit())))
                 .collect()
         };
-        eventually!(
-            DEADLINE,
+        assert_eventually!(
+            within DEADLINE,
             chains().windows(2).all(|w| w[0].1 == w[1].1),
             "the replicas' audit chains differ (seq, hash): {:#?}",
             chains()
@@ -802,8 +786,8 @@ async fn a_commit_etcd_applied_but_answered_late_is_reported_applied() {
         }
         other => panic!("a commit etcd never answered: {other:?}"),
     }
-    eventually!(
-        DEADLINE,
+    assert_eventually!(
+        within DEADLINE,
         fleet
             .load()
             .await
@@ -906,8 +890,8 @@ async fn the_leader_compacts_etcd_and_followers_stay_current_and_quiet() {
         .expect("connect to etcd");
     let state_key = format!("{}/state", fleet.prefix);
     let state_revision = etcd.get(state_key.as_str(), None).await.unwrap().kvs()[0].mod_revision();
-    eventually!(
-        DEADLINE,
+    assert_eventually!(
+        within DEADLINE,
         etcd.get(
             state_key.as_str(),
             Some(etcd_client::GetOptions::new().with_revision(state_revision))
@@ -946,8 +930,8 @@ async fn the_leader_compacts_etcd_and_followers_stay_current_and_quiet() {
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
     let generation = generation_of(&reply);
     let started = Instant::now();
-    eventually!(
-        DEADLINE,
+    assert_eventually!(
+        within DEADLINE,
         fleet.agree_on(generation, 4_000).await,
         "the replicas never agreed on 40%:{}",
         fleet.describe().await
@@ -999,8 +983,8 @@ async fn a_replica_that_cannot_apply_the_fleet_state_says_so_and_turns_unready()
     );
     assert_eq!(route_of(&ahead.routes().await)["candidate"], "chat@v3");
 
-    eventually!(
-        DEADLINE,
+    assert_eventually!(
+        within DEADLINE,
         stuck.readyz().await == 503,
         "stuck stays ready on a state it cannot apply: {}",
         stuck.readyz_at("/readyz").await.text()
@@ -1036,8 +1020,8 @@ async fn a_replica_that_cannot_apply_the_fleet_state_says_so_and_turns_unready()
         "stuck keeps the table it had"
     );
 
-    eventually!(
-        DEADLINE,
+    assert_eventually!(
+        within DEADLINE,
         fleet.leaders().await == [ahead.name.clone()],
         "the canary seat stayed with the replica that cannot apply the state: leaders {:?}",
         fleet.leaders().await
@@ -1073,8 +1057,8 @@ async fn a_replica_that_cannot_apply_the_fleet_state_says_so_and_turns_unready()
         "stuck reload: {}",
         reply.text()
     );
-    eventually!(
-        DEADLINE,
+    assert_eventually!(
+        within DEADLINE,
         stuck.readyz_at("/readyz").await.status == StatusCode::OK,
         "stuck never applied the state after its reload: {}",
         stuck.readyz_at("/readyz").await.text()
@@ -1135,8 +1119,8 @@ async fn a_replica_restarted_while_etcd_is_down_serves_its_last_state_and_joins_
     );
 
     fleet.etcd.restart().await;
-    eventually!(
-        DEADLINE,
+    assert_eventually!(
+        within DEADLINE,
         fleet.replicas[1].fleet().await["etcd"] == "connected",
         "the restarted replica never reached etcd: {}",
         fleet.replicas[1].fleet().await
@@ -1150,8 +1134,8 @@ async fn a_replica_restarted_while_etcd_is_down_serves_its_last_state_and_joins_
         started_before + 1,
         "the restarted replica recorded its start when it joined"
     );
-    eventually!(
-        DEADLINE,
+    assert_eventually!(
+        within DEADLINE,
         fleet.agree_on(recovered, 7_000).await,
         "the restarted replica never joined the fleet's changes:{}",
         fleet.describe().await
@@ -1265,8 +1249,8 @@ async fn two_changes_on_the_same_generation_through_two_replicas_let_exactly_one
     let new_generation = generation_of(reply);
     assert_eq!(new_generation, generation + 1, "{}", reply.text());
 
-    eventually!(
-        DEADLINE,
+    assert_eventually!(
+        within DEADLINE,
         fleet.agree_on(new_generation, *weight).await,
         "the replicas never agreed on {}'s {weight} at generation {new_generation}:{}",
         winner.name,
@@ -1275,8 +1259,8 @@ async fn two_changes_on_the_same_generation_through_two_replicas_let_exactly_one
 
     // Every replica's copy of the chain holds the winner's change once and nothing of the loser's.
     for r in &fleet.replicas {
-        eventually!(
-            DEADLINE,
+        assert_eventually!(
+            within DEADLINE,
             !set_weights(&r.audit()).is_empty(),
             "{}'s audit log never got the change: {:#?}",
             r.name,
@@ -1323,15 +1307,15 @@ async fn two_changes_without_if_match_through_two_replicas_are_both_applied_in_t
         "the two changes take one generation each, one after the other"
     );
     let (last_generation, last_weight, _) = applied[1];
-    eventually!(
-        DEADLINE,
+    assert_eventually!(
+        within DEADLINE,
         fleet.agree_on(last_generation, last_weight).await,
         "the replicas never agreed on the later change:{}",
         fleet.describe().await
     );
     for r in &fleet.replicas {
-        eventually!(
-            DEADLINE,
+        assert_eventually!(
+            within DEADLINE,
             set_weights(&r.audit()).len() >= 2,
             "{}'s audit log never got both changes: {:#?}",
             r.name,
@@ -1460,8 +1444,8 @@ progress_deadline = "60s"
 
     // Wait for the canary to pass its second step, noting who runs it.
     let mut at_kill = None;
-    eventually!(
-        CANARY_DEADLINE,
+    assert_eventually!(
+        within CANARY_DEADLINE,
         {
             for (i, r) in fleet.replicas.iter().enumerate() {
                 let routes = r.routes().await;
@@ -1488,8 +1472,8 @@ progress_deadline = "60s"
     let served_at_kill: Vec<usize> = (0..3).map(|i| traffic.ok(i)).collect();
 
     // Another replica leads within the lease TTL and a few seconds.
-    eventually!(
-        TAKEOVER,
+    assert_eventually!(
+        within TAKEOVER,
         fleet.leaders().await.len() == 1,
         "{TAKEOVER:?} after {old_name} was killed, leaders {:?}:{}",
         fleet.leaders().await,
@@ -1503,8 +1487,8 @@ progress_deadline = "60s"
     );
     for r in fleet.alive() {
         let leading = if r.name == new_name { 1.0 } else { 0.0 };
-        eventually!(
-            DEADLINE,
+        assert_eventually!(
+            within DEADLINE,
             r.metric("weir_fleet_leader").await == Some(leading),
             "{}: weir_fleet_leader is {:?}, expected {leading}",
             r.name,
@@ -1519,8 +1503,8 @@ progress_deadline = "60s"
     }
 
     // The new controller finishes the canary.
-    eventually!(
-        CANARY_DEADLINE,
+    assert_eventually!(
+        within CANARY_DEADLINE,
         {
             let mut promoted = true;
             for r in fleet.alive() {
@@ -1568,8 +1552,8 @@ progress_deadline = "60s"
             .cloned()
             .collect()
     };
-    eventually!(
-        DEADLINE,
+    assert_eventually!(
+        within DEADLINE,
         canary_changes(&survivor.audit())
             .iter()
             .any(|r| r["action"] == "promote"),
@@ -1652,15 +1636,15 @@ async fn replicas_serve_the_last_table_while_etcd_is_down_and_converge_when_it_i
 
     // Every replica notices, says so, and stops being ready.
     for r in &fleet.replicas {
-        eventually!(
-            DEADLINE,
+        assert_eventually!(
+            within DEADLINE,
             r.fleet().await["etcd"] == "unreachable",
             "{}: fleet {}",
             r.name,
             r.fleet().await
         );
-        eventually!(
-            DEADLINE,
+        assert_eventually!(
+            within DEADLINE,
             r.readyz().await == 503,
             "{}: /readyz {} with etcd down",
             r.name,
@@ -1691,8 +1675,8 @@ async fn replicas_serve_the_last_table_while_etcd_is_down_and_converge_when_it_i
             full.text()
         );
         assert_eq!(full.json()["checks"]["serving"], "ok", "{}", full.text());
-        eventually!(
-            DEADLINE,
+        assert_eventually!(
+            within DEADLINE,
             r.metric("weir_fleet_etcd_up").await == Some(0.0),
             "{}: weir_fleet_etcd_up {:?} with etcd down",
             r.name,
@@ -1721,23 +1705,23 @@ async fn replicas_serve_the_last_table_while_etcd_is_down_and_converge_when_it_i
         generation + 1,
         "the refused change took no generation"
     );
-    eventually!(
-        DEADLINE,
+    assert_eventually!(
+        within DEADLINE,
         fleet.agree_on(recovered, 7_000).await,
         "the replicas never converged after etcd came back:{}",
         fleet.describe().await
     );
     for r in &fleet.replicas {
-        eventually!(
-            DEADLINE,
+        assert_eventually!(
+            within DEADLINE,
             r.fleet().await["etcd"] == "connected" && r.readyz().await == 200,
             "{}: fleet {} /readyz {}",
             r.name,
             r.fleet().await,
             r.readyz().await
         );
-        eventually!(
-            DEADLINE,
+        assert_eventually!(
+            within DEADLINE,
             r.metric("weir_fleet_etcd_up").await == Some(1.0),
             "{}: weir_fleet_etcd_up {:?} with etcd back",
             r.name,
@@ -1747,8 +1731,8 @@ async fn replicas_serve_the_last_table_while_etcd_is_down_and_converge_when_it_i
 
     // The chain has the two changes that went through and nothing of the refused one.
     for r in &fleet.replicas {
-        eventually!(
-            DEADLINE,
+        assert_eventually!(
+            within DEADLINE,
             set_weights(&r.audit()).len() >= 2,
             "{}'s audit log never got the change made after the outage: {:#?}",
             r.name,
@@ -1872,8 +1856,8 @@ async fn replicas_reach_etcd_over_mutual_tls_as_an_etcd_user() {
 
     // It joined: connected, leading its one-replica fleet, changes committed through etcd.
     let admin_url = |path: &str| format!("http://{}{path}", weir.admin);
-    eventually!(
-        DEADLINE,
+    assert_eventually!(
+        within DEADLINE,
         get(&http1(), &admin_url("/v1/routes")).await.json()["fleet"]["leader"] == true,
         "the TLS replica never led its fleet: {}",
         get(&http1(), &admin_url("/v1/routes")).await.text()
@@ -1905,8 +1889,8 @@ async fn replicas_reach_etcd_over_mutual_tls_as_an_etcd_user() {
     assert_eq!(body["state"]["routes"][0]["weight"], 2500, "{body}");
     // The leader compacts as the prefix-scoped user too (etcd 3.4 allows it without root).
     let first = Some(etcd_client::GetOptions::new().with_revision(1));
-    eventually!(
-        DEADLINE,
+    assert_eventually!(
+        within DEADLINE,
         root.get(format!("{prefix}/state"), first.clone())
             .await
             .is_err_and(|e| e.to_string().contains("compacted")),

@@ -339,7 +339,7 @@ async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
         let length = head.content_length();
         proxy
             .shadower
-            .begin(plan, &head.0, &head.1, &head.2, length)
+            .begin(plan, &head.method, &head.uri, &head.headers, length)
     });
     let mut request_tee = shadow.as_mut().map(|s| s.take_request_tee());
     if let Some(tee) = request_tee.as_mut() {
@@ -353,7 +353,7 @@ async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
         proxy,
         client,
         backend,
-        Request {
+        UpstreamRequest {
             method,
             out: &out,
             body_complete,
@@ -535,11 +535,15 @@ async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
 
 /// The method, target and headers of a forwarded head, as hyper types, for the shadow (built only
 /// for mirrored requests).
-struct ForwardedHead(http::Method, http::Uri, http::HeaderMap);
+struct ForwardedHead {
+    method: http::Method,
+    uri: http::Uri,
+    headers: http::HeaderMap,
+}
 
 impl ForwardedHead {
     fn content_length(&self) -> Option<u64> {
-        self.2
+        self.headers
             .get(http::header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse().ok())
@@ -559,12 +563,16 @@ fn forwarded_head(out: &[u8]) -> Option<ForwardedHead> {
             http::HeaderValue::from_bytes(h.value).ok()?,
         );
     }
-    Some(ForwardedHead(method, uri, headers))
+    Some(ForwardedHead {
+        method,
+        uri,
+        headers,
+    })
 }
 
 /// An upstream request ready to go: its head and the body bytes already read, the rest still
 /// on the client's socket.
-struct Request<'a> {
+struct UpstreamRequest<'a> {
     method: &'a str,
     out: &'a [u8],
     body_complete: bool,
@@ -591,7 +599,7 @@ async fn send<S: AsyncRead + AsyncWrite + Unpin>(
     proxy: &Proxy,
     client: &mut S,
     backend: &Backend,
-    mut request: Request<'_>,
+    mut request: UpstreamRequest<'_>,
 ) -> Result<(Upstream, ResponseHead), Failure> {
     let settings = &proxy.settings;
     let mut attempt = 0;
@@ -1117,7 +1125,7 @@ where
         for data in &read {
             out.extend_from_slice(data);
         }
-        let request = Request {
+        let request = UpstreamRequest {
             method: parts.method.as_str(),
             out: &out,
             body_complete: true,

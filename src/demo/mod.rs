@@ -22,8 +22,8 @@ use crate::server::{Drained, Server};
 
 pub use backend::{ModelServer, SpawnedBackend};
 pub use stats::{
-    Comparison, ErrorKind, LatencyHistogram, Outcome, Snapshot, Stats, StickyReport, VersionStats,
-    NO_HEADER, NO_RESPONSE,
+    Comparison, FailureKind, LatencyHistogram, Outcome, Snapshot, Stats, StickyReport,
+    VersionStats, NO_HEADER, NO_RESPONSE,
 };
 pub use traffic::{Traffic, TrafficReport};
 pub use view::LiveView;

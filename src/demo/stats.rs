@@ -140,7 +140,7 @@ fn bucket_bounds(index: usize) -> (u64, u64) {
 
 /// Why a request counts as failed. A closed set: these end up as column names.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum ErrorKind {
+pub enum FailureKind {
     /// A 5xx response.
     ServerError,
     /// Any other non-2xx response.
@@ -155,24 +155,24 @@ pub enum ErrorKind {
     Timeout,
 }
 
-impl ErrorKind {
-    pub const ALL: [ErrorKind; 6] = [
-        ErrorKind::ServerError,
-        ErrorKind::ClientError,
-        ErrorKind::BrokenStream,
-        ErrorKind::BadBody,
-        ErrorKind::NoResponse,
-        ErrorKind::Timeout,
+impl FailureKind {
+    pub const ALL: [FailureKind; 6] = [
+        FailureKind::ServerError,
+        FailureKind::ClientError,
+        FailureKind::BrokenStream,
+        FailureKind::BadBody,
+        FailureKind::NoResponse,
+        FailureKind::Timeout,
     ];
 
     pub fn as_str(self) -> &'static str {
         match self {
-            ErrorKind::ServerError => "5xx",
-            ErrorKind::ClientError => "4xx/other status",
-            ErrorKind::BrokenStream => "broken stream",
-            ErrorKind::BadBody => "malformed body",
-            ErrorKind::NoResponse => "no response",
-            ErrorKind::Timeout => "timeout",
+            FailureKind::ServerError => "5xx",
+            FailureKind::ClientError => "4xx/other status",
+            FailureKind::BrokenStream => "broken stream",
+            FailureKind::BadBody => "malformed body",
+            FailureKind::NoResponse => "no response",
+            FailureKind::Timeout => "timeout",
         }
     }
 }
@@ -189,7 +189,7 @@ pub struct Outcome {
     pub latency: Duration,
     /// Streams only: from sending the request to the first byte of the body.
     pub first_byte: Option<Duration>,
-    pub error: Option<ErrorKind>,
+    pub error: Option<FailureKind>,
     /// The model the response body names, to check the version header against.
     pub body_model: Option<String>,
     /// The sticky session the request carried.
@@ -201,7 +201,7 @@ pub struct Outcome {
 pub struct VersionStats {
     pub requests: u64,
     pub errors: u64,
-    errors_by_kind: [u64; ErrorKind::ALL.len()],
+    errors_by_kind: [u64; FailureKind::ALL.len()],
     /// Non-2xx responses by status code.
     error_statuses: BTreeMap<u16, u64>,
     pub streams: u64,
@@ -249,7 +249,7 @@ impl VersionStats {
         }
     }
 
-    pub fn errors_of(&self, kind: ErrorKind) -> u64 {
+    pub fn errors_of(&self, kind: FailureKind) -> u64 {
         self.errors_by_kind[kind as usize]
     }
 
@@ -491,9 +491,9 @@ mod tests {
     fn outcome(version: Option<&str>, status: Option<u16>, latency: Duration) -> Outcome {
         let status = status.map(|s| StatusCode::from_u16(s).unwrap());
         let error = match status {
-            None => Some(ErrorKind::NoResponse),
-            Some(s) if s.is_server_error() => Some(ErrorKind::ServerError),
-            Some(s) if !s.is_success() => Some(ErrorKind::ClientError),
+            None => Some(FailureKind::NoResponse),
+            Some(s) if s.is_server_error() => Some(FailureKind::ServerError),
+            Some(s) if !s.is_success() => Some(FailureKind::ClientError),
             Some(_) => None,
         };
         Outcome {
@@ -528,7 +528,10 @@ mod tests {
         assert_eq!((v1.version_checked, v1.version_mismatches), (10, 1));
         assert_eq!(v1.latency.count(), 10);
         let v2 = snap.get("chat@v2").unwrap();
-        assert_eq!((v2.requests, v2.errors_of(ErrorKind::ServerError)), (1, 1));
+        assert_eq!(
+            (v2.requests, v2.errors_of(FailureKind::ServerError)),
+            (1, 1)
+        );
         assert_eq!(v2.error_statuses().collect::<Vec<_>>(), [(500, 1)]);
         assert!(
             v2.latency.is_empty(),
@@ -537,19 +540,19 @@ mod tests {
         assert_eq!(
             snap.get(NO_HEADER)
                 .unwrap()
-                .errors_of(ErrorKind::ClientError),
+                .errors_of(FailureKind::ClientError),
             0
         );
         assert_eq!(
             snap.get(NO_HEADER)
                 .unwrap()
-                .errors_of(ErrorKind::ServerError),
+                .errors_of(FailureKind::ServerError),
             1
         );
         assert_eq!(
             snap.get(NO_RESPONSE)
                 .unwrap()
-                .errors_of(ErrorKind::NoResponse),
+                .errors_of(FailureKind::NoResponse),
             1
         );
         assert!((snap.share("chat@v1") - 10.0 / 13.0).abs() < 1e-9);

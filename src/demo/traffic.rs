@@ -24,7 +24,7 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
-use super::stats::{ErrorKind, Outcome, Stats};
+use super::stats::{FailureKind, Outcome, Stats};
 
 type HttpClient = Client<HttpConnector, Full<Bytes>>;
 
@@ -298,7 +298,7 @@ impl Run {
             .await
             .is_err()
         {
-            outcome.error = Some(ErrorKind::Timeout);
+            outcome.error = Some(FailureKind::Timeout);
         }
         outcome.latency = sent.elapsed();
         outcome
@@ -310,7 +310,7 @@ impl Run {
         let response = match self.client.request(request).await {
             Ok(response) => response,
             Err(_) => {
-                outcome.error = Some(ErrorKind::NoResponse);
+                outcome.error = Some(FailureKind::NoResponse);
                 return;
             }
         };
@@ -323,9 +323,9 @@ impl Run {
             .map(str::to_string);
         if !status.is_success() {
             outcome.error = Some(if status.is_server_error() {
-                ErrorKind::ServerError
+                FailureKind::ServerError
             } else {
-                ErrorKind::ClientError
+                FailureKind::ClientError
             });
             // Read the error body anyway, so the connection goes back to the pool.
             let _ = Limited::new(response.into_body(), MAX_RESPONSE_BODY)
@@ -341,7 +341,7 @@ impl Run {
                 .is_some_and(|v| v.starts_with("text/event-stream"));
             read_stream(response.into_body(), sent, outcome).await;
             if !is_event_stream && outcome.error.is_none() {
-                outcome.error = Some(ErrorKind::BadBody);
+                outcome.error = Some(FailureKind::BadBody);
             }
         } else {
             read_completion(response.into_body(), outcome).await;
@@ -354,17 +354,17 @@ async fn read_completion(body: Incoming, outcome: &mut Outcome) {
     let bytes = match Limited::new(body, MAX_RESPONSE_BODY).collect().await {
         Ok(collected) => collected.to_bytes(),
         Err(_) => {
-            outcome.error = Some(ErrorKind::BrokenStream);
+            outcome.error = Some(FailureKind::BrokenStream);
             return;
         }
     };
     let Ok(completion) = serde_json::from_slice::<Value>(&bytes) else {
-        outcome.error = Some(ErrorKind::BadBody);
+        outcome.error = Some(FailureKind::BadBody);
         return;
     };
     outcome.body_model = completion["model"].as_str().map(str::to_string);
     if !completion["choices"][0]["message"]["content"].is_string() {
-        outcome.error = Some(ErrorKind::BadBody);
+        outcome.error = Some(FailureKind::BadBody);
     }
 }
 
@@ -376,7 +376,7 @@ async fn read_stream(mut body: Incoming, sent: Instant, outcome: &mut Outcome) {
     let mut malformed = false;
     while let Some(frame) = body.frame().await {
         let Ok(frame) = frame else {
-            outcome.error = Some(ErrorKind::BrokenStream);
+            outcome.error = Some(FailureKind::BrokenStream);
             return;
         };
         let Ok(data) = frame.into_data() else {
@@ -402,9 +402,9 @@ async fn read_stream(mut body: Incoming, sent: Instant, outcome: &mut Outcome) {
         }
     }
     if !done {
-        outcome.error = Some(ErrorKind::BrokenStream);
+        outcome.error = Some(FailureKind::BrokenStream);
     } else if malformed || !pending.iter().all(u8::is_ascii_whitespace) {
-        outcome.error = Some(ErrorKind::BadBody);
+        outcome.error = Some(FailureKind::BadBody);
     }
 }
 
@@ -450,8 +450,8 @@ fn parse_event(event: &[u8]) -> Event {
 
 #[cfg(test)]
 mod tests {
-    use super::super::backend::ModelServer;
     use super::*;
+    use crate::demo::backend::ModelServer;
 
     #[test]
     fn events_are_parsed_like_sse() {
@@ -490,7 +490,7 @@ mod tests {
         );
         let snap = stats.snapshot();
         // The backend sends no x-weir-version, so everything lands under "(no header)".
-        let all = snap.get(super::super::stats::NO_HEADER).unwrap();
+        let all = snap.get(crate::demo::stats::NO_HEADER).unwrap();
         assert_eq!(all.requests, report.completed);
         assert_eq!(all.errors, 0, "{all:?}");
         assert!(all.streams > 0 && all.streams < all.requests);
@@ -522,9 +522,9 @@ mod tests {
         let report = run.await.unwrap();
         assert!(report.interrupted);
         let snap = stats.snapshot();
-        let all = snap.get(super::super::stats::NO_HEADER).unwrap();
+        let all = snap.get(crate::demo::stats::NO_HEADER).unwrap();
         assert_eq!(all.errors, all.requests);
-        assert_eq!(all.errors_of(ErrorKind::ServerError), all.requests);
+        assert_eq!(all.errors_of(FailureKind::ServerError), all.requests);
 
         // Nobody listening: every request is a NoResponse.
         let addr = backend.addr();
@@ -538,8 +538,8 @@ mod tests {
             .run(stats.clone(), stop)
             .await;
         let snap = stats.snapshot();
-        let none = snap.get(super::super::stats::NO_RESPONSE).unwrap();
+        let none = snap.get(crate::demo::stats::NO_RESPONSE).unwrap();
         assert!(none.requests > 0);
-        assert_eq!(none.errors_of(ErrorKind::NoResponse), none.requests);
+        assert_eq!(none.errors_of(FailureKind::NoResponse), none.requests);
     }
 }

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::stats::{ErrorKind, Snapshot, VersionStats, NO_HEADER, NO_RESPONSE};
+use super::stats::{FailureKind, Snapshot, VersionStats, NO_HEADER, NO_RESPONSE};
 
 /// A line-per-tick view writes at most this often.
 const PLAIN_INTERVAL: Duration = Duration::from_secs(2);
@@ -239,9 +239,11 @@ impl LiveView {
             let statuses = v
                 .error_statuses()
                 .map(|(status, n)| format!("{n} × {status}"));
-            let others = ErrorKind::ALL
+            let others = FailureKind::ALL
                 .iter()
-                .filter(|&&kind| !matches!(kind, ErrorKind::ServerError | ErrorKind::ClientError))
+                .filter(|&&kind| {
+                    !matches!(kind, FailureKind::ServerError | FailureKind::ClientError)
+                })
                 .filter(|&&kind| v.errors_of(kind) > 0)
                 .map(|&kind| format!("{} × {}", v.errors_of(kind), kind.as_str()));
             let kinds: Vec<String> = statuses.chain(others).collect();
@@ -364,8 +366,8 @@ fn fmt_rate(rate: f64) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::super::stats::{Outcome, Stats};
     use super::*;
+    use crate::demo::stats::{Outcome, Stats};
     use http::StatusCode;
 
     fn ok(version: &str, ms: u64) -> Outcome {
@@ -388,7 +390,7 @@ mod tests {
             stats.record(&ok("chat@v1", 10));
         }
         stats.record(&Outcome {
-            error: Some(ErrorKind::ServerError),
+            error: Some(FailureKind::ServerError),
             status: Some(StatusCode::INTERNAL_SERVER_ERROR),
             ..ok("chat@v2", 30)
         });

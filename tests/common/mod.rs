@@ -43,15 +43,12 @@ pub type HttpClient = Client<HttpConnector, Body>;
 pub const DEADLINE: Duration = Duration::from_secs(10);
 
 /// Polls `$cond` (which may `.await`) every 25 ms until it is true, or panics with the message
-/// once [`DEADLINE`] has passed. The message is formatted after the last poll, so it can show the
-/// last observed value.
+/// once [`DEADLINE`] (or the `within` duration given first) has passed. The message is formatted
+/// after the last poll, so it can show the last observed value.
 #[macro_export]
 macro_rules! assert_eventually {
-    ($cond:expr) => {
-        $crate::assert_eventually!($cond, "never became true: {}", stringify!($cond))
-    };
-    ($cond:expr, $($msg:tt)+) => {{
-        let deadline = ::std::time::Instant::now() + $crate::common::DEADLINE;
+    (within $within:expr, $cond:expr, $($msg:tt)+) => {{
+        let deadline = ::std::time::Instant::now() + $within;
         loop {
             if $cond {
                 break;
@@ -62,6 +59,12 @@ macro_rules! assert_eventually {
             ::tokio::time::sleep(::std::time::Duration::from_millis(25)).await;
         }
     }};
+    ($cond:expr) => {
+        $crate::assert_eventually!($cond, "never became true: {}", stringify!($cond))
+    };
+    ($cond:expr, $($msg:tt)+) => {
+        $crate::assert_eventually!(within $crate::common::DEADLINE, $cond, $($msg)+)
+    };
 }
 
 /// Polls `$actual` (which may `.await`) every 25 ms until it equals `$expected`, or panics with
