@@ -9,9 +9,43 @@ use prometheus::{
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
-/// Every decision the canary controller takes: each is a `weir_canary_decisions_total` label,
+/// A decision the canary controller takes: each is a `weir_canary_decisions_total` label,
 /// exported at zero for every canary route from the start so alerts see the first one.
-pub const CANARY_DECISIONS: [&str; 4] = ["advance", "hold", "promote", "rollback"];
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CanaryDecision {
+    /// The candidate passed its gates at this weight: on to the next step.
+    Advance,
+    /// Not enough evidence yet, or a refused promotion: stay at this weight.
+    Hold,
+    /// The last step passed: the candidate becomes stable.
+    Promote,
+    /// A gate failed or the deadline passed: back to the stable version.
+    Rollback,
+}
+
+impl CanaryDecision {
+    pub const ALL: [CanaryDecision; 4] = [
+        CanaryDecision::Advance,
+        CanaryDecision::Hold,
+        CanaryDecision::Promote,
+        CanaryDecision::Rollback,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CanaryDecision::Advance => "advance",
+            CanaryDecision::Hold => "hold",
+            CanaryDecision::Promote => "promote",
+            CanaryDecision::Rollback => "rollback",
+        }
+    }
+}
+
+impl std::fmt::Display for CanaryDecision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
 
 /// Why a proxied request failed. A closed set: each kind is a metric label.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -301,13 +335,15 @@ impl Metrics {
 
     /// Exports every canary decision of `route` at zero (a no-op for the ones already counted).
     pub fn canary_route(&self, route: &str) {
-        for decision in CANARY_DECISIONS {
-            self.canary.with_label_values(&[route, decision]);
+        for decision in CanaryDecision::ALL {
+            self.canary.with_label_values(&[route, decision.as_str()]);
         }
     }
 
-    pub fn count_canary_decision(&self, route: &str, decision: &str) {
-        self.canary.with_label_values(&[route, decision]).inc();
+    pub fn count_canary_decision(&self, route: &str, decision: CanaryDecision) {
+        self.canary
+            .with_label_values(&[route, decision.as_str()])
+            .inc();
     }
 
     /// Handles for shadowing `candidate` in `route`.

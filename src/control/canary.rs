@@ -23,7 +23,7 @@ use crate::config::units::format_percent;
 use crate::config::{CanaryPolicy, Config, EvalGate};
 use crate::data::table::{Route, Target};
 use crate::eval::{EvalSet, EvalTarget};
-use crate::metrics::TargetStats;
+use crate::metrics::{CanaryDecision, TargetStats};
 
 // === gates ===
 
@@ -722,7 +722,16 @@ async fn tick(
                     Ok(passed) => evidence.push(passed),
                     Err(failed) => {
                         let why = "the held-out evaluation failed before the first step";
-                        decide(writer, config, route, run, "rollback", vec![failed], why).await;
+                        decide(
+                            writer,
+                            config,
+                            route,
+                            run,
+                            CanaryDecision::Rollback,
+                            vec![failed],
+                            why,
+                        )
+                        .await;
                         run.ramp = ramp_down(policy, route.weight);
                         continue;
                     }
@@ -751,10 +760,28 @@ async fn tick(
                         "progress deadline of {:?} passed: {why}",
                         policy.progress_deadline
                     );
-                    decide(writer, config, route, run, "rollback", evidence, &reason).await;
+                    decide(
+                        writer,
+                        config,
+                        route,
+                        run,
+                        CanaryDecision::Rollback,
+                        evidence,
+                        &reason,
+                    )
+                    .await;
                     run.ramp = ramp_down(policy, route.weight);
                 } else {
-                    decide(writer, config, route, run, "hold", evidence, &why).await;
+                    decide(
+                        writer,
+                        config,
+                        route,
+                        run,
+                        CanaryDecision::Hold,
+                        evidence,
+                        &why,
+                    )
+                    .await;
                 }
             }
             Outcome::Fail => {
@@ -774,14 +801,32 @@ async fn tick(
                     .collect();
                 let reason = format!("failed gate: {}", failing.join("; "));
                 if run.failures >= policy.failure_limit {
-                    decide(writer, config, route, run, "rollback", evidence, &reason).await;
+                    decide(
+                        writer,
+                        config,
+                        route,
+                        run,
+                        CanaryDecision::Rollback,
+                        evidence,
+                        &reason,
+                    )
+                    .await;
                     run.ramp = ramp_down(policy, route.weight);
                 } else {
                     let reason = format!(
                         "{reason} ({} of {} failures allowed)",
                         run.failures, policy.failure_limit
                     );
-                    decide(writer, config, route, run, "hold", evidence, &reason).await;
+                    decide(
+                        writer,
+                        config,
+                        route,
+                        run,
+                        CanaryDecision::Hold,
+                        evidence,
+                        &reason,
+                    )
+                    .await;
                 }
             }
             Outcome::Pass => {
@@ -806,7 +851,7 @@ async fn tick(
                             config,
                             route,
                             run,
-                            "hold",
+                            CanaryDecision::Hold,
                             evidence,
                             "every step passed; awaiting an admin's promotion (confirm_promotion)",
                         )
@@ -824,7 +869,7 @@ async fn tick(
                                         config,
                                         route,
                                         run,
-                                        "rollback",
+                                        CanaryDecision::Rollback,
                                         evidence,
                                         "the held-out evaluation failed before promotion",
                                     )
@@ -839,7 +884,7 @@ async fn tick(
                             config,
                             route,
                             run,
-                            "promote",
+                            CanaryDecision::Promote,
                             evidence,
                             "every step passed",
                         )
@@ -900,7 +945,17 @@ async fn decide_step(
     why: &str,
 ) {
     let reason = format!("{why}: step to {}", format_percent(step));
-    if decide(writer, config, route, run, "advance", evidence, &reason).await {
+    if decide(
+        writer,
+        config,
+        route,
+        run,
+        CanaryDecision::Advance,
+        evidence,
+        &reason,
+    )
+    .await
+    {
         let change = Change {
             command: Command::SetWeight {
                 route: route.name.to_string(),
@@ -923,7 +978,7 @@ async fn decide(
     config: &Config,
     route: &Route,
     run: &mut Run,
-    decision: &str,
+    decision: CanaryDecision,
     gates: Vec<Value>,
     reason: &str,
 ) -> bool {
@@ -933,20 +988,25 @@ async fn decide(
         .flatten()
         .and_then(|r| r.find(label).map(|v| v.digest.clone()));
     let detail = json!({
-        "decision": decision, "version": label, "digest": digest, "weight": route.weight,
+        "decision": decision.as_str(), "version": label, "digest": digest, "weight": route.weight,
         "weight_percent": format_percent(route.weight), "gates": gates,
     });
     writer.set_canary_status(
         &route.name,
-        Some(json!({"last_decision": decision, "reason": reason, "evidence": detail.clone()})),
+        Some(json!({"last_decision": decision.as_str(), "reason": reason, "evidence": detail.clone()})),
     );
+    let name = decision.as_str();
     match decision {
-        "hold" => tracing::info!(route = %route.name, version = label, "canary hold: {reason}"),
-        // Routine progress is not a warning; a rollback is what an operator must look at.
-        "rollback" => {
-            tracing::warn!(route = %route.name, version = label, decision, "canary: {reason}")
+        CanaryDecision::Hold => {
+            tracing::info!(route = %route.name, version = label, "canary hold: {reason}")
         }
-        _ => tracing::info!(route = %route.name, version = label, decision, "canary: {reason}"),
+        // Routine progress is not a warning; a rollback is what an operator must look at.
+        CanaryDecision::Rollback => {
+            tracing::warn!(route = %route.name, version = label, decision = name, "canary: {reason}")
+        }
+        _ => {
+            tracing::info!(route = %route.name, version = label, decision = name, "canary: {reason}")
+        }
     }
     if let Err(e) = writer
         .record(
@@ -973,14 +1033,14 @@ async fn decide(
         .and_then(|p| ramp_down(p, route.weight))
         .is_some();
     let command = match decision {
-        "rollback" if ramps => return true,
-        "promote" => Command::Promote {
+        CanaryDecision::Rollback if ramps => return true,
+        CanaryDecision::Promote => Command::Promote {
             route: route.name.to_string(),
         },
-        "rollback" => Command::Rollback {
+        CanaryDecision::Rollback => Command::Rollback {
             route: route.name.to_string(),
         },
-        _ => return true,
+        CanaryDecision::Advance | CanaryDecision::Hold => return true,
     };
     let change = Change {
         command,
@@ -989,7 +1049,9 @@ async fn decide(
         if_match: Some(run.generation),
     };
     match writer.apply(change).await {
-        Err(e) if decision == "promote" => promotion_refused(writer, route, run, &e).await,
+        Err(e) if decision == CanaryDecision::Promote => {
+            promotion_refused(writer, route, run, &e).await
+        }
         Err(e) => tracing::error!(route = %route.name, error = %e, "canary {decision} refused"),
         Ok(_) => {}
     }
@@ -1008,12 +1070,12 @@ async fn promotion_refused(writer: &Writer, route: &Route, run: &mut Run, error:
     );
     tracing::error!(route = %route.name, version = label, status = error.status().as_u16(), "canary: {reason}");
     let detail = json!({
-        "decision": "hold", "version": label, "weight": route.weight,
+        "decision": CanaryDecision::Hold.as_str(), "version": label, "weight": route.weight,
         "weight_percent": format_percent(route.weight), "refused": error.to_string(),
     });
     writer.set_canary_status(
         &route.name,
-        Some(json!({"last_decision": "hold", "reason": reason, "evidence": detail.clone()})),
+        Some(json!({"last_decision": CanaryDecision::Hold.as_str(), "reason": reason, "evidence": detail.clone()})),
     );
     let recorded = writer
         .record(
@@ -1025,7 +1087,9 @@ async fn promotion_refused(writer: &Writer, route: &Route, run: &mut Run, error:
         )
         .await;
     match recorded {
-        Ok(()) => writer.metrics().count_canary_decision(&route.name, "hold"),
+        Ok(()) => writer
+            .metrics()
+            .count_canary_decision(&route.name, CanaryDecision::Hold),
         Err(e) => tracing::error!(error = %e, "cannot record the canary's hold either"),
     }
 }
