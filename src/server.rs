@@ -19,7 +19,7 @@ use crate::control::admin::{self, AdminState};
 use crate::control::auth::AdminToken;
 use crate::control::fleet::{self, Fleet, FleetError};
 use crate::control::identity::{self, probe_once, Prober};
-use crate::control::writer::{Change, Command, CommandError};
+use crate::control::writer::{Actor, Change, Command, CommandError};
 use crate::control::Writer;
 use crate::data::body::RequestBody;
 pub use crate::data::listener::Drained;
@@ -318,7 +318,7 @@ impl Running {
             .writer
             .apply(Change {
                 command: Command::Reload,
-                actor: actor.to_string(),
+                actor: Actor::Operator(actor.to_string()),
                 reason: None,
                 if_match: None,
             })

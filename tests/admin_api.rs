@@ -1270,7 +1270,7 @@ async fn a_body_of_exactly_64_kib_is_accepted_and_one_byte_more_is_413() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_paused_route_holds_off_the_canary_controller_but_not_an_admin() {
-    use weir::control::writer::{Change, Command, CANARY_ACTOR};
+    use weir::control::writer::{Actor, Change, Command};
     let s = setup().await;
     let weir = &s.weir;
     let writer = weir.running.as_ref().unwrap().writer().clone();
@@ -1279,7 +1279,7 @@ async fn a_paused_route_holds_off_the_canary_controller_but_not_an_admin() {
             route: "chat".into(),
             basis_points,
         },
-        actor: CANARY_ACTOR.into(),
+        actor: Actor::Canary,
         reason: Some("step".into()),
         if_match: None,
     };

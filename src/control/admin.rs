@@ -19,7 +19,7 @@ use serde_json::{json, Value};
 use super::auth::AdminToken;
 use super::pins::runtime_registry;
 use super::state::RoutingState;
-use super::writer::Live;
+use super::writer::{Actor, Live};
 use super::writer::{Change, Command, CommandError, RuntimeStages, Writer};
 use crate::config::units::{format_percent, parse_percent};
 use crate::data::table::{Route, Target};
@@ -243,7 +243,7 @@ async fn mutate(state: &AdminState, req: Request<Incoming>) -> Result<AdminRespo
         .writer
         .apply(Change {
             command,
-            actor: state.token.actor().to_string(),
+            actor: Actor::Operator(state.token.actor().to_string()),
             reason,
             if_match,
         })

@@ -17,7 +17,7 @@ use tokio::sync::watch;
 use crate::data::listener::stopped;
 
 use super::pins::load_registry;
-use super::writer::{Change, Command, CommandError, CANARY_ACTOR};
+use super::writer::{Actor, Change, Command, CommandError};
 use super::Writer;
 use crate::config::units::format_percent;
 use crate::config::{CanaryPolicy, Config, EvalGate};
@@ -703,7 +703,7 @@ async fn tick(
             };
             let change = Change {
                 command,
-                actor: CANARY_ACTOR.to_string(),
+                actor: Actor::Canary,
                 reason: Some(reason),
                 if_match: Some(run.generation),
             };
@@ -961,7 +961,7 @@ async fn decide_step(
                 route: route.name.to_string(),
                 basis_points: step,
             },
-            actor: CANARY_ACTOR.to_string(),
+            actor: Actor::Canary,
             reason: Some(reason),
             if_match: Some(run.generation),
         };
@@ -1010,7 +1010,7 @@ async fn decide(
     }
     if let Err(e) = writer
         .record(
-            CANARY_ACTOR,
+            Actor::Canary.as_str(),
             "canary_decision",
             Some(&route.name),
             detail,
@@ -1044,7 +1044,7 @@ async fn decide(
     };
     let change = Change {
         command,
-        actor: CANARY_ACTOR.to_string(),
+        actor: Actor::Canary,
         reason: Some(reason.to_string()),
         if_match: Some(run.generation),
     };
@@ -1079,7 +1079,7 @@ async fn promotion_refused(writer: &Writer, route: &Route, run: &mut Run, error:
     );
     let recorded = writer
         .record(
-            CANARY_ACTOR,
+            Actor::Canary.as_str(),
             "canary_decision",
             Some(&route.name),
             detail,

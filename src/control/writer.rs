@@ -28,8 +28,33 @@ use crate::data::RoutingTable;
 use crate::metrics::{Metrics, TargetStats};
 use crate::registry::{check_promotion, Registry, RegistryError, RuleRefusal, Stage};
 
-/// Actor of changes made by the canary controller; only it is held back by a pause.
-pub const CANARY_ACTOR: &str = "canary";
+/// Who asks for a change: in the audit record and the log; only the canary controller is held
+/// back by a pause, and only its changes are fenced in fleet mode.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Actor {
+    /// The canary controller (`canary`).
+    Canary,
+    /// weir itself: startup, catch-up (`weir`).
+    Weir,
+    /// An operator, by admin token (`admin:<fingerprint>`), signal (`signal:SIGHUP`) or CLI.
+    Operator(String),
+}
+
+impl Actor {
+    pub fn as_str(&self) -> &str {
+        match self {
+            Actor::Canary => "canary",
+            Actor::Weir => "weir",
+            Actor::Operator(name) => name,
+        }
+    }
+}
+
+impl std::fmt::Display for Actor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
 
 /// A routing change.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -82,8 +107,7 @@ impl Command {
 #[derive(Clone, Debug)]
 pub struct Change {
     pub command: Command,
-    /// `admin:<token fingerprint>`, `canary`, `signal:SIGHUP`, …
-    pub actor: String,
+    pub actor: Actor,
     pub reason: Option<String>,
     /// Apply only if the live generation is still this one.
     pub if_match: Option<u64>,
@@ -707,7 +731,7 @@ impl Writer {
             (None, true) => None,
         };
         let entry = Entry {
-            actor: &change.actor,
+            actor: change.actor.as_str(),
             action: change.command.action(),
             route: route_name,
             before,
@@ -716,7 +740,7 @@ impl Writer {
             reason: reason.as_deref(),
             window: Some(inner.window.close()),
         };
-        let fenced = change.actor == CANARY_ACTOR;
+        let fenced = change.actor == Actor::Canary;
         // The runtime stage is part of the state: a promotion that cannot be persisted is
         // refused whole (5xx naming why), and nothing else records it.
         inner.persist(&new_state, entry, fenced).await?;
@@ -846,7 +870,7 @@ impl Writer {
     /// record another process appended. Fleet mode: after any record another replica appended
     /// (caught up and retried when one got in first).
     async fn append_event(&self, inner: &mut Inner, entry: Entry<'_>) -> Result<(), CommandError> {
-        let fenced = entry.actor == CANARY_ACTOR;
+        let fenced = entry.actor == Actor::Canary.as_str();
         let mut attempt = 0;
         loop {
             attempt += 1;
@@ -1227,7 +1251,7 @@ fn promote_in_registry(
 fn mutate(
     route: &mut RouteState,
     command: &Command,
-    actor: &str,
+    actor: &Actor,
     quick: bool,
 ) -> Result<(), CommandError> {
     let name = route.name.clone();
@@ -1252,7 +1276,7 @@ fn mutate(
             if route.candidate.is_none() {
                 return Err(no_candidate(route));
             }
-            if route.paused && actor == CANARY_ACTOR {
+            if route.paused && *actor == Actor::Canary {
                 return Err(CommandError::Conflict(format!(
                     "route {name} is paused: the canary controller may not change its weight until it is resumed"
                 )));
