@@ -53,6 +53,15 @@ impl VersionSet {
     }
 }
 
+/// Why a routing table cannot be built from a config and a state: they do not fit together.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum BuildError {
+    #[error("route {route} is in the config but has no routing state")]
+    NoState { route: String },
+    #[error("route {route} routes to {version}, which the config does not define")]
+    UnknownVersion { route: String, version: String },
+}
+
 /// Builds the routing table for `state` over the routes and versions of `config`: the config
 /// gives each route its match and stickiness, the state its versions and weight.
 pub fn build_table(
@@ -60,16 +69,19 @@ pub fn build_table(
     state: &RoutingState,
     metrics: &Metrics,
     versions: &mut VersionSet,
-) -> Result<RoutingTable, String> {
+) -> Result<RoutingTable, BuildError> {
     let mut routes = Vec::with_capacity(config.routes.len());
     for r in &config.routes {
-        let live = state
-            .route(&r.name)
-            .ok_or_else(|| format!("route {} has no state", r.name))?;
-        let mut target = |label: &str, role: Role| -> Result<Target, String> {
-            let version = versions
-                .get_or_create(config, label)
-                .ok_or_else(|| format!("route {}: version {label} is not defined", r.name))?;
+        let live = state.route(&r.name).ok_or_else(|| BuildError::NoState {
+            route: r.name.clone(),
+        })?;
+        let mut target = |label: &str, role: Role| -> Result<Target, BuildError> {
+            let version = versions.get_or_create(config, label).ok_or_else(|| {
+                BuildError::UnknownVersion {
+                    route: r.name.clone(),
+                    version: label.to_string(),
+                }
+            })?;
             Ok(Target {
                 stats: metrics.target(&r.name, label, role),
                 version,
@@ -243,5 +255,51 @@ mod split_tests {
             "ignored when not allowed"
         );
         assert_eq!(pin(&denied, "m@v3"), Ok("m@v1".into()));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::control::writer::CommandError;
+
+    #[test]
+    fn a_state_that_does_not_fit_the_config_is_a_build_error_answered_422() {
+        let text = r#"
+            [[versions]]
+            model = "m"
+            version = "v1"
+            backends = ["http://127.0.0.1:1"]
+            [[routes]]
+            name = "r"
+            stable = "m@v1"
+        "#;
+        let config = Config::from_toml_str(text, "test").unwrap();
+        let mut state = RoutingState::from_config(&config);
+        state.routes[0].stable = "m@gone".to_string();
+        let built = build_table(&config, &state, &Metrics::new(), &mut VersionSet::default());
+        let error = built.unwrap_err();
+        assert_eq!(
+            error,
+            BuildError::UnknownVersion {
+                route: "r".into(),
+                version: "m@gone".into()
+            }
+        );
+        // Before, this was answered 500 "could not be made durable", which it was not about.
+        let refused = CommandError::Build(error);
+        assert_eq!(refused.status(), http::StatusCode::UNPROCESSABLE_ENTITY);
+        assert_eq!(
+            refused.to_string(),
+            "the changed routing cannot be served, so it was not applied: \
+             route r routes to m@gone, which the config does not define"
+        );
+
+        state.routes.clear();
+        let built = build_table(&config, &state, &Metrics::new(), &mut VersionSet::default());
+        assert_eq!(
+            built.unwrap_err(),
+            BuildError::NoState { route: "r".into() }
+        );
     }
 }

@@ -16,6 +16,6 @@ pub mod pins;
 pub mod state;
 pub mod writer;
 
-pub use build::{build_table, VersionSet};
+pub use build::{build_table, BuildError, VersionSet};
 pub use state::{RouteState, RoutingState};
 pub use writer::{Command, CommandError, Writer};

@@ -15,7 +15,7 @@ use serde_json::{json, Value};
 use tokio::sync::Mutex;
 
 use super::audit::{AuditError, AuditLog, Entry, Prepared};
-use super::build::{build_table, VersionSet};
+use super::build::{build_table, BuildError, VersionSet};
 use super::fleet::{Fleet, FleetError, AUDIT_PAGE};
 use super::pins::{load_registry, pin_refusals, runtime_registry, RouteRefusal};
 use super::state::{
@@ -145,6 +145,9 @@ pub enum CommandError {
     InvalidConfig(#[source] ConfigError),
     #[error("the change could not be made durable, so it was not applied: {0}")]
     Persist(String),
+    /// The changed state does not fit the config (a version the config no longer defines).
+    #[error("the changed routing cannot be served, so it was not applied: {0}")]
+    Build(#[source] BuildError),
     #[error("the registry refuses this routing: {}", .0.iter().map(|r| r.to_string()).collect::<Vec<_>>().join("; "))]
     Pins(Vec<RouteRefusal>),
     #[error("the registry refuses to promote {label}: {}", .refusals.iter().map(|r| r.to_string()).collect::<Vec<_>>().join("; "))]
@@ -198,7 +201,8 @@ impl CommandError {
             }
             CommandError::OutOfRange(_)
             | CommandError::InvalidConfig(_)
-            | CommandError::Registry(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            | CommandError::Registry(_)
+            | CommandError::Build(_) => StatusCode::UNPROCESSABLE_ENTITY,
             CommandError::Persist(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -234,7 +238,7 @@ pub enum OpenError {
     #[error(transparent)]
     Audit(#[from] AuditError),
     #[error("cannot build the routing table: {0}")]
-    Table(String),
+    Table(#[source] BuildError),
     #[error(transparent)]
     Registry(#[from] RegistryError),
     #[error("the registry refuses the configured routing:\n  {}", .0.iter().map(|r| r.to_string()).collect::<Vec<_>>().join("\n  "))]
@@ -558,7 +562,7 @@ impl Writer {
         if state != inner.state {
             let config = fresh.unwrap_or(&inner.config);
             let table = build_table(config, &state, &self.metrics, &mut inner.versions)
-                .map_err(CommandError::CannotApply)?;
+                .map_err(|e| CommandError::CannotApply(e.to_string()))?;
             if let Some(fresh) = fresh {
                 inner.config = fresh.clone();
                 self.publish_stages(inner);
@@ -718,7 +722,7 @@ impl Writer {
             }
         }
         let table = build_table(config, &new_state, &self.metrics, &mut inner.versions)
-            .map_err(CommandError::Persist)?;
+            .map_err(CommandError::Build)?;
         let after_route = route_name.and_then(|n| new_state.route(n)).cloned();
         let (before, after) = match route_name {
             Some(_) => (json!(before_route), json!(after_route)),
