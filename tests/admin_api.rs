@@ -1297,7 +1297,11 @@ async fn a_paused_route_holds_off_the_canary_controller_but_not_an_admin() {
         .apply(canary(200))
         .await
         .expect_err("a paused route refuses the controller");
-    assert_eq!(refused.status(), StatusCode::CONFLICT, "{refused}");
+    assert_eq!(
+        weir::control::admin::status_of(&refused),
+        StatusCode::CONFLICT,
+        "{refused}"
+    );
     assert_eq!(weir.generation().await, generation);
     assert_eq!(weir.route("chat").await["weight"], 100);
     let reply = weir

@@ -54,7 +54,30 @@ impl Refused {
 
 impl From<CommandError> for Refused {
     fn from(e: CommandError) -> Refused {
-        Refused(e.status(), e.to_string(), e.detail())
+        Refused(status_of(&e), e.to_string(), e.detail())
+    }
+}
+
+/// The HTTP status an admin call that the writer refused with `e` is answered with (the writer
+/// itself speaks no HTTP).
+pub fn status_of(e: &CommandError) -> StatusCode {
+    match e {
+        CommandError::UnknownRoute { .. } => StatusCode::NOT_FOUND,
+        CommandError::NoCandidate { .. }
+        | CommandError::Conflict(_)
+        | CommandError::GenerationMoved { .. }
+        | CommandError::Pins(_)
+        | CommandError::Promotion { .. }
+        | CommandError::CannotApply(_)
+        | CommandError::Stale => StatusCode::CONFLICT,
+        CommandError::Unavailable(_) | CommandError::Unconfirmed(_) => {
+            StatusCode::SERVICE_UNAVAILABLE
+        }
+        CommandError::OutOfRange(_)
+        | CommandError::InvalidConfig(_)
+        | CommandError::Registry(_)
+        | CommandError::Build(_) => StatusCode::UNPROCESSABLE_ENTITY,
+        CommandError::Persist(_) => StatusCode::INTERNAL_SERVER_ERROR,
     }
 }
 

@@ -288,7 +288,10 @@ mod tests {
         );
         // Before, this was answered 500 "could not be made durable", which it was not about.
         let refused = CommandError::Build(error);
-        assert_eq!(refused.status(), http::StatusCode::UNPROCESSABLE_ENTITY);
+        assert_eq!(
+            crate::control::admin::status_of(&refused),
+            http::StatusCode::UNPROCESSABLE_ENTITY
+        );
         assert_eq!(
             refused.to_string(),
             "the changed routing cannot be served, so it was not applied: \

@@ -1068,7 +1068,7 @@ async fn promotion_refused(writer: &Writer, route: &Route, run: &mut Run, error:
         "the promotion of {label} was refused ({error}); holding at {} until an admin promotes, rolls back or sets a weight",
         format_percent(route.weight)
     );
-    tracing::error!(route = %route.name, version = label, status = error.status().as_u16(), "canary: {reason}");
+    tracing::error!(route = %route.name, version = label, "canary: {reason}");
     let detail = json!({
         "decision": CanaryDecision::Hold.as_str(), "version": label, "weight": route.weight,
         "weight_percent": format_percent(route.weight), "refused": error.to_string(),

@@ -10,7 +10,6 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use arc_swap::ArcSwap;
-use http::StatusCode;
 use serde_json::{json, Value};
 use tokio::sync::Mutex;
 
@@ -186,27 +185,6 @@ impl From<FleetError> for CommandError {
 }
 
 impl CommandError {
-    pub fn status(&self) -> StatusCode {
-        match self {
-            CommandError::UnknownRoute { .. } => StatusCode::NOT_FOUND,
-            CommandError::NoCandidate { .. }
-            | CommandError::Conflict(_)
-            | CommandError::GenerationMoved { .. }
-            | CommandError::Pins(_)
-            | CommandError::Promotion { .. }
-            | CommandError::CannotApply(_)
-            | CommandError::Stale => StatusCode::CONFLICT,
-            CommandError::Unavailable(_) | CommandError::Unconfirmed(_) => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
-            CommandError::OutOfRange(_)
-            | CommandError::InvalidConfig(_)
-            | CommandError::Registry(_)
-            | CommandError::Build(_) => StatusCode::UNPROCESSABLE_ENTITY,
-            CommandError::Persist(_) => StatusCode::INTERNAL_SERVER_ERROR,
-        }
-    }
-
     /// Structured detail for the JSON error body.
     pub fn detail(&self) -> Value {
         match self {
