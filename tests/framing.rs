@@ -777,6 +777,72 @@ async fn a_refused_request_in_a_pipeline_ends_the_connection_after_the_answers_b
     .await;
 }
 
+/// A backend that answers before it has read the whole body (a 413 from a size limit, a 401)
+/// and stops reading: its answer reaches the client, not a 504 after the idle timeout, and the
+/// connection closes (the rest of the body is unread), for a body of known length and a chunked one.
+#[tokio::test]
+async fn a_backend_answering_before_it_read_the_body_has_its_answer_reach_the_client() {
+    const BODY: usize = 16 * 1024 * 1024;
+    let rows = vec![("Content-Length", false), ("chunked", true)];
+    each_on_both(rows, |front, (_, chunked)| async move {
+        // Reads the head, answers at once, and never reads the body.
+        let backend = WireBackend::start(|mut wire, _| async move {
+            if wire.head().await.is_ok() {
+                let answer = b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 8\r\n\r\ntoo big!";
+                let _ = wire.io.write_all(answer).await;
+            }
+            std::future::pending::<()>().await;
+        })
+        .await;
+        let template = format!(
+            "{}[proxy]\nidle_timeout = \"5s\"\n{ONE_VERSION}",
+            front.listener()
+        );
+        let weir = Weir::start(&template, &[("v1", &backend.url())]).await;
+        let stream = TcpStream::connect(weir.proxy).await.unwrap();
+        let (read, mut write) = stream.into_split();
+        let sender = tokio::spawn(async move {
+            let framing = if chunked {
+                "Transfer-Encoding: chunked".to_string()
+            } else {
+                format!("Content-Length: {BODY}")
+            };
+            let head = format!("POST /v1/upload HTTP/1.1\r\nHost: weir.test\r\n{framing}\r\n\r\n");
+            write.write_all(head.as_bytes()).await?;
+            let piece = vec![b'x'; 64 * 1024];
+            for _ in 0..BODY / piece.len() {
+                if chunked {
+                    write
+                        .write_all(format!("{:x}\r\n", piece.len()).as_bytes())
+                        .await?;
+                }
+                write.write_all(&piece).await?;
+                if chunked {
+                    write.write_all(b"\r\n").await?;
+                }
+            }
+            Ok::<_, std::io::Error>(write)
+        });
+        let mut client = Wire::new(read);
+        let started = std::time::Instant::now();
+        let reply = client.response_to("POST").await;
+        assert_eq!(
+            (reply.status, reply.text().as_str()),
+            (413, "too big!"),
+            "{front:?}, chunked {chunked}, after {:?}",
+            started.elapsed()
+        );
+        assert!(
+            reply.headers.closes(),
+            "an answer with the body unread keeps the connection: {:?}",
+            reply.headers
+        );
+        sender.abort();
+        reply.status
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn a_backend_that_stops_reading_the_request_body_is_cut_off_with_504_timeout() {
     const BODY: usize = 8 * 1024 * 1024;

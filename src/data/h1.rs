@@ -405,6 +405,8 @@ async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
         }
     };
 
+    // A request whose body the backend answered before reading it all ends the connection.
+    let keep_alive = keep_alive && !response.request_unread;
     // The client's response head.
     let status = StatusCode::from_u16(response.status).unwrap_or(StatusCode::BAD_GATEWAY);
     in_flight.stats().count_response(status);
@@ -626,12 +628,15 @@ async fn send<S: AsyncRead + AsyncWrite + Unpin>(
             if let Some(tee) = request.request_tee.as_mut().filter(|t| t.is_open()) {
                 tee.push(&Bytes::copy_from_slice(&chunk[..n]));
             }
-            write_upstream(&mut conn, &chunk[..n], settings.idle_timeout)
-                .await
-                .map_err(Failure::Sending)?;
+            let sent = write_body(&mut conn, &chunk[..n], settings.idle_timeout).await;
             left -= n as u64;
+            // The backend answered before reading the whole body (413, 401): the rest stays
+            // unread, and neither connection carries another request.
+            if sent.map_err(Failure::Sending)? == Sent::Answered && left > 0 {
+                break;
+            }
         }
-        if request.body_left > 0 {
+        if request.body_left > 0 && left == 0 {
             if let Some(tee) = request.request_tee.as_mut() {
                 tee.finish();
             }
@@ -641,7 +646,11 @@ async fn send<S: AsyncRead + AsyncWrite + Unpin>(
             // (the backend may have acted on a request it then did not answer).
             Err(HeadError::Closed) if retry && idempotent(request.method) => continue,
             Err(error) => return Err(Failure::Backend(error.kind())),
-            Ok(response) => return Ok((conn, response)),
+            Ok(mut response) => {
+                response.request_unread = left > 0;
+                response.keep_alive &= left == 0;
+                return Ok((conn, response));
+            }
         }
     }
 }
@@ -896,6 +905,8 @@ struct ResponseHead {
     content_length: Option<u64>,
     framing: Framing,
     keep_alive: bool,
+    /// The backend answered before the whole request body was sent (the rest is unread).
+    request_unread: bool,
 }
 
 impl ResponseHead {
@@ -1035,6 +1046,7 @@ fn parse_response(buf: &[u8], head_request: bool) -> Result<Option<Parsed>, Head
         content_length,
         framing,
         keep_alive,
+        request_unread: false,
     })))
 }
 
@@ -1256,23 +1268,30 @@ where
     };
     let chunked = streamed.chunked;
     let mut line = Vec::with_capacity(32);
+    // A backend may answer before it has read the whole body (413, 401): then the rest is not
+    // sent, the answer goes to the client, and neither connection carries another request.
+    let mut answered = false;
     for data in &streamed.read {
-        write_data(&mut conn, data, chunked.then_some(&mut line), timeout)
-            .await
-            .map_err(ForwardError::Sending)?;
+        let sent = write_data(&mut conn, data, chunked.then_some(&mut line), timeout).await;
+        if sent.map_err(ForwardError::Sending)? == Sent::Answered {
+            answered = true;
+            break;
+        }
     }
     let mut trailers = streamed.trailers;
-    while let Some(frame) = next_frame(body, timeout).await? {
+    while !answered {
+        let Some(frame) = next_frame(body, timeout).await? else {
+            break;
+        };
         match frame {
             Frame::Data(data) => {
-                write_data(&mut conn, &data, chunked.then_some(&mut line), timeout)
-                    .await
-                    .map_err(ForwardError::Sending)?
+                let sent = write_data(&mut conn, &data, chunked.then_some(&mut line), timeout);
+                answered = sent.await.map_err(ForwardError::Sending)? == Sent::Answered;
             }
             Frame::Trailers(fields) => trailers = Some(fields),
         }
     }
-    if chunked {
+    if chunked && !answered {
         line.clear();
         line.extend_from_slice(b"0\r\n");
         for (name, value) in trailers.iter().flatten() {
@@ -1290,27 +1309,99 @@ where
             .map_err(ForwardError::Sending)?;
     }
     match await_response(proxy, &mut conn, method).await {
-        Ok(response) => Ok((conn, response)),
+        Ok(mut response) => {
+            response.keep_alive &= !answered;
+            response.request_unread = answered;
+            Ok((conn, response))
+        }
         Err(error) => Err(ForwardError::Backend(error.kind())),
     }
 }
 
+/// How a write of request body data ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Sent {
+    Written,
+    /// The backend sent a final response head first; the write was abandoned.
+    Answered,
+}
+
 /// Writes one run of body data, as a chunk when `chunk_line` (scratch space for the size line)
-/// is given.
+/// is given, unless the backend answers first.
 async fn write_data(
     conn: &mut Upstream,
     data: &[u8],
     chunk_line: Option<&mut Vec<u8>>,
     timeout: Duration,
-) -> Result<(), ErrorKind> {
+) -> Result<Sent, ErrorKind> {
     let Some(line) = chunk_line else {
-        return write_upstream(conn, data, timeout).await;
+        return write_body(conn, data, timeout).await;
     };
     line.clear();
     let _ = write!(line, "{:x}\r\n", data.len());
-    write_upstream(conn, line, timeout).await?;
-    write_upstream(conn, data, timeout).await?;
-    write_upstream(conn, b"\r\n", timeout).await
+    for part in [line.as_slice(), data, b"\r\n"] {
+        if write_body(conn, part, timeout).await? == Sent::Answered {
+            return Ok(Sent::Answered);
+        }
+    }
+    Ok(Sent::Written)
+}
+
+/// Writes `data` to the backend within `timeout`, watching for its answer meanwhile: what it
+/// sends is read into the connection's buffer, and a complete final response head there ends the
+/// write (interim 1xx heads do not).
+async fn write_body(
+    conn: &mut Upstream,
+    data: &[u8],
+    timeout: Duration,
+) -> Result<Sent, ErrorKind> {
+    if answered(&conn.buf) {
+        return Ok(Sent::Answered);
+    }
+    let Upstream { stream, buf, .. } = conn;
+    let (reader, mut writer) = stream.split();
+    let write = tokio::time::timeout(timeout, writer.write_all(data));
+    tokio::pin!(write);
+    loop {
+        tokio::select! {
+            written = &mut write => {
+                return match written {
+                    Ok(Ok(())) => Ok(Sent::Written),
+                    Ok(Err(_)) => Err(ErrorKind::Reset),
+                    Err(_) => Err(ErrorKind::Timeout),
+                };
+            }
+            ready = reader.readable() => {
+                if ready.is_err() {
+                    return Err(ErrorKind::Reset);
+                }
+                if buf.capacity() - buf.len() < 1024 {
+                    buf.reserve(READ_CHUNK);
+                }
+                match reader.try_read_buf(buf) {
+                    // Closed: the write fails next, or the head read says so.
+                    Ok(0) => return Ok(Sent::Answered),
+                    Ok(_) if answered(buf) => return Ok(Sent::Answered),
+                    Ok(_) => {}
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(_) => return Err(ErrorKind::Reset),
+                }
+            }
+        }
+    }
+}
+
+/// Whether `buf` starts with a complete final response head (after any interim ones), or with
+/// bytes that are no response at all (which the head read then refuses).
+fn answered(buf: &[u8]) -> bool {
+    let mut rest = buf;
+    loop {
+        match parse_response(rest, false) {
+            Ok(Some(Parsed::Informational(len))) => rest = &rest[len..],
+            Ok(Some(Parsed::Final(_))) | Err(_) => return true,
+            Ok(None) => return false,
+        }
+    }
 }
 
 /// A response body read from a backend connection the fast path owns, decoded from its HTTP/1.1
