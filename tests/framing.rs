@@ -777,6 +777,45 @@ async fn a_refused_request_in_a_pipeline_ends_the_connection_after_the_answers_b
     .await;
 }
 
+/// RFC 9110 §6.6.1: weir's own answers carry a Date, and so does a backend's response that came
+/// without one; a backend's own Date passes unchanged, once.
+#[tokio::test]
+async fn every_response_reaches_the_client_with_one_date() {
+    const BACKEND_DATE: &str = "Mon, 01 Jan 2024 00:00:00 GMT";
+    on_both(|front| async move {
+        let rig = Rig::start(front, "", |request| {
+            let date = if request.target.contains("dated") {
+                format!("Date: {BACKEND_DATE}\r\n")
+            } else {
+                String::new()
+            };
+            format!("HTTP/1.1 200 OK\r\n{date}Content-Length: 2\r\n\r\nok").into_bytes()
+        })
+        .await;
+        let mut client = rig.connect().await;
+        client.write(get_request("/v1/undated")).await;
+        let undated = client.response().await;
+        let dates = undated.headers.all("date");
+        assert_eq!(dates.len(), 1, "{front:?}: {:?}", undated.headers);
+        assert!(httpdate::parse_http_date(dates[0]).is_ok(), "{dates:?}");
+        client.write(get_request("/v1/dated")).await;
+        let dated = client.response().await;
+        assert_eq!(dated.headers.all("date"), [BACKEND_DATE], "{front:?}");
+        let (refused, _) = rig
+            .exchange("two Hosts", "GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n")
+            .await;
+        assert_eq!(refused.status, 400);
+        assert_eq!(
+            refused.headers.all("date").len(),
+            1,
+            "{front:?}: {:?}",
+            refused.headers
+        );
+        undated.status
+    })
+    .await;
+}
+
 /// A backend that answers before it has read the whole body (a 413 from a size limit, a 401)
 /// and stops reading: its answer reaches the client, not a 504 after the idle timeout, and the
 /// connection closes (the rest of the body is unread), for a body of known length and a chunked one.

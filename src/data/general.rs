@@ -364,6 +364,10 @@ async fn write_response<S: AsyncWrite + Unpin>(
         }
         push_header(&mut pending, name.as_str().as_bytes(), value.as_bytes());
     }
+    // weir's own answers, and a backend's without one, get a Date (RFC 9110 §6.6.1).
+    if !parts.headers.contains_key(http::header::DATE) {
+        super::date::push_header(&mut pending);
+    }
     match (out, exact) {
         (Out::Length, Some(length)) => {
             let _ = write!(pending, "content-length: {length}\r\n");

@@ -415,7 +415,12 @@ async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
     let encode_chunks = matches!(response.framing, Framing::UntilClose);
     let mut head_out = Vec::with_capacity(response.len + 96);
     response.write_status_line(&conn.buf, &mut head_out);
-    response.write_headers(&conn.buf, &mut head_out, label_header.map(|(name, _)| name));
+    let dated =
+        response.write_headers(&conn.buf, &mut head_out, label_header.map(|(name, _)| name));
+    // A response forwarded without a Date gets one (RFC 9110 §6.6.1).
+    if !dated {
+        super::date::push_header(&mut head_out);
+    }
     if let Some((name, value)) = label_header {
         push_header(&mut head_out, name.as_str().as_bytes(), value);
     }
@@ -740,6 +745,7 @@ pub(super) async fn local<S: AsyncRead + AsyncWrite + Unpin>(
     out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
     out.extend_from_slice(b"\r\ncontent-type: application/json\r\n");
     let _ = write!(out, "content-length: {}\r\n", body.len());
+    super::date::push_header(&mut out);
     if let Some((name, value)) = version_header {
         push_header(&mut out, name.as_str().as_bytes(), value);
     }
@@ -942,13 +948,16 @@ impl ResponseHead {
             .and_then(|(_, value)| http::HeaderValue::from_bytes(&buf[value.clone()]).ok())
     }
 
-    /// The headers to pass on, less `replaced` (a header weir sets itself).
-    fn write_headers(&self, buf: &[u8], out: &mut Vec<u8>, replaced: Option<&HeaderName>) {
+    /// The headers to pass on, less `replaced` (a header weir sets itself); whether `Date` was
+    /// among them.
+    fn write_headers(&self, buf: &[u8], out: &mut Vec<u8>, replaced: Option<&HeaderName>) -> bool {
+        let mut dated = false;
         for (name, value) in &self.headers {
             let name = &buf[name.clone()];
             if replaced.is_some_and(|r| name.eq_ignore_ascii_case(r.as_str().as_bytes())) {
                 continue;
             }
+            dated |= name.eq_ignore_ascii_case(b"date");
             push_header(out, name, &buf[value.clone()]);
         }
         if let Some(length) = self.content_length {
@@ -957,6 +966,7 @@ impl ResponseHead {
         if matches!(self.framing, Framing::UntilClose) {
             out.extend_from_slice(b"transfer-encoding: chunked\r\n");
         }
+        dated
     }
 }
 
@@ -1615,7 +1625,7 @@ mod tests {
 
     fn written(raw: &[u8], head: &ResponseHead) -> String {
         let mut out = Vec::new();
-        head.write_headers(raw, &mut out, None);
+        let _ = head.write_headers(raw, &mut out, None);
         String::from_utf8(out).unwrap()
     }
 

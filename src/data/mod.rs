@@ -4,6 +4,7 @@
 //! Nothing here parses bodies, allocates metric labels or takes a lock shared between requests.
 
 pub mod body;
+mod date;
 pub mod decide;
 pub mod framing;
 mod general;
