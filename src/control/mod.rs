@@ -10,6 +10,7 @@ pub mod audit;
 pub mod auth;
 mod build;
 pub mod canary;
+pub mod command;
 pub mod fleet;
 pub mod identity;
 pub mod pins;

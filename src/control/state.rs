@@ -13,6 +13,8 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use super::command::{Actor, Command};
+use crate::config::units::MAX_BASIS_POINTS;
 use crate::config::{Config, RouteConfig, StickyKey};
 use crate::registry::Stage;
 
@@ -62,6 +64,99 @@ impl RouteState {
     /// The candidate that takes traffic, if any.
     pub fn serving_candidate(&self) -> Option<&str> {
         self.candidate.as_deref().filter(|_| !self.rolled_back)
+    }
+}
+
+/// Why [`RouteState::apply`] refused a command; nothing changed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ApplyError {
+    /// `how` says how a candidate comes to this route: a reload, or a restart in quick mode.
+    NoCandidate {
+        route: String,
+        promoted_from: Option<String>,
+        how: &'static str,
+    },
+    Conflict(String),
+    OutOfRange(String),
+}
+
+impl RouteState {
+    /// Applies one route command from `actor`. `quick`: weir runs without a config file (which
+    /// changes how a refusal says a candidate comes). `Reload` is not a route command.
+    pub fn apply(
+        &mut self,
+        command: &Command,
+        actor: &Actor,
+        quick: bool,
+    ) -> Result<(), ApplyError> {
+        let name = self.name.clone();
+        let no_candidate = |state: &RouteState| ApplyError::NoCandidate {
+            route: state.name.clone(),
+            promoted_from: state.rollback_target.clone(),
+            how: if quick {
+                "this weir runs without a config file, so a new candidate comes with a restart: \
+                 `weir serve --stable ... --candidate MODEL@VERSION=URL`, or run from a config file \
+                 (`weir serve --config FILE`) to change versions with a reload"
+            } else {
+                "set `candidate` for it in the config and reload"
+            },
+        };
+        match command {
+            Command::SetWeight { basis_points, .. } => {
+                if *basis_points > MAX_BASIS_POINTS {
+                    return Err(ApplyError::OutOfRange(format!(
+                        "weight {basis_points} basis points is above 10000 (100%)"
+                    )));
+                }
+                if self.candidate.is_none() {
+                    return Err(no_candidate(self));
+                }
+                if self.paused && *actor == Actor::Canary {
+                    return Err(ApplyError::Conflict(format!(
+                        "route {name} is paused: the canary controller may not change its weight until it is resumed"
+                    )));
+                }
+                if self.rolled_back || self.weight != *basis_points {
+                    self.weight = *basis_points;
+                    // An explicit weight from an admin brings a rolled-back candidate back.
+                    self.rolled_back = false;
+                }
+            }
+            Command::Promote { .. } => {
+                let Some(candidate) = self.candidate.clone() else {
+                    return Err(no_candidate(self));
+                };
+                if self.rolled_back {
+                    return Err(ApplyError::Conflict(format!(
+                        "route {name}: candidate {candidate} was rolled back; set a weight to bring it back before promoting it"
+                    )));
+                }
+                self.rollback_target = Some(std::mem::replace(&mut self.stable, candidate));
+                self.candidate = None;
+                self.weight = 0;
+                self.paused = false;
+            }
+            Command::Rollback { .. } => {
+                if self.candidate.is_some() && !self.rolled_back {
+                    self.weight = 0;
+                    self.rolled_back = true;
+                } else if let Some(prior) = self.rollback_target.take() {
+                    // Undo the promotion: the prior stable returns, the demoted version is kept as a
+                    // rolled-back candidate so the table says what was undone.
+                    self.candidate = Some(std::mem::replace(&mut self.stable, prior));
+                    self.rolled_back = true;
+                    self.weight = 0;
+                } else {
+                    return Err(ApplyError::Conflict(format!(
+                        "route {name}: nothing to roll back (no active candidate and no prior stable version)"
+                    )));
+                }
+            }
+            Command::Pause { .. } => self.paused = true,
+            Command::Resume { .. } => self.paused = false,
+            Command::Reload => unreachable!("reload is not a route command"),
+        }
+        Ok(())
     }
 }
 
@@ -409,6 +504,155 @@ pub fn reconcile(
         }
     }
     (routes, notes)
+}
+
+#[cfg(test)]
+mod apply_tests {
+    use super::*;
+
+    fn canary(weight: u16) -> RouteState {
+        RouteState {
+            name: "chat".into(),
+            stable: "m@v1".into(),
+            candidate: Some("m@v2".into()),
+            weight,
+            paused: false,
+            rolled_back: false,
+            rollback_target: None,
+            config_digest: String::new(),
+        }
+    }
+
+    fn set_weight(basis_points: u16) -> Command {
+        Command::SetWeight {
+            route: "chat".into(),
+            basis_points,
+        }
+    }
+
+    fn route_command(make: fn(String) -> Command) -> Command {
+        make("chat".into())
+    }
+
+    fn admin() -> Actor {
+        Actor::Operator("admin:test".into())
+    }
+
+    #[test]
+    fn set_weight_moves_the_split_and_brings_a_rolled_back_candidate_back() {
+        let mut route = canary(100);
+        route.apply(&set_weight(500), &admin(), false).unwrap();
+        assert_eq!(route.weight, 500);
+
+        route.rolled_back = true;
+        route.apply(&set_weight(500), &admin(), false).unwrap();
+        assert!(
+            !route.rolled_back,
+            "an explicit weight brings the candidate back"
+        );
+
+        let refused = route.apply(&set_weight(10_001), &admin(), false);
+        assert!(
+            matches!(refused, Err(ApplyError::OutOfRange(_))),
+            "{refused:?}"
+        );
+        assert_eq!(route.weight, 500);
+    }
+
+    #[test]
+    fn a_pause_holds_off_the_canary_controller_but_not_an_operator() {
+        let mut route = canary(100);
+        route
+            .apply(
+                &route_command(|route| Command::Pause { route }),
+                &admin(),
+                false,
+            )
+            .unwrap();
+        assert!(route.paused);
+        let refused = route.apply(&set_weight(200), &Actor::Canary, false);
+        assert!(
+            matches!(refused, Err(ApplyError::Conflict(_))),
+            "{refused:?}"
+        );
+        assert_eq!(route.weight, 100);
+        route.apply(&set_weight(200), &admin(), false).unwrap();
+        assert_eq!(route.weight, 200);
+        route
+            .apply(
+                &route_command(|route| Command::Resume { route }),
+                &admin(),
+                false,
+            )
+            .unwrap();
+        assert!(!route.paused);
+        route
+            .apply(&set_weight(300), &Actor::Canary, false)
+            .unwrap();
+        assert_eq!(route.weight, 300);
+    }
+
+    #[test]
+    fn promote_makes_the_candidate_stable_and_keeps_the_prior_as_the_rollback_target() {
+        let mut route = canary(5000);
+        route.paused = true;
+        let promote = route_command(|route| Command::Promote { route });
+        route.apply(&promote, &Actor::Canary, false).unwrap();
+        assert_eq!(route.stable, "m@v2");
+        assert_eq!(route.candidate, None);
+        assert_eq!(route.rollback_target.as_deref(), Some("m@v1"));
+        assert_eq!((route.weight, route.paused), (0, false));
+
+        let refused = route.apply(&promote, &admin(), false);
+        let Err(ApplyError::NoCandidate {
+            promoted_from, how, ..
+        }) = refused
+        else {
+            panic!("{refused:?}");
+        };
+        assert_eq!(promoted_from.as_deref(), Some("m@v1"));
+        assert!(how.contains("reload"), "{how}");
+        let Err(ApplyError::NoCandidate { how, .. }) = route.apply(&promote, &admin(), true) else {
+            panic!("quick mode refuses too");
+        };
+        assert!(how.contains("restart"), "{how}");
+
+        let mut rolled_back = canary(0);
+        rolled_back.rolled_back = true;
+        let refused = rolled_back.apply(&promote, &admin(), false);
+        assert!(
+            matches!(refused, Err(ApplyError::Conflict(_))),
+            "{refused:?}"
+        );
+        assert_eq!(rolled_back.stable, "m@v1");
+    }
+
+    #[test]
+    fn rollback_stops_a_canary_or_undoes_a_promotion_or_says_there_is_nothing() {
+        let rollback = route_command(|route| Command::Rollback { route });
+        let mut route = canary(5000);
+        route.apply(&rollback, &Actor::Canary, false).unwrap();
+        assert_eq!((route.weight, route.rolled_back), (0, true));
+        assert_eq!(route.stable, "m@v1");
+
+        let mut promoted = canary(0);
+        promoted.candidate = None;
+        promoted.stable = "m@v2".into();
+        promoted.rollback_target = Some("m@v1".into());
+        promoted.apply(&rollback, &admin(), false).unwrap();
+        assert_eq!(promoted.stable, "m@v1");
+        assert_eq!(promoted.candidate.as_deref(), Some("m@v2"));
+        assert_eq!((promoted.weight, promoted.rolled_back), (0, true));
+        assert_eq!(promoted.rollback_target, None);
+
+        let mut nothing = canary(0);
+        nothing.candidate = None;
+        let refused = nothing.apply(&rollback, &admin(), false);
+        assert!(
+            matches!(refused, Err(ApplyError::Conflict(_))),
+            "{refused:?}"
+        );
+    }
 }
 
 #[cfg(test)]

@@ -18,89 +18,15 @@ use super::build::{build_table, BuildError, VersionSet};
 use super::fleet::{Fleet, FleetError, AUDIT_PAGE};
 use super::pins::{load_registry, pin_refusals, runtime_registry, RouteRefusal};
 use super::state::{
-    reconcile, Promotion, RouteState, RoutingState, StateBody, StateError, StateLock, StateStore,
-    STATE_FORMAT,
+    reconcile, ApplyError, Promotion, RouteState, RoutingState, StateBody, StateError, StateLock,
+    StateStore, STATE_FORMAT,
 };
-use crate::config::units::MAX_BASIS_POINTS;
 use crate::config::{Config, ConfigError};
 use crate::data::RoutingTable;
 use crate::metrics::{Metrics, TargetStats};
 use crate::registry::{check_promotion, Registry, RegistryError, RuleRefusal, Stage};
 
-/// Who asks for a change: in the audit record and the log; only the canary controller is held
-/// back by a pause, and only its changes are fenced in fleet mode.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Actor {
-    /// The canary controller (`canary`).
-    Canary,
-    /// weir itself: startup, catch-up (`weir`).
-    Weir,
-    /// An operator, by admin token (`admin:<fingerprint>`), signal (`signal:SIGHUP`) or CLI.
-    Operator(String),
-}
-
-impl Actor {
-    pub fn as_str(&self) -> &str {
-        match self {
-            Actor::Canary => "canary",
-            Actor::Weir => "weir",
-            Actor::Operator(name) => name,
-        }
-    }
-}
-
-impl std::fmt::Display for Actor {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-/// A routing change.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Command {
-    SetWeight {
-        route: String,
-        basis_points: u16,
-    },
-    Promote {
-        route: String,
-    },
-    Rollback {
-        route: String,
-    },
-    Pause {
-        route: String,
-    },
-    Resume {
-        route: String,
-    },
-    /// Re-read the config file and merge it with the live state.
-    Reload,
-}
-
-impl Command {
-    pub fn action(&self) -> &'static str {
-        match self {
-            Command::SetWeight { .. } => "set_weight",
-            Command::Promote { .. } => "promote",
-            Command::Rollback { .. } => "rollback",
-            Command::Pause { .. } => "pause",
-            Command::Resume { .. } => "resume",
-            Command::Reload => "reload",
-        }
-    }
-
-    pub fn route(&self) -> Option<&str> {
-        match self {
-            Command::SetWeight { route, .. }
-            | Command::Promote { route }
-            | Command::Rollback { route }
-            | Command::Pause { route }
-            | Command::Resume { route } => Some(route),
-            Command::Reload => None,
-        }
-    }
-}
+pub use super::command::{Actor, Command};
 
 /// A command with who asks for it and under which conditions.
 #[derive(Clone, Debug)]
@@ -168,6 +94,24 @@ pub enum CommandError {
     /// Fleet mode: another replica kept changing the state while this one tried to.
     #[error("another replica changed the routing state at the same time, several times over; re-read it and retry")]
     Stale,
+}
+
+impl From<ApplyError> for CommandError {
+    fn from(e: ApplyError) -> CommandError {
+        match e {
+            ApplyError::NoCandidate {
+                route,
+                promoted_from,
+                how,
+            } => CommandError::NoCandidate {
+                route,
+                promoted_from,
+                how,
+            },
+            ApplyError::Conflict(why) => CommandError::Conflict(why),
+            ApplyError::OutOfRange(why) => CommandError::OutOfRange(why),
+        }
+    }
 }
 
 impl From<FleetError> for CommandError {
@@ -666,7 +610,7 @@ impl Writer {
                     });
                 };
                 let quick = inner.config.from_flags;
-                mutate(route, command, &change.actor, quick)?;
+                route.apply(command, &change.actor, quick)?;
                 (routes, None, Vec::new())
             }
         };
@@ -1227,83 +1171,6 @@ fn promote_in_registry(
     let before = version.stage;
     version.stage = Stage::Production;
     Ok(Some(before))
-}
-
-/// Applies one route command to a route's state. `quick`: weir runs without a config file.
-fn mutate(
-    route: &mut RouteState,
-    command: &Command,
-    actor: &Actor,
-    quick: bool,
-) -> Result<(), CommandError> {
-    let name = route.name.clone();
-    let no_candidate = |route: &RouteState| CommandError::NoCandidate {
-        route: route.name.clone(),
-        promoted_from: route.rollback_target.clone(),
-        how: if quick {
-            "this weir runs without a config file, so a new candidate comes with a restart: \
-             `weir serve --stable ... --candidate MODEL@VERSION=URL`, or run from a config file \
-             (`weir serve --config FILE`) to change versions with a reload"
-        } else {
-            "set `candidate` for it in the config and reload"
-        },
-    };
-    match command {
-        Command::SetWeight { basis_points, .. } => {
-            if *basis_points > MAX_BASIS_POINTS {
-                return Err(CommandError::OutOfRange(format!(
-                    "weight {basis_points} basis points is above 10000 (100%)"
-                )));
-            }
-            if route.candidate.is_none() {
-                return Err(no_candidate(route));
-            }
-            if route.paused && *actor == Actor::Canary {
-                return Err(CommandError::Conflict(format!(
-                    "route {name} is paused: the canary controller may not change its weight until it is resumed"
-                )));
-            }
-            if route.rolled_back || route.weight != *basis_points {
-                route.weight = *basis_points;
-                // An explicit weight from an admin brings a rolled-back candidate back.
-                route.rolled_back = false;
-            }
-        }
-        Command::Promote { .. } => {
-            let Some(candidate) = route.candidate.clone() else {
-                return Err(no_candidate(route));
-            };
-            if route.rolled_back {
-                return Err(CommandError::Conflict(format!(
-                    "route {name}: candidate {candidate} was rolled back; set a weight to bring it back before promoting it"
-                )));
-            }
-            route.rollback_target = Some(std::mem::replace(&mut route.stable, candidate));
-            route.candidate = None;
-            route.weight = 0;
-            route.paused = false;
-        }
-        Command::Rollback { .. } => {
-            if route.candidate.is_some() && !route.rolled_back {
-                route.weight = 0;
-                route.rolled_back = true;
-            } else if let Some(prior) = route.rollback_target.take() {
-                // Undo the promotion: the prior stable returns, the demoted version is kept as a
-                // rolled-back candidate so the table says what was undone.
-                route.candidate = Some(std::mem::replace(&mut route.stable, prior));
-                route.rolled_back = true;
-                route.weight = 0;
-            } else {
-                return Err(CommandError::Conflict(format!(
-                    "route {name}: nothing to roll back (no active candidate and no prior stable version)"
-                )));
-            }
-        }
-        Command::Pause { .. } => route.paused = true,
-        Command::Resume { .. } => route.paused = false,
-        Command::Reload => unreachable!("reload is not a route command"),
-    }
-    Ok(())
 }
 
 fn warn_about_restart_only_settings(old: &Config, new: &Config) {

@@ -1,0 +1,77 @@
+//! What a routing change is and who asks for it: the vocabulary the writer, the admin API, the
+//! canary controller and [`super::state::RouteState::apply`] share.
+
+/// Who asks for a change: in the audit record and the log; only the canary controller is held
+/// back by a pause, and only its changes are fenced in fleet mode.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Actor {
+    /// The canary controller (`canary`).
+    Canary,
+    /// weir itself: startup, catch-up (`weir`).
+    Weir,
+    /// An operator, by admin token (`admin:<fingerprint>`), signal (`signal:SIGHUP`) or CLI.
+    Operator(String),
+}
+
+impl Actor {
+    pub fn as_str(&self) -> &str {
+        match self {
+            Actor::Canary => "canary",
+            Actor::Weir => "weir",
+            Actor::Operator(name) => name,
+        }
+    }
+}
+
+impl std::fmt::Display for Actor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A routing change.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Command {
+    SetWeight {
+        route: String,
+        basis_points: u16,
+    },
+    Promote {
+        route: String,
+    },
+    Rollback {
+        route: String,
+    },
+    Pause {
+        route: String,
+    },
+    Resume {
+        route: String,
+    },
+    /// Re-read the config file and merge it with the live state.
+    Reload,
+}
+
+impl Command {
+    pub fn action(&self) -> &'static str {
+        match self {
+            Command::SetWeight { .. } => "set_weight",
+            Command::Promote { .. } => "promote",
+            Command::Rollback { .. } => "rollback",
+            Command::Pause { .. } => "pause",
+            Command::Resume { .. } => "resume",
+            Command::Reload => "reload",
+        }
+    }
+
+    pub fn route(&self) -> Option<&str> {
+        match self {
+            Command::SetWeight { route, .. }
+            | Command::Promote { route }
+            | Command::Rollback { route }
+            | Command::Pause { route }
+            | Command::Resume { route } => Some(route),
+            Command::Reload => None,
+        }
+    }
+}
