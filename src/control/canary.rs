@@ -8,11 +8,13 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use prometheus::core::Metric as _;
 use serde_json::{json, Value};
 use tokio::sync::watch;
+// tokio's clock: the same as the system's in production, and one a test can pause.
+use tokio::time::Instant;
 
 use crate::data::listener::stopped;
 
