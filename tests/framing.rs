@@ -1292,3 +1292,39 @@ async fn a_backend_breaking_off_mid_body_cuts_the_response_off_and_counts_kind_b
     })
     .await;
 }
+
+/// weir's own answer to a request it did not forward (here a refused version override) leaves
+/// the connection open when the request's body was read whole with it: the pipelined request
+/// behind it is served, for a chunked body and one of known length.
+#[tokio::test]
+async fn a_local_answer_to_a_request_whose_body_arrived_whole_keeps_the_connection() {
+    const PINNABLE: &str = r#"
+[[routes]]
+name = "pinnable"
+prefix = "/v1/pin"
+stable = "chat@v1"
+allow_override = true
+"#;
+    let rows = vec![
+        ("Transfer-Encoding: chunked", "5\r\nhello\r\n0\r\n\r\n"),
+        ("Content-Length: 5", "hello"),
+    ];
+    each_on_both(rows, |front, (framing, body)| async move {
+        let rig = Rig::start(front, PINNABLE, |req| ok(describe(req))).await;
+        let mut client = rig.connect().await;
+        client
+            .write(format!(
+                "POST /v1/pin HTTP/1.1\r\nHost: weir.test\r\nx-weir-version: chat@v9\r\n{framing}\r\n\r\n{body}{}",
+                get_request("/v1/next")
+            ))
+            .await;
+        let refused = client.response_to("POST").await;
+        assert_eq!(refused.status, 400, "{front:?} {framing}: {}", refused.text());
+        assert_eq!(refused.json()["kind"], "bad_override");
+        let next = client.response().await;
+        assert_eq!(next.text(), "GET /v1/next", "{front:?} {framing}");
+        rig.assert_forwarded(framing, &["GET /v1/next"]).await;
+        refused.status
+    })
+    .await;
+}

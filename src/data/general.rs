@@ -11,6 +11,7 @@
 
 use std::io::Write as _;
 use std::pin::pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
@@ -65,6 +66,7 @@ pub(super) async fn serve_request<S: AsyncRead + AsyncWrite + Unpin>(
     let request = request.map(|()| RequestBody::Right(body));
 
     // The answer, with the body read alongside as the backend asks for it.
+    let started = AtomicBool::new(false);
     let (response, body_read) = {
         let mut handling = pin!(proxy.handle(request, info));
         match sender {
@@ -77,7 +79,8 @@ pub(super) async fn serve_request<S: AsyncRead + AsyncWrite + Unpin>(
                     body_framing,
                     sender,
                     expect && !http10,
-                    timeout
+                    timeout,
+                    &started,
                 ));
                 let mut read = None;
                 loop {
@@ -90,6 +93,10 @@ pub(super) async fn serve_request<S: AsyncRead + AsyncWrite + Unpin>(
         }
     };
     let Ok(response) = response;
+    // Answered without the body being asked for (no route, a refused override): a body already
+    // read whole off the connection is passed over, and the connection carries the next request.
+    let body_read =
+        body_read || (!started.load(Ordering::Relaxed) && skip_buffered(buf, body_framing));
     keep_alive &= body_read;
     match write_response(client, response, head_request, http10, keep_alive).await {
         Some(true) => Exchange::Done { consumed: 0 },
@@ -250,11 +257,13 @@ async fn read_body<S: AsyncRead + AsyncWrite + Unpin>(
     sender: WireBodySender,
     send_continue: bool,
     timeout: Duration,
+    started: &AtomicBool,
 ) -> bool {
     let WireBodySender { frames, start } = sender;
     if start.await.is_err() {
         return false; // answered without the body
     }
+    started.store(true, Ordering::Relaxed);
     if send_continue
         && buf.is_empty()
         && write_out(client, b"HTTP/1.1 100 Continue\r\n\r\n")
@@ -305,6 +314,16 @@ async fn read_body<S: AsyncRead + AsyncWrite + Unpin>(
             }
         }
     }
+}
+
+/// Passes over a body that is whole in `buf`; false when part of it is still on the connection
+/// (or its framing is broken).
+fn skip_buffered(buf: &mut BytesMut, mut framing: Framing) -> bool {
+    let (n, done) = framing.take_with(buf, |_| {});
+    if done {
+        buf.advance(n);
+    }
+    done
 }
 
 /// How the client's response body is framed.
