@@ -1,5 +1,9 @@
-//! Command line: `weir serve`, `weir check`, `weir demo`. This is the edge where errors become
-//! messages for people and exit codes; the library below speaks in typed errors.
+//! Command line: `weir serve`, `weir check`, `weir demo` here, `weir admin` in [`admin`],
+//! `weir registry` in [`registry`]. This is the edge where errors become messages for people and
+//! exit codes; the library below speaks in typed errors.
+
+pub mod admin;
+pub mod registry;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -50,9 +54,9 @@ pub enum Command {
     DemoBackend(DemoBackendArgs),
     /// Change the split of a running weir through its admin API.
     #[command(after_help = ADMIN_HELP)]
-    Admin(crate::admin_client::AdminArgs),
+    Admin(admin::AdminArgs),
     /// Register model versions, move them through their stages, approve and verify them.
-    Registry(crate::registry_cli::RegistryArgs),
+    Registry(registry::RegistryArgs),
     /// Run a held-out evaluation set against a version; exit 1 below the threshold.
     Eval(EvalArgs),
     /// Check the audit log.
@@ -323,8 +327,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::DemoBackend(args) => runtime()?.block_on(demo_backend(args)),
-        Command::Admin(args) => runtime()?.block_on(crate::admin_client::run(args)),
-        Command::Registry(args) => crate::registry_cli::run(args),
+        Command::Admin(args) => runtime()?.block_on(admin::run(args)),
+        Command::Registry(args) => registry::run(args),
         Command::Eval(args) => runtime()?.block_on(eval(args)),
         Command::Audit {
             command: AuditCommand::Verify { file, state },
