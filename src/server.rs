@@ -8,7 +8,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
-use http::HeaderValue;
 use hyper::service::service_fn;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -171,11 +170,7 @@ impl Server {
             proxy_tls.clone(),
             Some(Arc::clone(&proxy)),
             move |peer: SocketAddr, secure: bool| {
-                let info = Arc::new(ConnInfo {
-                    client_ip: HeaderValue::from_str(&peer.ip().to_string())
-                        .expect("an IP address is a valid header value"),
-                    proto: HeaderValue::from_static(if secure { "https" } else { "http" }),
-                });
+                let info = Arc::new(ConnInfo::new(peer.ip(), secure));
                 let proxy = Arc::clone(&proxy);
                 service_fn(move |req: http::Request<hyper::body::Incoming>| {
                     let (proxy, info) = (Arc::clone(&proxy), Arc::clone(&info));

@@ -135,11 +135,7 @@ where
         .await;
         match outcome {
             Exchange::General => {
-                let info = ConnInfo {
-                    client_ip: http::HeaderValue::from_str(&client_ip)
-                        .expect("an IP address is a valid header value"),
-                    proto: http::HeaderValue::from_static(if tls { "https" } else { "http" }),
-                };
+                let info = ConnInfo::new(peer.ip(), tls);
                 let max_headers = settings.limits.max_headers;
                 let served = super::general::serve_request(
                     proxy,

@@ -65,6 +65,17 @@ pub struct ConnInfo {
     pub proto: HeaderValue,
 }
 
+impl ConnInfo {
+    /// A connection from `ip`, over TLS or not.
+    pub fn new(ip: std::net::IpAddr, tls: bool) -> ConnInfo {
+        ConnInfo {
+            client_ip: HeaderValue::from_str(&ip.to_string())
+                .expect("an IP address is a valid header value"),
+            proto: HeaderValue::from_static(if tls { "https" } else { "http" }),
+        }
+    }
+}
+
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
