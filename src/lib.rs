@@ -18,7 +18,9 @@ pub mod metrics;
 pub mod registry;
 mod server;
 pub mod shadow;
+mod shutdown;
 pub mod tls;
+pub mod upstream;
 
 pub use config::Config;
 pub use server::{Drained, Running, Server, StartError};

@@ -74,7 +74,7 @@ async fn reap_idle_connections(
     loop {
         tokio::select! {
             _ = tokio::time::sleep(every) => {}
-            _ = listener::stopped(&mut stop) => return,
+            _ = crate::shutdown::stopped(&mut stop) => return,
         }
         let mut closed = 0;
         for version in writer.versions().await {

@@ -8,9 +8,9 @@ use super::state::RoutingState;
 use crate::config::Config;
 use crate::data::split::cohort_seed;
 use crate::data::table::{Route, RoutingTable, Target};
-use crate::data::upstream::Version;
 use crate::metrics::{Metrics, Role};
 use crate::shadow::tee::{ShadowRoute, ShadowStats};
+use crate::upstream::Version;
 
 /// The upstream versions in use, kept across table rebuilds so in-flight counts and ejections
 /// carry over when only weights change.

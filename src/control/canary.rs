@@ -16,7 +16,7 @@ use tokio::sync::watch;
 // tokio's clock: the same as the system's in production, and one a test can pause.
 use tokio::time::Instant;
 
-use crate::data::listener::stopped;
+use crate::shutdown::stopped;
 
 use super::pins::load_registry;
 use super::writer::{Actor, Change, Command, CommandError};

@@ -33,7 +33,7 @@ use super::audit::Prepared;
 use super::state::StateBody;
 use super::{CommandError, Writer};
 use crate::config::FleetConfig;
-use crate::data::listener::stopped;
+use crate::shutdown::stopped;
 
 /// Longest wait for one etcd call on the control path (mutations answer 503 after it).
 pub const OP_TIMEOUT: Duration = Duration::from_secs(2);

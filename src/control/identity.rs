@@ -16,12 +16,12 @@ use hyper_util::rt::TokioExecutor;
 use serde_json::{json, Value};
 use tokio::sync::watch;
 
-use crate::data::listener::stopped;
+use crate::shutdown::stopped;
 
 use super::pins::load_registry;
 use super::Writer;
 use crate::config::{IdentityProbe, IdentitySource};
-use crate::data::upstream::{Backend, Version};
+use crate::upstream::{Backend, Version};
 
 /// Largest probe answer read.
 const MAX_PROBE_BODY: usize = 1024 * 1024;

@@ -390,7 +390,7 @@ impl Writer {
 
     /// Every upstream version this weir has built, including ones no route sends traffic to
     /// any more (their backends' connection pools still need reaping).
-    pub async fn versions(&self) -> Vec<Arc<crate::data::upstream::Version>> {
+    pub async fn versions(&self) -> Vec<Arc<crate::upstream::Version>> {
         self.inner.lock().await.versions.all().cloned().collect()
     }
 

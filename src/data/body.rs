@@ -20,9 +20,9 @@ use pin_project_lite::pin_project;
 use tokio::time::Sleep;
 
 use super::decide::backend_failure;
-use super::upstream::BackendGuard;
 use crate::metrics::{ErrorKind, TargetStats};
 use crate::shadow::tee::{RequestTee, ResponseTee};
+use crate::upstream::BackendGuard;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 

@@ -12,9 +12,9 @@ use http::StatusCode;
 use super::body::InFlight;
 use super::split::{BadOverride, RequestHeaders, OVERRIDE_HEADER};
 use super::table::{Route, RoutingTable};
-use super::upstream::{BackendGuard, Version};
 use crate::metrics::ErrorKind;
 use crate::shadow::tee::ShadowPlan;
+use crate::upstream::{BackendGuard, Version};
 
 /// What the decision looks at: the request's head, already framed and normalized.
 #[derive(Debug)]

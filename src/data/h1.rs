@@ -32,8 +32,9 @@ use super::listener::ConnSettings;
 use super::proxy::{ConnInfo, Proxy};
 
 use super::body::BoxError;
-use super::upstream::Backend;
 use crate::metrics::ErrorKind;
+use crate::upstream::pool::{Connection, Pool};
+use crate::upstream::Backend;
 
 /// Headers the fast path parses per message; a request with more goes to hyper (which applies
 /// `listener.max_headers`).
@@ -116,7 +117,7 @@ where
             }
             let read = tokio::select! {
                 read = tokio::time::timeout_at(deadline, client.read_buf(&mut buf)) => read,
-                _ = super::listener::stopped(stop), if buf.is_empty() => return Served::Closed,
+                _ = crate::shutdown::stopped(stop), if buf.is_empty() => return Served::Closed,
             };
             match read {
                 Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return Served::Closed,
@@ -349,7 +350,7 @@ async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
         proxy,
         client,
         backend,
-        UpstreamRequest {
+        ConnectionRequest {
             method,
             out: &out,
             body_complete,
@@ -575,7 +576,7 @@ fn forwarded_head(out: &[u8]) -> Option<ForwardedHead> {
 
 /// An upstream request ready to go: its head and the body bytes already read, the rest still
 /// on the client's socket.
-struct UpstreamRequest<'a> {
+struct ConnectionRequest<'a> {
     method: &'a str,
     out: &'a [u8],
     body_complete: bool,
@@ -602,8 +603,8 @@ async fn send<S: AsyncRead + AsyncWrite + Unpin>(
     proxy: &Proxy,
     client: &mut S,
     backend: &Backend,
-    mut request: UpstreamRequest<'_>,
-) -> Result<(Upstream, ResponseHead), Failure> {
+    mut request: ConnectionRequest<'_>,
+) -> Result<(Connection, ResponseHead), Failure> {
     let settings = &proxy.settings;
     let mut attempt = 0;
     loop {
@@ -657,7 +658,7 @@ async fn send<S: AsyncRead + AsyncWrite + Unpin>(
 }
 
 /// A pooled connection to `backend` (and `true`), or a new one.
-async fn open(proxy: &Proxy, backend: &Backend) -> Result<(Upstream, bool), ErrorKind> {
+async fn open(proxy: &Proxy, backend: &Backend) -> Result<(Connection, bool), ErrorKind> {
     let settings = &proxy.settings;
     match backend.pool.checkout(settings.pool_idle_timeout) {
         Some(conn) => Ok((conn, true)),
@@ -668,7 +669,7 @@ async fn open(proxy: &Proxy, backend: &Backend) -> Result<(Upstream, bool), Erro
 /// The response head to a request that has been sent, within `proxy.response_header_timeout`.
 async fn await_response(
     proxy: &Proxy,
-    conn: &mut Upstream,
+    conn: &mut Connection,
     method: &str,
 ) -> Result<ResponseHead, HeadError> {
     let head = read_response_head(conn, method == "HEAD");
@@ -680,7 +681,7 @@ async fn await_response(
 
 /// Writes to a backend; one that takes nothing for `timeout` (it stopped reading) is cut off.
 async fn write_upstream(
-    conn: &mut Upstream,
+    conn: &mut Connection,
     data: &[u8],
     timeout: Duration,
 ) -> Result<(), ErrorKind> {
@@ -769,102 +770,14 @@ pub(super) async fn local<S: AsyncRead + AsyncWrite + Unpin>(
 
 // === upstream connections ===
 
-/// A kept-alive connection to one backend, with what it has read but not yet passed on.
-#[derive(Debug)]
-pub struct Upstream {
-    stream: TcpStream,
-    buf: BytesMut,
-    idle_since: Instant,
-}
-
-/// A backend's idle connections: a lock-free queue, so checkouts never wait on each other.
-pub struct Pool {
-    idle: crossbeam_queue::ArrayQueue<Upstream>,
-}
-
-impl std::fmt::Debug for Pool {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Pool")
-            .field("idle", &self.idle.len())
-            .finish()
-    }
-}
-
-impl Pool {
-    /// A pool holding at most `capacity` idle connections (`proxy.pool_max_idle_per_backend`);
-    /// its slots are allocated up front, so it is sized by that setting, not by a constant.
-    pub fn new(capacity: usize) -> Pool {
-        Pool {
-            idle: crossbeam_queue::ArrayQueue::new(capacity.max(1)),
-        }
-    }
-
-    /// The longest-idle connection that is still usable (the queue is first in, first out);
-    /// older than `max_idle` ones, and ones the backend closed (or wrote to) while they sat idle,
-    /// are dropped on the way.
-    fn checkout(&self, max_idle: Duration) -> Option<Upstream> {
-        while let Some(conn) = self.idle.pop() {
-            if conn.idle_since.elapsed() < max_idle && still_open(&conn.stream) {
-                return Some(conn);
-            }
-        }
-        None
-    }
-
-    /// Closes the idle connections older than `max_idle` or closed by the backend, keeping the
-    /// rest in order; returns how many it closed. Checkouts do the same on their way, but a
-    /// backend that gets no traffic (a rolled-back candidate) has none: without this its
-    /// connections would sit open, or half-closed by the backend, for as long as weir runs.
-    pub fn reap(&self, max_idle: Duration) -> usize {
-        let mut closed = 0;
-        for _ in 0..self.idle.len() {
-            let Some(conn) = self.idle.pop() else {
-                break;
-            };
-            if conn.idle_since.elapsed() < max_idle && still_open(&conn.stream) {
-                // Full only if checkins raced in meanwhile: then this one goes.
-                closed += usize::from(self.idle.push(conn).is_err());
-            } else {
-                closed += 1;
-            }
-        }
-        closed
-    }
-
-    fn put(&self, mut conn: Upstream, max: usize) {
-        if self.idle.len() < max {
-            conn.idle_since = Instant::now();
-            if conn.buf.capacity() > 4 * READ_CHUNK {
-                conn.buf = BytesMut::new();
-            }
-            let _ = self.idle.push(conn);
-        }
-    }
-}
-
-/// Whether an idle connection is still open, without a syscall in the usual case: the reactor has
-/// marked the socket readable if a FIN (or anything) arrived while it sat idle; only then is it
-/// read to tell a close from a stale readiness.
-fn still_open(stream: &TcpStream) -> bool {
-    let mut cx = Context::from_waker(std::task::Waker::noop());
-    match stream.poll_read_ready(&mut cx) {
-        Poll::Pending => true,
-        Poll::Ready(Err(_)) => false,
-        Poll::Ready(Ok(())) => {
-            let mut probe = [0u8; 1];
-            matches!(stream.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
-        }
-    }
-}
-
-async fn connect(backend: &Backend, timeout: Duration) -> Result<Upstream, ErrorKind> {
+async fn connect(backend: &Backend, timeout: Duration) -> Result<Connection, ErrorKind> {
     match tokio::time::timeout(timeout, TcpStream::connect(backend.address.as_str())).await {
         Err(_) => Err(ErrorKind::ConnectTimeout),
         Ok(Err(e)) if e.kind() == io::ErrorKind::TimedOut => Err(ErrorKind::ConnectTimeout),
         Ok(Err(_)) => Err(ErrorKind::Connect),
         Ok(Ok(stream)) => {
             let _ = stream.set_nodelay(true);
-            Ok(Upstream {
+            Ok(Connection {
                 stream,
                 buf: BytesMut::with_capacity(READ_CHUNK),
                 idle_since: Instant::now(),
@@ -968,7 +881,7 @@ impl ResponseHead {
 
 /// Reads until a complete final response head is in `conn.buf` (1xx heads are skipped).
 async fn read_response_head(
-    conn: &mut Upstream,
+    conn: &mut Connection,
     head_request: bool,
 ) -> Result<ResponseHead, HeadError> {
     loop {
@@ -1143,7 +1056,7 @@ where
         for data in &read {
             out.extend_from_slice(data);
         }
-        let request = UpstreamRequest {
+        let request = ConnectionRequest {
             method: parts.method.as_str(),
             out: &out,
             body_complete: true,
@@ -1257,7 +1170,7 @@ async fn send_streaming<B>(
     method: &str,
     streamed: Streamed<'_>,
     body: &mut B,
-) -> Result<(Upstream, ResponseHead), ForwardError>
+) -> Result<(Connection, ResponseHead), ForwardError>
 where
     B: http_body::Body<Data = Bytes, Error = BoxError> + Unpin,
 {
@@ -1335,7 +1248,7 @@ enum Sent {
 /// Writes one run of body data, as a chunk when `chunk_line` (scratch space for the size line)
 /// is given, unless the backend answers first.
 async fn write_data(
-    conn: &mut Upstream,
+    conn: &mut Connection,
     data: &[u8],
     chunk_line: Option<&mut Vec<u8>>,
     timeout: Duration,
@@ -1357,14 +1270,14 @@ async fn write_data(
 /// sends is read into the connection's buffer, and a complete final response head there ends the
 /// write (interim 1xx heads do not).
 async fn write_body(
-    conn: &mut Upstream,
+    conn: &mut Connection,
     data: &[u8],
     timeout: Duration,
 ) -> Result<Sent, ErrorKind> {
     if answered(&conn.buf) {
         return Ok(Sent::Answered);
     }
-    let Upstream { stream, buf, .. } = conn;
+    let Connection { stream, buf, .. } = conn;
     let (reader, mut writer) = stream.split();
     let write = tokio::time::timeout(timeout, writer.write_all(data));
     tokio::pin!(write);
@@ -1415,7 +1328,7 @@ fn answered(buf: &[u8]) -> bool {
 /// frame is handed on); dropped before the end, the connection is closed with it.
 #[derive(Debug)]
 pub struct RawBody {
-    conn: Option<Upstream>,
+    conn: Option<Connection>,
     framing: Framing,
     keep_alive: bool,
     pool: Arc<Pool>,

@@ -25,6 +25,7 @@ use tokio::sync::watch;
 
 use super::body::BoxError;
 use super::h1::ClientTransport;
+use crate::shutdown::stopped;
 
 /// How a drain ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -235,9 +236,4 @@ async fn serve_io<I, S, B>(
     if let Err(e) = watcher.watch(conn.into_owned()).await {
         tracing::debug!(listener = name, %peer, error = %e, "connection ended with an error");
     }
-}
-
-/// Resolves once the flag turns true (or its sender is gone).
-pub(crate) async fn stopped(flag: &mut watch::Receiver<bool>) {
-    let _ = flag.wait_for(|set| *set).await;
 }

@@ -13,7 +13,6 @@ pub mod listener;
 pub mod proxy;
 pub mod split;
 pub mod table;
-pub mod upstream;
 
 pub use listener::Drained;
 pub use proxy::{ConnInfo, Proxy, ProxySettings};

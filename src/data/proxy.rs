@@ -23,10 +23,10 @@ use super::framing;
 use super::h1::ForwardError;
 use super::split::OVERRIDE_HEADER;
 use super::table::RoutingTable;
-use super::upstream::{BackendGuard, Version};
 use crate::config::ProxyConfig;
 use crate::metrics::ErrorKind;
 use crate::shadow::task::{ShadowStart, Shadower};
+use crate::upstream::{BackendGuard, Version};
 
 pub type UpstreamClient = Client<HttpsConnector<HttpConnector>, LimitedBody>;
 

@@ -6,12 +6,10 @@
 
 use std::sync::Arc;
 
-use http::HeaderValue;
-
-use super::upstream::Version;
 use crate::config::StickyKey;
 use crate::metrics::{Role, TargetStats};
 use crate::shadow::tee::ShadowPlan;
+use crate::upstream::Version;
 use rand::Rng;
 
 /// One generation of routing: every route with its versions.
@@ -128,11 +126,6 @@ fn strip_port(host: &str) -> &str {
             .map_or(host, |(h, _)| &host[..=h.len()]);
     }
     host.rsplit_once(':').map_or(host, |(h, _)| h)
-}
-
-/// A version label as a response header value, built once per table.
-pub fn label_header(label: &str) -> HeaderValue {
-    HeaderValue::from_str(label).unwrap_or_else(|_| HeaderValue::from_static("invalid-label"))
 }
 
 #[cfg(test)]

@@ -25,6 +25,7 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use super::stats::{FailureKind, Outcome, Stats};
+use crate::shutdown::stopped;
 
 type HttpClient = Client<HttpConnector, Full<Bytes>>;
 
@@ -406,11 +407,6 @@ async fn read_stream(mut body: Incoming, sent: Instant, outcome: &mut Outcome) {
     } else if malformed || !pending.iter().all(u8::is_ascii_whitespace) {
         outcome.error = Some(FailureKind::BadBody);
     }
-}
-
-/// Resolves once `stop` turns true, or its sender is gone.
-async fn stopped(stop: &mut watch::Receiver<bool>) {
-    let _ = stop.wait_for(|stop| *stop).await;
 }
 
 #[derive(Debug, PartialEq)]

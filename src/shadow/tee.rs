@@ -13,8 +13,8 @@ use prometheus::{Gauge, GaugeVec, IntCounter, IntGauge, IntGaugeVec};
 use tokio::sync::oneshot;
 
 use crate::config::{Comparator, CompareConfig, AGREEMENT_WINDOW};
-use crate::data::upstream::Version;
 use crate::shadow::compare::{Answer, Verdict};
+use crate::upstream::Version;
 
 /// What a mirrored request needs from the routing decision.
 #[derive(Debug)]

@@ -2,7 +2,7 @@
 //!
 //! A `Version` outlives routing tables (tables are rebuilt, versions are reused), so in-flight
 //! counts and ejections survive a weight change. Connections are pooled per backend origin by the
-//! shared HTTP client.
+//! HTTP/1 [`pool`] of each backend (HTTPS backends: by the shared hyper client).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -13,6 +13,8 @@ use http::HeaderValue;
 
 use crate::config::{Balance, VersionConfig};
 use crate::metrics::ErrorKind;
+
+pub mod pool;
 
 /// One model version and its backends.
 #[derive(Debug)]
@@ -41,7 +43,7 @@ pub struct Backend {
     /// identity probe; with one, false until the first probe says so.
     verified: AtomicBool,
     /// Idle keep-alive connections of the HTTP/1.1 fast path.
-    pub pool: Arc<super::h1::Pool>,
+    pub pool: Arc<pool::Pool>,
     /// When each kind of failure was last logged, by [`ErrorKind`] index.
     failure_logs: [FailureLog; ErrorKind::ALL.len()],
 }
@@ -97,13 +99,13 @@ impl Version {
                     in_flight: AtomicUsize::new(0),
                     ejected_until: AtomicU64::new(0),
                     verified: AtomicBool::new(verified),
-                    pool: Arc::new(super::h1::Pool::new(pool_max_idle)),
+                    pool: Arc::new(pool::Pool::new(pool_max_idle)),
                     failure_logs: Default::default(),
                 }
             })
             .collect();
         Version {
-            label_header: super::table::label_header(&label),
+            label_header: label_header(&label),
             label: label.into(),
             plain_http: backends.iter().all(|b| b.scheme == Scheme::HTTP),
             backends,
@@ -258,6 +260,11 @@ impl Drop for BackendGuard {
     fn drop(&mut self) {
         self.backend().in_flight.fetch_sub(1, Ordering::Relaxed);
     }
+}
+
+/// A version label as a response header value, built once per version.
+fn label_header(label: &str) -> HeaderValue {
+    HeaderValue::from_str(label).unwrap_or_else(|_| HeaderValue::from_static("invalid-label"))
 }
 
 #[cfg(test)]
