@@ -16,8 +16,9 @@ use tokio::task::JoinHandle;
 use crate::config::Config;
 use crate::control::admin::{self, AdminState};
 use crate::control::auth::AdminToken;
-use crate::control::fleet::{self, Fleet, FleetError};
+use crate::control::fleet::{Fleet, FleetError};
 use crate::control::identity::{self, probe_once, Prober};
+use crate::control::replica;
 use crate::control::writer::{Actor, Change, Command, CommandError};
 use crate::control::Writer;
 use crate::data::body::RequestBody;
@@ -202,19 +203,19 @@ impl Server {
 
         let mut fleet_tasks = Vec::new();
         if writer.fleet().is_some() {
-            fleet_tasks.push(tokio::spawn(fleet::follow(
+            fleet_tasks.push(tokio::spawn(replica::follow(
                 Arc::clone(&writer),
                 stop_rx.clone(),
             )));
-            fleet_tasks.push(tokio::spawn(fleet::lead(
+            fleet_tasks.push(tokio::spawn(replica::lead(
                 Arc::clone(&writer),
                 stop_rx.clone(),
             )));
-            fleet_tasks.push(tokio::spawn(fleet::publish_counters(
+            fleet_tasks.push(tokio::spawn(replica::publish_counters(
                 Arc::clone(&writer),
                 stop_rx.clone(),
             )));
-            fleet_tasks.push(tokio::spawn(fleet::compact_history(
+            fleet_tasks.push(tokio::spawn(replica::compact_history(
                 Arc::clone(&writer),
                 stop_rx.clone(),
             )));

@@ -12,10 +12,32 @@ use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-
-use super::state::{sha256_hex, AuditHead};
+use sha2::{Digest, Sha256};
 
 pub const AUDIT_FILE: &str = "audit.jsonl";
+
+/// The head of the audit chain as the state file remembers it. The audit log owns its hashing
+/// and its head; the state file only stores the head.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditHead {
+    pub seq: u64,
+    pub hash: String,
+    /// The whole record line, so a crash between writing the state and appending the record can
+    /// be repaired exactly on restart.
+    pub line: String,
+}
+
+/// Lowercase hex SHA-256 of `bytes`: the audit chain's hashes and the state file's checksum.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    let digest = Sha256::digest(bytes);
+    let mut out = String::with_capacity(64);
+    for b in digest {
+        out.push_str(&format!("{b:02x}"));
+    }
+    out
+}
+
 /// `prev` of the first record.
 pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 

@@ -14,6 +14,7 @@ pub mod command;
 pub mod fleet;
 pub mod identity;
 pub mod pins;
+pub mod replica;
 pub mod state;
 pub mod writer;
 

@@ -11,8 +11,9 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
+use super::audit::sha256_hex;
+pub use super::audit::AuditHead;
 use super::command::{Actor, Command};
 use crate::config::units::MAX_BASIS_POINTS;
 use crate::config::{Config, RouteConfig, StickyKey};
@@ -216,17 +217,6 @@ impl RoutingState {
     }
 }
 
-/// The head of the audit chain as the state file remembers it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct AuditHead {
-    pub seq: u64,
-    pub hash: String,
-    /// The whole record line, so a crash between writing the state and appending the record can
-    /// be repaired exactly on restart.
-    pub line: String,
-}
-
 /// What the state file holds.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -396,15 +386,6 @@ fn decode(bytes: &[u8]) -> Result<StateBody, String> {
         ));
     }
     Ok(body)
-}
-
-pub fn sha256_hex(bytes: &[u8]) -> String {
-    let digest = Sha256::digest(bytes);
-    let mut out = String::with_capacity(64);
-    for b in digest {
-        out.push_str(&format!("{b:02x}"));
-    }
-    out
 }
 
 /// SHA-256 of a route's definition in the config (everything but its name).
