@@ -75,3 +75,13 @@ impl Command {
         }
     }
 }
+
+/// A command with who asks for it and under which conditions.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Change {
+    pub command: Command,
+    pub actor: Actor,
+    pub reason: Option<String>,
+    /// Apply only if the live generation is still this one.
+    pub if_match: Option<u64>,
+}

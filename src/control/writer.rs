@@ -26,17 +26,7 @@ use crate::data::RoutingTable;
 use crate::metrics::{Metrics, TargetStats};
 use crate::registry::{check_promotion, Registry, RegistryError, RuleRefusal, Stage};
 
-pub use super::command::{Actor, Command};
-
-/// A command with who asks for it and under which conditions.
-#[derive(Clone, Debug)]
-pub struct Change {
-    pub command: Command,
-    pub actor: Actor,
-    pub reason: Option<String>,
-    /// Apply only if the live generation is still this one.
-    pub if_match: Option<u64>,
-}
+pub use super::command::{Actor, Change, Command};
 
 /// The outcome of an accepted change.
 #[derive(Clone, Debug)]

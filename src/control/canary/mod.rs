@@ -1,0 +1,295 @@
+//! The canary controller: steps a route's candidate up through its policy's weights, judging each
+//! window of traffic against stable, and promotes or rolls back.
+//!
+//! - [`step`]: the decisions, a pure function of a view of the route, its counters and the time;
+//! - [`gates`]: the statistics each window is judged by;
+//! - [`counts`]: the counters per version and source, and what a replica publishes of them;
+//! - this module: the thin task that gathers the view every tick, carries out the step's
+//!   actions through the writer, and runs the held-out evaluation.
+//!
+//! Invariant: the controller never edits the table; every change is a command through the one
+//! [`Writer`] with actor `canary`, fenced on the generation it was decided at, and every decision
+//! (advance, hold, promote, rollback) is an audit record with its evidence. Not enough data is a
+//! hold, never a pass. Paused routes are left alone.
+
+mod counts;
+mod gates;
+mod step;
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use tokio::sync::watch;
+// tokio's clock: the same as the system's in production, and one a test can pause.
+use tokio::time::Instant;
+
+pub use counts::{published, Published, PublishedCounts};
+pub use gates::{error_gate, quantile, Gate};
+use step::{Action, Controller, Decided, View};
+
+use super::pins::load_registry;
+use super::writer::{Actor, Command, CommandError, Live};
+use super::Writer;
+use crate::config::units::format_percent;
+use crate::config::{CanaryPolicy, Config, EvalGate};
+use crate::data::table::{Route, Target};
+use crate::eval::{EvalSet, EvalTarget};
+use crate::metrics::CanaryDecision;
+use crate::shutdown::stopped;
+use counts::Sources;
+
+/// How often the controller looks at every route (a step's interval is counted in these).
+pub(super) const TICK: Duration = Duration::from_millis(200);
+
+/// Runs the canary controller until `stop`. In fleet mode it acts only while this replica holds
+/// the election, and judges on the counts every replica publishes.
+pub async fn run(writer: Arc<Writer>, mut stop: watch::Receiver<bool>) {
+    let mut controller = Controller::default();
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(TICK) => {}
+            _ = stopped(&mut stop) => return,
+        }
+        let sources = match gather(&writer).await {
+            Gathered::Sources(sources) => sources,
+            Gathered::NotLeading => {
+                controller.forget_all();
+                continue;
+            }
+            // Judging on this replica alone would not be fleet-wide: wait for etcd.
+            Gathered::EtcdAway => continue,
+        };
+        let config = writer.config().await;
+        let live = writer.live();
+        for rc in &config.routes {
+            let Some(policy) = &rc.canary else { continue };
+            let Some(route) = live.table.routes.iter().find(|r| *r.name == rc.name) else {
+                continue;
+            };
+            let view = view(route, policy, &live, &sources);
+            let actions = controller.step(&view, Instant::now());
+            carry_out(&writer, &config, &mut controller, &view, route, actions).await;
+        }
+    }
+}
+
+enum Gathered {
+    Sources(Sources),
+    NotLeading,
+    EtcdAway,
+}
+
+/// Where this tick's counts come from: this process, and in fleet mode what every other
+/// replica published.
+async fn gather(writer: &Writer) -> Gathered {
+    let mut sources = Sources::default();
+    let Some(fleet) = writer.fleet() else {
+        return Gathered::Sources(sources);
+    };
+    if !fleet.is_leader() {
+        return Gathered::NotLeading;
+    }
+    let Ok(all) = fleet.counters().await else {
+        return Gathered::EtcdAway;
+    };
+    for (replica, value) in all {
+        if replica == fleet.replica() {
+            continue;
+        }
+        match serde_json::from_str::<Published>(&value) {
+            Ok(p) => sources.remote.push((replica, p)),
+            Err(e) => tracing::warn!(%replica, error = %e, "unreadable counters in etcd; left out"),
+        }
+    }
+    Gathered::Sources(sources)
+}
+
+/// What the step sees of `route` now.
+fn view<'a>(
+    route: &'a Route,
+    policy: &'a CanaryPolicy,
+    live: &Live,
+    sources: &Sources,
+) -> View<'a> {
+    View {
+        route: &route.name,
+        policy,
+        generation: live.table.generation,
+        weight: route.weight,
+        candidate: route.candidate.as_ref().map(|c| &*c.version.label),
+        paused: live.route(&route.name).is_some_and(|s| s.paused),
+        shadowed: route.shadow.is_some(),
+        stable: sources.tally(route, &route.stable),
+        candidate_counts: route
+            .candidate
+            .as_ref()
+            .map(|c| sources.tally(route, c))
+            .unwrap_or_default(),
+        agreement: sources.agreement(route),
+    }
+}
+
+/// Carries out the step's actions in order; an evaluation's result is stepped on at once.
+async fn carry_out(
+    writer: &Writer,
+    config: &Config,
+    controller: &mut Controller,
+    view: &View<'_>,
+    route: &Route,
+    actions: Vec<Action>,
+) {
+    let mut queue = VecDeque::from(actions);
+    while let Some(action) = queue.pop_front() {
+        match action {
+            Action::Apply(change) => {
+                if let Err(e) = writer.apply(change).await {
+                    tracing::error!(route = view.route, error = %e, "canary ramp-down step refused");
+                }
+            }
+            Action::Decide(decided) => {
+                if let Err(e) = record_and_apply(writer, config, view.route, decided).await {
+                    promotion_refused(writer, controller, view, &e).await;
+                }
+            }
+            Action::Evaluate { point, evidence } => {
+                let result = match (&view.policy.eval, &route.candidate) {
+                    (Some(gate), Some(candidate)) => eval_gate(gate, candidate).await,
+                    _ => Err(
+                        json!({"gate": "eval", "passed": false, "note": "no candidate to evaluate"}),
+                    ),
+                };
+                queue.extend(controller.evaluated(view, point, evidence, result, Instant::now()));
+            }
+        }
+    }
+}
+
+/// Runs the eval set against one of the candidate's backends; the evidence either way.
+async fn eval_gate(gate: &EvalGate, candidate: &Target) -> Result<Value, Value> {
+    let set = match EvalSet::load(&gate.file) {
+        Ok(set) => set,
+        Err(e) => return Err(json!({"gate": "eval", "passed": false, "note": e.to_string()})),
+    };
+    let Some(backend) = candidate.version.backends.iter().find(|b| b.is_verified()) else {
+        return Err(
+            json!({"gate": "eval", "passed": false, "note": "no verified backend to evaluate"}),
+        );
+    };
+    let target = EvalTarget {
+        base_url: format!("{}://{}", backend.scheme, backend.authority),
+        version: None,
+        timeout: Duration::from_secs(30),
+    };
+    let report = crate::eval::run(&set, &target, gate.threshold).await;
+    let evidence = json!({
+        "gate": "eval", "passed": report.ok, "observed": report.pass_rate, "threshold": gate.threshold,
+        "file": report.file, "sha256": report.sha256, "passed_cases": report.passed, "cases": report.total,
+    });
+    if report.ok {
+        Ok(evidence)
+    } else {
+        Err(evidence)
+    }
+}
+
+/// Records a decision (status, log, audit, metric) and, once recorded, applies its change.
+/// `Err`: the writer refused the promotion it carried. Any other refusal is logged here.
+async fn record_and_apply(
+    writer: &Writer,
+    config: &Config,
+    route: &str,
+    decided: Decided,
+) -> Result<(), CommandError> {
+    let Decided {
+        decision,
+        version,
+        weight,
+        gates,
+        reason,
+        then,
+    } = decided;
+    let digest = load_registry(config)
+        .ok()
+        .flatten()
+        .and_then(|r| r.find(&version).map(|v| v.digest.clone()));
+    let detail = json!({
+        "decision": decision.as_str(), "version": version, "digest": digest, "weight": weight,
+        "weight_percent": format_percent(weight), "gates": gates,
+    });
+    let name = decision.as_str();
+    match decision {
+        CanaryDecision::Hold => {
+            tracing::info!(route, version, "canary hold: {reason}")
+        }
+        // Routine progress is not a warning; a rollback is what an operator must look at.
+        CanaryDecision::Rollback => {
+            tracing::warn!(route, version, decision = name, "canary: {reason}")
+        }
+        _ => tracing::info!(route, version, decision = name, "canary: {reason}"),
+    }
+    if let Err(e) = record_decision(writer, route, decision, &reason, detail).await {
+        tracing::error!(error = %e, "cannot record the canary decision; not acting on it");
+        return Ok(());
+    }
+    let Some(change) = then else { return Ok(()) };
+    let promotes = matches!(change.command, Command::Promote { .. });
+    match writer.apply(change).await {
+        Err(e) if promotes => return Err(e),
+        Err(e) => tracing::error!(route, error = %e, "canary {decision} refused"),
+        Ok(_) => {}
+    }
+    Ok(())
+}
+
+/// The writer refused the promotion (it could not be recorded, or the registry's rules refuse
+/// it): the controller holds at the current weight, says why once — log, status, audit — and
+/// waits for an admin instead of deciding to promote again every interval.
+async fn promotion_refused(
+    writer: &Writer,
+    controller: &mut Controller,
+    view: &View<'_>,
+    error: &CommandError,
+) {
+    controller.promotion_refused(view.route);
+    let route = view.route;
+    let label = view.candidate.unwrap_or_default();
+    let reason = format!(
+        "the promotion of {label} was refused ({error}); holding at {} until an admin promotes, rolls back or sets a weight",
+        format_percent(view.weight)
+    );
+    tracing::error!(route, version = label, "canary: {reason}");
+    let detail = json!({
+        "decision": CanaryDecision::Hold.as_str(), "version": label, "weight": view.weight,
+        "weight_percent": format_percent(view.weight), "refused": error.to_string(),
+    });
+    if let Err(e) = record_decision(writer, route, CanaryDecision::Hold, &reason, detail).await {
+        tracing::error!(error = %e, "cannot record the canary's hold either");
+    }
+}
+
+/// Puts a decision on show (`GET /v1/routes`), in the audit chain and then in the metric: a
+/// decision the audit log does not have was not taken, so it is not counted.
+async fn record_decision(
+    writer: &Writer,
+    route: &str,
+    decision: CanaryDecision,
+    reason: &str,
+    detail: Value,
+) -> Result<(), CommandError> {
+    let status =
+        json!({"last_decision": decision.as_str(), "reason": reason, "evidence": detail.clone()});
+    writer.set_canary_status(route, Some(status));
+    writer
+        .record(
+            Actor::Canary.as_str(),
+            "canary_decision",
+            Some(route),
+            detail,
+            reason,
+        )
+        .await?;
+    writer.metrics().count_canary_decision(route, decision);
+    Ok(())
+}
