@@ -16,6 +16,7 @@ use tokio::task::JoinHandle;
 use crate::config::Config;
 use crate::control::admin::{self, AdminState};
 use crate::control::auth::AdminToken;
+use crate::control::canary::Board;
 use crate::control::fleet::{Fleet, FleetError};
 use crate::control::identity::{self, probe_once, Prober};
 use crate::control::replica;
@@ -59,6 +60,7 @@ pub struct Running {
     stop: watch::Sender<bool>,
     task: JoinHandle<Drained>,
     writer: Arc<Writer>,
+    canary: Arc<Board>,
     /// TLS of the listeners as configured at start, re-read by [`Running::reload_tls`].
     tls: Vec<(crate::config::TlsConfig, TlsConfigCell)>,
 }
@@ -143,8 +145,10 @@ impl Server {
             },
             Arc::new(Shadower::new(&config.shadow, &config.state_dir)),
         ));
+        let canary = Arc::new(Board::default());
         let admin_state = Arc::new(AdminState {
             writer: Arc::clone(&writer),
+            canary: Arc::clone(&canary),
             token,
             ready: AtomicBool::new(false),
         });
@@ -232,6 +236,7 @@ impl Server {
             // Reloads may add a canary policy, so a file-based weir always runs the controller.
             tokio::spawn(crate::control::canary::run(
                 Arc::clone(&writer),
+                Arc::clone(&canary),
                 stop_rx.clone(),
             ));
         }
@@ -260,6 +265,7 @@ impl Server {
             stop,
             task,
             writer,
+            canary,
             tls: [
                 (config.listener.tls.clone(), proxy_tls),
                 (config.admin.tls.clone(), admin_tls),
@@ -293,6 +299,11 @@ impl Running {
     /// The one writer of routing changes.
     pub fn writer(&self) -> &Arc<Writer> {
         &self.writer
+    }
+
+    /// The canary controller's last decision per route.
+    pub fn canary(&self) -> &Board {
+        &self.canary
     }
 
     /// Re-reads the listeners' certificates and keys (SIGHUP): new handshakes use them, open

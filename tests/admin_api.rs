@@ -588,6 +588,33 @@ async fn reload_without_a_config_file_is_a_conflict() {
     assert_eq!(weir.audit().len(), audit);
 }
 
+/// A change the writer refused says whether it may be live anyway (`outcome`); a call refused
+/// before it reached the writer (bad JSON) has no outcome to tell.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_change_says_it_was_not_applied() {
+    let s = setup().await;
+    let weir = &s.weir;
+    let no_candidate = weir
+        .admin(Method::POST, "/v1/routes/embed/promote", None)
+        .await;
+    assert_admin_error(&no_candidate, 409, "promote a route without a candidate");
+    assert_eq!(no_candidate.json()["outcome"], "not_applied");
+    let unknown = weir
+        .admin(Method::POST, "/v1/routes/nope/promote", None)
+        .await;
+    assert_admin_error(&unknown, 404, "promote an unknown route");
+    assert_eq!(unknown.json()["outcome"], "not_applied");
+    let malformed = weir
+        .admin(Method::PUT, "/v1/routes/chat/weight", Some("weight=5%"))
+        .await;
+    assert_admin_error(&malformed, 400, "a body that is not JSON");
+    assert!(
+        malformed.json().get("outcome").is_none(),
+        "{:?}",
+        malformed.json()
+    );
+}
+
 // === accepted changes ===
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -12,7 +12,8 @@ use clap::{Args, Subcommand};
 use serde_json::{json, Value};
 
 use crate::control::audit::Entry;
-use crate::control::state::{record_offline, Promotion, StateStore};
+use crate::control::state::{Promotion, StateStore};
+use crate::control::store::record_offline;
 use crate::registry::{
     check_stage_change, days, diff_manifests, digest::sha256_file, digest_artifact, format_time,
     parse_time, Approval, Dataset, ModelVersion, Reference, Registry, Stage,

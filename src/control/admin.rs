@@ -17,10 +17,12 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::auth::AdminToken;
+use super::canary::Board;
 use super::pins::runtime_registry;
+use super::state::ApplyError;
 use super::state::RoutingState;
 use super::writer::{Actor, Live};
-use super::writer::{Change, Command, CommandError, RuntimeStages, Writer};
+use super::writer::{Change, Command, CommandError, Outcome, RuntimeStages, Writer};
 use crate::config::units::{format_percent, parse_percent};
 use crate::data::table::{Route, Target};
 use crate::registry::Registry;
@@ -32,6 +34,8 @@ pub const MAX_ADMIN_BODY: usize = 64 * 1024;
 #[derive(Debug)]
 pub struct AdminState {
     pub writer: Arc<Writer>,
+    /// The canary controller's last decision per route.
+    pub canary: Arc<Board>,
     pub token: AdminToken,
     /// False while starting and while draining: `/readyz` tells load balancers to stay away.
     pub ready: AtomicBool,
@@ -40,21 +44,46 @@ pub struct AdminState {
 type AdminResponse = Response<Full<Bytes>>;
 
 /// A refused admin call: status, message, structured detail.
-struct Refused(StatusCode, String, Value);
+struct Refused {
+    status: StatusCode,
+    message: String,
+    detail: Value,
+    /// Whether the change may be live anyway (a writer's refusal); none for calls refused
+    /// before they reached the writer.
+    outcome: Option<Outcome>,
+}
 
 impl Refused {
     fn new(status: StatusCode, message: impl Into<String>) -> Refused {
-        Refused(status, message.into(), Value::Null)
+        Refused::with_detail(status, message, Value::Null)
+    }
+
+    fn with_detail(status: StatusCode, message: impl Into<String>, detail: Value) -> Refused {
+        Refused {
+            status,
+            message: message.into(),
+            detail,
+            outcome: None,
+        }
     }
 
     fn into_response(self) -> AdminResponse {
-        json_response(self.0, json!({"error": self.1, "detail": self.2}))
+        let mut body = json!({"error": self.message, "detail": self.detail});
+        if let Some(outcome) = self.outcome {
+            body["outcome"] = json!(outcome.as_str());
+        }
+        json_response(self.status, body)
     }
 }
 
 impl From<CommandError> for Refused {
     fn from(e: CommandError) -> Refused {
-        Refused(status_of(&e), e.to_string(), e.detail())
+        Refused {
+            status: status_of(&e),
+            message: e.to_string(),
+            detail: e.detail(),
+            outcome: Some(e.outcome()),
+        }
     }
 }
 
@@ -63,8 +92,10 @@ impl From<CommandError> for Refused {
 pub fn status_of(e: &CommandError) -> StatusCode {
     match e {
         CommandError::UnknownRoute { .. } => StatusCode::NOT_FOUND,
-        CommandError::NoCandidate { .. }
-        | CommandError::Conflict(_)
+        CommandError::Refused(ApplyError::OutOfRange(_)) => StatusCode::UNPROCESSABLE_ENTITY,
+        CommandError::Refused(ApplyError::NoCandidate { .. } | ApplyError::Conflict(_))
+        | CommandError::NothingToReload
+        | CommandError::NotLeader(_)
         | CommandError::GenerationMoved { .. }
         | CommandError::Pins(_)
         | CommandError::Promotion { .. }
@@ -73,10 +104,9 @@ pub fn status_of(e: &CommandError) -> StatusCode {
         CommandError::Unavailable(_) | CommandError::Unconfirmed(_) => {
             StatusCode::SERVICE_UNAVAILABLE
         }
-        CommandError::OutOfRange(_)
-        | CommandError::InvalidConfig(_)
-        | CommandError::Registry(_)
-        | CommandError::Build(_) => StatusCode::UNPROCESSABLE_ENTITY,
+        CommandError::InvalidConfig(_) | CommandError::Registry(_) | CommandError::Build(_) => {
+            StatusCode::UNPROCESSABLE_ENTITY
+        }
         CommandError::Persist(_) => StatusCode::INTERNAL_SERVER_ERROR,
     }
 }
@@ -117,7 +147,7 @@ pub async fn handle(
             let registry = load_stages(&stages);
             for route in all["routes"].as_array_mut().into_iter().flatten() {
                 let name = route["name"].as_str().unwrap_or_default().to_string();
-                route["canary"] = state.writer.canary_status(&name).unwrap_or(Value::Null);
+                route["canary"] = state.canary.status(&name).unwrap_or(Value::Null);
                 route["registry"] = route_stages(&registry, &stages, route);
             }
             all["production"] = json!(stages.production);
@@ -130,7 +160,7 @@ pub async fn handle(
                 Some(route) => {
                     let mut route = route_json(route, &live);
                     let stages = state.writer.stages();
-                    route["canary"] = state.writer.canary_status(name).unwrap_or(Value::Null);
+                    route["canary"] = state.canary.status(name).unwrap_or(Value::Null);
                     route["registry"] = route_stages(&load_stages(&stages), &stages, &route);
                     json_response(StatusCode::OK, json!({"generation": table.generation, "route": route}))
                 }
@@ -155,7 +185,7 @@ pub async fn handle(
             Refused::new(StatusCode::METHOD_NOT_ALLOWED, format!("{} {path} is not supported; use POST", req.method()))
                 .into_response()
         }
-        _ => Refused(
+        _ => Refused::with_detail(
             StatusCode::NOT_FOUND,
             format!("no admin endpoint at {path}"),
             json!({"endpoints": [
@@ -307,7 +337,7 @@ async fn read_body(req: Request<Incoming>) -> Result<Bytes, Refused> {
 
 fn parse_json<T: for<'de> Deserialize<'de>>(body: &[u8], expected: &str) -> Result<T, Refused> {
     serde_json::from_slice(body).map_err(|e| {
-        Refused(
+        Refused::with_detail(
             StatusCode::BAD_REQUEST,
             format!("malformed JSON body: {e}"),
             json!({"expected": expected}),

@@ -14,8 +14,11 @@ pub mod command;
 pub mod fleet;
 pub mod identity;
 pub mod pins;
+mod promotion;
 pub mod replica;
 pub mod state;
+pub mod store;
+mod window;
 pub mod writer;
 
 pub use build::{build_table, BuildError, VersionSet};

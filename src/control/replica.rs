@@ -31,7 +31,7 @@ pub async fn follow(writer: Arc<Writer>, mut stop: watch::Receiver<bool>) {
         match &synced {
             Ok(_) => fleet.set_apply_problem(writer.metrics(), None),
             Err(CommandError::CannotApply(why)) => {
-                fleet.set_apply_problem(writer.metrics(), Some(why))
+                fleet.set_apply_problem(writer.metrics(), Some(&why.to_string()))
             }
             Err(_) => {}
         }

@@ -69,15 +69,20 @@ impl RouteState {
 }
 
 /// Why [`RouteState::apply`] refused a command; nothing changed.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum ApplyError {
     /// `how` says how a candidate comes to this route: a reload, or a restart in quick mode.
+    #[error("route {route} has no candidate{}: {how}", .promoted_from.as_ref().map(|p| format!(" (its last candidate was promoted; `weir admin rollback {route}` returns to {p})")).unwrap_or_default())]
     NoCandidate {
         route: String,
         promoted_from: Option<String>,
         how: &'static str,
     },
+    /// The command does not fit the route's state (a paused route, nothing to roll back, …).
+    #[error("{0}")]
     Conflict(String),
+    /// A value outside what the command takes.
+    #[error("{0}")]
     OutOfRange(String),
 }
 
@@ -323,36 +328,6 @@ impl StateLock {
         file.lock()?;
         Ok(StateLock { _file: file })
     }
-}
-
-/// Appends one record from outside the running writer (the registry commands): under the state
-/// lock, continuing the chain and moving the state file's head with it.
-pub fn record_offline(dir: &Path, entry: super::audit::Entry<'_>) -> Result<(), String> {
-    let _lock =
-        StateLock::acquire(dir).map_err(|e| format!("cannot lock {}: {e}", dir.display()))?;
-    let store = StateStore::new(dir);
-    let body = store.load().map_err(|e| e.to_string())?;
-    let mut log =
-        super::audit::AuditLog::open(dir, body.as_ref().and_then(|b| b.audit_head.as_ref()))
-            .map_err(|e| e.to_string())?;
-    if log.is_fleet_copy() {
-        return Err(format!(
-            "{} holds a fleet replica's copy of the audit chain in etcd; a record added here \
-             would fork it, and the replica would refuse to run. Give --state-dir a directory of \
-             its own for registry steps",
-            log.path().display()
-        ));
-    }
-    let entry = super::audit::Entry {
-        generation: body.as_ref().map_or(0, |b| b.state.generation),
-        ..entry
-    };
-    let prepared = log.prepare(entry);
-    if let Some(mut body) = body {
-        body.audit_head = Some(prepared.head());
-        store.save(&body).map_err(|e| e.to_string())?;
-    }
-    log.append(&prepared).map_err(|e| e.to_string())
 }
 
 /// Two lines: the body as JSON, then `sha256:<hex of the first line's bytes>`.
@@ -666,40 +641,6 @@ mod tests {
             std::env::temp_dir().join(format!("weir-state-unit-{}-{tag}", std::process::id()));
         let _ = fs::remove_dir_all(&dir);
         dir
-    }
-
-    #[test]
-    fn offline_records_go_to_a_plain_state_dir_but_never_into_a_fleet_replicas_copy() {
-        use crate::control::audit::{AuditLog, Entry};
-        let entry = || Entry {
-            actor: "registry:test",
-            action: "approve",
-            route: None,
-            before: serde_json::Value::Null,
-            after: serde_json::Value::Null,
-            generation: 0,
-            reason: None,
-            window: None,
-        };
-        let plain = temp_dir("offline-plain");
-        record_offline(&plain, entry()).unwrap();
-        record_offline(&plain, entry()).unwrap();
-        assert_eq!(AuditLog::open(&plain, None).unwrap().next_seq(), 3);
-
-        let fleet = temp_dir("offline-fleet");
-        let mut log = AuditLog::open(&fleet, None).unwrap();
-        log.set_replica("r1");
-        let prepared = log.prepare(entry());
-        log.append(&prepared).unwrap();
-        let err = record_offline(&fleet, entry()).unwrap_err();
-        assert!(err.contains("fleet replica's copy"), "{err}");
-        assert_eq!(
-            AuditLog::open(&fleet, None).unwrap().next_seq(),
-            2,
-            "nothing appended"
-        );
-        let _ = fs::remove_dir_all(&plain);
-        let _ = fs::remove_dir_all(&fleet);
     }
 
     #[test]

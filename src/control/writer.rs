@@ -7,7 +7,6 @@
 //! change is acknowledged only after the swap.
 
 use std::sync::Arc;
-use std::time::SystemTime;
 
 use arc_swap::ArcSwap;
 use serde_json::{json, Value};
@@ -17,14 +16,18 @@ use super::audit::{AuditError, AuditLog, Entry, Prepared};
 use super::build::{build_table, BuildError, VersionSet};
 use super::fleet::{Fleet, FleetError, AUDIT_PAGE};
 use super::pins::{load_registry, pin_refusals, runtime_registry, RouteRefusal};
+use super::promotion::move_runtime_stage;
 use super::state::{
-    reconcile, ApplyError, Promotion, RouteState, RoutingState, StateBody, StateError, StateLock,
-    StateStore, STATE_FORMAT,
+    reconcile, ApplyError, Promotion, RouteState, RoutingState, StateBody, StateError, StateStore,
+    STATE_FORMAT,
 };
+use super::store::etcd::NOT_JOINED;
+use super::store::{CommitError, EtcdStore, FileStore, PersistError, Store};
+use super::window::Window;
 use crate::config::{Config, ConfigError};
 use crate::data::RoutingTable;
-use crate::metrics::{Metrics, TargetStats};
-use crate::registry::{check_promotion, Registry, RegistryError, RuleRefusal, Stage};
+use crate::metrics::Metrics;
+use crate::registry::{RegistryError, RuleRefusal};
 
 pub use super::command::{Actor, Change, Command};
 
@@ -38,28 +41,26 @@ pub struct Applied {
     pub notes: Vec<String>,
 }
 
-/// Why a change was refused. Nothing changed in any of these cases.
+/// Why a change was refused. Nothing changed, except perhaps for [`CommandError::Unconfirmed`]
+/// (see [`CommandError::outcome`]).
 #[derive(Debug, thiserror::Error)]
 pub enum CommandError {
     #[error("no route named {route:?}; routes: {known}")]
     UnknownRoute { route: String, known: String },
-    /// `how` says how a candidate comes to this route: a reload, or a restart in quick mode.
-    #[error("route {route} has no candidate{}: {how}", .promoted_from.as_ref().map(|p| format!(" (its last candidate was promoted; `weir admin rollback {route}` returns to {p})")).unwrap_or_default())]
-    NoCandidate {
-        route: String,
-        promoted_from: Option<String>,
-        how: &'static str,
-    },
-    #[error("{0}")]
-    Conflict(String),
+    /// The route's state does not take the command.
+    #[error(transparent)]
+    Refused(#[from] ApplyError),
+    #[error("weir was started without a config file (quick mode): there is nothing to reload")]
+    NothingToReload,
+    /// Fleet mode: a fenced change from a replica that no longer leads the canary.
+    #[error(transparent)]
+    NotLeader(FleetError),
     #[error("the routing table is at generation {current}, not {expected} (If-Match): re-read it and retry")]
     GenerationMoved { expected: u64, current: u64 },
-    #[error("{0}")]
-    OutOfRange(String),
     #[error("the config file is not valid; nothing was changed")]
     InvalidConfig(#[source] ConfigError),
     #[error("the change could not be made durable, so it was not applied: {0}")]
-    Persist(String),
+    Persist(#[from] PersistError),
     /// The changed state does not fit the config (a version the config no longer defines).
     #[error("the changed routing cannot be served, so it was not applied: {0}")]
     Build(#[source] BuildError),
@@ -74,51 +75,78 @@ pub enum CommandError {
     Registry(#[from] RegistryError),
     /// Fleet mode: etcd did not answer; nothing changed anywhere.
     #[error("the change was not applied because etcd is unreachable ({0}); the fleet keeps serving its last routing table. Retry when etcd is back")]
-    Unavailable(String),
+    Unavailable(#[source] FleetError),
     /// Fleet mode: the commit was sent but etcd never confirmed it; it may be live.
     #[error("{0}: it may have been applied. GET /v1/routes shows the generation once etcd answers; a retry with If-Match cannot apply it twice")]
-    Unconfirmed(String),
+    Unconfirmed(#[source] FleetError),
     /// Fleet mode: this replica cannot build (or follow the audit chain to) the fleet's state.
     #[error("this replica cannot apply the fleet's routing state: {0}. It routes by its older table until its config can build the fleet's: roll the config out to it and reload")]
-    CannotApply(String),
+    CannotApply(#[source] Box<dyn std::error::Error + Send + Sync>),
     /// Fleet mode: another replica kept changing the state while this one tried to.
     #[error("another replica changed the routing state at the same time, several times over; re-read it and retry")]
     Stale,
 }
 
-impl From<ApplyError> for CommandError {
-    fn from(e: ApplyError) -> CommandError {
-        match e {
-            ApplyError::NoCandidate {
-                route,
-                promoted_from,
-                how,
-            } => CommandError::NoCandidate {
-                route,
-                promoted_from,
-                how,
-            },
-            ApplyError::Conflict(why) => CommandError::Conflict(why),
-            ApplyError::OutOfRange(why) => CommandError::OutOfRange(why),
-        }
-    }
-}
-
 impl From<FleetError> for CommandError {
     fn from(e: FleetError) -> CommandError {
         match e {
-            FleetError::Unavailable { .. } => CommandError::Unavailable(e.to_string()),
-            FleetError::Unconfirmed { .. } => CommandError::Unconfirmed(e.to_string()),
+            FleetError::Unavailable { .. } => CommandError::Unavailable(e),
+            FleetError::Unconfirmed { .. } => CommandError::Unconfirmed(e),
             FleetError::Stale => CommandError::Stale,
-            FleetError::NotLeader => CommandError::Conflict(e.to_string()),
+            FleetError::NotLeader => CommandError::NotLeader(e),
             FleetError::Corrupt { .. } | FleetError::File { .. } => {
-                CommandError::Persist(e.to_string())
+                CommandError::Persist(PersistError::Fleet(e))
             }
         }
     }
 }
 
+impl From<CommitError> for CommandError {
+    fn from(e: CommitError) -> CommandError {
+        match e {
+            CommitError::Persist(e) => CommandError::Persist(e),
+            CommitError::Fleet(e) => e.into(),
+        }
+    }
+}
+
+impl From<super::promotion::Refused> for CommandError {
+    fn from(r: super::promotion::Refused) -> CommandError {
+        CommandError::Promotion {
+            label: r.label,
+            refusals: r.refusals,
+        }
+    }
+}
+
+/// Where a refused change stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Nothing changed anywhere: the caller may retry, or change course.
+    NotApplied,
+    /// Fleet mode: etcd took the commit but never confirmed it, so it may be live. A retry
+    /// with `If-Match` cannot apply it twice.
+    MaybeApplied,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::NotApplied => "not_applied",
+            Outcome::MaybeApplied => "maybe_applied",
+        }
+    }
+}
+
 impl CommandError {
+    /// Whether the change may be live despite the error.
+    pub fn outcome(&self) -> Outcome {
+        match self {
+            CommandError::Unconfirmed(_) => Outcome::MaybeApplied,
+            _ => Outcome::NotApplied,
+        }
+    }
+
     /// Structured detail for the JSON error body.
     pub fn detail(&self) -> Value {
         match self {
@@ -183,8 +211,6 @@ pub struct Writer {
     metrics: Metrics,
     /// Wakes whoever watches the table (the identity prober) after each swap.
     swapped: tokio::sync::Notify,
-    /// The canary controller's last word per route, for `GET /v1/routes`.
-    canary_status: std::sync::Mutex<std::collections::HashMap<String, Value>>,
     /// The registry file and the runtime stages of the state in force, for `GET /v1/routes`
     /// (read without waiting for a change in progress).
     stages: std::sync::Mutex<RuntimeStages>,
@@ -220,20 +246,11 @@ struct Inner {
     pending_windows: Vec<Value>,
 }
 
-/// Where the state lives.
-#[derive(Debug)]
-enum Store {
-    /// `routing-state.json` in the state directory (one weir).
-    File(StateStore),
-    /// etcd (a fleet); `revision` is that of the state this replica last applied.
-    Fleet { fleet: Arc<Fleet>, revision: i64 },
-}
-
 impl Writer {
     /// Restores the persisted state (merged with `config`, see [`reconcile`]), records the start
     /// in the audit log, and returns the writer with the table it built.
     pub fn open(config: Config, metrics: Metrics) -> Result<Writer, OpenError> {
-        let store = StateStore::new(&config.state_dir);
+        let store = FileStore::new(&config.state_dir);
         let persisted = store.load()?;
         let audit = AuditLog::open(
             &config.state_dir,
@@ -270,7 +287,6 @@ impl Writer {
             }),
             metrics,
             swapped: tokio::sync::Notify::new(),
-            canary_status: std::sync::Mutex::new(std::collections::HashMap::new()),
             stages: std::sync::Mutex::new(RuntimeStages {
                 registry: config.registry.clone(),
                 production: state.production.clone(),
@@ -358,7 +374,7 @@ impl Writer {
             config,
             state,
             versions,
-            store: Store::Fleet { fleet, revision },
+            store: Store::Fleet(EtcdStore::new(fleet, revision, cache)),
             audit,
             pending_windows: Vec::new(),
         };
@@ -371,7 +387,6 @@ impl Writer {
             }),
             metrics,
             swapped: tokio::sync::Notify::new(),
-            canary_status: std::sync::Mutex::new(std::collections::HashMap::new()),
             stages: std::sync::Mutex::new(RuntimeStages::of(&inner)),
             fleet: inner.fleet().cloned(),
             inner: Mutex::new(inner),
@@ -414,11 +429,11 @@ impl Writer {
                 return Err(e);
             }
         }
-        Ok(match &inner.store {
-            // A window record committed here is newer than the read.
-            Store::Fleet { revision, .. } => read_at.max(*revision),
-            Store::File(_) => 0,
-        })
+        // A window record committed here is newer than the read.
+        Ok(inner
+            .store
+            .revision()
+            .map_or(0, |revision| read_at.max(revision)))
     }
 
     /// Fleet mode: brings `inner` up to the state in etcd (no-op in file mode or when current).
@@ -451,20 +466,17 @@ impl Writer {
         inner: &mut Inner,
         fresh: Option<&Config>,
     ) -> Result<i64, CommandError> {
-        let Store::Fleet { fleet, revision } = &inner.store else {
+        let (Some(fleet), Some(revision)) = (inner.fleet().cloned(), inner.store.revision()) else {
             return Ok(0);
         };
-        let fleet = Arc::clone(fleet);
         let Some(shared) = fleet.load().await? else {
-            return Err(CommandError::Persist(format!(
-                "the fleet's state under {} is gone from etcd (deleted by hand?); restart a replica to write it again",
-                fleet.config().prefix
-            )));
+            let prefix = fleet.config().prefix.clone();
+            return Err(PersistError::Gone { prefix }.into());
         };
-        if shared.revision == *revision {
+        if shared.revision == revision {
             return Ok(shared.read_at);
         }
-        if *revision == NOT_JOINED {
+        if revision == NOT_JOINED {
             return self.join_late(inner, &fleet, &shared).await;
         }
         fill_audit(&mut inner.audit, &fleet, &shared.body)
@@ -474,7 +486,7 @@ impl Writer {
         if state != inner.state {
             let config = fresh.unwrap_or(&inner.config);
             let table = build_table(config, &state, &self.metrics, &mut inner.versions)
-                .map_err(|e| CommandError::CannotApply(e.to_string()))?;
+                .map_err(|e| CommandError::CannotApply(Box::new(e)))?;
             if let Some(fresh) = fresh {
                 inner.config = fresh.clone();
                 self.publish_stages(inner);
@@ -710,22 +722,6 @@ impl Writer {
             .clone()
     }
 
-    pub fn set_canary_status(&self, route: &str, status: Option<Value>) {
-        let mut all = self.canary_status.lock().unwrap_or_else(|p| p.into_inner());
-        match status {
-            Some(s) => all.insert(route.to_string(), s),
-            None => all.remove(route),
-        };
-    }
-
-    pub fn canary_status(&self, route: &str) -> Option<Value> {
-        self.canary_status
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(route)
-            .cloned()
-    }
-
     /// Resolves after the next table swap.
     pub async fn swapped(&self) {
         self.swapped.notified().await;
@@ -809,95 +805,27 @@ impl Writer {
 
 impl Inner {
     fn fleet(&self) -> Option<&Arc<Fleet>> {
-        match &self.store {
-            Store::Fleet { fleet, .. } => Some(fleet),
-            Store::File(_) => None,
-        }
+        self.store.fleet()
     }
 
-    /// Fleet mode: records the revision of the state this replica now routes by.
     fn applied(&mut self, revision: i64) {
-        if let Store::Fleet { revision: r, .. } = &mut self.store {
-            *r = revision;
-        }
+        self.store.applied(revision);
     }
 
-    /// Fleet mode: keeps the state this replica routes by in its state directory, so that a
-    /// restart while etcd is away serves it instead of nothing. etcd holds the fleet's state;
-    /// this copy is only read at a start that cannot reach etcd, and a failure to write it is
-    /// only worth a warning.
     fn cache_fleet_state(&self) {
-        if self.fleet().is_none() {
-            return;
-        }
-        let body = StateBody {
-            format: STATE_FORMAT,
-            state: self.state.clone(),
-            audit_head: None,
-        };
-        if let Err(e) = StateStore::new(&self.config.state_dir).save(&body) {
-            tracing::warn!(error = %e, "cannot keep a copy of the fleet's routing state for a start without etcd");
-        }
+        self.store.keep_copy(&self.state);
     }
 
-    /// Makes `state` durable with the audit record of `entry`, then appends the record locally.
-    /// Nothing is written when this fails. `fenced`: only while this replica leads the canary.
     async fn persist(
         &mut self,
         state: &RoutingState,
         entry: Entry<'_>,
         fenced: bool,
     ) -> Result<(), CommandError> {
-        let persist_error = |e: &dyn std::fmt::Display| CommandError::Persist(e.to_string());
-        match &mut self.store {
-            Store::File(store) => {
-                let _lock = StateLock::acquire(&self.config.state_dir).map_err(|e| {
-                    CommandError::Persist(format!("cannot lock the state directory: {e}"))
-                })?;
-                // Another process (`weir registry`) may have appended since this log last wrote.
-                self.audit.refresh().map_err(|e| persist_error(&e))?;
-                // What is on disk now: put back as is if the audit append fails.
-                let on_disk = store.load().map_err(|e| persist_error(&e))?;
-                let prepared = self.audit.prepare(entry);
-                store
-                    .save(&StateBody {
-                        format: STATE_FORMAT,
-                        state: state.clone(),
-                        audit_head: Some(prepared.head()),
-                    })
-                    .map_err(|e| persist_error(&e))?;
-                if let Err(e) = self.audit.append(&prepared) {
-                    // Put the previous state back so state and log agree on what happened: nothing.
-                    let restored = match &on_disk {
-                        Some(body) => store.save(body),
-                        None => Ok(()),
-                    };
-                    if let Err(r) = restored {
-                        tracing::error!(error = %r, "cannot restore the state file after a failed audit append; the next start will repair the log from it");
-                    }
-                    return Err(persist_error(&e));
-                }
-                Ok(())
-            }
-            Store::Fleet { fleet, revision } => {
-                let prepared: Prepared = self.audit.prepare(entry);
-                let body = StateBody {
-                    format: STATE_FORMAT,
-                    state: state.clone(),
-                    audit_head: Some(prepared.head()),
-                };
-                *revision = fleet.commit(*revision, &body, &prepared, fenced).await?;
-                // Committed fleet-wide; a failed local append is refilled from etcd at the next
-                // catch-up (it starts from the local copy's end). Forgetting the revision makes
-                // that catch-up happen before this replica writes again.
-                if let Err(e) = self.audit.append(&prepared) {
-                    tracing::error!(error = %e, "cannot append to the local copy of the audit chain; it will be refilled from etcd");
-                    let _ = self.audit.refresh();
-                    *revision = 0;
-                }
-                Ok(())
-            }
-        }
+        Ok(self
+            .store
+            .commit(&mut self.audit, state, entry, fenced)
+            .await?)
     }
 }
 
@@ -906,7 +834,7 @@ impl Inner {
 fn cannot_apply(e: OpenError) -> CommandError {
     match e {
         OpenError::Fleet(e) => CommandError::from(e),
-        e => CommandError::CannotApply(e.to_string()),
+        e => CommandError::CannotApply(Box::new(e)),
     }
 }
 
@@ -914,19 +842,12 @@ fn cannot_apply(e: OpenError) -> CommandError {
 /// or a flag, not from the file).
 fn fresh_config(current: &Config) -> Result<Config, CommandError> {
     let Some(path) = &current.source else {
-        return Err(CommandError::Conflict(
-            "weir was started without a config file (quick mode): there is nothing to reload"
-                .into(),
-        ));
+        return Err(CommandError::NothingToReload);
     };
     let mut fresh = Config::from_file(path).map_err(CommandError::InvalidConfig)?;
     fresh.admin.token = current.admin.token.clone();
     Ok(fresh)
 }
-
-/// `Store::Fleet`'s revision while a replica that started without etcd has not joined yet: no
-/// state key ever has it, so a commit then is always stale and catches up (joining) first.
-const NOT_JOINED: i64 = -1;
 
 /// Fleet mode: joins the fleet's state `shared` (`None` when this is the first replica): fills
 /// the local audit copy, merges `config` into the state, builds its table and commits it with
@@ -1079,90 +1000,6 @@ async fn fill_audit(
     Ok(())
 }
 
-/// The runtime stage a change moves, in `state` and in `registry` (the runtime view, a copy):
-/// a promotion records its version as production (the registry file is never written: it is
-/// reviewed input, often read-only); a rollback that undoes a promotion takes that record back.
-/// Returns the notes for the answer and the audit record.
-fn move_runtime_stage(
-    registry: &mut Registry,
-    command: &Command,
-    before: Option<&RouteState>,
-    state: &mut RoutingState,
-) -> Result<Vec<String>, CommandError> {
-    let Some(route) = command.route().and_then(|name| state.route(name)).cloned() else {
-        return Ok(Vec::new());
-    };
-    match command {
-        Command::Promote { .. } => {
-            let label = route.stable.clone();
-            let Some(from) = promote_in_registry(registry, &label)? else {
-                return Ok(Vec::new());
-            };
-            let promotion = Promotion {
-                from,
-                route: route.name.clone(),
-                generation: state.generation,
-                at: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
-            };
-            state.production.insert(label.clone(), promotion);
-            Ok(vec![format!(
-                "runtime stage: {label} {from} → production (kept in weir's routing state; the registry file is not written)"
-            )])
-        }
-        Command::Rollback { .. } => {
-            // Undoing a promotion turns the demoted version back into a (rolled-back) candidate.
-            let undone = before
-                .filter(|b| b.rollback_target.is_some() && route.rollback_target.is_none())
-                .map(|b| b.stable.clone());
-            let Some(label) = undone else {
-                return Ok(Vec::new());
-            };
-            if state
-                .production
-                .get(&label)
-                .is_none_or(|p| p.route != route.name)
-            {
-                return Ok(Vec::new());
-            }
-            let Some(promotion) = state.production.remove(&label) else {
-                return Ok(Vec::new());
-            };
-            if let Some(v) = registry.find_mut(&label) {
-                v.stage = promotion.from;
-            }
-            Ok(vec![format!(
-                "runtime stage: {label} production → {} (the promotion at generation {} is undone)",
-                promotion.from, promotion.generation
-            )])
-        }
-        _ => Ok(Vec::new()),
-    }
-}
-
-/// Moves a promoted version to the production stage in `registry` (the runtime view, a copy).
-/// Returns the stage it had, or `None` when it already was production.
-fn promote_in_registry(
-    registry: &mut Registry,
-    label: &str,
-) -> Result<Option<Stage>, CommandError> {
-    let policy = registry.policy.clone();
-    let Some(version) = registry.find_mut(label) else {
-        return Ok(None); // the pin check names an unregistered version
-    };
-    if version.stage == Stage::Production {
-        return Ok(None);
-    }
-    check_promotion(&policy, version, std::time::SystemTime::now()).map_err(|refusals| {
-        CommandError::Promotion {
-            label: label.to_string(),
-            refusals,
-        }
-    })?;
-    let before = version.stage;
-    version.stage = Stage::Production;
-    Ok(Some(before))
-}
-
 fn warn_about_restart_only_settings(old: &Config, new: &Config) {
     if old.listener.addr != new.listener.addr || old.admin.addr != new.admin.addr {
         tracing::warn!(
@@ -1187,102 +1024,30 @@ fn state_json(state: &RoutingState) -> Value {
     json!(state)
 }
 
-// === impl Window ===
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-/// The traffic one table generation served, measured from the metric counters.
-#[derive(Debug)]
-struct Window {
-    generation: u64,
-    started: SystemTime,
-    targets: Vec<WindowTarget>,
-}
-
-#[derive(Debug)]
-struct WindowTarget {
-    route: Arc<str>,
-    version: Arc<str>,
-    role: &'static str,
-    weight: u16,
-    stats: Arc<TargetStats>,
-    requests_at_start: u64,
-    errors_at_start: u64,
-    /// Not in this window's table: kept because requests it started may still be answered.
-    carried: bool,
-}
-
-impl Window {
-    /// Opens the window of `table`. Targets of the `previous` window that the new table dropped
-    /// stay counted while they may still answer: responses are counted when their head is sent,
-    /// so a request routed under the old table can land in the new window.
-    fn open(table: &RoutingTable, previous: Option<&Window>) -> Window {
-        let mut targets = Vec::new();
-        for route in &table.routes {
-            for target in std::iter::once(&route.stable).chain(&route.candidate) {
-                targets.push(WindowTarget {
-                    route: Arc::clone(&route.name),
-                    version: Arc::clone(&target.version.label),
-                    role: target.role.as_str(),
-                    weight: route.weight,
-                    requests_at_start: target.stats.requests_total(),
-                    errors_at_start: target.stats.server_errors_total(),
-                    stats: Arc::clone(&target.stats),
-                    carried: false,
-                });
-            }
-        }
-        for old in previous.map(|p| p.targets.as_slice()).unwrap_or_default() {
-            // Same labels, same counters (tables resolve new handles to the same series).
-            if targets
-                .iter()
-                .any(|t| t.route == old.route && t.version == old.version && t.role == old.role)
-            {
-                continue;
-            }
-            // A target that just left the table is kept one window; after that only while it
-            // has requests in flight or answered some in the window that just closed.
-            let still_answering = old.stats.in_flight.get() > 0
-                || old.stats.requests_total() != old.requests_at_start;
-            if !old.carried || still_answering {
-                targets.push(WindowTarget {
-                    route: Arc::clone(&old.route),
-                    version: Arc::clone(&old.version),
-                    role: old.role,
-                    weight: 0,
-                    requests_at_start: old.stats.requests_total(),
-                    errors_at_start: old.stats.server_errors_total(),
-                    stats: Arc::clone(&old.stats),
-                    carried: true,
-                });
-            }
-        }
-        Window {
-            generation: table.generation,
-            started: SystemTime::now(),
-            targets,
-        }
-    }
-
-    /// The window as an audit value: who served how many requests (and 5xx) in it.
-    fn close(&self) -> Value {
-        let served: Vec<Value> = self
-            .targets
-            .iter()
-            .map(|t| {
-                json!({
-                    "route": &*t.route,
-                    "version": &*t.version,
-                    "role": t.role,
-                    "weight": t.weight,
-                    "requests": t.stats.requests_total() - t.requests_at_start,
-                    "errors": t.stats.server_errors_total() - t.errors_at_start,
-                })
-            })
-            .collect();
-        json!({
-            "generation": self.generation,
-            "start": humantime::format_rfc3339_millis(self.started).to_string(),
-            "end": humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
-            "served": served,
-        })
+    #[test]
+    fn only_an_unconfirmed_commit_may_have_been_applied() {
+        let unconfirmed = CommandError::from(FleetError::Unconfirmed {
+            endpoints: "127.0.0.1:2379".into(),
+            detail: "timed out".into(),
+        });
+        assert_eq!(unconfirmed.outcome(), Outcome::MaybeApplied);
+        assert!(unconfirmed.to_string().contains("it may have been applied"));
+        let away = CommandError::from(FleetError::Unavailable {
+            endpoints: "127.0.0.1:2379".into(),
+            detail: "connection refused".into(),
+        });
+        assert_eq!(away.outcome(), Outcome::NotApplied);
+        // The etcd error stays the source, not a flattened string.
+        let source = std::error::Error::source(&away).expect("a source");
+        assert!(
+            source.to_string().contains("connection refused"),
+            "{source}"
+        );
+        assert_eq!(CommandError::Stale.outcome(), Outcome::NotApplied);
+        assert_eq!(CommandError::NothingToReload.outcome(), Outcome::NotApplied);
     }
 }

@@ -314,7 +314,7 @@ async fn act(
     let report = loop {
         tokio::select! {
             _ = refresh.tick() => {
-                if let Some(status) = running.writer().canary_status("chat") {
+                if let Some(status) = running.canary().status("chat") {
                     let line = decision_line(&status);
                     if line != last_shown {
                         view.clear()?;

@@ -40,13 +40,37 @@ use crate::metrics::CanaryDecision;
 use crate::shutdown::stopped;
 use counts::Sources;
 
+/// The controller's last word per route (decision, reason, evidence), for `GET /v1/routes` and
+/// `weir demo`. The controller writes it; nobody else does.
+#[derive(Debug, Default)]
+pub struct Board {
+    last: std::sync::Mutex<std::collections::HashMap<String, Value>>,
+}
+
+impl Board {
+    fn set(&self, route: &str, status: Value) {
+        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        last.insert(route.to_string(), status);
+    }
+
+    /// The last decision on `route`, if the controller took one since weir started.
+    pub fn status(&self, route: &str) -> Option<Value> {
+        let last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        last.get(route).cloned()
+    }
+}
+
 /// How often the controller looks at every route (a step's interval is counted in these).
 pub(super) const TICK: Duration = Duration::from_millis(200);
 
 /// Runs the canary controller until `stop`. In fleet mode it acts only while this replica holds
 /// the election, and judges on the counts every replica publishes.
-pub async fn run(writer: Arc<Writer>, mut stop: watch::Receiver<bool>) {
+pub async fn run(writer: Arc<Writer>, board: Arc<Board>, mut stop: watch::Receiver<bool>) {
     let mut controller = Controller::default();
+    let task = Task {
+        writer: &writer,
+        board: &board,
+    };
     loop {
         tokio::select! {
             _ = tokio::time::sleep(TICK) => {}
@@ -70,7 +94,8 @@ pub async fn run(writer: Arc<Writer>, mut stop: watch::Receiver<bool>) {
             };
             let view = view(route, policy, &live, &sources);
             let actions = controller.step(&view, Instant::now());
-            carry_out(&writer, &config, &mut controller, &view, route, actions).await;
+            task.carry_out(&config, &mut controller, &view, route, actions)
+                .await;
         }
     }
 }
@@ -131,36 +156,51 @@ fn view<'a>(
     }
 }
 
-/// Carries out the step's actions in order; an evaluation's result is stepped on at once.
-async fn carry_out(
-    writer: &Writer,
-    config: &Config,
-    controller: &mut Controller,
-    view: &View<'_>,
-    route: &Route,
-    actions: Vec<Action>,
-) {
-    let mut queue = VecDeque::from(actions);
-    while let Some(action) = queue.pop_front() {
-        match action {
-            Action::Apply(change) => {
-                if let Err(e) = writer.apply(change).await {
-                    tracing::error!(route = view.route, error = %e, "canary ramp-down step refused");
+/// What carries out the step's actions: the writer for changes and records, the board for
+/// what the admin API shows.
+struct Task<'a> {
+    writer: &'a Writer,
+    board: &'a Board,
+}
+
+impl Task<'_> {
+    /// Carries out the step's actions in order; an evaluation's result is stepped on at once.
+    async fn carry_out(
+        &self,
+        config: &Config,
+        controller: &mut Controller,
+        view: &View<'_>,
+        route: &Route,
+        actions: Vec<Action>,
+    ) {
+        let mut queue = VecDeque::from(actions);
+        while let Some(action) = queue.pop_front() {
+            match action {
+                Action::Apply(change) => {
+                    if let Err(e) = self.writer.apply(change).await {
+                        tracing::error!(route = view.route, error = %e, "canary ramp-down step refused");
+                    }
                 }
-            }
-            Action::Decide(decided) => {
-                if let Err(e) = record_and_apply(writer, config, view.route, decided).await {
-                    promotion_refused(writer, controller, view, &e).await;
+                Action::Decide(decided) => {
+                    if let Err(e) = self.record_and_apply(config, view.route, decided).await {
+                        self.promotion_refused(controller, view, &e).await;
+                    }
                 }
-            }
-            Action::Evaluate { point, evidence } => {
-                let result = match (&view.policy.eval, &route.candidate) {
-                    (Some(gate), Some(candidate)) => eval_gate(gate, candidate).await,
-                    _ => Err(
-                        json!({"gate": "eval", "passed": false, "note": "no candidate to evaluate"}),
-                    ),
-                };
-                queue.extend(controller.evaluated(view, point, evidence, result, Instant::now()));
+                Action::Evaluate { point, evidence } => {
+                    let result = match (&view.policy.eval, &route.candidate) {
+                        (Some(gate), Some(candidate)) => eval_gate(gate, candidate).await,
+                        _ => Err(
+                            json!({"gate": "eval", "passed": false, "note": "no candidate to evaluate"}),
+                        ),
+                    };
+                    queue.extend(controller.evaluated(
+                        view,
+                        point,
+                        evidence,
+                        result,
+                        Instant::now(),
+                    ));
+                }
             }
         }
     }
@@ -196,100 +236,104 @@ async fn eval_gate(gate: &EvalGate, candidate: &Target) -> Result<Value, Value> 
 
 /// Records a decision (status, log, audit, metric) and, once recorded, applies its change.
 /// `Err`: the writer refused the promotion it carried. Any other refusal is logged here.
-async fn record_and_apply(
-    writer: &Writer,
-    config: &Config,
-    route: &str,
-    decided: Decided,
-) -> Result<(), CommandError> {
-    let Decided {
-        decision,
-        version,
-        weight,
-        gates,
-        reason,
-        then,
-    } = decided;
-    let digest = load_registry(config)
-        .ok()
-        .flatten()
-        .and_then(|r| r.find(&version).map(|v| v.digest.clone()));
-    let detail = json!({
-        "decision": decision.as_str(), "version": version, "digest": digest, "weight": weight,
-        "weight_percent": format_percent(weight), "gates": gates,
-    });
-    let name = decision.as_str();
-    match decision {
-        CanaryDecision::Hold => {
-            tracing::info!(route, version, "canary hold: {reason}")
+impl Task<'_> {
+    async fn record_and_apply(
+        &self,
+        config: &Config,
+        route: &str,
+        decided: Decided,
+    ) -> Result<(), CommandError> {
+        let Decided {
+            decision,
+            version,
+            weight,
+            gates,
+            reason,
+            then,
+        } = decided;
+        let digest = load_registry(config)
+            .ok()
+            .flatten()
+            .and_then(|r| r.find(&version).map(|v| v.digest.clone()));
+        let detail = json!({
+            "decision": decision.as_str(), "version": version, "digest": digest, "weight": weight,
+            "weight_percent": format_percent(weight), "gates": gates,
+        });
+        let name = decision.as_str();
+        match decision {
+            CanaryDecision::Hold => {
+                tracing::info!(route, version, "canary hold: {reason}")
+            }
+            // Routine progress is not a warning; a rollback is what an operator must look at.
+            CanaryDecision::Rollback => {
+                tracing::warn!(route, version, decision = name, "canary: {reason}")
+            }
+            _ => tracing::info!(route, version, decision = name, "canary: {reason}"),
         }
-        // Routine progress is not a warning; a rollback is what an operator must look at.
-        CanaryDecision::Rollback => {
-            tracing::warn!(route, version, decision = name, "canary: {reason}")
+        if let Err(e) = self.record_decision(route, decision, &reason, detail).await {
+            tracing::error!(error = %e, "cannot record the canary decision; not acting on it");
+            return Ok(());
         }
-        _ => tracing::info!(route, version, decision = name, "canary: {reason}"),
+        let Some(change) = then else { return Ok(()) };
+        let promotes = matches!(change.command, Command::Promote { .. });
+        match self.writer.apply(change).await {
+            Err(e) if promotes => return Err(e),
+            Err(e) => tracing::error!(route, error = %e, "canary {decision} refused"),
+            Ok(_) => {}
+        }
+        Ok(())
     }
-    if let Err(e) = record_decision(writer, route, decision, &reason, detail).await {
-        tracing::error!(error = %e, "cannot record the canary decision; not acting on it");
-        return Ok(());
-    }
-    let Some(change) = then else { return Ok(()) };
-    let promotes = matches!(change.command, Command::Promote { .. });
-    match writer.apply(change).await {
-        Err(e) if promotes => return Err(e),
-        Err(e) => tracing::error!(route, error = %e, "canary {decision} refused"),
-        Ok(_) => {}
-    }
-    Ok(())
-}
 
-/// The writer refused the promotion (it could not be recorded, or the registry's rules refuse
-/// it): the controller holds at the current weight, says why once — log, status, audit — and
-/// waits for an admin instead of deciding to promote again every interval.
-async fn promotion_refused(
-    writer: &Writer,
-    controller: &mut Controller,
-    view: &View<'_>,
-    error: &CommandError,
-) {
-    controller.promotion_refused(view.route);
-    let route = view.route;
-    let label = view.candidate.unwrap_or_default();
-    let reason = format!(
+    /// The writer refused the promotion (it could not be recorded, or the registry's rules refuse
+    /// it): the controller holds at the current weight, says why once — log, status, audit — and
+    /// waits for an admin instead of deciding to promote again every interval.
+    async fn promotion_refused(
+        &self,
+        controller: &mut Controller,
+        view: &View<'_>,
+        error: &CommandError,
+    ) {
+        controller.promotion_refused(view.route);
+        let route = view.route;
+        let label = view.candidate.unwrap_or_default();
+        let reason = format!(
         "the promotion of {label} was refused ({error}); holding at {} until an admin promotes, rolls back or sets a weight",
         format_percent(view.weight)
     );
-    tracing::error!(route, version = label, "canary: {reason}");
-    let detail = json!({
-        "decision": CanaryDecision::Hold.as_str(), "version": label, "weight": view.weight,
-        "weight_percent": format_percent(view.weight), "refused": error.to_string(),
-    });
-    if let Err(e) = record_decision(writer, route, CanaryDecision::Hold, &reason, detail).await {
-        tracing::error!(error = %e, "cannot record the canary's hold either");
+        tracing::error!(route, version = label, "canary: {reason}");
+        let detail = json!({
+            "decision": CanaryDecision::Hold.as_str(), "version": label, "weight": view.weight,
+            "weight_percent": format_percent(view.weight), "refused": error.to_string(),
+        });
+        if let Err(e) = self
+            .record_decision(route, CanaryDecision::Hold, &reason, detail)
+            .await
+        {
+            tracing::error!(error = %e, "cannot record the canary's hold either");
+        }
     }
-}
 
-/// Puts a decision on show (`GET /v1/routes`), in the audit chain and then in the metric: a
-/// decision the audit log does not have was not taken, so it is not counted.
-async fn record_decision(
-    writer: &Writer,
-    route: &str,
-    decision: CanaryDecision,
-    reason: &str,
-    detail: Value,
-) -> Result<(), CommandError> {
-    let status =
-        json!({"last_decision": decision.as_str(), "reason": reason, "evidence": detail.clone()});
-    writer.set_canary_status(route, Some(status));
-    writer
-        .record(
-            Actor::Canary.as_str(),
-            "canary_decision",
-            Some(route),
-            detail,
-            reason,
-        )
-        .await?;
-    writer.metrics().count_canary_decision(route, decision);
-    Ok(())
+    /// Puts a decision on show (`GET /v1/routes`), in the audit chain and then in the metric: a
+    /// decision the audit log does not have was not taken, so it is not counted.
+    async fn record_decision(
+        &self,
+        route: &str,
+        decision: CanaryDecision,
+        reason: &str,
+        detail: Value,
+    ) -> Result<(), CommandError> {
+        let status = json!({"last_decision": decision.as_str(), "reason": reason, "evidence": detail.clone()});
+        self.board.set(route, status);
+        self.writer
+            .record(
+                Actor::Canary.as_str(),
+                "canary_decision",
+                Some(route),
+                detail,
+                reason,
+            )
+            .await?;
+        self.writer.metrics().count_canary_decision(route, decision);
+        Ok(())
+    }
 }
