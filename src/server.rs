@@ -111,16 +111,7 @@ impl Server {
         // Bind before touching state, so a second weir on the same ports fails without writing.
         let (proxy_listener, proxy_addr) = bind("proxy", listen_addr).await?;
         let (admin_listener, admin_addr) = bind("admin", admin_addr).await?;
-        let writer = Arc::new(match &config.fleet {
-            None => Writer::open(config.clone(), Metrics::new())?,
-            Some(fleet) => {
-                let fleet = Arc::new(Fleet::connect(fleet).await?);
-                let metrics = Metrics::new();
-                metrics.enable_fleet();
-                metrics.set_fleet(false, true);
-                Writer::open_fleet(config.clone(), metrics, fleet).await?
-            }
-        });
+        let writer = open_writer(&config).await?;
         let table: Arc<ArcSwap<crate::data::RoutingTable>> = Arc::clone(writer.table());
         let prober = Arc::new(Prober::default());
         if config.identity.is_some() {
@@ -132,17 +123,7 @@ impl Server {
         let proxy = Arc::new(Proxy::new(
             Arc::clone(&table),
             upstream_client(&config.proxy)?,
-            ProxySettings {
-                max_request_body: config.listener.max_request_body,
-                response_header_timeout: config.proxy.response_header_timeout,
-                idle_timeout: config.proxy.idle_timeout,
-                backend_eject: config.proxy.backend_eject,
-                version_header: config.proxy.version_header.clone(),
-                connect_timeout: config.proxy.connect_timeout,
-                pool_idle_timeout: config.proxy.pool_idle_timeout,
-                pool_max_idle: config.proxy.pool_max_idle_per_backend,
-                http1_relay: config.listener.http1_fast_path,
-            },
+            proxy_settings(&config),
             Arc::new(Shadower::new(&config.shadow, &config.state_dir)),
         ));
         let canary = Arc::new(Board::default());
@@ -205,59 +186,15 @@ impl Server {
             config.routes.len()
         );
 
-        let mut fleet_tasks = Vec::new();
-        if writer.fleet().is_some() {
-            fleet_tasks.push(tokio::spawn(replica::follow(
-                Arc::clone(&writer),
-                stop_rx.clone(),
-            )));
-            fleet_tasks.push(tokio::spawn(replica::lead(
-                Arc::clone(&writer),
-                stop_rx.clone(),
-            )));
-            fleet_tasks.push(tokio::spawn(replica::publish_counters(
-                Arc::clone(&writer),
-                stop_rx.clone(),
-            )));
-            fleet_tasks.push(tokio::spawn(replica::compact_history(
-                Arc::clone(&writer),
-                stop_rx.clone(),
-            )));
-        }
-        if config.identity.is_some() {
-            tokio::spawn(identity::run(Arc::clone(&writer), prober, stop_rx.clone()));
-        }
-        tokio::spawn(reap_idle_connections(
+        let fleet_tasks = spawn_control_tasks(&config, &writer, prober, &canary, &stop_rx);
+        let task = tokio::spawn(shut_down_in_order(
+            stop_rx,
             Arc::clone(&writer),
-            config.proxy.pool_idle_timeout,
-            stop_rx.clone(),
+            admin_state,
+            proxy_task,
+            fleet_tasks,
+            (admin_stop, admin_task),
         ));
-        if config.routes.iter().any(|r| r.canary.is_some()) || config.source.is_some() {
-            // Reloads may add a canary policy, so a file-based weir always runs the controller.
-            tokio::spawn(crate::control::canary::run(
-                Arc::clone(&writer),
-                Arc::clone(&canary),
-                stop_rx.clone(),
-            ));
-        }
-        let mut stop_watch = stop_rx;
-        let closing = Arc::clone(&writer);
-        let task = tokio::spawn(async move {
-            let _ = stop_watch.wait_for(|s| *s).await;
-            admin_state.ready.store(false, Ordering::Relaxed);
-            let drained = proxy_task.await.unwrap_or(Drained::TimedOut);
-            // The election seat is given up here, so a successor leads without waiting a TTL.
-            for task in fleet_tasks {
-                let _ = task.await;
-            }
-            if let Err(e) = closing.close().await {
-                tracing::error!(error = %e, "cannot record the last serving window in the audit log");
-            }
-            let _ = admin_stop.send(true);
-            let _ = admin_task.await;
-            tracing::info!(?drained, "stopped");
-            drained
-        });
 
         Ok(Running {
             proxy_addr,
@@ -275,6 +212,99 @@ impl Server {
             .collect(),
         })
     }
+}
+
+/// The one writer: on the state directory, or joined to the fleet's state in etcd.
+async fn open_writer(config: &Config) -> Result<Arc<Writer>, StartError> {
+    let writer = match &config.fleet {
+        None => Writer::open(config.clone(), Metrics::new())?,
+        Some(fleet) => {
+            let fleet = Arc::new(Fleet::connect(fleet).await?);
+            let metrics = Metrics::new();
+            metrics.enable_fleet();
+            metrics.set_fleet(false, true);
+            Writer::open_fleet(config.clone(), metrics, fleet).await?
+        }
+    };
+    Ok(Arc::new(writer))
+}
+
+/// What the data path takes from the config.
+fn proxy_settings(config: &Config) -> ProxySettings {
+    ProxySettings {
+        max_request_body: config.listener.max_request_body,
+        response_header_timeout: config.proxy.response_header_timeout,
+        idle_timeout: config.proxy.idle_timeout,
+        backend_eject: config.proxy.backend_eject,
+        version_header: config.proxy.version_header.clone(),
+        connect_timeout: config.proxy.connect_timeout,
+        pool_idle_timeout: config.proxy.pool_idle_timeout,
+        pool_max_idle: config.proxy.pool_max_idle_per_backend,
+        http1_relay: config.listener.http1_fast_path,
+    }
+}
+
+/// Starts the control path's tasks: fleet mode's replica tasks (returned: shutdown waits for
+/// them, so the election seat is given up), identity probes, the idle-connection reaper and the
+/// canary controller.
+fn spawn_control_tasks(
+    config: &Config,
+    writer: &Arc<Writer>,
+    prober: Arc<Prober>,
+    canary: &Arc<Board>,
+    stop: &watch::Receiver<bool>,
+) -> Vec<JoinHandle<()>> {
+    let mut fleet_tasks = Vec::new();
+    if writer.fleet().is_some() {
+        let w = || Arc::clone(writer);
+        fleet_tasks.push(tokio::spawn(replica::follow(w(), stop.clone())));
+        fleet_tasks.push(tokio::spawn(replica::lead(w(), stop.clone())));
+        fleet_tasks.push(tokio::spawn(replica::publish_counters(w(), stop.clone())));
+        fleet_tasks.push(tokio::spawn(replica::compact_history(w(), stop.clone())));
+    }
+    if config.identity.is_some() {
+        tokio::spawn(identity::run(Arc::clone(writer), prober, stop.clone()));
+    }
+    tokio::spawn(reap_idle_connections(
+        Arc::clone(writer),
+        config.proxy.pool_idle_timeout,
+        stop.clone(),
+    ));
+    if config.routes.iter().any(|r| r.canary.is_some()) || config.source.is_some() {
+        // Reloads may add a canary policy, so a file-based weir always runs the controller.
+        tokio::spawn(crate::control::canary::run(
+            Arc::clone(writer),
+            Arc::clone(canary),
+            stop.clone(),
+        ));
+    }
+    fleet_tasks
+}
+
+/// Waits for `stop`, then shuts down in order: not ready, drain the proxy, stop the replica
+/// tasks, close the last serving window in the audit log, stop the admin listener.
+async fn shut_down_in_order(
+    mut stop: watch::Receiver<bool>,
+    writer: Arc<Writer>,
+    admin_state: Arc<AdminState>,
+    proxy_task: JoinHandle<Drained>,
+    fleet_tasks: Vec<JoinHandle<()>>,
+    (admin_stop, admin_task): (watch::Sender<bool>, JoinHandle<Drained>),
+) -> Drained {
+    let _ = stop.wait_for(|s| *s).await;
+    admin_state.ready.store(false, Ordering::Relaxed);
+    let drained = proxy_task.await.unwrap_or(Drained::TimedOut);
+    // The election seat is given up here, so a successor leads without waiting a TTL.
+    for task in fleet_tasks {
+        let _ = task.await;
+    }
+    if let Err(e) = writer.close().await {
+        tracing::error!(error = %e, "cannot record the last serving window in the audit log");
+    }
+    let _ = admin_stop.send(true);
+    let _ = admin_task.await;
+    tracing::info!(?drained, "stopped");
+    drained
 }
 
 impl Running {

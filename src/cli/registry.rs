@@ -204,263 +204,300 @@ fn reference(path: &Path) -> anyhow::Result<Reference> {
     })
 }
 
+/// Runs one `weir registry` command.
 pub fn run(args: RegistryArgs) -> anyhow::Result<ExitCode> {
-    let path = args.registry.clone();
     match &args.command {
-        RegistryCommand::Add(add) => {
-            let mut registry = Registry::load_or_new(&path)?;
-            let label = format!("{}@{}", add.model, add.version);
-            if add.version.eq_ignore_ascii_case("latest")
-                || add.model.contains('@')
-                || add.version.contains('@')
-            {
-                anyhow::bail!("{label:?} is not a pin: use an explicit version, never \"latest\", and no '@' in names");
-            }
-            if registry.find(&label).is_some() {
-                anyhow::bail!("{label} is already registered in {}; a version's artifact never changes — register a new version", path.display());
-            }
-            let digest = digest_artifact(&add.artifact, add.allow_symlinks)?;
-            let version = ModelVersion {
-                model: add.model.clone(),
-                version: add.version.clone(),
-                digest: digest.digest.clone(),
-                stage: Stage::Draft,
-                identity: add.identity.clone(),
-                artifact_uri: Some(
-                    add.uri
-                        .clone()
-                        .unwrap_or_else(|| add.artifact.display().to_string()),
-                ),
-                base_model: add.base_model.clone(),
-                fine_tune_method: add.fine_tune_method.clone(),
-                license: add.license.clone(),
-                allowed_uses: add.allowed_uses.clone(),
-                prohibited_uses: add.prohibited_uses.clone(),
-                risk: add.risk.clone(),
-                owner: add.owner.clone(),
-                backup_owner: add.backup_owner.clone(),
-                provenance: add.provenance.as_deref().map(reference).transpose()?,
-                sbom: add.sbom.as_deref().map(reference).transpose()?,
-                training_data: datasets(&add.training_data),
-                eval_data: datasets(&add.eval_data),
-                approvals: Vec::new(),
-                exceptions: Vec::new(),
-                manifest: digest.manifest.clone(),
-            };
-            registry.versions.push(version);
-            registry.save(&path)?;
-            let what = if digest.manifest.is_empty() {
-                "file".to_string()
-            } else {
-                format!("directory of {} files", digest.manifest.len())
-            };
-            audit(
-                &args,
-                "registry_add",
-                &label,
-                Value::Null,
-                json!({"digest": digest.digest, "stage": "draft"}),
-                None,
-            )?;
-            println!(
-                "registered {label} as draft: sha256 {} ({what})",
-                digest.digest
-            );
-            Ok(ExitCode::SUCCESS)
-        }
-        RegistryCommand::Stage { model, version, to } => {
-            let mut registry = Registry::load(&path)?;
-            let label = format!("{model}@{version}");
-            let policy = registry.policy.clone();
-            let Some(v) = registry.find_mut(&label) else {
-                anyhow::bail!("{label} is not in the registry {}", path.display());
-            };
-            let from = v.stage;
-            if let Err(refusals) = check_stage_change(&policy, v, *to, SystemTime::now()) {
-                let reason: Vec<String> = refusals.iter().map(|r| r.to_string()).collect();
-                audit(
-                    &args,
-                    "registry_refused",
-                    &label,
-                    json!({"stage": from}),
-                    json!({"wanted": to}),
-                    Some(&reason.join("; ")),
-                )?;
-                eprintln!("refused: {label} stays {from}");
-                for r in &refusals {
-                    eprintln!("  {r}");
-                }
-                return Ok(ExitCode::FAILURE);
-            }
-            v.stage = *to;
-            registry.save(&path)?;
-            audit(
-                &args,
-                "registry_stage",
-                &label,
-                json!({"stage": from}),
-                json!({"stage": to}),
-                None,
-            )?;
-            println!("{label}: {from} → {to}");
-            Ok(ExitCode::SUCCESS)
-        }
+        RegistryCommand::Add(new) => add(&args, new),
+        RegistryCommand::Stage { model, version, to } => stage(&args, model, version, *to),
         RegistryCommand::Approve {
             model,
             version,
             role,
             by,
-            days: valid_days,
-        } => {
-            let mut registry = Registry::load(&path)?;
-            let label = format!("{model}@{version}");
-            let valid_for = valid_days.unwrap_or(registry.policy.approval_days);
-            if !registry.policy.approval_roles.contains(role) {
-                eprintln!(
-                    "note: the policy does not need role {role:?} (it needs {})",
-                    registry.policy.approval_roles.join(", ")
-                );
-            }
-            let Some(v) = registry.find_mut(&label) else {
-                anyhow::bail!("{label} is not in the registry {}", path.display());
-            };
-            let now = SystemTime::now();
-            let approval = Approval {
-                by: by.clone(),
-                role: role.clone(),
-                at: format_time(now),
-                expires_at: format_time(now + days(valid_for)),
-            };
-            v.approvals.push(approval.clone());
-            registry.save(&path)?;
-            audit(
-                &args,
-                "registry_approve",
-                &label,
-                Value::Null,
-                json!(approval),
-                None,
-            )?;
-            println!(
-                "{label}: approved by {by} as {role}, until {}",
-                approval.expires_at
-            );
-            Ok(ExitCode::SUCCESS)
-        }
+            days,
+        } => approve(&args, model, version, role, by, *days),
         RegistryCommand::Verify {
             model,
             version,
             artifact,
             allow_symlinks,
-        } => {
-            let registry = Registry::load(&path)?;
-            let label = format!("{model}@{version}");
-            let Some(v) = registry.find(&label) else {
-                anyhow::bail!("{label} is not in the registry {}", path.display());
-            };
-            let actual = digest_artifact(artifact, *allow_symlinks)
-                .with_context(|| format!("cannot hash {}", artifact.display()))?;
-            println!("{label}: {}", artifact.display());
-            println!("  expected sha256 {}", v.digest);
-            println!("  actual   sha256 {}", actual.digest);
-            if actual.digest == v.digest {
-                audit(
-                    &args,
-                    "registry_verify",
-                    &label,
-                    Value::Null,
-                    json!({"artifact": artifact, "result": "match"}),
-                    None,
-                )?;
-                println!("  match");
-                return Ok(ExitCode::SUCCESS);
-            }
-            let diff = diff_manifests(&v.manifest, &actual.manifest);
-            for (what, files) in [
-                ("differs", &diff.changed),
-                ("missing", &diff.missing),
-                ("extra", &diff.extra),
-            ] {
-                for file in files {
-                    println!("  {what}: {file}");
-                }
-            }
-            audit(
-                &args,
-                "registry_verify",
-                &label,
-                Value::Null,
-                json!({"artifact": artifact, "result": "mismatch", "actual": actual.digest,
-                       "changed": diff.changed, "missing": diff.missing, "extra": diff.extra}),
-                None,
-            )?;
-            println!("  MISMATCH: this is not the registered artifact of {label}");
-            Ok(ExitCode::FAILURE)
+        } => verify(&args, model, version, artifact, *allow_symlinks),
+        RegistryCommand::List => list(&args),
+        RegistryCommand::Show { model, version } => show(&args, model, version),
+    }
+}
+
+/// Registers a version: hashes its artifact and records it as a draft.
+fn add(args: &RegistryArgs, add: &AddArgs) -> anyhow::Result<ExitCode> {
+    let path = &args.registry;
+    let mut registry = Registry::load_or_new(path)?;
+    let label = format!("{}@{}", add.model, add.version);
+    if add.version.eq_ignore_ascii_case("latest")
+        || add.model.contains('@')
+        || add.version.contains('@')
+    {
+        anyhow::bail!("{label:?} is not a pin: use an explicit version, never \"latest\", and no '@' in names");
+    }
+    if registry.find(&label).is_some() {
+        anyhow::bail!("{label} is already registered in {}; a version's artifact never changes — register a new version", path.display());
+    }
+    let digest = digest_artifact(&add.artifact, add.allow_symlinks)?;
+    let version = ModelVersion {
+        model: add.model.clone(),
+        version: add.version.clone(),
+        digest: digest.digest.clone(),
+        stage: Stage::Draft,
+        identity: add.identity.clone(),
+        artifact_uri: Some(
+            add.uri
+                .clone()
+                .unwrap_or_else(|| add.artifact.display().to_string()),
+        ),
+        base_model: add.base_model.clone(),
+        fine_tune_method: add.fine_tune_method.clone(),
+        license: add.license.clone(),
+        allowed_uses: add.allowed_uses.clone(),
+        prohibited_uses: add.prohibited_uses.clone(),
+        risk: add.risk.clone(),
+        owner: add.owner.clone(),
+        backup_owner: add.backup_owner.clone(),
+        provenance: add.provenance.as_deref().map(reference).transpose()?,
+        sbom: add.sbom.as_deref().map(reference).transpose()?,
+        training_data: datasets(&add.training_data),
+        eval_data: datasets(&add.eval_data),
+        approvals: Vec::new(),
+        exceptions: Vec::new(),
+        manifest: digest.manifest.clone(),
+    };
+    registry.versions.push(version);
+    registry.save(path)?;
+    let what = if digest.manifest.is_empty() {
+        "file".to_string()
+    } else {
+        format!("directory of {} files", digest.manifest.len())
+    };
+    audit(
+        args,
+        "registry_add",
+        &label,
+        Value::Null,
+        json!({"digest": digest.digest, "stage": "draft"}),
+        None,
+    )?;
+    println!(
+        "registered {label} as draft: sha256 {} ({what})",
+        digest.digest
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Moves a version to another stage, if the lifecycle rules allow it (a refusal is audited).
+fn stage(args: &RegistryArgs, model: &str, version: &str, to: Stage) -> anyhow::Result<ExitCode> {
+    let path = &args.registry;
+    let mut registry = Registry::load(path)?;
+    let label = format!("{model}@{version}");
+    let policy = registry.policy.clone();
+    let Some(v) = registry.find_mut(&label) else {
+        anyhow::bail!("{label} is not in the registry {}", path.display());
+    };
+    let from = v.stage;
+    if let Err(refusals) = check_stage_change(&policy, v, to, SystemTime::now()) {
+        let reason: Vec<String> = refusals.iter().map(|r| r.to_string()).collect();
+        audit(
+            args,
+            "registry_refused",
+            &label,
+            json!({"stage": from}),
+            json!({"wanted": to}),
+            Some(&reason.join("; ")),
+        )?;
+        eprintln!("refused: {label} stays {from}");
+        for r in &refusals {
+            eprintln!("  {r}");
         }
-        RegistryCommand::List => {
-            let registry = Registry::load(&path)?;
-            let promoted = runtime_promotions(&args)?;
-            println!(
-                "{:<32} {:<11} {:<14} {:<12} approvals",
-                "version", "stage", "sha256", "owner"
-            );
-            let now = SystemTime::now();
-            for v in &registry.versions {
-                let valid = v
-                    .approvals
-                    .iter()
-                    .filter(|a| parse_time(&a.expires_at).is_ok_and(|t| t > now))
-                    .map(|a| a.role.as_str())
-                    .collect::<Vec<_>>()
-                    .join(",");
-                let stage = match promoted_over(&promoted, v) {
-                    Some(_) => format!("{}*", Stage::Production),
-                    None => v.stage.to_string(),
-                };
-                println!(
-                    "{:<32} {:<11} {:<14} {:<12} {}",
-                    v.label(),
-                    stage,
-                    &v.digest[..12.min(v.digest.len())],
-                    v.owner.as_deref().unwrap_or("-"),
-                    if valid.is_empty() { "-" } else { &valid }
-                );
-            }
-            for v in &registry.versions {
-                if let Some(p) = promoted_over(&promoted, v) {
-                    println!("* {}", runtime_note(v, p));
-                }
-            }
-            if promoted.is_none() {
-                eprintln!("(stages as the registry file records them; add --state-dir DIR to see what a running weir promoted)");
-            }
-            Ok(ExitCode::SUCCESS)
-        }
-        RegistryCommand::Show { model, version } => {
-            let registry = Registry::load(&path)?;
-            let label = format!("{model}@{version}");
-            let Some(v) = registry.find(&label) else {
-                anyhow::bail!("{label} is not in the registry {}", path.display());
-            };
-            print!("{}", toml::to_string_pretty(v)?);
-            let promoted = runtime_promotions(&args)?;
-            if let Some(p) = promoted_over(&promoted, v) {
-                println!("# runtime stage: {}", runtime_note(v, p));
-            }
-            let now = SystemTime::now();
-            for a in &v.approvals {
-                let state = match parse_time(&a.expires_at) {
-                    Ok(t) if t > now => "valid",
-                    _ => "EXPIRED",
-                };
-                println!(
-                    "# approval {} by {}: {state} (expires {})",
-                    a.role, a.by, a.expires_at
-                );
-            }
-            Ok(ExitCode::SUCCESS)
+        return Ok(ExitCode::FAILURE);
+    }
+    v.stage = to;
+    registry.save(path)?;
+    audit(
+        args,
+        "registry_stage",
+        &label,
+        json!({"stage": from}),
+        json!({"stage": to}),
+        None,
+    )?;
+    println!("{label}: {from} → {to}");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Records an approval of a version by a role, until it expires.
+fn approve(
+    args: &RegistryArgs,
+    model: &str,
+    version: &str,
+    role: &str,
+    by: &str,
+    valid_days: Option<u32>,
+) -> anyhow::Result<ExitCode> {
+    let path = &args.registry;
+    let mut registry = Registry::load(path)?;
+    let label = format!("{model}@{version}");
+    let valid_for = valid_days.unwrap_or(registry.policy.approval_days);
+    if !registry.policy.approval_roles.iter().any(|r| r == role) {
+        eprintln!(
+            "note: the policy does not need role {role:?} (it needs {})",
+            registry.policy.approval_roles.join(", ")
+        );
+    }
+    let Some(v) = registry.find_mut(&label) else {
+        anyhow::bail!("{label} is not in the registry {}", path.display());
+    };
+    let now = SystemTime::now();
+    let approval = Approval {
+        by: by.to_string(),
+        role: role.to_string(),
+        at: format_time(now),
+        expires_at: format_time(now + days(valid_for)),
+    };
+    v.approvals.push(approval.clone());
+    registry.save(path)?;
+    audit(
+        args,
+        "registry_approve",
+        &label,
+        Value::Null,
+        json!(approval),
+        None,
+    )?;
+    println!(
+        "{label}: approved by {by} as {role}, until {}",
+        approval.expires_at
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Checks an artifact on disk against the registered digest, naming the files that differ.
+fn verify(
+    args: &RegistryArgs,
+    model: &str,
+    version: &str,
+    artifact: &Path,
+    allow_symlinks: bool,
+) -> anyhow::Result<ExitCode> {
+    let path = &args.registry;
+    let registry = Registry::load(path)?;
+    let label = format!("{model}@{version}");
+    let Some(v) = registry.find(&label) else {
+        anyhow::bail!("{label} is not in the registry {}", path.display());
+    };
+    let actual = digest_artifact(artifact, allow_symlinks)
+        .with_context(|| format!("cannot hash {}", artifact.display()))?;
+    println!("{label}: {}", artifact.display());
+    println!("  expected sha256 {}", v.digest);
+    println!("  actual   sha256 {}", actual.digest);
+    if actual.digest == v.digest {
+        audit(
+            args,
+            "registry_verify",
+            &label,
+            Value::Null,
+            json!({"artifact": artifact, "result": "match"}),
+            None,
+        )?;
+        println!("  match");
+        return Ok(ExitCode::SUCCESS);
+    }
+    let diff = diff_manifests(&v.manifest, &actual.manifest);
+    for (what, files) in [
+        ("differs", &diff.changed),
+        ("missing", &diff.missing),
+        ("extra", &diff.extra),
+    ] {
+        for file in files {
+            println!("  {what}: {file}");
         }
     }
+    audit(
+        args,
+        "registry_verify",
+        &label,
+        Value::Null,
+        json!({"artifact": artifact, "result": "mismatch", "actual": actual.digest,
+               "changed": diff.changed, "missing": diff.missing, "extra": diff.extra}),
+        None,
+    )?;
+    println!("  MISMATCH: this is not the registered artifact of {label}");
+    Ok(ExitCode::FAILURE)
+}
+
+/// Lists every registered version, with the stages a running weir promoted.
+fn list(args: &RegistryArgs) -> anyhow::Result<ExitCode> {
+    let path = &args.registry;
+    let registry = Registry::load(path)?;
+    let promoted = runtime_promotions(args)?;
+    println!(
+        "{:<32} {:<11} {:<14} {:<12} approvals",
+        "version", "stage", "sha256", "owner"
+    );
+    let now = SystemTime::now();
+    for v in &registry.versions {
+        let valid = v
+            .approvals
+            .iter()
+            .filter(|a| parse_time(&a.expires_at).is_ok_and(|t| t > now))
+            .map(|a| a.role.as_str())
+            .collect::<Vec<_>>()
+            .join(",");
+        let stage = match promoted_over(&promoted, v) {
+            Some(_) => format!("{}*", Stage::Production),
+            None => v.stage.to_string(),
+        };
+        println!(
+            "{:<32} {:<11} {:<14} {:<12} {}",
+            v.label(),
+            stage,
+            &v.digest[..12.min(v.digest.len())],
+            v.owner.as_deref().unwrap_or("-"),
+            if valid.is_empty() { "-" } else { &valid }
+        );
+    }
+    for v in &registry.versions {
+        if let Some(p) = promoted_over(&promoted, v) {
+            println!("* {}", runtime_note(v, p));
+        }
+    }
+    if promoted.is_none() {
+        eprintln!("(stages as the registry file records them; add --state-dir DIR to see what a running weir promoted)");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Shows one version in full, with the state of its approvals.
+fn show(args: &RegistryArgs, model: &str, version: &str) -> anyhow::Result<ExitCode> {
+    let path = &args.registry;
+    let registry = Registry::load(path)?;
+    let label = format!("{model}@{version}");
+    let Some(v) = registry.find(&label) else {
+        anyhow::bail!("{label} is not in the registry {}", path.display());
+    };
+    print!("{}", toml::to_string_pretty(v)?);
+    let promoted = runtime_promotions(args)?;
+    if let Some(p) = promoted_over(&promoted, v) {
+        println!("# runtime stage: {}", runtime_note(v, p));
+    }
+    let now = SystemTime::now();
+    for a in &v.approvals {
+        let state = match parse_time(&a.expires_at) {
+            Ok(t) if t > now => "valid",
+            _ => "EXPIRED",
+        };
+        println!(
+            "# approval {} by {}: {state} (expires {})",
+            a.role, a.by, a.expires_at
+        );
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// The promotions a running weir recorded in `--state-dir`'s routing state (`None` without one).

@@ -423,18 +423,52 @@ pub(super) fn parse(text: &str) -> Result<Config, Vec<Problem>> {
     let mut c = Checker {
         problems: Vec::new(),
     };
+    let listener = check_listener(&mut c, &raw.listener);
+    let admin = check_admin(&mut c, &raw.admin);
+    let proxy = check_proxy(&mut c, &raw.proxy);
+    check_timeouts(&mut c, &listener, &proxy);
+    let (versions, labels) = check_versions(&mut c, &raw.versions);
+    let routes = check_routes(&mut c, &raw.routes, &labels);
+    let shadow = check_shadow(&mut c, &raw.shadow);
+    let identity = check_identity(&mut c, &raw.identity);
+    let fleet = fleet(&mut c, &raw.state);
 
+    if c.problems.is_empty() {
+        Ok(Config {
+            listener,
+            admin,
+            proxy,
+            state_dir: raw
+                .state
+                .dir
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR)),
+            fleet,
+            versions,
+            routes,
+            source: None,
+            from_flags: false,
+            registry: raw.registry.map(|r| r.file),
+            identity,
+            shadow,
+        })
+    } else {
+        Err(c.problems)
+    }
+}
+
+/// `[listener]`: the proxy's address, timeouts, body and header limits, TLS.
+fn check_listener(c: &mut Checker, rl: &RawListener) -> ListenerConfig {
     let listener = ListenerConfig {
         tls: None,
         limits: ConnLimits::default(),
-        http1_fast_path: raw.listener.http1_fast_path.unwrap_or(true),
-        addr: c.addr("listener.addr", &raw.listener.addr, DEFAULT_LISTEN),
+        http1_fast_path: rl.http1_fast_path.unwrap_or(true),
+        addr: c.addr("listener.addr", &rl.addr, DEFAULT_LISTEN),
         header_read_timeout: c.duration(
             "listener.header_read_timeout",
-            &raw.listener.header_read_timeout,
+            &rl.header_read_timeout,
             DEFAULT_HEADER_READ_TIMEOUT,
         ),
-        max_request_body: match &raw.listener.max_request_body {
+        max_request_body: match &rl.max_request_body {
             None => DEFAULT_MAX_REQUEST_BODY,
             Some(RawScalar::Int(n)) if *n >= 0 => *n as u64,
             Some(RawScalar::Str(s)) => c
@@ -450,10 +484,9 @@ pub(super) fn parse(text: &str) -> Result<Config, Vec<Problem>> {
         },
     };
     let dl = ConnLimits::default();
-    let rl = &raw.listener;
     let limits = ConnLimits {
         max_header_bytes: size_from(
-            &mut c,
+            c,
             "listener.max_header_bytes",
             &rl.max_header_bytes,
             dl.max_header_bytes as u64,
@@ -479,19 +512,26 @@ pub(super) fn parse(text: &str) -> Result<Config, Vec<Problem>> {
             "max_connections, max_headers and http2_max_concurrent_streams must be above 0",
         );
     }
-    let listener = ListenerConfig {
-        tls: raw.listener.tls.clone().map(tls_from),
+    ListenerConfig {
+        tls: rl.tls.clone().map(tls_from),
         limits,
         ..listener
-    };
-    let admin = AdminConfig {
-        addr: c.addr("admin.addr", &raw.admin.addr, DEFAULT_ADMIN),
+    }
+}
+
+/// `[admin]`: the admin listener and its token file.
+fn check_admin(c: &mut Checker, ra: &RawAdmin) -> AdminConfig {
+    AdminConfig {
+        addr: c.addr("admin.addr", &ra.addr, DEFAULT_ADMIN),
         token: None,
-        token_file: raw.admin.token_file.clone(),
-        tls: raw.admin.tls.clone().map(tls_from),
-    };
+        token_file: ra.token_file.clone(),
+        tls: ra.tls.clone().map(tls_from),
+    }
+}
+
+/// `[proxy]`: the backends' side: timeouts, the connection pool, backend TLS.
+fn check_proxy(c: &mut Checker, p: &RawProxy) -> ProxyConfig {
     let d = ProxyConfig::default();
-    let p = &raw.proxy;
     let proxy = ProxyConfig {
         version_header: match p.version_header.as_deref() {
             None => d.version_header.clone(),
@@ -544,6 +584,11 @@ pub(super) fn parse(text: &str) -> Result<Config, Vec<Problem>> {
             "client_cert and client_key go together",
         );
     }
+    proxy
+}
+
+/// Timeouts that must not be zero (a zero one would fail every request).
+fn check_timeouts(c: &mut Checker, listener: &ListenerConfig, proxy: &ProxyConfig) {
     for (name, value) in [
         ("proxy.connect_timeout", proxy.connect_timeout),
         (
@@ -557,12 +602,15 @@ pub(super) fn parse(text: &str) -> Result<Config, Vec<Problem>> {
             c.problem(name, "must be longer than zero");
         }
     }
+}
 
+/// `[[versions]]`, and the set of their labels.
+fn check_versions(c: &mut Checker, raw: &[RawVersion]) -> (Vec<VersionConfig>, HashSet<String>) {
     let mut versions = Vec::new();
     let mut labels = HashSet::new();
-    for (i, v) in raw.versions.iter().enumerate() {
+    for (i, v) in raw.iter().enumerate() {
         let path = format!("versions[{i}]");
-        if let Some(version) = check_version(&mut c, &path, v) {
+        if let Some(version) = check_version(c, &path, v) {
             if !labels.insert(version.label()) {
                 c.problem(
                     &path,
@@ -572,13 +620,17 @@ pub(super) fn parse(text: &str) -> Result<Config, Vec<Problem>> {
             versions.push(version);
         }
     }
+    (versions, labels)
+}
 
+/// `[[routes]]`: each checked on its own and against the versions defined.
+fn check_routes(c: &mut Checker, raw: &[RawRoute], labels: &HashSet<String>) -> Vec<RouteConfig> {
     let mut routes = Vec::new();
     let mut names = HashSet::new();
-    if raw.routes.is_empty() {
+    if raw.is_empty() {
         c.problem("routes", "at least one [[routes]] entry is needed");
     }
-    for (i, r) in raw.routes.iter().enumerate() {
+    for (i, r) in raw.iter().enumerate() {
         let path = format!("routes[{i}]");
         if !names.insert(r.name.clone()) {
             c.problem(
@@ -586,78 +638,91 @@ pub(super) fn parse(text: &str) -> Result<Config, Vec<Problem>> {
                 format!("route {:?} is defined more than once", r.name),
             );
         }
-        let weight = match &r.weight {
-            None => 0,
-            Some(raw) => c
-                .check(&format!("{path}.weight"), weight_from(raw))
-                .unwrap_or(0),
-        };
-        let mirror = match &r.mirror {
-            None => 0,
-            Some(raw) => c
-                .check(&format!("{path}.mirror"), weight_from(raw))
-                .unwrap_or(0),
-        };
-        let compare = check_compare(&mut c, &path, r);
-        let canary = r
-            .canary
-            .as_ref()
-            .and_then(|raw| check_canary(&mut c, &format!("{path}.canary"), raw));
-        if canary.is_some() && r.candidate.is_none() {
-            c.problem(
-                format!("{path}.canary"),
-                "a canary policy needs a candidate version",
-            );
-        }
-        let route = RouteConfig {
-            canary,
-            mirror,
-            compare,
-            name: r.name.clone(),
-            prefix: r.prefix.clone().unwrap_or_else(|| "/".to_string()),
-            host: r.host.as_ref().map(|h| h.to_ascii_lowercase()),
-            stable: r.stable.clone(),
-            candidate: r.candidate.clone(),
-            weight,
-            sticky: match (&r.sticky_header, &r.sticky_cookie) {
-                (Some(_), Some(_)) => {
-                    c.problem(&path, "set sticky_header or sticky_cookie, not both");
-                    None
-                }
-                (Some(h), None) => c
-                    .check(
-                        &format!("{path}.sticky_header"),
-                        HeaderName::try_from(h.as_str())
-                            .map_err(|_| format!("{h:?} is not a valid header name")),
-                    )
-                    .map(StickyKey::Header),
-                (None, Some(name)) if name.is_empty() => {
-                    c.problem(format!("{path}.sticky_cookie"), "cookie name is empty");
-                    None
-                }
-                (None, Some(name)) => Some(StickyKey::Cookie(name.clone())),
-                (None, None) => None,
-            },
-            allow_override: r.allow_override,
-        };
-        check_route(&mut c, &path, &route, &labels);
+        let route = route_from(c, &path, r);
+        check_route(c, &path, &route, labels);
         routes.push(route);
     }
+    routes
+}
 
+/// One route entry: weights, comparison, canary policy, sticky key.
+fn route_from(c: &mut Checker, path: &str, r: &RawRoute) -> RouteConfig {
+    let weight = match &r.weight {
+        None => 0,
+        Some(raw) => c
+            .check(&format!("{path}.weight"), weight_from(raw))
+            .unwrap_or(0),
+    };
+    let mirror = match &r.mirror {
+        None => 0,
+        Some(raw) => c
+            .check(&format!("{path}.mirror"), weight_from(raw))
+            .unwrap_or(0),
+    };
+    let compare = check_compare(c, path, r);
+    let canary = r
+        .canary
+        .as_ref()
+        .and_then(|raw| check_canary(c, &format!("{path}.canary"), raw));
+    if canary.is_some() && r.candidate.is_none() {
+        c.problem(
+            format!("{path}.canary"),
+            "a canary policy needs a candidate version",
+        );
+    }
+    RouteConfig {
+        canary,
+        mirror,
+        compare,
+        name: r.name.clone(),
+        prefix: r.prefix.clone().unwrap_or_else(|| "/".to_string()),
+        host: r.host.as_ref().map(|h| h.to_ascii_lowercase()),
+        stable: r.stable.clone(),
+        candidate: r.candidate.clone(),
+        weight,
+        sticky: match (&r.sticky_header, &r.sticky_cookie) {
+            (Some(_), Some(_)) => {
+                c.problem(path, "set sticky_header or sticky_cookie, not both");
+                None
+            }
+            (Some(h), None) => c
+                .check(
+                    &format!("{path}.sticky_header"),
+                    HeaderName::try_from(h.as_str())
+                        .map_err(|_| format!("{h:?} is not a valid header name")),
+                )
+                .map(StickyKey::Header),
+            (None, Some(name)) if name.is_empty() => {
+                c.problem(format!("{path}.sticky_cookie"), "cookie name is empty");
+                None
+            }
+            (None, Some(name)) => Some(StickyKey::Cookie(name.clone())),
+            (None, None) => None,
+        },
+        allow_override: r.allow_override,
+    }
+}
+
+/// `[shadow]`: how much mirroring may cost.
+fn check_shadow(c: &mut Checker, rs: &RawShadow) -> ShadowConfig {
     let ds = ShadowConfig::default();
-    let shadow = ShadowConfig {
-        max_in_flight: raw.shadow.max_in_flight.unwrap_or(ds.max_in_flight),
-        max_body: size_from(&mut c, "shadow.max_body", &raw.shadow.max_body, ds.max_body),
-        timeout: c.duration("shadow.timeout", &raw.shadow.timeout, ds.timeout),
-        samples: raw.shadow.samples.unwrap_or(ds.samples),
+    ShadowConfig {
+        max_in_flight: rs.max_in_flight.unwrap_or(ds.max_in_flight),
+        max_body: size_from(c, "shadow.max_body", &rs.max_body, ds.max_body),
+        timeout: c.duration("shadow.timeout", &rs.timeout, ds.timeout),
+        samples: rs.samples.unwrap_or(ds.samples),
         samples_max_bytes: size_from(
-            &mut c,
+            c,
             "shadow.samples_max_bytes",
-            &raw.shadow.samples_max_bytes,
+            &rs.samples_max_bytes,
             ds.samples_max_bytes,
         ),
-    };
-    let identity = raw.identity.as_ref().and_then(|i| {
+    }
+}
+
+/// `[identity]`: the probe that asks each backend what it serves.
+fn check_identity(c: &mut Checker, raw: &Option<RawIdentity>) -> Option<IdentityProbe> {
+    raw.as_ref().and_then(|i| {
         let interval = c.duration(
             "identity.interval",
             &i.interval,
@@ -672,31 +737,7 @@ pub(super) fn parse(text: &str) -> Result<Config, Vec<Problem>> {
             "identity.probe",
             IdentityProbe::parse(&i.probe, interval, timeout),
         )
-    });
-
-    let fleet = fleet(&mut c, &raw.state);
-
-    if c.problems.is_empty() {
-        Ok(Config {
-            listener,
-            admin,
-            proxy,
-            state_dir: raw
-                .state
-                .dir
-                .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR)),
-            fleet,
-            versions,
-            routes,
-            source: None,
-            from_flags: false,
-            registry: raw.registry.map(|r| r.file),
-            identity,
-            shadow,
-        })
-    } else {
-        Err(c.problems)
-    }
+    })
 }
 
 fn check_compare(c: &mut Checker, path: &str, r: &RawRoute) -> CompareConfig {

@@ -50,6 +50,63 @@ fn flag_error(flag: &'static str) -> impl Fn(String) -> QuickSpecError {
 
 impl QuickMode {
     pub fn into_config(self) -> Result<Config, QuickSpecError> {
+        let (stable, candidate) = self.versions()?;
+        let has_candidate = candidate.is_some();
+        let weight = percent_flag(self.weight.as_deref(), "--weight")?;
+        if weight > 0 && !has_candidate {
+            return Err(flag_error("--weight")(
+                "a weight above 0 needs --candidate".to_string(),
+            ));
+        }
+        let sticky = self.sticky()?;
+        let mirror = percent_flag(self.mirror.as_deref(), "--mirror")?;
+        if mirror > 0 && !has_candidate {
+            return Err(flag_error("--mirror")(
+                "mirroring needs --candidate".to_string(),
+            ));
+        }
+        let canary = self.canary(has_candidate)?;
+        let route = RouteConfig {
+            canary,
+            mirror,
+            compare: CompareConfig::default(),
+            name: "default".to_string(),
+            prefix: "/".to_string(),
+            host: None,
+            stable: stable.label(),
+            candidate: candidate.as_ref().map(VersionConfig::label),
+            weight,
+            sticky,
+            allow_override: self.allow_override,
+        };
+        let listener = self.listener()?;
+        let admin = AdminConfig {
+            addr: address_flag(self.admin.as_deref(), DEFAULT_ADMIN, "--admin")?,
+            token: None,
+            token_file: None,
+            tls: None,
+        };
+        let identity = self.identity()?;
+        Ok(Config {
+            listener,
+            admin,
+            proxy: ProxyConfig::default(),
+            state_dir: self
+                .state_dir
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR)),
+            fleet: None,
+            versions: std::iter::once(stable).chain(candidate).collect(),
+            routes: vec![route],
+            source: None,
+            from_flags: true,
+            shadow: ShadowConfig::default(),
+            registry: self.registry,
+            identity,
+        })
+    }
+
+    /// `--stable` and `--candidate`, named apart.
+    fn versions(&self) -> Result<(VersionConfig, Option<VersionConfig>), QuickSpecError> {
         let stable = parse_spec(&self.stable, "default@stable").map_err(flag_error("--stable"))?;
         let candidate = self
             .candidate
@@ -65,17 +122,11 @@ impl QuickMode {
                 )));
             }
         }
-        let weight = match &self.weight {
-            None => 0,
-            Some(w) => parse_percent(w).map_err(flag_error("--weight"))?,
-        };
-        if weight > 0 && candidate.is_none() {
-            return Err(flag_error("--weight")(
-                "a weight above 0 needs --candidate".to_string(),
-            ));
-        }
-        let sticky = self
-            .sticky_header
+        Ok((stable, candidate))
+    }
+
+    fn sticky(&self) -> Result<Option<StickyKey>, QuickSpecError> {
+        self.sticky_header
             .as_deref()
             .map(|h| {
                 HeaderName::try_from(h)
@@ -83,122 +134,100 @@ impl QuickMode {
                     .map_err(|_| format!("{h:?} is not a valid header name"))
             })
             .transpose()
-            .map_err(flag_error("--sticky-header"))?;
-        let addr = |text: Option<&str>, default: &str, flag: &'static str| {
-            let text = text.unwrap_or(default);
-            text.parse::<SocketAddr>().map_err(|_| QuickSpecError {
-                flag,
-                message: format!(
-                    "expected an address with a port such as \"{default}\", got {text:?}"
-                ),
-            })
+            .map_err(flag_error("--sticky-header"))
+    }
+
+    /// `--canary STEPS` with `--canary-interval` and `--canary-min-requests`.
+    fn canary(&self, has_candidate: bool) -> Result<Option<CanaryPolicy>, QuickSpecError> {
+        let Some(spec) = &self.canary else {
+            return Ok(None);
         };
-        let mirror = match &self.mirror {
-            None => 0,
-            Some(m) => parse_percent(m).map_err(flag_error("--mirror"))?,
-        };
-        if mirror > 0 && candidate.is_none() {
-            return Err(flag_error("--mirror")(
-                "mirroring needs --candidate".to_string(),
+        let steps = spec
+            .split(',')
+            .map(|s| parse_percent(s.trim()))
+            .collect::<Result<Vec<u16>, _>>()
+            .map_err(flag_error("--canary"))?;
+        if steps.is_empty() || steps.windows(2).any(|w| w[0] >= w[1]) || steps[0] == 0 {
+            return Err(flag_error("--canary")(format!(
+                "steps must rise, each above 0%, such as 10%,50%,100%; got {spec:?}"
+            )));
+        }
+        if !has_candidate {
+            return Err(flag_error("--canary")(
+                "a canary needs --candidate".to_string(),
             ));
         }
-        let canary = match &self.canary {
-            None => None,
-            Some(spec) => {
-                let steps = spec
-                    .split(',')
-                    .map(|s| parse_percent(s.trim()))
-                    .collect::<Result<Vec<u16>, _>>()
-                    .map_err(flag_error("--canary"))?;
-                if steps.is_empty() || steps.windows(2).any(|w| w[0] >= w[1]) || steps[0] == 0 {
-                    return Err(flag_error("--canary")(format!(
-                        "steps must rise, each above 0%, such as 10%,50%,100%; got {spec:?}"
-                    )));
-                }
-                if candidate.is_none() {
-                    return Err(flag_error("--canary")(
-                        "a canary needs --candidate".to_string(),
-                    ));
-                }
-                let mut policy = CanaryPolicy::with_steps(steps);
-                if let Some(interval) = &self.canary_interval {
-                    policy.interval = super::units::parse_duration(interval)
-                        .map_err(flag_error("--canary-interval"))?;
-                }
-                if let Some(n) = self.canary_min_requests {
-                    policy.min_requests = n;
-                }
-                policy.progress_deadline = policy.progress_deadline.max(policy.interval * 10);
-                Some(policy)
+        let mut policy = CanaryPolicy::with_steps(steps);
+        if let Some(interval) = &self.canary_interval {
+            policy.interval =
+                super::units::parse_duration(interval).map_err(flag_error("--canary-interval"))?;
+        }
+        if let Some(n) = self.canary_min_requests {
+            policy.min_requests = n;
+        }
+        policy.progress_deadline = policy.progress_deadline.max(policy.interval * 10);
+        Ok(Some(policy))
+    }
+
+    /// `--listen` and the listener's TLS (`--tls-cert`, `--tls-key`, `--tls-client-ca`).
+    fn listener(&self) -> Result<ListenerConfig, QuickSpecError> {
+        let addr = address_flag(self.listen.as_deref(), DEFAULT_LISTEN, "--listen")?;
+        let tls = match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => Some(TlsConfig {
+                cert: cert.clone(),
+                key: key.clone(),
+                client_ca: self.tls_client_ca.clone(),
+            }),
+            (None, None) => None,
+            _ => {
+                return Err(flag_error("--tls-cert")(
+                    "--tls-cert and --tls-key go together".to_string(),
+                ))
             }
         };
-        let route = RouteConfig {
-            canary,
-            mirror,
-            compare: CompareConfig::default(),
-            name: "default".to_string(),
-            prefix: "/".to_string(),
-            host: None,
-            stable: stable.label(),
-            candidate: candidate.as_ref().map(VersionConfig::label),
-            weight,
-            sticky,
-            allow_override: self.allow_override,
-        };
-        Ok(Config {
-            listener: ListenerConfig {
-                addr: addr(self.listen.as_deref(), DEFAULT_LISTEN, "--listen")?,
-                header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
-                max_request_body: DEFAULT_MAX_REQUEST_BODY,
-                limits: ConnLimits::default(),
-                http1_fast_path: true,
-                tls: match (&self.tls_cert, &self.tls_key) {
-                    (Some(cert), Some(key)) => Some(TlsConfig {
-                        cert: cert.clone(),
-                        key: key.clone(),
-                        client_ca: self.tls_client_ca.clone(),
-                    }),
-                    (None, None) => None,
-                    _ => {
-                        return Err(flag_error("--tls-cert")(
-                            "--tls-cert and --tls-key go together".to_string(),
-                        ))
-                    }
-                },
-            },
-            admin: AdminConfig {
-                addr: addr(self.admin.as_deref(), DEFAULT_ADMIN, "--admin")?,
-                token: None,
-                token_file: None,
-                tls: None,
-            },
-            proxy: ProxyConfig::default(),
-            state_dir: self
-                .state_dir
-                .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR)),
-            fleet: None,
-            versions: std::iter::once(stable).chain(candidate).collect(),
-            routes: vec![route],
-            source: None,
-            from_flags: true,
-            shadow: ShadowConfig::default(),
-            registry: self.registry,
-            identity: match &self.identity_probe {
-                None => None,
-                Some(spec) => {
-                    let interval = match &self.identity_interval {
-                        None => IdentityProbe::DEFAULT_INTERVAL,
-                        Some(text) => super::units::parse_duration(text)
-                            .map_err(flag_error("--identity-interval"))?,
-                    };
-                    Some(
-                        IdentityProbe::parse(spec, interval, IdentityProbe::DEFAULT_TIMEOUT)
-                            .map_err(flag_error("--identity-probe"))?,
-                    )
-                }
-            },
+        Ok(ListenerConfig {
+            addr,
+            header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
+            max_request_body: DEFAULT_MAX_REQUEST_BODY,
+            limits: ConnLimits::default(),
+            http1_fast_path: true,
+            tls,
         })
     }
+
+    /// `--identity-probe` with `--identity-interval`.
+    fn identity(&self) -> Result<Option<IdentityProbe>, QuickSpecError> {
+        let Some(spec) = &self.identity_probe else {
+            return Ok(None);
+        };
+        let interval = match &self.identity_interval {
+            None => IdentityProbe::DEFAULT_INTERVAL,
+            Some(text) => {
+                super::units::parse_duration(text).map_err(flag_error("--identity-interval"))?
+            }
+        };
+        IdentityProbe::parse(spec, interval, IdentityProbe::DEFAULT_TIMEOUT)
+            .map(Some)
+            .map_err(flag_error("--identity-probe"))
+    }
+}
+
+/// A percentage flag (`5%`, `0.5%`); absent: 0.
+fn percent_flag(value: Option<&str>, flag: &'static str) -> Result<u16, QuickSpecError> {
+    value.map_or(Ok(0), |v| parse_percent(v).map_err(flag_error(flag)))
+}
+
+/// An address flag (`host:port`), or its default.
+fn address_flag(
+    text: Option<&str>,
+    default: &str,
+    flag: &'static str,
+) -> Result<SocketAddr, QuickSpecError> {
+    let text = text.unwrap_or(default);
+    text.parse::<SocketAddr>().map_err(|_| QuickSpecError {
+        flag,
+        message: format!("expected an address with a port such as \"{default}\", got {text:?}"),
+    })
 }
 
 /// Parses `URL[,URL...]` or `MODEL@VERSION=URL[,URL...]`.
