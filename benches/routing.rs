@@ -6,9 +6,9 @@ use std::hint::black_box;
 use arc_swap::ArcSwap;
 use criterion::{criterion_group, criterion_main, Criterion};
 use http::{HeaderMap, HeaderValue};
-use weir::control::{build_table, RoutingState, VersionSet};
-use weir::metrics::Metrics;
 use weir::Config;
+use weir::Metrics;
+use weir::{build_table, RoutingState, VersionSet};
 
 const CONFIG: &str = r#"
 [[versions]]

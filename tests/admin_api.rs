@@ -1297,7 +1297,7 @@ async fn a_body_of_exactly_64_kib_is_accepted_and_one_byte_more_is_413() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_paused_route_holds_off_the_canary_controller_but_not_an_admin() {
-    use weir::control::writer::{Actor, Change, Command};
+    use weir::{Actor, Change, Command};
     let s = setup().await;
     let weir = &s.weir;
     let writer = weir.running.as_ref().unwrap().writer().clone();
@@ -1324,11 +1324,7 @@ async fn a_paused_route_holds_off_the_canary_controller_but_not_an_admin() {
         .apply(canary(200))
         .await
         .expect_err("a paused route refuses the controller");
-    assert_eq!(
-        weir::control::admin::status_of(&refused),
-        StatusCode::CONFLICT,
-        "{refused}"
-    );
+    assert_eq!(weir::status_of(&refused), StatusCode::CONFLICT, "{refused}");
     assert_eq!(weir.generation().await, generation);
     assert_eq!(weir.route("chat").await["weight"], 100);
     let reply = weir

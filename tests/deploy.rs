@@ -19,9 +19,9 @@ fn docs(path: &str) -> Vec<Value> {
 
 /// Every family weir exports, each with one series so it shows in the exposition.
 fn exported() -> String {
-    let metrics = weir::metrics::Metrics::new();
+    let metrics = weir::Metrics::new();
     metrics.enable_fleet();
-    let _stats = metrics.target("r", "m@v1", weir::metrics::Role::Stable);
+    let _stats = metrics.target("r", "m@v1", weir::Role::Stable);
     metrics.shadow("r", "m@v2").record_agreement(true);
     metrics.set_weight("r", 0);
     metrics.set_mismatch("r", "m@v1", "http://b", false);
@@ -351,7 +351,7 @@ fn the_kubernetes_manifests_parse_and_carry_a_valid_weir_config() {
                 read_only,
                 "{at}: the registry is reviewed input, mounted read-only"
             );
-            let registry = weir::registry::Registry::parse(mounted_text(&all, &source))
+            let registry = weir::Registry::parse(mounted_text(&all, &source))
                 .unwrap_or_else(|e| panic!("{at}: registry: {e}"));
             for route in &config.routes {
                 for label in std::iter::once(&route.stable).chain(&route.candidate) {
@@ -581,8 +581,7 @@ fn the_shipped_registry_lets_the_routed_candidate_be_promoted() {
     let all = manifests();
     let registry = find(&all, "ConfigMap", "weir-registry").expect("ConfigMap weir-registry");
     let registry =
-        weir::registry::Registry::parse(registry["data"]["registry.toml"].as_str().unwrap())
-            .unwrap();
+        weir::Registry::parse(registry["data"]["registry.toml"].as_str().unwrap()).unwrap();
     let now = std::time::SystemTime::now();
     for (file, config_map) in &all {
         let Some(text) = config_map["data"]["weir.toml"].as_str() else {
@@ -591,14 +590,12 @@ fn the_shipped_registry_lets_the_routed_candidate_be_promoted() {
         let config = weir::Config::from_toml_str(text, file).unwrap_or_else(|e| panic!("{e}"));
         for candidate in config.routes.iter().filter_map(|r| r.candidate.as_ref()) {
             let version = registry.find(candidate).unwrap();
-            weir::registry::check_promotion(&registry.policy, version, now).unwrap_or_else(
-                |refusals| {
-                    panic!(
+            weir::check_promotion(&registry.policy, version, now).unwrap_or_else(|refusals| {
+                panic!(
                     "{file}: the canary could never promote {candidate}; renew the approvals in \
                      deploy/kubernetes/common.yaml: {refusals:?}"
                 )
-                },
-            );
+            });
         }
     }
 }

@@ -613,7 +613,7 @@ fn fleet_settings_are_checked_when_the_config_is_read() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tasks_that_ask_for_the_lease_together_share_one() {
     let etcd = Etcd::start().await;
-    let config = weir::config::FleetConfig {
+    let config = weir::FleetConfig {
         endpoints: vec![etcd.url()],
         prefix: "/weir/lease-test".into(),
         replica: "r1".into(),
@@ -622,7 +622,7 @@ async fn tasks_that_ask_for_the_lease_together_share_one() {
         tls: None,
         user: None,
     };
-    let fleet = weir::control::fleet::Fleet::connect(&config)
+    let fleet = weir::Fleet::connect(&config)
         .await
         .expect("connect to etcd");
     let (first, second, third) = tokio::join!(fleet.lease(), fleet.lease(), fleet.lease());
@@ -702,12 +702,12 @@ impl Drop for HoldingRelay {
 /// "unreachable, retry" that would have the caller repeat a change that is already live.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_commit_etcd_applied_but_answered_late_is_reported_applied() {
-    use weir::control::audit::Prepared;
-    use weir::control::state::{AuditHead, StateBody, STATE_FORMAT};
+    use weir::Prepared;
+    use weir::{AuditHead, StateBody, STATE_FORMAT};
 
     let etcd = Etcd::start().await;
     let relay = HoldingRelay::start(&etcd).await;
-    let config = weir::config::FleetConfig {
+    let config = weir::FleetConfig {
         endpoints: vec![relay.url.clone()],
         prefix: "/weir/late-answer".into(),
         replica: "r1".into(),
@@ -718,7 +718,7 @@ async fn a_commit_etcd_applied_but_answered_late_is_reported_applied() {
     };
     // Only this test's calls use the connection, so the commit starts the moment it is called.
     let fleet = Arc::new(
-        weir::control::fleet::Fleet::connect(&config)
+        weir::Fleet::connect(&config)
             .await
             .expect("connect to etcd through the relay"),
     );
@@ -729,7 +729,7 @@ async fn a_commit_etcd_applied_but_answered_late_is_reported_applied() {
     };
     let body = StateBody {
         format: STATE_FORMAT,
-        state: weir::control::RoutingState {
+        state: weir::RoutingState {
             generation: 1,
             routes: Vec::new(),
             production: Default::default(),
@@ -781,7 +781,7 @@ async fn a_commit_etcd_applied_but_answered_late_is_reported_applied() {
     let outcome = commit.await.unwrap();
     relay.hold(false);
     match outcome {
-        Err(e @ weir::control::fleet::FleetError::Unconfirmed { .. }) => {
+        Err(e @ weir::FleetError::Unconfirmed { .. }) => {
             assert!(e.to_string().contains("did not confirm"), "{e}")
         }
         other => panic!("a commit etcd never answered: {other:?}"),
@@ -801,12 +801,12 @@ async fn a_commit_etcd_applied_but_answered_late_is_reported_applied() {
 /// lock new replicas out.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_joins_a_fleet_whose_audit_chain_is_larger_than_one_answer() {
-    use weir::control::audit::{AuditLog, Entry};
-    use weir::control::state::{StateBody, STATE_FORMAT};
+    use weir::{AuditLog, Entry};
+    use weir::{StateBody, STATE_FORMAT};
 
     let etcd = Etcd::start().await;
     let prefix = format!("/weir/test-{}-long-chain", std::process::id());
-    let config = weir::config::FleetConfig {
+    let config = weir::FleetConfig {
         endpoints: vec![etcd.url()],
         prefix: prefix.clone(),
         replica: "elder".into(),
@@ -815,7 +815,7 @@ async fn a_replica_joins_a_fleet_whose_audit_chain_is_larger_than_one_answer() {
         tls: None,
         user: None,
     };
-    let fleet = weir::control::fleet::Fleet::connect(&config)
+    let fleet = weir::Fleet::connect(&config)
         .await
         .expect("connect to etcd");
     // An elder replica's history: 120 records of ~40 KB, ~4.8 MB in all.
@@ -839,7 +839,7 @@ async fn a_replica_joins_a_fleet_whose_audit_chain_is_larger_than_one_answer() {
         });
         let body = StateBody {
             format: STATE_FORMAT,
-            state: weir::control::RoutingState {
+            state: weir::RoutingState {
                 generation,
                 routes: Vec::new(),
                 production: Default::default(),

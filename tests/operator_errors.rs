@@ -8,7 +8,7 @@ use http::Method;
 
 /// Starts quick mode (`weir serve --stable ... --candidate ...`) in-process.
 async fn quick(state: &std::path::Path, v1: &Backend, v2: &Backend) -> weir::Running {
-    let config = weir::config::QuickMode {
+    let config = weir::QuickMode {
         stable: format!("chat@v1={}", v1.url()),
         candidate: Some(format!("chat@v2={}", v2.url())),
         weight: Some("10%".into()),

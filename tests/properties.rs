@@ -6,8 +6,8 @@ mod common;
 use common::*;
 use http::{HeaderMap, HeaderName, HeaderValue};
 use proptest::prelude::*;
-use weir::config::units::{format_percent, parse_percent};
-use weir::data::proxy::strip_hop_by_hop;
+use weir::strip_hop_by_hop;
+use weir::{format_percent, parse_percent};
 
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(512))]

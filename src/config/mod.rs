@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use http::{HeaderName, Uri};
 
-pub use quick::{QuickMode, QuickSpecError};
+pub use quick::QuickMode;
 
 /// How many comparisons a route's rolling shadow agreement covers (the canary's
 /// `min_comparisons` cannot ask for more).

@@ -167,7 +167,7 @@ mod split_tests {
             "#
         );
         let config = crate::Config::from_toml_str(&text, "test").unwrap();
-        let state = crate::control::RoutingState::from_config(&config);
+        let state = crate::control::state::RoutingState::from_config(&config);
         build_table(&config, &state, &Metrics::new(), &mut VersionSet::default()).unwrap()
     }
 

@@ -21,6 +21,5 @@ pub mod store;
 mod window;
 pub mod writer;
 
-pub use build::{build_table, BuildError, VersionSet};
-pub use state::{RouteState, RoutingState};
-pub use writer::{Command, CommandError, Writer};
+pub use build::{build_table, VersionSet};
+pub use writer::{CommandError, Writer};

@@ -78,7 +78,7 @@ pub async fn serve<F, S, B>(
     listener: TcpListener,
     settings: ConnSettings,
     tls: Option<TlsConfigCell>,
-    fast: Option<Arc<super::Proxy>>,
+    fast: Option<Arc<super::proxy::Proxy>>,
     service_for: F,
     mut stop: watch::Receiver<bool>,
 ) -> Drained

@@ -14,6 +14,4 @@ pub mod proxy;
 pub mod split;
 pub mod table;
 
-pub use listener::Drained;
-pub use proxy::{ConnInfo, Proxy, ProxySettings};
-pub use table::{Route, RoutingTable, Target};
+pub use table::RoutingTable;

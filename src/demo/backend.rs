@@ -51,6 +51,7 @@ pub struct ModelServer {
 pub struct SpawnedBackend {
     addr: SocketAddr,
     label: String,
+    #[cfg(test)]
     chat_requests: Arc<AtomicU64>,
     task: JoinHandle<()>,
 }
@@ -149,6 +150,7 @@ impl ModelServer {
         Ok(SpawnedBackend {
             addr,
             label,
+            #[cfg(test)]
             chat_requests,
             task,
         })
@@ -180,6 +182,7 @@ impl SpawnedBackend {
     }
 
     /// Chat completion requests received so far, whether answered, failed or cut short.
+    #[cfg(test)]
     pub fn chat_requests(&self) -> u64 {
         self.chat_requests.load(Ordering::Relaxed)
     }

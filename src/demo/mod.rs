@@ -21,11 +21,8 @@ use crate::config::units::{parse_duration, parse_percent};
 use crate::server::{Drained, Server};
 
 pub use backend::{ModelServer, SpawnedBackend};
-pub use stats::{
-    Comparison, FailureKind, LatencyHistogram, Outcome, Snapshot, Stats, StickyReport,
-    VersionStats, NO_HEADER, NO_RESPONSE,
-};
-pub use traffic::{Traffic, TrafficReport};
+pub use stats::{Comparison, Stats, VersionStats};
+pub use traffic::Traffic;
 pub use view::LiveView;
 
 /// Gap between streamed tokens of the demo's model servers.

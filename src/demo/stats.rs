@@ -33,6 +33,7 @@ pub struct LatencyHistogram {
 // === impl LatencyHistogram ===
 
 impl LatencyHistogram {
+    #[cfg(test)]
     pub fn new() -> Self {
         Self::default()
     }
@@ -54,6 +55,7 @@ impl LatencyHistogram {
         self.sum_micros = self.sum_micros.saturating_add(micros);
     }
 
+    #[cfg(test)]
     pub fn count(&self) -> u64 {
         self.count
     }
@@ -88,6 +90,7 @@ impl LatencyHistogram {
         Some(Duration::from_micros(self.max_micros))
     }
 
+    #[cfg(test)]
     pub fn mean(&self) -> Option<Duration> {
         (self.count > 0).then(|| Duration::from_micros(self.sum_micros / self.count))
     }
@@ -96,6 +99,7 @@ impl LatencyHistogram {
         (self.count > 0).then(|| Duration::from_micros(self.max_micros))
     }
 
+    #[cfg(test)]
     /// Adds every sample of `other`.
     pub fn merge(&mut self, other: &LatencyHistogram) {
         if other.count == 0 {

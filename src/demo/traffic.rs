@@ -142,28 +142,6 @@ impl Traffic {
         self
     }
 
-    /// The response header naming the version that served (weir's `x-weir-version` by default).
-    pub fn version_header(mut self, header: HeaderName) -> Self {
-        self.version_header = header;
-        self
-    }
-
-    /// A request without a complete response after this long counts as a timeout.
-    pub fn request_timeout(mut self, timeout: Duration) -> Self {
-        self.request_timeout = timeout;
-        self
-    }
-
-    /// After a stop, how long requests in flight may take to finish before they are abandoned.
-    pub fn grace(mut self, grace: Duration) -> Self {
-        self.grace = grace;
-        self
-    }
-
-    pub fn target(&self) -> SocketAddr {
-        self.target
-    }
-
     /// Sends traffic until the planned duration is over or `stop` turns true, recording each
     /// outcome in `stats`. Requests already sent when the duration ends are waited for.
     pub async fn run(self, stats: Arc<Stats>, mut stop: watch::Receiver<bool>) -> TrafficReport {

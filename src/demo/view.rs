@@ -53,13 +53,10 @@ impl LiveView {
     }
 
     /// Whether to redraw in place (a terminal) or print a line every two seconds.
+    #[cfg(test)]
     pub fn terminal(mut self, terminal: bool) -> Self {
         self.terminal = terminal;
         self
-    }
-
-    pub fn is_terminal(&self) -> bool {
-        self.terminal
     }
 
     /// Names the role of a version (`stable`, `candidate`); versions are shown in the order their

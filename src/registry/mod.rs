@@ -14,7 +14,7 @@ use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
 
-pub use digest::{diff_manifests, digest_artifact, ArtifactDigest, DigestError, ManifestEntry};
+pub use digest::{diff_manifests, digest_artifact, ManifestEntry};
 pub use policy::{check_promotion, check_servable, check_stage_change, PinRefusal, RuleRefusal};
 
 /// A version's place in its lifecycle.

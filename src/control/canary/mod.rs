@@ -25,8 +25,7 @@ use tokio::sync::watch;
 // tokio's clock: the same as the system's in production, and one a test can pause.
 use tokio::time::Instant;
 
-pub use counts::{published, Published, PublishedCounts};
-pub use gates::{error_gate, quantile, Gate};
+pub use counts::{published, Published};
 use step::{Action, Controller, Decided, View};
 
 use super::pins::load_registry;
