@@ -49,7 +49,7 @@ impl std::fmt::Display for CanaryDecision {
 
 /// Why a proxied request failed. A closed set: each kind is a metric label.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum ErrorKind {
+pub enum ProxyFailure {
     /// The backend refused the connection (or the address did not resolve).
     Connect,
     /// No connection within the connect timeout.
@@ -70,30 +70,30 @@ pub enum ErrorKind {
     IdleTimeout,
 }
 
-impl ErrorKind {
-    pub const ALL: [ErrorKind; 9] = [
-        ErrorKind::Connect,
-        ErrorKind::ConnectTimeout,
-        ErrorKind::Reset,
-        ErrorKind::Timeout,
-        ErrorKind::Protocol,
-        ErrorKind::NoBackend,
-        ErrorKind::Unverified,
-        ErrorKind::Body,
-        ErrorKind::IdleTimeout,
+impl ProxyFailure {
+    pub const ALL: [ProxyFailure; 9] = [
+        ProxyFailure::Connect,
+        ProxyFailure::ConnectTimeout,
+        ProxyFailure::Reset,
+        ProxyFailure::Timeout,
+        ProxyFailure::Protocol,
+        ProxyFailure::NoBackend,
+        ProxyFailure::Unverified,
+        ProxyFailure::Body,
+        ProxyFailure::IdleTimeout,
     ];
 
     pub fn as_str(self) -> &'static str {
         match self {
-            ErrorKind::Connect => "connect",
-            ErrorKind::ConnectTimeout => "connect_timeout",
-            ErrorKind::Reset => "reset",
-            ErrorKind::Timeout => "timeout",
-            ErrorKind::Protocol => "protocol",
-            ErrorKind::NoBackend => "no_backend",
-            ErrorKind::Unverified => "unverified",
-            ErrorKind::Body => "body",
-            ErrorKind::IdleTimeout => "idle_timeout",
+            ProxyFailure::Connect => "connect",
+            ProxyFailure::ConnectTimeout => "connect_timeout",
+            ProxyFailure::Reset => "reset",
+            ProxyFailure::Timeout => "timeout",
+            ProxyFailure::Protocol => "protocol",
+            ProxyFailure::NoBackend => "no_backend",
+            ProxyFailure::Unverified => "unverified",
+            ProxyFailure::Body => "body",
+            ProxyFailure::IdleTimeout => "idle_timeout",
         }
     }
 
@@ -101,19 +101,20 @@ impl ErrorKind {
     pub fn status(self) -> http::StatusCode {
         use http::StatusCode as S;
         match self {
-            ErrorKind::ConnectTimeout | ErrorKind::Timeout | ErrorKind::IdleTimeout => {
+            ProxyFailure::ConnectTimeout | ProxyFailure::Timeout | ProxyFailure::IdleTimeout => {
                 S::GATEWAY_TIMEOUT
             }
-            ErrorKind::NoBackend | ErrorKind::Unverified => S::SERVICE_UNAVAILABLE,
-            ErrorKind::Connect | ErrorKind::Reset | ErrorKind::Protocol | ErrorKind::Body => {
-                S::BAD_GATEWAY
-            }
+            ProxyFailure::NoBackend | ProxyFailure::Unverified => S::SERVICE_UNAVAILABLE,
+            ProxyFailure::Connect
+            | ProxyFailure::Reset
+            | ProxyFailure::Protocol
+            | ProxyFailure::Body => S::BAD_GATEWAY,
         }
     }
 
     /// Whether the backend was not reached: refused or not accepted in time.
     pub fn is_connect(self) -> bool {
-        matches!(self, ErrorKind::Connect | ErrorKind::ConnectTimeout)
+        matches!(self, ProxyFailure::Connect | ProxyFailure::ConnectTimeout)
     }
 
     fn index(self) -> usize {
@@ -414,7 +415,7 @@ impl Metrics {
                 class("4xx"),
                 class("5xx"),
             ],
-            errors: ErrorKind::ALL
+            errors: ProxyFailure::ALL
                 .map(|k| self.errors.with_label_values(&[route, version, k.as_str()])),
             duration: self.duration.with_label_values(&[route, version]),
             ttfb: self.ttfb.with_label_values(&[route, version]),
@@ -452,7 +453,7 @@ impl Default for Metrics {
 #[derive(Debug)]
 pub struct TargetStats {
     requests: [IntCounter; 5],
-    errors: [IntCounter; ErrorKind::ALL.len()],
+    errors: [IntCounter; ProxyFailure::ALL.len()],
     pub duration: prometheus::Histogram,
     pub ttfb: prometheus::Histogram,
     pub in_flight: IntGauge,
@@ -464,7 +465,7 @@ impl TargetStats {
         self.requests[class].inc();
     }
 
-    pub fn count_error(&self, kind: ErrorKind) {
+    pub fn count_error(&self, kind: ProxyFailure) {
         self.errors[kind.index()].inc();
     }
 

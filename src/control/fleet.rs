@@ -67,7 +67,7 @@ pub enum FleetError {
 
 /// What `state` holds, with the revision a transaction must compare against.
 #[derive(Clone, Debug)]
-pub struct Shared {
+pub struct StoredState {
     pub body: StateBody,
     pub revision: i64,
     /// etcd's revision when this was read: a watch for later changes starts after it (the state's
@@ -265,7 +265,7 @@ impl Fleet {
     // === state and audit ===
 
     /// The shared state, or `None` when no replica has written one yet.
-    pub async fn load(&self) -> Result<Option<Shared>, FleetError> {
+    pub async fn load(&self) -> Result<Option<StoredState>, FleetError> {
         let key = self.key("state");
         let mut kv = self.client.kv_client();
         let response = self
@@ -279,7 +279,7 @@ impl Fleet {
                 key: key.clone(),
                 detail: e.to_string(),
             })?;
-        Ok(Some(Shared {
+        Ok(Some(StoredState {
             body,
             revision: kv.mod_revision(),
             read_at: response.header().map_or(0, |h| h.revision()),

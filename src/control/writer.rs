@@ -1,10 +1,15 @@
 //! The one writer: every routing change — admin call, reload, the canary controller — is a
 //! [`Command`] applied here, one at a time.
 //!
-//! Order of a change: validate → build the new table (generation + 1) → persist the state →
-//! append the audit record → swap the table in (and publish it with its state, [`Live`]). A
-//! change that fails before the swap leaves traffic, state file and audit log as they were; a
-//! change is acknowledged only after the swap.
+//! Order of a change: validate ([`RouteState::apply`], the registry's pins) → build the new
+//! table (generation + 1) → commit the state with its audit record ([`Store::commit`]: the state
+//! file, or etcd in fleet mode) → swap the table in and publish it with its state ([`Live`]). A
+//! change that fails before the swap leaves traffic, state and audit log as they were; a change
+//! is acknowledged only after the swap. The serving windows closed into the records are in
+//! `window.rs`, a promotion's runtime stage in `promotion.rs`; fleet mode's joining and catching
+//! up are here because they build and swap tables too.
+//!
+//! [`Store::commit`]: super::store::Store::commit
 
 use std::sync::Arc;
 
@@ -205,7 +210,7 @@ impl Live {
 /// The single writer of routing state.
 #[derive(Debug)]
 pub struct Writer {
-    inner: Mutex<Inner>,
+    inner: Mutex<InForce>,
     table: Arc<ArcSwap<RoutingTable>>,
     live: ArcSwap<Live>,
     metrics: Metrics,
@@ -225,7 +230,7 @@ pub struct RuntimeStages {
 }
 
 impl RuntimeStages {
-    fn of(inner: &Inner) -> RuntimeStages {
+    fn of(inner: &InForce) -> RuntimeStages {
         RuntimeStages {
             registry: inner.config.registry.clone(),
             production: inner.state.production.clone(),
@@ -233,8 +238,10 @@ impl RuntimeStages {
     }
 }
 
+/// What the writer holds under its lock: the config and state in force, the versions built
+/// for them, where the state is stored, the audit log and the open serving window.
 #[derive(Debug)]
-struct Inner {
+struct InForce {
     config: Config,
     state: RoutingState,
     versions: VersionSet,
@@ -292,7 +299,7 @@ impl Writer {
                 production: state.production.clone(),
             }),
             fleet: None,
-            inner: Mutex::new(Inner {
+            inner: Mutex::new(InForce {
                 window: Window::open(&table, None),
                 config,
                 state,
@@ -369,7 +376,7 @@ impl Writer {
         };
         let table = Arc::new(table);
         publish(&metrics, &table);
-        let inner = Inner {
+        let inner = InForce {
             window: Window::open(&table, None),
             config,
             state,
@@ -438,7 +445,7 @@ impl Writer {
 
     /// Fleet mode: brings `inner` up to the state in etcd (no-op in file mode or when current).
     /// Returns etcd's revision when the state was read (0 in file mode).
-    async fn catch_up(&self, inner: &mut Inner) -> Result<i64, CommandError> {
+    async fn catch_up(&self, inner: &mut InForce) -> Result<i64, CommandError> {
         self.catch_up_with(inner, None).await
     }
 
@@ -447,7 +454,7 @@ impl Writer {
     /// replica's config — the way out for a replica stuck on a state its old config lacked.
     async fn catch_up_for_reload(
         &self,
-        inner: &mut Inner,
+        inner: &mut InForce,
         fresh: Option<&Config>,
     ) -> Result<i64, CommandError> {
         let caught_up = self.catch_up_with(inner, None).await;
@@ -463,7 +470,7 @@ impl Writer {
     /// config is then this replica's.
     async fn catch_up_with(
         &self,
-        inner: &mut Inner,
+        inner: &mut InForce,
         fresh: Option<&Config>,
     ) -> Result<i64, CommandError> {
         let (Some(fleet), Some(revision)) = (inner.fleet().cloned(), inner.store.revision()) else {
@@ -506,9 +513,9 @@ impl Writer {
     /// [`join`]), on the first state etcd gives it; the window it served meanwhile is recorded.
     async fn join_late(
         &self,
-        inner: &mut Inner,
+        inner: &mut InForce,
         fleet: &Fleet,
-        shared: &super::fleet::Shared,
+        shared: &super::fleet::StoredState,
     ) -> Result<i64, CommandError> {
         let joined = join(
             &inner.config,
@@ -574,7 +581,7 @@ impl Writer {
 
     async fn apply_once(
         &self,
-        inner: &mut Inner,
+        inner: &mut InForce,
         change: &Change,
         fresh: Option<&Config>,
     ) -> Result<Applied, CommandError> {
@@ -694,7 +701,7 @@ impl Writer {
     }
 
     /// Puts a durable state's table live: traffic, gauges, watchers, and a new serving window.
-    fn swap(&self, inner: &mut Inner, table: RoutingTable, state: RoutingState) {
+    fn swap(&self, inner: &mut InForce, table: RoutingTable, state: RoutingState) {
         // The stages go first: whoever reads the new table's generation also reads its stages.
         inner.state = state;
         self.publish_stages(inner);
@@ -710,7 +717,7 @@ impl Writer {
         inner.cache_fleet_state();
     }
 
-    fn publish_stages(&self, inner: &Inner) {
+    fn publish_stages(&self, inner: &InForce) {
         *self.stages.lock().unwrap_or_else(|p| p.into_inner()) = RuntimeStages::of(inner);
     }
 
@@ -781,7 +788,11 @@ impl Writer {
     /// Appends a record that changes no routing. File mode: under the state lock, after any
     /// record another process appended. Fleet mode: after any record another replica appended
     /// (caught up and retried when one got in first).
-    async fn append_event(&self, inner: &mut Inner, entry: Entry<'_>) -> Result<(), CommandError> {
+    async fn append_event(
+        &self,
+        inner: &mut InForce,
+        entry: Entry<'_>,
+    ) -> Result<(), CommandError> {
         let fenced = entry.actor == Actor::Canary.as_str();
         let mut attempt = 0;
         loop {
@@ -803,7 +814,7 @@ impl Writer {
     }
 }
 
-impl Inner {
+impl InForce {
     fn fleet(&self) -> Option<&Arc<Fleet>> {
         self.store.fleet()
     }
@@ -859,7 +870,7 @@ async fn join(
     fleet: &Fleet,
     audit: &mut AuditLog,
     versions: &mut VersionSet,
-    shared: Option<&super::fleet::Shared>,
+    shared: Option<&super::fleet::StoredState>,
 ) -> Result<(RoutingState, i64, RoutingTable), OpenError> {
     match shared {
         Some(shared) => fill_audit(audit, fleet, &shared.body).await?,

@@ -20,7 +20,7 @@ use pin_project_lite::pin_project;
 use tokio::time::Sleep;
 
 use super::decide::backend_failure;
-use crate::metrics::{ErrorKind, TargetStats};
+use crate::metrics::{ProxyFailure, TargetStats};
 use crate::shadow::tee::{RequestTee, ResponseTee};
 use crate::upstream::BackendGuard;
 
@@ -345,9 +345,9 @@ where
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(Some(Err(_))) => {
-                in_flight.stats.count_error(ErrorKind::Body);
+                in_flight.stats.count_error(ProxyFailure::Body);
                 if let Some(backend) = this.backend.as_ref() {
-                    let kind = ErrorKind::Body;
+                    let kind = ProxyFailure::Body;
                     backend
                         .backend()
                         .failed(this.version, kind, backend_failure(kind));
@@ -379,9 +379,9 @@ where
                     *this.idle_armed = true;
                 }
                 ready!(this.idle.as_mut().poll(cx));
-                in_flight.stats.count_error(ErrorKind::IdleTimeout);
+                in_flight.stats.count_error(ProxyFailure::IdleTimeout);
                 if let Some(backend) = this.backend.as_ref() {
-                    let kind = ErrorKind::IdleTimeout;
+                    let kind = ProxyFailure::IdleTimeout;
                     backend
                         .backend()
                         .failed(this.version, kind, backend_failure(kind));

@@ -12,7 +12,7 @@ use http::StatusCode;
 use super::body::InFlight;
 use super::split::{BadOverride, RequestHeaders, OVERRIDE_HEADER};
 use super::table::{Route, RoutingTable};
-use crate::metrics::ErrorKind;
+use crate::metrics::ProxyFailure;
 use crate::shadow::tee::ShadowPlan;
 use crate::upstream::{BackendGuard, Version};
 
@@ -113,9 +113,9 @@ pub fn decide_on<H: RequestHeaders + ?Sized>(
     }
     let Some(backend) = version.pick() else {
         let kind = if version.any_verified() {
-            ErrorKind::NoBackend
+            ProxyFailure::NoBackend
         } else {
-            ErrorKind::Unverified
+            ProxyFailure::Unverified
         };
         return refused(Refusal::Backend(kind), version, in_flight);
     };
@@ -130,7 +130,7 @@ pub fn decide_on<H: RequestHeaders + ?Sized>(
 /// Why a request got an answer from weir rather than from a backend.
 #[derive(Debug)]
 pub enum Refusal {
-    Backend(ErrorKind),
+    Backend(ProxyFailure),
     TooLarge(u64),
     ClientBody,
 }
@@ -162,12 +162,12 @@ impl Refusal {
     }
 }
 
-fn backend_message(kind: ErrorKind, label: &str) -> String {
+fn backend_message(kind: ProxyFailure, label: &str) -> String {
     match kind {
-        ErrorKind::NoBackend => {
+        ProxyFailure::NoBackend => {
             format!("every backend of {label} is failing; none is usable right now")
         }
-        ErrorKind::Unverified => format!(
+        ProxyFailure::Unverified => format!(
             "no backend of {label} reports the identity the registry expects; weir will not serve an unverified model"
         ),
         kind => format!("a backend of {label} {}", backend_failure(kind)),
@@ -175,16 +175,16 @@ fn backend_message(kind: ErrorKind, label: &str) -> String {
 }
 
 /// What a backend did, for a failure of `kind`: "a backend of chat@v2 {this}".
-pub fn backend_failure(kind: ErrorKind) -> &'static str {
+pub fn backend_failure(kind: ProxyFailure) -> &'static str {
     match kind {
-        ErrorKind::Connect => "refused the connection",
-        ErrorKind::ConnectTimeout => "did not accept a connection within proxy.connect_timeout",
-        ErrorKind::Reset => "closed the connection before answering",
-        ErrorKind::Timeout => "sent no response within proxy.response_header_timeout",
-        ErrorKind::Protocol => "answered with something that is not valid HTTP",
-        ErrorKind::Body => "broke off the response mid-body",
-        ErrorKind::IdleTimeout => "went silent mid-body for longer than the idle timeout",
-        ErrorKind::NoBackend | ErrorKind::Unverified => "is not usable",
+        ProxyFailure::Connect => "refused the connection",
+        ProxyFailure::ConnectTimeout => "did not accept a connection within proxy.connect_timeout",
+        ProxyFailure::Reset => "closed the connection before answering",
+        ProxyFailure::Timeout => "sent no response within proxy.response_header_timeout",
+        ProxyFailure::Protocol => "answered with something that is not valid HTTP",
+        ProxyFailure::Body => "broke off the response mid-body",
+        ProxyFailure::IdleTimeout => "went silent mid-body for longer than the idle timeout",
+        ProxyFailure::NoBackend | ProxyFailure::Unverified => "is not usable",
     }
 }
 

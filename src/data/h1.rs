@@ -32,7 +32,7 @@ use super::listener::ConnSettings;
 use super::proxy::{ConnInfo, Proxy};
 
 use super::body::BoxError;
-use crate::metrics::ErrorKind;
+use crate::metrics::ProxyFailure;
 use crate::upstream::pool::{Connection, Pool};
 use crate::upstream::Backend;
 
@@ -288,7 +288,7 @@ async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
         .version_header
         .as_ref()
         .map(|name| (name, version.label_header.as_bytes()));
-    let refuse = |kind: ErrorKind| Refusal::Backend(kind).answer(&version.label, &in_flight).1;
+    let refuse = |kind: ProxyFailure| Refusal::Backend(kind).answer(&version.label, &in_flight).1;
     let backend = picked.backend();
 
     // The upstream request: the client's head minus hop-by-hop headers and the override, its
@@ -362,7 +362,7 @@ async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
     let (mut conn, response) = match sent {
         Ok(sent) => sent,
         Err(failure) => {
-            if let Failure::Backend(kind @ (ErrorKind::Connect | ErrorKind::ConnectTimeout)) =
+            if let Failure::Backend(kind @ (ProxyFailure::Connect | ProxyFailure::ConnectTimeout)) =
                 failure
             {
                 backend.refused(settings.backend_eject, &version.label, kind.as_str());
@@ -385,7 +385,7 @@ async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
                 }
                 // Refused before anything was sent: the connection is as reusable as the
                 // request is read.
-                Failure::Backend(kind @ (ErrorKind::Connect | ErrorKind::ConnectTimeout)) => {
+                Failure::Backend(kind @ (ProxyFailure::Connect | ProxyFailure::ConnectTimeout)) => {
                     (kind.status(), refuse(kind), reuse)
                 }
                 // Failed while sending: part of the body may still be unread.
@@ -503,10 +503,10 @@ async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
         }
         // Framing that can never end: what was valid has gone out, the rest is cut off.
         if framing.is_invalid() {
-            in_flight.stats().count_error(ErrorKind::Body);
+            in_flight.stats().count_error(ProxyFailure::Body);
             backend.failed(
                 &version.label,
-                ErrorKind::Body,
+                ProxyFailure::Body,
                 "sent invalid chunked framing",
             );
             return Exchange::Close;
@@ -519,17 +519,17 @@ async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
             Ok(Ok(0)) if matches!(framing, Framing::UntilClose) => framing = Framing::Ended,
             Ok(Ok(n)) if n > 0 => {}
             Ok(_) => {
-                in_flight.stats().count_error(ErrorKind::Body);
+                in_flight.stats().count_error(ProxyFailure::Body);
                 backend.failed(
                     &version.label,
-                    ErrorKind::Body,
-                    backend_failure(ErrorKind::Body),
+                    ProxyFailure::Body,
+                    backend_failure(ProxyFailure::Body),
                 );
                 return Exchange::Close;
             }
             Err(_) => {
-                in_flight.stats().count_error(ErrorKind::IdleTimeout);
-                let kind = ErrorKind::IdleTimeout;
+                in_flight.stats().count_error(ProxyFailure::IdleTimeout);
+                let kind = ProxyFailure::IdleTimeout;
                 backend.failed(&version.label, kind, backend_failure(kind));
                 return Exchange::Close;
             }
@@ -588,10 +588,10 @@ struct ConnectionRequest<'a> {
 enum Failure {
     /// Connect, timeout, reset or protocol, after the whole request was sent (or before any of
     /// it was).
-    Backend(ErrorKind),
+    Backend(ProxyFailure),
     /// The backend went away (`Reset`) or stopped reading for longer than the idle timeout
     /// (`Timeout`) while the request body was still being sent.
-    Sending(ErrorKind),
+    Sending(ProxyFailure),
     /// The client stopped sending its body.
     ClientBody,
 }
@@ -613,7 +613,7 @@ async fn send<S: AsyncRead + AsyncWrite + Unpin>(
         let retry = reused && request.body_complete && attempt < 2;
         match write_upstream(&mut conn, request.out, settings.idle_timeout).await {
             Ok(()) => {}
-            Err(ErrorKind::Reset) if retry => continue,
+            Err(ProxyFailure::Reset) if retry => continue,
             Err(kind) if request.body_complete => return Err(Failure::Backend(kind)),
             Err(kind) => return Err(Failure::Sending(kind)),
         }
@@ -658,7 +658,7 @@ async fn send<S: AsyncRead + AsyncWrite + Unpin>(
 }
 
 /// A pooled connection to `backend` (and `true`), or a new one.
-async fn open(proxy: &Proxy, backend: &Backend) -> Result<(Connection, bool), ErrorKind> {
+async fn open(proxy: &Proxy, backend: &Backend) -> Result<(Connection, bool), ProxyFailure> {
     let settings = &proxy.settings;
     match backend.pool.checkout(settings.pool_idle_timeout) {
         Some(conn) => Ok((conn, true)),
@@ -684,11 +684,11 @@ async fn write_upstream(
     conn: &mut Connection,
     data: &[u8],
     timeout: Duration,
-) -> Result<(), ErrorKind> {
+) -> Result<(), ProxyFailure> {
     match tokio::time::timeout(timeout, conn.stream.write_all(data)).await {
         Ok(Ok(())) => Ok(()),
-        Ok(Err(_)) => Err(ErrorKind::Reset),
-        Err(_) => Err(ErrorKind::Timeout),
+        Ok(Err(_)) => Err(ProxyFailure::Reset),
+        Err(_) => Err(ProxyFailure::Timeout),
     }
 }
 
@@ -770,11 +770,11 @@ pub(super) async fn local<S: AsyncRead + AsyncWrite + Unpin>(
 
 // === upstream connections ===
 
-async fn connect(backend: &Backend, timeout: Duration) -> Result<Connection, ErrorKind> {
+async fn connect(backend: &Backend, timeout: Duration) -> Result<Connection, ProxyFailure> {
     match tokio::time::timeout(timeout, TcpStream::connect(backend.address.as_str())).await {
-        Err(_) => Err(ErrorKind::ConnectTimeout),
-        Ok(Err(e)) if e.kind() == io::ErrorKind::TimedOut => Err(ErrorKind::ConnectTimeout),
-        Ok(Err(_)) => Err(ErrorKind::Connect),
+        Err(_) => Err(ProxyFailure::ConnectTimeout),
+        Ok(Err(e)) if e.kind() == io::ErrorKind::TimedOut => Err(ProxyFailure::ConnectTimeout),
+        Ok(Err(_)) => Err(ProxyFailure::Connect),
         Ok(Ok(stream)) => {
             let _ = stream.set_nodelay(true);
             Ok(Connection {
@@ -799,11 +799,11 @@ enum HeadError {
 }
 
 impl HeadError {
-    fn kind(self) -> ErrorKind {
+    fn kind(self) -> ProxyFailure {
         match self {
-            HeadError::Closed => ErrorKind::Reset,
-            HeadError::Invalid => ErrorKind::Protocol,
-            HeadError::TimedOut => ErrorKind::Timeout,
+            HeadError::Closed => ProxyFailure::Reset,
+            HeadError::Invalid => ProxyFailure::Protocol,
+            HeadError::TimedOut => ProxyFailure::Timeout,
         }
     }
 }
@@ -981,9 +981,9 @@ pub const FORWARD_BODY_MAX: u64 = 64 * 1024;
 pub enum ForwardError {
     /// The backend refused, failed or sent no usable head, with the request body read whole (or
     /// none of it taken).
-    Backend(ErrorKind),
+    Backend(ProxyFailure),
     /// The backend failed or stopped taking the body while it streamed: part of it is unread.
-    Sending(ErrorKind),
+    Sending(ProxyFailure),
     /// The client's body failed (too large, broken framing, gone, stalled): the backend never
     /// got a complete request.
     Body(BoxError),
@@ -1069,7 +1069,7 @@ where
             Err(Failure::Backend(kind) | Failure::Sending(kind)) => {
                 return Err(ForwardError::Backend(kind))
             }
-            Err(Failure::ClientBody) => return Err(ForwardError::Backend(ErrorKind::Reset)),
+            Err(Failure::ClientBody) => return Err(ForwardError::Backend(ProxyFailure::Reset)),
         }
     } else {
         let chunked = match exact {
@@ -1091,7 +1091,7 @@ where
         };
         send_streaming(proxy, backend, parts.method.as_str(), streamed, &mut body).await?
     };
-    let protocol = || ForwardError::Backend(ErrorKind::Protocol);
+    let protocol = || ForwardError::Backend(ProxyFailure::Protocol);
     let mut response = http::Response::new(());
     *response.status_mut() = StatusCode::from_u16(head.status).map_err(|_| protocol())?;
     let headers = response.headers_mut();
@@ -1181,7 +1181,7 @@ where
         let (mut conn, reused) = open(proxy, backend).await.map_err(ForwardError::Backend)?;
         match write_upstream(&mut conn, streamed.head, timeout).await {
             Ok(()) => break conn,
-            Err(ErrorKind::Reset) if reused && attempt < 2 => continue,
+            Err(ProxyFailure::Reset) if reused && attempt < 2 => continue,
             Err(kind) => return Err(ForwardError::Backend(kind)),
         }
     };
@@ -1252,7 +1252,7 @@ async fn write_data(
     data: &[u8],
     chunk_line: Option<&mut Vec<u8>>,
     timeout: Duration,
-) -> Result<Sent, ErrorKind> {
+) -> Result<Sent, ProxyFailure> {
     let Some(line) = chunk_line else {
         return write_body(conn, data, timeout).await;
     };
@@ -1273,7 +1273,7 @@ async fn write_body(
     conn: &mut Connection,
     data: &[u8],
     timeout: Duration,
-) -> Result<Sent, ErrorKind> {
+) -> Result<Sent, ProxyFailure> {
     if answered(&conn.buf) {
         return Ok(Sent::Answered);
     }
@@ -1286,13 +1286,13 @@ async fn write_body(
             written = &mut write => {
                 return match written {
                     Ok(Ok(())) => Ok(Sent::Written),
-                    Ok(Err(_)) => Err(ErrorKind::Reset),
-                    Err(_) => Err(ErrorKind::Timeout),
+                    Ok(Err(_)) => Err(ProxyFailure::Reset),
+                    Err(_) => Err(ProxyFailure::Timeout),
                 };
             }
             ready = reader.readable() => {
                 if ready.is_err() {
-                    return Err(ErrorKind::Reset);
+                    return Err(ProxyFailure::Reset);
                 }
                 if buf.capacity() - buf.len() < 1024 {
                     buf.reserve(READ_CHUNK);
@@ -1303,7 +1303,7 @@ async fn write_body(
                     Ok(_) if answered(buf) => return Ok(Sent::Answered),
                     Ok(_) => {}
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                    Err(_) => return Err(ErrorKind::Reset),
+                    Err(_) => return Err(ProxyFailure::Reset),
                 }
             }
         }

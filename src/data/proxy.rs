@@ -24,7 +24,7 @@ use super::h1::ForwardError;
 use super::split::OVERRIDE_HEADER;
 use super::table::RoutingTable;
 use crate::config::ProxyConfig;
-use crate::metrics::ErrorKind;
+use crate::metrics::ProxyFailure;
 use crate::shadow::task::{ShadowStart, Shadower};
 use crate::upstream::{BackendGuard, Version};
 
@@ -248,13 +248,15 @@ impl Proxy {
         .await;
         let response = match result {
             Err(_elapsed) => {
-                let kind = ErrorKind::Timeout;
+                let kind = ProxyFailure::Timeout;
                 b.failed(&version.label, kind, backend_failure(kind));
-                return Ok(refuse(Refusal::Backend(ErrorKind::Timeout)));
+                return Ok(refuse(Refusal::Backend(ProxyFailure::Timeout)));
             }
             Ok(Err(e)) => {
                 let refusal = classify(&e);
-                if let Refusal::Backend(ErrorKind::Connect | ErrorKind::ConnectTimeout) = refusal {
+                if let Refusal::Backend(ProxyFailure::Connect | ProxyFailure::ConnectTimeout) =
+                    refusal
+                {
                     b.refused(self.settings.backend_eject, &version.label, error_chain(&e));
                 } else if let Refusal::Backend(kind) = refusal {
                     let what = format!("{}: {}", backend_failure(kind), error_chain(&e));
@@ -268,7 +270,7 @@ impl Proxy {
         let (mut parts, body) = response.into_parts();
         // hyper's client decoded the body; its head is held to the fast path's rules.
         if reframe_response(&mut parts).is_err() {
-            let kind = ErrorKind::Protocol;
+            let kind = ProxyFailure::Protocol;
             b.failed(&version.label, kind, backend_failure(kind));
             return Ok(refuse(Refusal::Backend(kind)));
         }
@@ -371,22 +373,22 @@ fn classify(e: &hyper_util::client::legacy::Error) -> Refusal {
                 .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut)
         });
         return Refusal::Backend(if timed_out {
-            ErrorKind::ConnectTimeout
+            ProxyFailure::ConnectTimeout
         } else {
-            ErrorKind::Connect
+            ProxyFailure::Connect
         });
     }
     for err in chain() {
         if let Some(h) = err.downcast_ref::<hyper::Error>() {
             if h.is_parse() || h.is_parse_status() {
-                return Refusal::Backend(ErrorKind::Protocol);
+                return Refusal::Backend(ProxyFailure::Protocol);
             }
             if h.is_user() {
                 return Refusal::ClientBody;
             }
         }
     }
-    Refusal::Backend(ErrorKind::Reset)
+    Refusal::Backend(ProxyFailure::Reset)
 }
 
 fn error_chain(e: &(dyn StdError + 'static)) -> String {

@@ -12,7 +12,7 @@ use http::uri::{Authority, Scheme};
 use http::HeaderValue;
 
 use crate::config::{Balance, VersionConfig};
-use crate::metrics::ErrorKind;
+use crate::metrics::ProxyFailure;
 
 pub mod pool;
 
@@ -44,8 +44,8 @@ pub struct Backend {
     verified: AtomicBool,
     /// Idle keep-alive connections of the HTTP/1.1 fast path.
     pub pool: Arc<pool::Pool>,
-    /// When each kind of failure was last logged, by [`ErrorKind`] index.
-    failure_logs: [FailureLog; ErrorKind::ALL.len()],
+    /// When each kind of failure was last logged, by [`ProxyFailure`] index.
+    failure_logs: [FailureLog; ProxyFailure::ALL.len()],
 }
 
 /// Each kind of backend failure is logged at most once per this period per backend, with the
@@ -192,7 +192,7 @@ impl Backend {
     /// first of each kind, then at most one line per kind every [`FAILURE_LOG_PERIOD`] with
     /// the count of those not logged, so a backend failing every request is seen without a
     /// line per request.
-    pub fn failed(&self, version: &str, kind: ErrorKind, what: &str) {
+    pub fn failed(&self, version: &str, kind: ProxyFailure, what: &str) {
         let log = &self.failure_logs[kind as usize];
         let now = now_millis();
         let quiet_until = log.quiet_until.load(Ordering::Relaxed);

@@ -156,11 +156,11 @@ pub fn published(table: &crate::data::RoutingTable, incarnation: &str) -> Publis
 /// Where the controller reads counts: this process, plus (fleet mode) what the other replicas
 /// published.
 #[derive(Debug, Default)]
-pub(super) struct Sources {
+pub(super) struct Counters {
     pub(super) remote: Vec<(String, Published)>,
 }
 
-impl Sources {
+impl Counters {
     pub(super) fn tally(&self, route: &Route, target: &Target) -> Tally {
         let local = counts(&target.stats);
         let key = target_key(&route.name, target);

@@ -37,7 +37,7 @@ use crate::data::table::{Route, Target};
 use crate::eval::{EvalSet, EvalTarget};
 use crate::metrics::CanaryDecision;
 use crate::shutdown::stopped;
-use counts::Sources;
+use counts::Counters;
 
 /// The controller's last word per route (decision, reason, evidence), for `GET /v1/routes` and
 /// `weir demo`. The controller writes it; nobody else does.
@@ -76,7 +76,7 @@ pub async fn run(writer: Arc<Writer>, board: Arc<Board>, mut stop: watch::Receiv
             _ = stopped(&mut stop) => return,
         }
         let sources = match gather(&writer).await {
-            Gathered::Sources(sources) => sources,
+            Gathered::Counters(sources) => sources,
             Gathered::NotLeading => {
                 controller.forget_all();
                 continue;
@@ -100,7 +100,7 @@ pub async fn run(writer: Arc<Writer>, board: Arc<Board>, mut stop: watch::Receiv
 }
 
 enum Gathered {
-    Sources(Sources),
+    Counters(Counters),
     NotLeading,
     EtcdAway,
 }
@@ -108,9 +108,9 @@ enum Gathered {
 /// Where this tick's counts come from: this process, and in fleet mode what every other
 /// replica published.
 async fn gather(writer: &Writer) -> Gathered {
-    let mut sources = Sources::default();
+    let mut sources = Counters::default();
     let Some(fleet) = writer.fleet() else {
-        return Gathered::Sources(sources);
+        return Gathered::Counters(sources);
     };
     if !fleet.is_leader() {
         return Gathered::NotLeading;
@@ -127,7 +127,7 @@ async fn gather(writer: &Writer) -> Gathered {
             Err(e) => tracing::warn!(%replica, error = %e, "unreadable counters in etcd; left out"),
         }
     }
-    Gathered::Sources(sources)
+    Gathered::Counters(sources)
 }
 
 /// What the step sees of `route` now.
@@ -135,7 +135,7 @@ fn view<'a>(
     route: &'a Route,
     policy: &'a CanaryPolicy,
     live: &Live,
-    sources: &Sources,
+    sources: &Counters,
 ) -> View<'a> {
     View {
         route: &route.name,

@@ -53,7 +53,7 @@ pub enum Action {
     Decide(Decided),
     /// Apply a change that is part of a decision already recorded (a ramp-down step).
     Apply(Change),
-    /// Run the policy's held-out evaluation against the candidate and hand the result to
+    /// Rollout the policy's held-out evaluation against the candidate and hand the result to
     /// [`Controller::evaluated`]; `evidence` is what the gates found so far.
     Evaluate {
         point: EvalPoint,
@@ -74,7 +74,7 @@ pub struct Decided {
 
 /// The controller's memory of one route's canary.
 #[derive(Debug)]
-struct Run {
+struct Rollout {
     candidate: String,
     generation: u64,
     /// When the last analysis ran (the next one is due an interval later).
@@ -103,7 +103,7 @@ enum Outcome {
 /// Every route's run. In fleet mode only the leader keeps runs.
 #[derive(Debug, Default)]
 pub struct Controller {
-    runs: HashMap<String, Run>,
+    runs: HashMap<String, Rollout>,
 }
 
 impl Controller {
@@ -133,7 +133,7 @@ impl Controller {
             .is_none_or(|r| r.candidate != label)
         {
             self.runs
-                .insert(view.route.to_string(), Run::new(label, view, now));
+                .insert(view.route.to_string(), Rollout::new(label, view, now));
         }
         let run = self.runs.get_mut(view.route).expect("inserted above");
         if run.generation != view.generation {
@@ -263,9 +263,9 @@ impl Controller {
     }
 }
 
-impl Run {
-    fn new(label: &str, view: &View<'_>, now: Instant) -> Run {
-        Run {
+impl Rollout {
+    fn new(label: &str, view: &View<'_>, now: Instant) -> Rollout {
+        Rollout {
             candidate: label.to_string(),
             generation: view.generation,
             window_start: now,
@@ -406,7 +406,7 @@ fn ramp_down(policy: &CanaryPolicy, weight: u16) -> Option<Vec<u16>> {
 }
 
 /// Judges the window since the run's last judged one.
-fn analyse(view: &View<'_>, run: &Run) -> (Outcome, Vec<Gate>) {
+fn analyse(view: &View<'_>, run: &Rollout) -> (Outcome, Vec<Gate>) {
     let policy = view.policy;
     let stable = view.stable.since(&run.stable_at_start);
     let cand = view.candidate_counts.since(&run.candidate_at_start);
