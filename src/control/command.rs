@@ -9,6 +9,8 @@ pub enum Actor {
     Canary,
     /// weir itself: startup, catch-up (`weir`).
     Weir,
+    /// The identity prober, recording a backend that serves another model (`identity-probe`).
+    IdentityProbe,
     /// An operator, by admin token (`admin:<fingerprint>`), signal (`signal:SIGHUP`) or CLI.
     Operator(String),
 }
@@ -18,6 +20,7 @@ impl Actor {
         match self {
             Actor::Canary => "canary",
             Actor::Weir => "weir",
+            Actor::IdentityProbe => "identity-probe",
             Actor::Operator(name) => name,
         }
     }

@@ -18,6 +18,7 @@ use tokio::sync::watch;
 
 use crate::shutdown::stopped;
 
+use super::command::Actor;
 use super::pins::load_registry;
 use super::Writer;
 use crate::config::{IdentityProbe, IdentitySource};
@@ -159,7 +160,7 @@ async fn report_change(
         tracing::error!(version = label, backend = url, expected, reported = %reported, "{reason}");
     }
     if let Err(e) = writer
-        .record("identity-probe", action, None, detail, &reason)
+        .record(&Actor::IdentityProbe, action, None, detail, &reason)
         .await
     {
         tracing::error!(error = %e, "cannot record the identity change in the audit log");

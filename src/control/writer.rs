@@ -431,7 +431,7 @@ impl Writer {
                 reason: Some("this replica's serving window, closed by another replica's change"),
                 window: Some(window.clone()),
             };
-            if let Err(e) = self.append_event(&mut inner, entry).await {
+            if let Err(e) = self.append_event(&mut inner, entry, false).await {
                 inner.pending_windows.insert(0, window);
                 return Err(e);
             }
@@ -593,36 +593,11 @@ impl Writer {
                 });
             }
         }
-        let (routes, new_config, mut notes) = match &change.command {
-            Command::Reload => {
-                let fresh = fresh.expect("apply reads the file for a reload").clone();
-                let (routes, notes) = reconcile(&fresh, Some(&inner.state));
-                let notes: Vec<String> = notes
-                    .into_iter()
-                    .map(|n| format!("{}: {} ({})", n.route, n.outcome, n.detail))
-                    .collect();
-                (routes, Some(fresh), notes)
-            }
-            command => {
-                let mut routes = inner.state.routes.clone();
-                let name = command.route().unwrap_or_default();
-                let Some(route) = routes.iter_mut().find(|r| r.name == name) else {
-                    return Err(CommandError::UnknownRoute {
-                        route: name.to_string(),
-                        known: inner
-                            .state
-                            .routes
-                            .iter()
-                            .map(|r| r.name.as_str())
-                            .collect::<Vec<_>>()
-                            .join(", "),
-                    });
-                };
-                let quick = inner.config.from_flags;
-                route.apply(command, &change.actor, quick)?;
-                (routes, None, Vec::new())
-            }
-        };
+        let Proposed {
+            routes,
+            config: new_config,
+            mut notes,
+        } = inner.routes_after(change, fresh)?;
         let route_name = change.command.route();
         let before_route = route_name.and_then(|n| inner.state.route(n)).cloned();
         if new_config.is_none() && routes == inner.state.routes {
@@ -637,21 +612,13 @@ impl Writer {
         let config = new_config.as_ref().unwrap_or(&inner.config);
         let mut new_state =
             RoutingState::next(inner.state.generation + 1, routes, Some(&inner.state));
-        // The registry is re-read for every change, so stages and approvals recorded with
-        // `weir registry` count at once; the runtime stages overlay the file's.
-        let mut registry = load_registry(config)?.map(|r| runtime_registry(r, &inner.state));
-        if let Some(registry) = registry.as_mut() {
-            notes.extend(move_runtime_stage(
-                registry,
-                &change.command,
-                before_route.as_ref(),
-                &mut new_state,
-            )?);
-            let refusals = pin_refusals(registry, &new_state.routes, Some(&inner.state));
-            if !refusals.is_empty() {
-                return Err(CommandError::Pins(refusals));
-            }
-        }
+        notes.extend(check_registry(
+            config,
+            &inner.state,
+            &change.command,
+            before_route.as_ref(),
+            &mut new_state,
+        )?);
         let table = build_table(config, &new_state, &self.metrics, &mut inner.versions)
             .map_err(CommandError::Build)?;
         let after_route = route_name.and_then(|n| new_state.route(n)).cloned();
@@ -659,12 +626,7 @@ impl Writer {
             Some(_) => (json!(before_route), json!(after_route)),
             None => (state_json(&inner.state), state_json(&new_state)),
         };
-        let reason = match (&change.reason, notes.is_empty()) {
-            (Some(r), true) => Some(r.clone()),
-            (Some(r), false) => Some(format!("{r}; {}", notes.join("; "))),
-            (None, false) => Some(notes.join("; ")),
-            (None, true) => None,
-        };
+        let reason = reason_with_notes(change.reason.as_deref(), &notes);
         let entry = Entry {
             actor: change.actor.as_str(),
             action: change.command.action(),
@@ -742,7 +704,7 @@ impl Writer {
     /// Records an event that changes no routing (an identity mismatch, say) in the audit chain.
     pub async fn record(
         &self,
-        actor: &str,
+        actor: &Actor,
         action: &str,
         route: Option<&str>,
         detail: Value,
@@ -751,7 +713,7 @@ impl Writer {
         let mut inner = self.inner.lock().await;
         let generation = inner.state.generation;
         let entry = Entry {
-            actor,
+            actor: actor.as_str(),
             action,
             route,
             before: Value::Null,
@@ -760,7 +722,8 @@ impl Writer {
             reason: Some(reason),
             window: None,
         };
-        self.append_event(&mut inner, entry).await
+        let fenced = *actor == Actor::Canary;
+        self.append_event(&mut inner, entry, fenced).await
     }
 
     /// Closes the last serving window with a `stop` record (graceful shutdown).
@@ -778,7 +741,7 @@ impl Writer {
             reason: None,
             window: Some(window),
         };
-        self.append_event(&mut inner, entry).await?;
+        self.append_event(&mut inner, entry, false).await?;
         inner.window = Window::open(&self.table.load(), Some(&inner.window));
         Ok(())
     }
@@ -792,8 +755,8 @@ impl Writer {
         &self,
         inner: &mut InForce,
         entry: Entry<'_>,
+        fenced: bool,
     ) -> Result<(), CommandError> {
-        let fenced = entry.actor == Actor::Canary.as_str();
         let mut attempt = 0;
         loop {
             attempt += 1;
@@ -815,6 +778,42 @@ impl Writer {
 }
 
 impl InForce {
+    /// The routes `change` leads to from the state in force (a reload: the re-read config's,
+    /// merged), the config it brings, and the notes for the answer and the audit record.
+    fn routes_after(
+        &self,
+        change: &Change,
+        fresh: Option<&Config>,
+    ) -> Result<Proposed, CommandError> {
+        if let Command::Reload = change.command {
+            let fresh = fresh.expect("apply reads the file for a reload").clone();
+            let (routes, notes) = reconcile(&fresh, Some(&self.state));
+            let notes = notes
+                .into_iter()
+                .map(|n| format!("{}: {} ({})", n.route, n.outcome, n.detail))
+                .collect();
+            return Ok(Proposed {
+                routes,
+                config: Some(fresh),
+                notes,
+            });
+        }
+        let mut routes = self.state.routes.clone();
+        let name = change.command.route().unwrap_or_default();
+        let Some(route) = routes.iter_mut().find(|r| r.name == name) else {
+            let known: Vec<&str> = self.state.routes.iter().map(|r| r.name.as_str()).collect();
+            return Err(CommandError::UnknownRoute {
+                route: name.to_string(),
+                known: known.join(", "),
+            });
+        };
+        route.apply(&change.command, &change.actor, self.config.from_flags)?;
+        Ok(Proposed {
+            routes,
+            config: None,
+            notes: Vec::new(),
+        })
+    }
     fn fleet(&self) -> Option<&Arc<Fleet>> {
         self.store.fleet()
     }
@@ -837,6 +836,47 @@ impl InForce {
             .store
             .commit(&mut self.audit, state, entry, fenced)
             .await?)
+    }
+}
+
+/// What a change proposes before the registry and the build have their say.
+struct Proposed {
+    routes: Vec<RouteState>,
+    /// A reload's re-read config.
+    config: Option<Config>,
+    notes: Vec<String>,
+}
+
+/// The registry's say on a change: a promotion moves its runtime stage (in `new_state`), and
+/// every route must stay on versions the registry allows. The registry is re-read for every
+/// change, so stages and approvals recorded with `weir registry` count at once; the runtime
+/// stages of the state in force overlay the file's. Returns the notes of a stage moved.
+fn check_registry(
+    config: &Config,
+    state: &RoutingState,
+    command: &Command,
+    before: Option<&RouteState>,
+    new_state: &mut RoutingState,
+) -> Result<Vec<String>, CommandError> {
+    let Some(registry) = load_registry(config)? else {
+        return Ok(Vec::new());
+    };
+    let mut registry = runtime_registry(registry, state);
+    let notes = move_runtime_stage(&mut registry, command, before, new_state)?;
+    let refusals = pin_refusals(&registry, &new_state.routes, Some(state));
+    if !refusals.is_empty() {
+        return Err(CommandError::Pins(refusals));
+    }
+    Ok(notes)
+}
+
+/// The audit record's reason: the caller's, then the notes of what the change did.
+fn reason_with_notes(reason: Option<&str>, notes: &[String]) -> Option<String> {
+    match (reason, notes.is_empty()) {
+        (Some(r), true) => Some(r.to_string()),
+        (Some(r), false) => Some(format!("{r}; {}", notes.join("; "))),
+        (None, false) => Some(notes.join("; ")),
+        (None, true) => None,
     }
 }
 

@@ -325,7 +325,7 @@ impl Task<'_> {
         self.board.set(route, status);
         self.writer
             .record(
-                Actor::Canary.as_str(),
+                &Actor::Canary,
                 "canary_decision",
                 Some(route),
                 detail,
