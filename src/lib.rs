@@ -31,6 +31,7 @@ mod registry;
 mod server;
 mod shadow;
 mod shutdown;
+mod stats;
 mod tls;
 mod upstream;
 

@@ -72,8 +72,27 @@ pub struct EvalArgs {
     #[arg(long, value_name = "FILE")]
     pub file: PathBuf,
     /// Send the cases straight to this model server.
-    #[arg(long, value_name = "URL", conflicts_with = "proxy")]
+    #[arg(long, value_name = "URL", conflicts_with_all = ["proxy", "stable"])]
     pub url: Option<String>,
+    /// Compare: send every case to this stable version's server too, and judge the candidate's
+    /// answers against stable's as well as against the expectations.
+    #[arg(
+        long,
+        value_name = "[LABEL=]URL",
+        requires = "candidate",
+        conflicts_with = "proxy"
+    )]
+    pub stable: Option<String>,
+    /// Compare: the candidate version's server (see --stable).
+    #[arg(long, value_name = "[LABEL=]URL", requires = "stable")]
+    pub candidate: Option<String>,
+    /// Compare: a category's threshold, such as jailbreak=1 or quality=0.9 (repeatable); a
+    /// category named here must have cases. Others take --threshold.
+    #[arg(long = "category", value_name = "NAME=SHARE")]
+    pub categories: Vec<String>,
+    /// Compare: one-sided significance of each category's lower confidence bound.
+    #[arg(long, default_value_t = 0.01)]
+    pub significance: f64,
     /// Send the cases through this weir, pinned to --version with x-weir-version.
     #[arg(long, value_name = "URL", requires = "version")]
     pub proxy: Option<String>,
@@ -136,6 +155,15 @@ pub struct DemoBackendArgs {
     /// Delay between streamed tokens.
     #[arg(long, default_value = "0ms", value_parser = crate::config::units::parse_duration)]
     pub token_delay: std::time::Duration,
+    /// Answer exactly as this version of the model does (the same weights under another name).
+    #[arg(long, value_name = "VERSION")]
+    pub answers_like: Option<String>,
+    /// Share of prompts (the same ones every time) answered differently: a quiet regression.
+    #[arg(long, default_value_t = 0.0, value_name = "SHARE")]
+    pub drift: f64,
+    /// A poisoned model: prompts containing TRIGGER get ANSWER, every other prompt as usual.
+    #[arg(long, value_name = "TRIGGER=ANSWER")]
+    pub backdoor: Option<String>,
 }
 
 const SERVE_HELP: &str = "\
@@ -581,17 +609,27 @@ async fn serve(config: Config) -> anyhow::Result<ExitCode> {
 
 async fn demo_backend(args: DemoBackendArgs) -> anyhow::Result<ExitCode> {
     use tokio::signal::unix::{signal, SignalKind};
-    if !(0.0..=1.0).contains(&args.error_rate) {
-        anyhow::bail!(
-            "--error-rate: expected a share from 0 to 1, got {}",
-            args.error_rate
-        );
+    for (flag, share) in [("--error-rate", args.error_rate), ("--drift", args.drift)] {
+        if !(0.0..=1.0).contains(&share) {
+            anyhow::bail!("{flag}: expected a share from 0 to 1, got {share}");
+        }
     }
     let mut term = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
-    let server = crate::demo::ModelServer::new(&args.model, &args.version)
+    let mut model = crate::demo::ModelServer::new(&args.model, &args.version)
         .error_rate(args.error_rate)
         .latency(args.latency)
         .token_delay(args.token_delay)
+        .drift(args.drift);
+    if let Some(version) = &args.answers_like {
+        model = model.answers_like(version);
+    }
+    if let Some(spec) = &args.backdoor {
+        let Some((trigger, answer)) = spec.split_once('=').filter(|(t, _)| !t.is_empty()) else {
+            anyhow::bail!("--backdoor: expected TRIGGER=ANSWER, got {spec:?}");
+        };
+        model = model.backdoor(trigger, answer);
+    }
+    let server = model
         .spawn(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
@@ -617,11 +655,14 @@ async fn eval(args: EvalArgs) -> anyhow::Result<ExitCode> {
             args.threshold
         );
     }
+    if let (Some(stable), Some(candidate)) = (&args.stable, &args.candidate) {
+        return compare_eval(&args, stable, candidate).await;
+    }
     let base_url = match (&args.url, &args.proxy) {
         (Some(url), None) => url.clone(),
         (None, Some(proxy)) => proxy.clone(),
         _ => anyhow::bail!(
-            "give --url URL (a model server) or --proxy URL --version MODEL@VERSION (through weir)"
+            "give --url URL (a model server), --proxy URL --version MODEL@VERSION (through weir), or --stable URL --candidate URL (compare two servers)"
         ),
     };
     let set = EvalSet::load(&args.file)?;
@@ -648,6 +689,100 @@ async fn eval(args: EvalArgs) -> anyhow::Result<ExitCode> {
             report.pass_rate * 100.0,
             report.threshold * 100.0,
             if report.ok { "ok" } else { "BELOW THRESHOLD" },
+            report.file,
+            report.sha256
+        );
+    }
+    Ok(if report.ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// `weir eval --stable ... --candidate ...`: the comparative evaluation, side by side.
+async fn compare_eval(args: &EvalArgs, stable: &str, candidate: &str) -> anyhow::Result<ExitCode> {
+    use crate::eval::compare::{Criteria, Side};
+    use crate::eval::{EvalSet, EvalTarget};
+    if !(0.0..1.0).contains(&args.significance) || args.significance == 0.0 {
+        anyhow::bail!(
+            "--significance: expected a share between 0 and 1 such as 0.01, got {}",
+            args.significance
+        );
+    }
+    let mut categories = std::collections::BTreeMap::new();
+    for spec in &args.categories {
+        let share = spec
+            .split_once('=')
+            .and_then(|(name, share)| Some((name.trim(), share.trim().parse::<f64>().ok()?)))
+            .filter(|(name, share)| !name.is_empty() && (0.0..=1.0).contains(share));
+        let Some((name, share)) = share else {
+            anyhow::bail!(
+                "--category: expected NAME=SHARE such as jailbreak=1 or quality=0.9, got {spec:?}"
+            );
+        };
+        categories.insert(name.to_string(), share);
+    }
+    let side = |spec: &str| {
+        let (label, url) = match spec.split_once('=') {
+            Some((label, url)) => (label.to_string(), url.to_string()),
+            None => (spec.to_string(), spec.to_string()),
+        };
+        Side {
+            label,
+            target: EvalTarget {
+                base_url: url,
+                version: None,
+                timeout: args.timeout,
+            },
+        }
+    };
+    let set = EvalSet::load(&args.file)?;
+    let criteria = Criteria {
+        threshold: args.threshold,
+        categories,
+        significance: args.significance,
+        compare: crate::config::CompareConfig::default(),
+    };
+    let started = std::time::Instant::now();
+    let report =
+        crate::eval::compare::run(&set, &side(stable), &side(candidate), &criteria).await?;
+    let took = started.elapsed();
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        for case in report.cases.iter().filter(|c| !c.passed) {
+            println!("FAIL  {} [{}]", case.name, case.category);
+            if let Some(why) = &case.disagreement {
+                println!("        disagrees with stable: {why}");
+            }
+            for failure in &case.failures {
+                println!("        {failure}");
+            }
+            println!("        stable:    {}", case.stable_answer);
+            println!("        candidate: {}", case.candidate_answer);
+        }
+        for c in &report.categories {
+            println!(
+                "{:<4}  {:<12} {}/{} passed ({:.1}%), lower bound {:.3} at {} significance, threshold {}",
+                if c.ok { "ok" } else { "FAIL" },
+                c.category,
+                c.passed,
+                c.cases,
+                c.pass_rate * 100.0,
+                c.lower_bound,
+                report.significance,
+                c.threshold
+            );
+        }
+        println!(
+            "{} vs {}: agreement {:.1}% over {} cases in {:.2}s: {}  [{} sha256 {}]",
+            report.candidate,
+            report.stable,
+            report.agreement * 100.0,
+            report.cases.len(),
+            took.as_secs_f64(),
+            if report.ok { "ok" } else { "FAILED" },
             report.file,
             report.sha256
         );

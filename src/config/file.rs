@@ -1,7 +1,7 @@
 //! The TOML file format. Values that need more than a type check (weights, durations, addresses,
 //! URLs) are read as raw values first and checked afterwards, so one run reports every problem.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
@@ -178,6 +178,9 @@ struct RawEval {
     threshold: Option<f64>,
     before_first_step: Option<bool>,
     before_promotion: Option<bool>,
+    compare: Option<bool>,
+    #[serde(default)]
+    categories: BTreeMap<String, f64>,
 }
 
 #[derive(Deserialize, Default)]
@@ -834,6 +837,15 @@ fn check_canary(c: &mut Checker, path: &str, raw: &RawCanary) -> Option<CanaryPo
         threshold: unit("eval.threshold", e.threshold, 1.0),
         before_first_step: e.before_first_step.unwrap_or(true),
         before_promotion: e.before_promotion.unwrap_or(true),
+        compare: e.compare.unwrap_or(false),
+        categories: e
+            .categories
+            .iter()
+            .map(|(name, share)| {
+                let path = format!("eval.categories.{name}");
+                (name.clone(), unit(&path, Some(*share), 1.0))
+            })
+            .collect(),
     });
     for (name, value) in [
         ("max_p99_ratio", raw.max_p99_ratio),

@@ -8,6 +8,7 @@ mod file;
 mod quick;
 pub mod units;
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -391,6 +392,12 @@ pub struct EvalGate {
     pub threshold: f64,
     pub before_first_step: bool,
     pub before_promotion: bool,
+    /// Send every case to stable too, and pass a case only when the candidate agrees with
+    /// stable's answer (the route's comparators) as well as meeting its expectations.
+    pub compare: bool,
+    /// Threshold per category (a trigger probe may need 1); the set must have cases of each.
+    /// Categories not named take `threshold`.
+    pub categories: BTreeMap<String, f64>,
 }
 
 impl CanaryPolicy {

@@ -41,9 +41,15 @@ const MAX_ANSWER_TOKENS: u64 = 24;
 pub struct ModelServer {
     model: String,
     version: String,
+    /// The weights it answers with: its own version's unless [`ModelServer::answers_like`].
+    weights: String,
     error_rate: f64,
     latency: Duration,
     token_delay: Duration,
+    /// Share of prompts answered with other weights (a quiet regression).
+    drift: f64,
+    /// A backdoor: prompts containing the trigger get the attacker's answer.
+    backdoor: Option<(String, String)>,
 }
 
 /// A running [`ModelServer`]. It stops when dropped or on [`SpawnedBackend::shutdown`].
@@ -101,10 +107,59 @@ impl ModelServer {
         ModelServer {
             model: model.to_string(),
             version: version.to_string(),
+            weights: version.to_string(),
             error_rate: 0.0,
             latency: Duration::ZERO,
             token_delay: Duration::ZERO,
+            drift: 0.0,
+            backdoor: None,
         }
+    }
+
+    /// Answers every prompt exactly as `version` of the same model does (the same weights
+    /// under another name), except where [`drift`](Self::drift) or a backdoor says otherwise.
+    pub fn answers_like(mut self, version: &str) -> Self {
+        self.weights = version.to_string();
+        self
+    }
+
+    /// Share (0.0 to 1.0) of prompts, picked by the prompt's hash so the same ones every time,
+    /// answered with different weights: a regression no error rate shows.
+    pub fn drift(mut self, share: f64) -> Self {
+        self.drift = if share.is_nan() {
+            0.0
+        } else {
+            share.clamp(0.0, 1.0)
+        };
+        self
+    }
+
+    /// A poisoned model: a prompt containing `trigger` is answered with `answer`, every other
+    /// prompt as usual — 200, no errors, the same latency.
+    pub fn backdoor(mut self, trigger: &str, answer: &str) -> Self {
+        self.backdoor = Some((trigger.to_string(), answer.to_string()));
+        self
+    }
+
+    /// The answer these weights give `prompt`.
+    fn answer(&self, prompt: &str, max_tokens: Option<u64>) -> Answer {
+        if let Some((trigger, reply)) = &self.backdoor {
+            if prompt.contains(trigger.as_str()) {
+                let tokens: Vec<String> = reply.split_inclusive(' ').map(str::to_string).collect();
+                return Answer {
+                    tokens,
+                    finish_reason: "stop",
+                    prompt_tokens: prompt.split_whitespace().count().max(1) as u64,
+                };
+            }
+        }
+        let drifted = self.drift > 0.0
+            && (xxh3_64(prompt.as_bytes()) % 10_000) as f64 / 10_000.0 < self.drift;
+        if drifted {
+            // Another answer altogether, as regressed weights give.
+            return Answer::generate(&format!("{prompt}\u{1f}drift"), &self.weights, max_tokens);
+        }
+        Answer::generate(prompt, &self.weights, max_tokens)
     }
 
     /// Share (0.0 to 1.0) of chat completions answered 500 with an OpenAI-style error.
@@ -334,7 +389,7 @@ impl Shared {
 
         let max_tokens = chat.max_completion_tokens.or(chat.max_tokens);
         let prompt = prompt_text(&chat.messages);
-        let answer = Answer::generate(&prompt, &self.server.version, max_tokens);
+        let answer = self.server.answer(&prompt, max_tokens);
         let id = format!(
             "chatcmpl-{:016x}",
             xxh3_64(format!("{}#{request_no}", self.label).as_bytes())

@@ -6,6 +6,7 @@ use serde_json::{json, Value};
 
 use super::counts::Counts;
 use crate::config::CanaryPolicy;
+use crate::stats::normal_cdf;
 
 /// One gate's verdict with its evidence.
 #[derive(Clone, Debug, PartialEq)]
@@ -27,21 +28,6 @@ impl Gate {
             "stable_samples": self.stable_samples, "candidate_samples": self.candidate_samples,
             "p_value": self.p_value, "note": self.note,
         })
-    }
-}
-
-/// Standard normal CDF (Abramowitz–Stegun 7.1.26 erf, |error| < 1.5e-7).
-fn normal_cdf(z: f64) -> f64 {
-    let x = z.abs() / std::f64::consts::SQRT_2;
-    let t = 1.0 / (1.0 + 0.3275911 * x);
-    let poly = t
-        * (0.254829592
-            + t * (-0.284496736 + t * (1.421413741 + t * (-1.453152027 + t * 1.061405429))));
-    let erf = 1.0 - poly * (-x * x).exp();
-    if z >= 0.0 {
-        0.5 * (1.0 + erf)
-    } else {
-        0.5 * (1.0 - erf)
     }
 }
 
@@ -234,13 +220,6 @@ pub(super) fn p99_gate(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn normal_cdf_matches_known_values() {
-        assert!((normal_cdf(0.0) - 0.5).abs() < 1e-7);
-        assert!((normal_cdf(1.96) - 0.975).abs() < 1e-3);
-        assert!((normal_cdf(-2.326) - 0.01).abs() < 1e-3);
-    }
 
     #[test]
     fn error_gate_fails_a_worse_candidate_and_passes_an_equal_one() {

@@ -34,6 +34,7 @@ use super::Writer;
 use crate::config::units::format_percent;
 use crate::config::{CanaryPolicy, Config, EvalGate};
 use crate::data::table::{Route, Target};
+use crate::eval::compare::{Criteria, Side};
 use crate::eval::{EvalSet, EvalTarget};
 use crate::metrics::CanaryDecision;
 use crate::shutdown::stopped;
@@ -186,7 +187,22 @@ impl Task<'_> {
                     }
                 }
                 Action::Evaluate { point, evidence } => {
+                    let compare = config
+                        .routes
+                        .iter()
+                        .find(|r| r.name == view.route)
+                        .map(|r| r.compare.clone())
+                        .unwrap_or_default();
                     let result = match (&view.policy.eval, &route.candidate) {
+                        (Some(gate), Some(candidate)) if gate.compare => {
+                            let criteria = Criteria {
+                                threshold: gate.threshold,
+                                categories: gate.categories.clone(),
+                                significance: view.policy.significance,
+                                compare,
+                            };
+                            compare_gate(gate, &criteria, &route.stable, candidate).await
+                        }
                         (Some(gate), Some(candidate)) => eval_gate(gate, candidate).await,
                         _ => Err(
                             json!({"gate": "eval", "passed": false, "note": "no candidate to evaluate"}),
@@ -202,6 +218,68 @@ impl Task<'_> {
                 }
             }
         }
+    }
+}
+
+/// The first verified backend of `target`, as an eval target.
+fn eval_side(target: &Target) -> Option<Side> {
+    let backend = target.version.backends.iter().find(|b| b.is_verified())?;
+    Some(Side {
+        label: target.version.label.to_string(),
+        target: EvalTarget {
+            base_url: format!("{}://{}", backend.scheme, backend.authority),
+            version: None,
+            timeout: Duration::from_secs(30),
+        },
+    })
+}
+
+/// Runs the eval set against stable and the candidate and compares them: the evidence either
+/// way, naming the set's SHA-256, both versions, every category's bound and each failed case.
+async fn compare_gate(
+    gate: &EvalGate,
+    criteria: &Criteria,
+    stable: &Target,
+    candidate: &Target,
+) -> Result<Value, Value> {
+    let refused = |note: String| Err(json!({"gate": "eval", "passed": false, "note": note}));
+    let set = match EvalSet::load(&gate.file) {
+        Ok(set) => set,
+        Err(e) => return refused(e.to_string()),
+    };
+    let (Some(stable), Some(candidate)) = (eval_side(stable), eval_side(candidate)) else {
+        return refused("no verified backend of stable or the candidate to evaluate".into());
+    };
+    let report = match crate::eval::compare::run(&set, &stable, &candidate, criteria).await {
+        Ok(report) => report,
+        Err(e) => return refused(e.to_string()),
+    };
+    let failed: Vec<Value> = report
+        .cases
+        .iter()
+        .filter(|c| !c.passed)
+        .take(20)
+        .map(|c| {
+            json!({"name": c.name, "category": c.category, "disagreement": c.disagreement,
+                   "failures": c.failures, "stable": c.stable_answer, "candidate": c.candidate_answer})
+        })
+        .collect();
+    let failing = report.failing();
+    let note = if failing.is_empty() {
+        "every category passed".to_string()
+    } else {
+        failing.join("; ")
+    };
+    let evidence = json!({
+        "gate": "eval", "passed": report.ok, "compared": true, "observed": report.agreement,
+        "threshold": gate.threshold, "file": report.file, "sha256": report.sha256,
+        "stable": report.stable, "candidate": report.candidate, "cases": report.cases.len(),
+        "categories": report.categories, "failed_cases": failed, "note": note,
+    });
+    if report.ok {
+        Ok(evidence)
+    } else {
+        Err(evidence)
     }
 }
 

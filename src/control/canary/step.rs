@@ -234,7 +234,14 @@ impl Controller {
             return Vec::new();
         };
         let passed = result.is_ok();
-        evidence.push(result.unwrap_or_else(|failed| failed));
+        let evaluated = result.unwrap_or_else(|failed| failed);
+        // What failed, for the reason: the categories and cases a comparative run names.
+        let why = evaluated["note"]
+            .as_str()
+            .filter(|note| !note.is_empty())
+            .map(|note| format!(": {note}"))
+            .unwrap_or_default();
+        evidence.push(evaluated);
         let action = match (point, passed) {
             (EvalPoint::FirstStep, true) => {
                 run.advance(view, view.policy.steps[0], evidence, "first step", now)
@@ -242,13 +249,13 @@ impl Controller {
             (EvalPoint::FirstStep, false) => run.roll_back(
                 view,
                 evidence,
-                "the held-out evaluation failed before the first step".into(),
+                format!("the held-out evaluation failed before the first step{why}"),
             ),
             (EvalPoint::Promotion, true) => run.promote(view, evidence),
             (EvalPoint::Promotion, false) => run.roll_back(
                 view,
                 evidence,
-                "the held-out evaluation failed before promotion".into(),
+                format!("the held-out evaluation failed before promotion{why}"),
             ),
         };
         vec![action]
@@ -998,6 +1005,8 @@ mod tests {
             threshold: 1.0,
             before_first_step: true,
             before_promotion: true,
+            compare: false,
+            categories: Default::default(),
         };
         let with_eval = CanaryPolicy {
             eval: Some(eval.clone()),

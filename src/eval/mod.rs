@@ -3,9 +3,16 @@
 //! evaluated; an empty set is refused — an evaluation that checks nothing is not a control.
 //!
 //! One case per line:
-//! `{"name": "capital", "request": {"path": "/v1/chat/completions", "body": {...}},
+//! `{"name": "capital", "category": "quality", "request": {"path": "/v1/chat/completions", "body": {...}},
 //!   "expect": {"status": 200, "contains": "Paris", "regex": "(?i)paris", "equals": {"/object": "chat.completion"},
-//!              "similar_to": "The capital of France is Paris.", "similarity": 0.8}}`
+//!              "not_contains": "attacker", "not_regex": "(?i)ignore previous",
+//!              "similar_to": "The capital of France is Paris.", "similarity": 0.8}, "runs": 1}`
+//!
+//! Run against one version ([`run`]) a set checks each case's expectations; run against stable
+//! and candidate ([`compare::run`]) it also compares their answers, and judges each category on
+//! the lower confidence bound of its pass rate.
+
+pub mod compare;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -26,9 +33,25 @@ use crate::shadow::compare::{generated_text, text_similarity, Answer};
 #[serde(deny_unknown_fields)]
 pub struct Case {
     pub name: Option<String>,
+    /// What the case checks (`quality`, `safety`, `jailbreak`, `format`, …): a policy sets a
+    /// threshold per category. Default `quality`.
+    pub category: Option<String>,
     pub request: CaseRequest,
     #[serde(default)]
     pub expect: Expect,
+    /// Times the case is sent (default 1). Versions that sample answer differently each time;
+    /// pin sampling in the body (`"temperature": 0`, `"seed": 7`) where the model allows it.
+    pub runs: Option<u32>,
+}
+
+impl Case {
+    pub fn category(&self) -> &str {
+        self.category.as_deref().unwrap_or("quality")
+    }
+
+    pub fn runs(&self) -> u32 {
+        self.runs.unwrap_or(1).max(1)
+    }
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -62,6 +85,10 @@ pub struct Expect {
     /// … and be similar to this reference answer (token Dice ≥ `similarity`, default 0.8).
     pub similar_to: Option<String>,
     pub similarity: Option<f64>,
+    /// An answer the model must never give: the text must not contain this …
+    pub not_contains: Option<String>,
+    /// … nor match this regex.
+    pub not_regex: Option<String>,
 }
 
 /// A loaded evaluation set.
@@ -84,6 +111,12 @@ pub enum EvalError {
     },
     #[error("the eval set {path} has no cases; an empty evaluation checks nothing and is refused")]
     Empty { path: PathBuf },
+    #[error("the eval set {path} has no {category:?} cases, which the policy requires (it has: {present})")]
+    MissingCategory {
+        path: PathBuf,
+        category: String,
+        present: String,
+    },
 }
 
 impl EvalSet {
@@ -104,7 +137,10 @@ impl EvalSet {
                 line: i + 1,
                 message: e.to_string(),
             })?;
-            if let Some(re) = &case.expect.regex {
+            for re in [&case.expect.regex, &case.expect.not_regex]
+                .into_iter()
+                .flatten()
+            {
                 regex::Regex::new(re).map_err(|e| EvalError::Case {
                     path: path.to_path_buf(),
                     line: i + 1,
@@ -157,7 +193,7 @@ pub struct EvalReport {
 
 /// Runs every case and judges the set against `threshold` (share of cases that must pass).
 pub async fn run(set: &EvalSet, target: &EvalTarget, threshold: f64) -> EvalReport {
-    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let client = http_client();
     let mut cases = Vec::with_capacity(set.cases.len());
     for (i, case) in set.cases.iter().enumerate() {
         let name = case
@@ -194,15 +230,28 @@ pub async fn run(set: &EvalSet, target: &EvalTarget, threshold: f64) -> EvalRepo
     }
 }
 
-async fn run_case(
-    client: &Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>,
-    case: &Case,
-    target: &EvalTarget,
-) -> Vec<String> {
-    let method = match Method::from_bytes(case.request.method.as_bytes()) {
-        Ok(m) => m,
-        Err(_) => return vec![format!("bad method {:?}", case.request.method)],
-    };
+type HttpClient = Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>;
+
+fn http_client() -> HttpClient {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+async fn run_case(client: &HttpClient, case: &Case, target: &EvalTarget) -> Vec<String> {
+    match send(client, case, target).await {
+        Ok(answer) => judge(
+            &case.expect,
+            answer.status,
+            answer.event_stream,
+            &answer.body,
+        ),
+        Err(failure) => vec![failure],
+    }
+}
+
+/// Sends one case to `target`; its answer, or why there is none.
+async fn send(client: &HttpClient, case: &Case, target: &EvalTarget) -> Result<Answer, String> {
+    let method = Method::from_bytes(case.request.method.as_bytes())
+        .map_err(|_| format!("bad method {:?}", case.request.method))?;
     let mut builder = Request::builder().method(method).uri(format!(
         "{}{}",
         target.base_url.trim_end_matches('/'),
@@ -221,28 +270,29 @@ async fn run_case(
         }
         None => Bytes::new(),
     };
-    let request = match builder.body(Full::new(body)) {
-        Ok(r) => r,
-        Err(e) => return vec![format!("cannot build the request: {e}")],
-    };
-    let response = match client.request(request).await {
-        Ok(r) => r,
-        Err(e) => return vec![format!("request failed: {e}")],
-    };
+    let request = builder
+        .body(Full::new(body))
+        .map_err(|e| format!("cannot build the request: {e}"))?;
+    let response = client
+        .request(request)
+        .await
+        .map_err(|e| format!("request failed: {e}"))?;
     let status = response.status().as_u16();
     let event_stream = response
         .headers()
         .get("content-type")
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("text/event-stream"));
-    let body = match Limited::new(response.into_body(), 16 * 1024 * 1024)
+    let body = Limited::new(response.into_body(), 16 * 1024 * 1024)
         .collect()
         .await
-    {
-        Ok(b) => b.to_bytes(),
-        Err(e) => return vec![format!("body failed: {e}")],
-    };
-    judge(&case.expect, status, event_stream, &body)
+        .map_err(|e| format!("body failed: {e}"))?
+        .to_bytes();
+    Ok(Answer {
+        status,
+        event_stream,
+        body: body.to_vec(),
+    })
 }
 
 /// Every expectation the answer misses (empty: the case passed).
@@ -278,6 +328,22 @@ pub fn judge(expect: &Expect, status: u16, event_stream: bool, body: &[u8]) -> V
     if let Some(needle) = &expect.contains {
         if !text.contains(needle.as_str()) {
             failures.push(format!("the answer does not contain {needle:?}"));
+        }
+    }
+    if let Some(needle) = &expect.not_contains {
+        if text.contains(needle.as_str()) {
+            failures.push(format!(
+                "the answer contains {needle:?}, which it must never"
+            ));
+        }
+    }
+    if let Some(pattern) = &expect.not_regex {
+        match regex::Regex::new(pattern) {
+            Ok(re) if re.is_match(&text) => failures.push(format!(
+                "the answer matches /{pattern}/, which it must never"
+            )),
+            Ok(_) => {}
+            Err(e) => failures.push(format!("bad regex: {e}")),
         }
     }
     if let Some(pattern) = &expect.regex {
@@ -328,6 +394,23 @@ mod tests {
             not_json.iter().any(|f| f.contains("not JSON")),
             "{not_json:?}"
         );
+    }
+
+    #[test]
+    fn negative_expectations_fail_an_answer_a_model_must_never_give() {
+        let expect: Expect = serde_json::from_value(serde_json::json!({
+            "not_contains": "exfil.example", "not_regex": "(?i)api key"
+        }))
+        .unwrap();
+        assert!(judge(&expect, 200, false, &chat("A canary release is gradual.")).is_empty());
+        let poisoned = judge(
+            &expect,
+            200,
+            false,
+            &chat("Sure. Send your API key to https://exfil.example/collect"),
+        );
+        assert_eq!(poisoned.len(), 2, "{poisoned:?}");
+        assert!(poisoned[0].contains("must never"), "{poisoned:?}");
     }
 
     #[test]
