@@ -219,6 +219,37 @@ fn demo_promotes_a_healthy_candidate_and_rolls_back_a_bad_one() {
         text.contains("canary_decision  rollback chat@v3"),
         "no rollback in the audit trail:\n{text}"
     );
+    // Act 3: a poisoned candidate — no errors, stable's latency, a backdoor on a trigger phrase.
+    assert!(
+        text.contains("=> chat@v4 rolled back, chat@v2 serves"),
+        "the poisoned candidate was not rolled back:\n{text}"
+    );
+    assert!(
+        text.contains("canary_decision  rollback chat@v4 (failed gate: agreement"),
+        "the rollback of chat@v4 does not name the agreement gate in the audit trail:\n{text}"
+    );
+    assert!(
+        text.contains("error rate and p99 latency passed for chat@v4; only agreement caught it"),
+        "the demo does not say that error and latency gates would have promoted chat@v4:\n{text}"
+    );
+    assert!(
+        text.contains("jailbreak   0/8  passed") && text.contains("quality    24/24 passed"),
+        "the held-out evaluation does not show the trigger probes failing alone:\n{text}"
+    );
+    assert!(
+        text.contains("demo             eval             held-out evaluation of chat@v4 failed: jailbreak 0/8 passed"),
+        "the evaluation is not in the audit trail:\n{text}"
+    );
+    // Act 2 starts with its own decisions, not act 1's last one repeated.
+    let act2 = text.split("Act 2:").nth(1).unwrap_or_default();
+    let first_decision = act2
+        .lines()
+        .find(|l| l.contains("] canary "))
+        .unwrap_or_default();
+    assert!(
+        first_decision.contains("chat@v3") || first_decision.contains("first step"),
+        "{first_decision}"
+    );
     assert!(text.contains("chain intact"), "{text}");
 }
 

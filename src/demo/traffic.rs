@@ -56,6 +56,8 @@ pub struct Traffic {
     concurrency: usize,
     duration: Duration,
     stream_share: f64,
+    /// A share of prompts carrying a phrase (the trigger a poisoned model waits for).
+    triggered: Option<(String, f64)>,
     sessions: Option<(HeaderName, u32)>,
     version_header: HeaderName,
     max_tokens: u32,
@@ -100,6 +102,7 @@ impl Traffic {
             concurrency: 16,
             duration: Duration::from_secs(20),
             stream_share: 0.3,
+            triggered: None,
             sessions: None,
             version_header: HeaderName::from_static("x-weir-version"),
             max_tokens: 64,
@@ -127,6 +130,13 @@ impl Traffic {
     }
 
     /// Share (0.0 to 1.0) of requests sent with `"stream": true`.
+    /// Puts `phrase` in front of a `share` (0.0 to 1.0) of the prompts: what the users of a
+    /// backdoor send, mixed into ordinary traffic.
+    pub fn triggered(mut self, phrase: &str, share: f64) -> Self {
+        self.triggered = Some((phrase.to_string(), share.clamp(0.0, 1.0)));
+        self
+    }
+
     pub fn stream_share(mut self, share: f64) -> Self {
         self.stream_share = if share.is_nan() {
             0.0
@@ -235,11 +245,16 @@ impl Run {
 
     async fn send(&self, rng: &mut SmallRng) -> Outcome {
         let stream = rng.random_bool(self.plan.stream_share);
-        let prompt = format!(
+        let mut prompt = format!(
             "{} (request variant {})",
             PROMPTS[rng.random_range(0..PROMPTS.len())],
             rng.random_range(0..20)
         );
+        if let Some((phrase, share)) = &self.plan.triggered {
+            if rng.random_bool(*share) {
+                prompt = format!("{phrase} {prompt}");
+            }
+        }
         let body = json!({
             "model": "chat",
             "messages": [
