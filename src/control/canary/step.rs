@@ -84,6 +84,8 @@ struct Rollout {
     candidate_at_start: Tally,
     failures: u32,
     evaluated_first: bool,
+    /// The last held-out evaluation this run passed: the promotion carries it as evidence.
+    eval_passed: Option<Value>,
     /// After a rollback decision with `rollback_steps`: the weights still to ramp down through.
     ramp: Option<Vec<u16>>,
     /// The writer refused this run's promotion at this generation: the controller holds until
@@ -235,6 +237,9 @@ impl Controller {
         };
         let passed = result.is_ok();
         let evaluated = result.unwrap_or_else(|failed| failed);
+        if passed {
+            run.eval_passed = Some(evaluated.clone());
+        }
         // What failed, for the reason: the categories and cases a comparative run names.
         let why = evaluated["note"]
             .as_str()
@@ -281,6 +286,7 @@ impl Rollout {
             candidate_at_start: view.candidate_counts.clone(),
             failures: 0,
             evaluated_first: false,
+            eval_passed: None,
             ramp: None,
             promotion_refused: None,
         }
@@ -336,7 +342,14 @@ impl Rollout {
         self.decide(view, CanaryDecision::Advance, gates, reason, Some(command))
     }
 
-    fn promote(&self, view: &View<'_>, gates: Vec<Value>) -> Action {
+    /// Decides to promote. The evidence includes the held-out evaluation this run passed, so
+    /// the task can check it still holds for what is promoted.
+    fn promote(&self, view: &View<'_>, mut gates: Vec<Value>) -> Action {
+        if let Some(eval) = &self.eval_passed {
+            if !gates.iter().any(|g| g["gate"] == "eval") {
+                gates.push(eval.clone());
+            }
+        }
         let command = Command::Promote {
             route: view.route.to_string(),
         };
