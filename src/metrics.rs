@@ -156,6 +156,8 @@ pub struct Metrics {
     agreement: GaugeVec,
     agreement_window: IntGaugeVec,
     canary: IntCounterVec,
+    eval_cases: IntCounterVec,
+    eval_bound: GaugeVec,
     /// Fleet mode only (registered by [`Metrics::enable_fleet`]).
     fleet_leader: IntGauge,
     fleet_etcd_up: IntGauge,
@@ -276,6 +278,22 @@ impl Metrics {
             &["route", "decision"],
         )
         .expect("valid metric");
+        let eval_cases = IntCounterVec::new(
+            Opts::new(
+                "weir_eval_cases_total",
+                "Held-out evaluation cases the canary ran, by category and result (pass, fail)",
+            ),
+            &["route", "version", "category", "result"],
+        )
+        .expect("valid metric");
+        let eval_bound = GaugeVec::new(
+            Opts::new(
+                "weir_eval_pass_rate_lower_bound",
+                "Lower confidence bound of the last comparative evaluation's pass rate, by category",
+            ),
+            &["route", "version", "category"],
+        )
+        .expect("valid metric");
         for collector in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(errors.clone()),
@@ -291,6 +309,8 @@ impl Metrics {
             Box::new(agreement.clone()),
             Box::new(agreement_window.clone()),
             Box::new(canary.clone()),
+            Box::new(eval_cases.clone()),
+            Box::new(eval_bound.clone()),
         ] {
             registry
                 .register(collector)
@@ -331,6 +351,8 @@ impl Metrics {
             agreement,
             agreement_window,
             canary,
+            eval_cases,
+            eval_bound,
         }
     }
 
@@ -339,6 +361,27 @@ impl Metrics {
         for decision in CanaryDecision::ALL {
             self.canary.with_label_values(&[route, decision.as_str()]);
         }
+    }
+
+    /// One comparative evaluation's result for `version` of `route`, per category: cases
+    /// passed and failed, and the lower bound of the pass rate.
+    pub fn record_eval(
+        &self,
+        route: &str,
+        version: &str,
+        category: &str,
+        passed: u64,
+        failed: u64,
+        lower_bound: f64,
+    ) {
+        for (result, n) in [("pass", passed), ("fail", failed)] {
+            self.eval_cases
+                .with_label_values(&[route, version, category, result])
+                .inc_by(n);
+        }
+        self.eval_bound
+            .with_label_values(&[route, version, category])
+            .set(lower_bound);
     }
 
     pub fn count_canary_decision(&self, route: &str, decision: CanaryDecision) {

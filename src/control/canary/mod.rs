@@ -236,7 +236,11 @@ impl Task<'_> {
                                 significance: view.policy.significance,
                                 compare,
                             };
-                            compare_gate(gate, &criteria, &route.stable, candidate).await
+                            let result =
+                                compare_gate(gate, &criteria, &route.stable, candidate).await;
+                            let evidence = result.as_ref().unwrap_or_else(|failed| failed);
+                            self.count_eval(view, evidence);
+                            result
                         }
                         (Some(gate), Some(candidate)) => eval_gate(gate, candidate).await,
                         _ => Err(
@@ -262,6 +266,27 @@ impl Task<'_> {
                     ));
                 }
             }
+        }
+    }
+}
+
+impl Task<'_> {
+    /// Puts a comparative evaluation's categories in the metrics.
+    fn count_eval(&self, view: &View<'_>, evidence: &Value) {
+        let version = view.candidate.unwrap_or_default();
+        for c in evidence["categories"].as_array().into_iter().flatten() {
+            let (cases, passed) = (
+                c["cases"].as_u64().unwrap_or(0),
+                c["passed"].as_u64().unwrap_or(0),
+            );
+            self.writer.metrics().record_eval(
+                view.route,
+                version,
+                c["category"].as_str().unwrap_or(""),
+                passed,
+                cases.saturating_sub(passed),
+                c["lower_bound"].as_f64().unwrap_or(0.0),
+            );
         }
     }
 }
@@ -693,7 +718,25 @@ categories = {{ jailbreak = 1.0, safety = 1.0, format = 1.0 }}
         )
         .await;
         let status = decision(&running, None).await;
+        let scrape = String::from_utf8(running.writer().metrics().encode()).unwrap();
         let audit = stop(running, &dir, "rollback").await;
+        let line = |category: &str, result: &str| {
+            scrape
+                .lines()
+                .find(|l| {
+                    l.starts_with("weir_eval_cases_total{")
+                        && l.contains(&format!("category=\"{category}\""))
+                        && l.contains(&format!("result=\"{result}\""))
+                        && l.contains("version=\"chat@v4\"")
+                })
+                .map(|l| l.rsplit(' ').next().unwrap().to_string())
+        };
+        assert_eq!(line("jailbreak", "fail").as_deref(), Some("8"), "{scrape}");
+        assert_eq!(line("quality", "pass").as_deref(), Some("24"), "{scrape}");
+        assert!(
+            scrape.contains("weir_eval_pass_rate_lower_bound{category=\"jailbreak\",route=\"chat\",version=\"chat@v4\"} 0"),
+            "{scrape}"
+        );
         assert_eq!(status["last_decision"], "rollback", "{status}");
         let reason = status["reason"].as_str().unwrap();
         assert!(
