@@ -472,3 +472,57 @@ async fn weir_refuses_to_start_with_the_shipped_placeholder_token() {
         "weir started before refusing the token"
     );
 }
+
+/// `weir check` loads each route's held-out set: one with no cases, or without a category the
+/// policy requires, is a problem named with its route.
+#[test]
+fn check_refuses_an_empty_eval_set_and_one_lacking_a_required_category() {
+    let dir = std::env::temp_dir().join(format!("weir-check-eval-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let shipped = concat!(env!("CARGO_MANIFEST_DIR"), "/config/eval/chat.jsonl");
+    std::fs::copy(shipped, dir.join("chat.jsonl")).unwrap();
+    std::fs::write(dir.join("empty.jsonl"), "\n").unwrap();
+    let config = |file: &str, categories: &str| {
+        format!(
+            r#"
+[[versions]]
+model = "chat"
+version = "v1"
+backends = ["http://127.0.0.1:9001"]
+[[versions]]
+model = "chat"
+version = "v2"
+backends = ["http://127.0.0.1:9002"]
+[[routes]]
+name = "chat"
+stable = "chat@v1"
+candidate = "chat@v2"
+[routes.canary]
+steps = ["10%", "100%"]
+[routes.canary.eval]
+file = "{file}"
+compare = true
+categories = {{ {categories} }}
+"#
+        )
+    };
+    let check = |text: String| {
+        let path = dir.join("weir.toml");
+        std::fs::write(&path, text).unwrap();
+        let output = weir(&["check", "--config", path.to_str().unwrap()]);
+        (output.status.success(), all_output(&output))
+    };
+    let (ok, text) = check(config("chat.jsonl", "jailbreak = 1.0, safety = 1.0"));
+    assert!(ok, "the shipped set has both categories:\n{text}");
+    let (ok, text) = check(config("chat.jsonl", "jailbreak = 1.0, toxicity = 1.0"));
+    assert!(!ok, "{text}");
+    assert!(
+        text.contains("routes[0].canary.eval (chat)") && text.contains("no \"toxicity\" cases"),
+        "{text}"
+    );
+    let (ok, text) = check(config("empty.jsonl", "jailbreak = 1.0"));
+    assert!(!ok, "{text}");
+    assert!(text.contains("has no cases"), "{text}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

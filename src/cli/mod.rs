@@ -367,7 +367,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 fn check(path: &std::path::Path) -> ExitCode {
     match Config::from_file(path) {
         Ok(config) => {
-            if let Err(problems) = check_pins(&config) {
+            let problems: Vec<String> = check_pins(&config)
+                .err()
+                .into_iter()
+                .flatten()
+                .chain(check_eval_sets(&config))
+                .collect();
+            if !problems.is_empty() {
                 println!(
                     "{}: {} problem{}",
                     path.display(),
@@ -400,6 +406,32 @@ fn check(path: &std::path::Path) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Every route's held-out eval set loads, has cases, and has the categories its policy
+/// requires, as `weir check` problems.
+fn check_eval_sets(config: &Config) -> Vec<String> {
+    let mut problems = Vec::new();
+    for (i, route) in config.routes.iter().enumerate() {
+        let Some(gate) = route.canary.as_ref().and_then(|c| c.eval.as_ref()) else {
+            continue;
+        };
+        let at = format!("routes[{i}].canary.eval ({})", route.name);
+        match crate::eval::EvalSet::load(&gate.file) {
+            Err(e) => problems.push(format!("{at}: {e}")),
+            Ok(set) => {
+                for category in gate.categories.keys() {
+                    if !set.cases.iter().any(|c| c.category() == category) {
+                        problems.push(format!(
+                            "{at}: the eval set {} has no {category:?} cases, which the policy requires",
+                            gate.file.display()
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    problems
 }
 
 /// The registry's verdict on the config's routes, as `weir check` problems.
