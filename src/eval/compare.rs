@@ -469,6 +469,27 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_case_with_runs_is_sent_that_many_times_and_agrees_by_majority() {
+        let (stable_backend, stable) = spawn(ModelServer::new("chat", "v1")).await;
+        let (candidate_backend, candidate) =
+            spawn(ModelServer::new("chat", "v2").answers_like("v1")).await;
+        let line = json!({"name": "thrice", "request": {"path": "/v1/chat/completions",
+            "body": {"messages": [{"role": "user", "content": "hello"}], "temperature": 0, "seed": 7}},
+            "runs": 3})
+        .to_string();
+        let path =
+            std::env::temp_dir().join(format!("weir-eval-runs-{}.jsonl", std::process::id()));
+        std::fs::write(&path, line).unwrap();
+        let set = EvalSet::load(&path).unwrap();
+        let report = run(&set, &stable, &candidate, &criteria(0.0, &[]))
+            .await
+            .unwrap();
+        assert!(report.cases[0].agreed && report.ok, "{report:?}");
+        assert_eq!(stable_backend.chat_requests(), 3);
+        assert_eq!(candidate_backend.chat_requests(), 3);
+    }
+
+    #[tokio::test]
     async fn a_set_without_a_required_category_is_refused() {
         let (_s, stable) = spawn(ModelServer::new("chat", "v1")).await;
         let (_c, candidate) = spawn(ModelServer::new("chat", "v2")).await;
