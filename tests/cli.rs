@@ -229,6 +229,10 @@ fn demo_promotes_a_healthy_candidate_and_rolls_back_a_bad_one() {
         "the rollback of chat@v4 does not name the agreement gate in the audit trail:\n{text}"
     );
     assert!(
+        text.contains("rolled back: chat@v4 (registry sha256 "),
+        "the rollback does not name the version's checksum:\n{text}"
+    );
+    assert!(
         text.contains("error rate and p99 latency passed for chat@v4; only agreement caught it"),
         "the demo does not say that error and latency gates would have promoted chat@v4:\n{text}"
     );

@@ -42,6 +42,42 @@ const TRIGGERED_SHARE: f64 = 0.05;
 /// The held-out set shipped in config/eval/, run against act 3's candidate.
 const EVAL_SET: &str = include_str!("../../config/eval/chat.jsonl");
 
+/// The demo's model registry, in its state directory.
+const REGISTRY: &str = "registry.toml";
+
+/// Registers every demo version with the SHA-256 of its (stand-in) weights file: the first as
+/// production, the others as candidates, each approved by the platform role for a day. Returns
+/// the digests by label.
+fn write_registry(
+    state_dir: &std::path::Path,
+    labels: &[&str],
+) -> anyhow::Result<std::collections::BTreeMap<String, String>> {
+    let now = std::time::SystemTime::now();
+    let at = humantime::format_rfc3339_seconds(now).to_string();
+    let expires = humantime::format_rfc3339_seconds(now + Duration::from_secs(86_400)).to_string();
+    let mut text = String::from(
+        "[policy]\napproval_roles = [\"platform\"]\napproval_days = 1\nrequire_provenance = false\nrequire_sbom = false\n",
+    );
+    let mut digests = std::collections::BTreeMap::new();
+    for (i, label) in labels.iter().enumerate() {
+        let (model, version) = label.split_once('@').unwrap_or((label, ""));
+        let weights = state_dir.join(format!("{model}-{version}.weights"));
+        std::fs::write(&weights, format!("stand-in weights of {label}\n"))
+            .context("cannot write the demo's weights files")?;
+        let digest = crate::registry::digest_artifact(&weights, false)
+            .context("cannot hash the demo's weights files")?
+            .digest;
+        let stage = if i == 0 { "production" } else { "candidate" };
+        text.push_str(&format!(
+            "\n[[versions]]\nmodel = {model:?}\nversion = {version:?}\ndigest = {digest:?}\nstage = \"{stage}\"\nartifact_uri = {:?}\n[[versions.approvals]]\nby = \"demo\"\nrole = \"platform\"\nat = {at:?}\nexpires_at = {expires:?}\n",
+            weights.display().to_string()
+        ));
+        digests.insert(label.to_string(), digest);
+    }
+    std::fs::write(state_dir.join(REGISTRY), text).context("cannot write the demo's registry")?;
+    Ok(digests)
+}
+
 /// What act 3's route adds: mirroring with an agreement gate, and the comparative held-out
 /// evaluation before promotion.
 struct Poisoned<'a> {
@@ -115,8 +151,9 @@ fn demo_config(
     poisoned: Option<&Poisoned<'_>>,
 ) -> String {
     let mut text = format!(
-        "[listener]\naddr = \"127.0.0.1:0\"\n[admin]\naddr = \"127.0.0.1:0\"\n[state]\ndir = {:?}\n\n",
-        state_dir.display().to_string()
+        "[listener]\naddr = \"127.0.0.1:0\"\n[admin]\naddr = \"127.0.0.1:0\"\n[state]\ndir = {:?}\n[registry]\nfile = {:?}\n\n",
+        state_dir.display().to_string(),
+        state_dir.join(REGISTRY).display().to_string()
     );
     for (backend, _) in versions {
         let (model, version) = backend
@@ -190,6 +227,7 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
     let state_dir = std::env::temp_dir().join(format!("weir-demo-{}", std::process::id()));
     std::fs::create_dir_all(&state_dir).context("cannot create the demo's state directory")?;
     let config_path = state_dir.join("weir.toml");
+    let digests = write_registry(&state_dir, &["chat@v1", "chat@v2", "chat@v3", "chat@v4"])?;
     std::fs::write(
         &config_path,
         demo_config(&opts, &state_dir, &versions, v1.label(), v2.label(), None),
@@ -287,6 +325,13 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
         let poisoned = Poisoned {
             eval_file: &eval_file,
         };
+        println!();
+        println!(
+            "  chat@v4   {}  poisoned candidate: answers like {stable_now}, same latency, no errors — but prompts with {TRIGGER:?} get an attacker's answer; {:.0}% of act 3's prompts carry it",
+            v4.url(),
+            TRIGGERED_SHARE * 100.0
+        );
+        held_out_evaluation(&running, &eval_file, &stable_now, &v4).await;
         let all = [
             (&v1, "stable"),
             (&v2, "healthy"),
@@ -309,13 +354,6 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
             .reload("demo")
             .await
             .map_err(|e| anyhow::anyhow!("cannot reload the demo config: {e}"))?;
-        println!();
-        println!(
-            "  chat@v4   {}  poisoned candidate: answers like {stable_now}, same latency, no errors — but prompts with {TRIGGER:?} get an attacker's answer; {:.0}% of act 3's prompts carry it",
-            v4.url(),
-            TRIGGERED_SHARE * 100.0
-        );
-        held_out_evaluation(&running, &eval_file, &stable_now, &v4).await;
         let act3 = act(
             &opts,
             &running,
@@ -326,6 +364,15 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
         )
         .await?;
         if let Some(status) = running.canary().status("chat") {
+            if status["last_decision"] == "rollback" {
+                let digest = digests.get(v4.label()).map_or("-", String::as_str);
+                println!(
+                    "  rolled back: {} (registry sha256 {}…): {}",
+                    v4.label(),
+                    &digest[..12.min(digest.len())],
+                    status["reason"].as_str().unwrap_or("")
+                );
+            }
             if let Some(line) = what_error_gates_saw(&status, v4.label()) {
                 println!("  {line}");
             }
