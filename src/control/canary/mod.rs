@@ -633,6 +633,15 @@ categories = {{ jailbreak = 1.0, safety = 1.0, format = 1.0 }}
             sl = stable.label(),
             cl = candidate.label(),
         );
+        let registry = dir.join("registry.toml");
+        let text = if registry.exists() {
+            format!(
+                "[registry]\nfile = {:?}\n{text}",
+                registry.display().to_string()
+            )
+        } else {
+            text
+        };
         let config = crate::Config::from_toml_str(&text, "eval-gate-test.toml").unwrap();
         Server::start(config).await.unwrap()
     }
@@ -844,6 +853,60 @@ categories = {{ jailbreak = 1.0, safety = 1.0, format = 1.0 }}
         assert!(recorded
             .iter()
             .any(|g| g["gate"] == "eval" && g["sha256"] == eval_gate["sha256"]));
+    }
+
+    /// A registry with `chat@v1` in production and `chat@v2` a candidate of digest `digest`.
+    fn registry(digest: char) -> String {
+        let version = |v: &str, stage: &str, d: char| {
+            let digest: String = std::iter::repeat_n(d, 64).collect();
+            format!("[[versions]]\nmodel = \"chat\"\nversion = \"{v}\"\ndigest = \"{digest}\"\nstage = \"{stage}\"\n")
+        };
+        format!(
+            "[policy]\napproval_roles = []\nrequire_provenance = false\nrequire_sbom = false\n{}{}",
+            version("v1", "production", 'a'),
+            version("v2", "candidate", digest)
+        )
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_changed_candidate_digest_is_evaluated_again_before_the_promotion() {
+        let stable = spawn(ModelServer::new("chat", "v1")).await;
+        let same = spawn(ModelServer::new("chat", "v2").answers_like("v1")).await;
+        let dir = state_dir("digest");
+        std::fs::write(dir.join("registry.toml"), registry('b')).unwrap();
+        let running = start(&dir, Path::new(SHIPPED), &stable, &same, r#""100%""#, false).await;
+        let first = decision(&running, Some("advance")).await;
+        let evaluated = &first["evidence"]["gates"][0];
+        let old_digest: String = std::iter::repeat_n('b', 64).collect();
+        assert_eq!(
+            evaluated["candidate_digest"],
+            old_digest.as_str(),
+            "{evaluated}"
+        );
+        // The candidate's artifact is re-registered under another digest before the promotion.
+        std::fs::write(dir.join("registry.toml"), registry('c')).unwrap();
+        let proxy = running.proxy_addr();
+        let sending = tokio::spawn(async move {
+            loop {
+                traffic(proxy, 4).await;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        });
+        let promoted = decision(&running, Some("promote")).await;
+        sending.abort();
+        let audit = stop(running, &dir, "promote").await;
+        let gates = promoted["evidence"]["gates"].as_array().unwrap();
+        let eval_gate = gates.iter().find(|g| g["gate"] == "eval").unwrap();
+        let new_digest: String = std::iter::repeat_n('c', 64).collect();
+        assert_eq!(
+            eval_gate["candidate_digest"],
+            new_digest.as_str(),
+            "{eval_gate}"
+        );
+        assert!(
+            audit.contains("evidence no longer holds (the registry digest of chat@v2 changed)"),
+            "no stale-evidence hold in the audit log:\n{audit}"
+        );
     }
 
     #[test]
