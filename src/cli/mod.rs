@@ -212,6 +212,11 @@ pub struct ServeArgs {
     #[arg(long, value_name = "NAME")]
     pub sticky_header: Option<String>,
 
+    /// What weir speaks to the backends: http1 (default), http2 (h2c over http://, ALPN h2 over
+    /// https://; gRPC servers need it) or auto (h2 where TLS's ALPN offers it).
+    #[arg(long, value_name = "PROTO")]
+    pub backend_protocol: Option<String>,
+
     /// Let clients pin a request to the stable or candidate version with x-weir-version.
     #[arg(long)]
     pub allow_override: bool,
@@ -487,6 +492,7 @@ fn serve_config(args: ServeArgs) -> anyhow::Result<Config> {
             canary: args.canary.clone(),
             canary_interval: args.canary_interval.clone(),
             canary_min_requests: args.canary_min_requests,
+            backend_protocol: args.backend_protocol.clone(),
             tls_cert: args.tls_cert.clone(),
             tls_key: args.tls_key.clone(),
             tls_client_ca: args.tls_client_ca.clone(),

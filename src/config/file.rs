@@ -125,6 +125,7 @@ struct RawVersion {
     version: String,
     backends: Vec<String>,
     balance: Option<String>,
+    protocol: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -965,11 +966,21 @@ fn check_version(c: &mut Checker, path: &str, v: &RawVersion) -> Option<VersionC
             Balance::RoundRobin
         }
     };
+    let protocol = match v.protocol.as_deref().map(BackendProtocol::parse) {
+        None => BackendProtocol::Http1,
+        Some(Ok(protocol)) => protocol,
+        Some(Err(message)) => {
+            c.problem(format!("{path}.protocol"), message);
+            ok = false;
+            BackendProtocol::Http1
+        }
+    };
     ok.then(|| VersionConfig {
         model: v.model.clone(),
         version: v.version.clone(),
         backends,
         balance,
+        protocol,
     })
 }
 
@@ -1111,6 +1122,36 @@ mod tests {
         assert_eq!(config.routes[0].prefix, "/");
         assert_eq!(config.versions[1].balance, Balance::LeastLoaded);
         assert_eq!(config.versions[1].backends.len(), 2);
+    }
+
+    #[test]
+    fn a_version_names_the_protocol_its_backends_speak() {
+        let config = parse(MINIMAL).unwrap();
+        assert_eq!(config.versions[0].protocol, BackendProtocol::Http1);
+        for (text, protocol) in [
+            ("http2", BackendProtocol::Http2),
+            ("auto", BackendProtocol::Auto),
+            ("http1", BackendProtocol::Http1),
+        ] {
+            let with = MINIMAL.replace(
+                "balance = \"least_loaded\"",
+                &format!("balance = \"least_loaded\"\nprotocol = \"{text}\""),
+            );
+            assert_eq!(parse(&with).unwrap().versions[1].protocol, protocol);
+        }
+        let bad = MINIMAL.replace(
+            "balance = \"least_loaded\"",
+            "balance = \"least_loaded\"\nprotocol = \"grpc\"",
+        );
+        let problems = parse(&bad).unwrap_err();
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.to_string().contains("versions[1].protocol")
+                    && p.to_string()
+                        .contains("expected \"http1\", \"http2\" or \"auto\"")),
+            "{problems:?}"
+        );
     }
 
     #[test]

@@ -301,6 +301,33 @@ pub struct VersionConfig {
     /// Origins (`http://host:port`) of the model servers for this version.
     pub backends: Vec<Uri>,
     pub balance: Balance,
+    pub protocol: BackendProtocol,
+}
+
+/// The HTTP version weir speaks to a version's backends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum BackendProtocol {
+    /// HTTP/1.1 (the default): the fast path's pooled connections for `http://` backends.
+    #[default]
+    Http1,
+    /// HTTP/2: over `http://` with prior knowledge (h2c), over `https://` by ALPN `h2`. Needed
+    /// for gRPC servers (Triton, KServe v2, TF Serving, vLLM and TGI gRPC frontends).
+    Http2,
+    /// HTTP/2 where TLS's ALPN offers it, HTTP/1.1 otherwise (and always over `http://`).
+    Auto,
+}
+
+impl BackendProtocol {
+    pub fn parse(text: &str) -> Result<BackendProtocol, String> {
+        match text {
+            "http1" => Ok(BackendProtocol::Http1),
+            "http2" => Ok(BackendProtocol::Http2),
+            "auto" => Ok(BackendProtocol::Auto),
+            other => Err(format!(
+                "expected \"http1\", \"http2\" or \"auto\", got {other:?}"
+            )),
+        }
+    }
 }
 
 impl VersionConfig {

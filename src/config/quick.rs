@@ -35,6 +35,8 @@ pub struct QuickMode {
     pub canary: Option<String>,
     pub canary_interval: Option<String>,
     pub canary_min_requests: Option<u64>,
+    /// `http1` (default), `http2` or `auto`, for every version.
+    pub backend_protocol: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -50,7 +52,15 @@ fn flag_error(flag: &'static str) -> impl Fn(String) -> QuickSpecError {
 
 impl QuickMode {
     pub fn into_config(self) -> Result<Config, QuickSpecError> {
-        let (stable, candidate) = self.versions()?;
+        let (mut stable, mut candidate) = self.versions()?;
+        if let Some(text) = &self.backend_protocol {
+            let protocol =
+                BackendProtocol::parse(text).map_err(flag_error("--backend-protocol"))?;
+            stable.protocol = protocol;
+            if let Some(c) = candidate.as_mut() {
+                c.protocol = protocol;
+            }
+        }
         let has_candidate = candidate.is_some();
         let weight = percent_flag(self.weight.as_deref(), "--weight")?;
         if weight > 0 && !has_candidate {
@@ -259,6 +269,7 @@ fn parse_spec(spec: &str, unnamed: &str) -> Result<VersionConfig, String> {
         version: version.to_string(),
         backends,
         balance: Balance::RoundRobin,
+        protocol: BackendProtocol::Http1,
     })
 }
 

@@ -23,7 +23,7 @@ use super::framing;
 use super::h1::ForwardError;
 use super::split::OVERRIDE_HEADER;
 use super::table::RoutingTable;
-use crate::config::ProxyConfig;
+use crate::config::{BackendProtocol, ProxyConfig};
 use crate::metrics::ProxyFailure;
 use crate::shadow::task::{ShadowStart, Shadower};
 use crate::upstream::{BackendGuard, Version};
@@ -51,7 +51,7 @@ pub struct ProxySettings {
 #[derive(Debug)]
 pub struct Proxy {
     pub(crate) table: Arc<ArcSwap<RoutingTable>>,
-    client: UpstreamClient,
+    clients: UpstreamClients,
     pub(crate) settings: ProxySettings,
     pub(crate) shadower: Arc<Shadower>,
 }
@@ -94,36 +94,77 @@ static HOP_BY_HOP: [&HeaderName; 9] = [
     &header::UPGRADE,
 ];
 
-/// The upstream HTTP client: pooled keep-alive connections per backend origin, plain or TLS.
-pub fn upstream_client(config: &ProxyConfig) -> Result<UpstreamClient, crate::tls::TlsError> {
-    let mut connector = HttpConnector::new();
-    connector.set_nodelay(true);
-    connector.set_connect_timeout(Some(config.connect_timeout));
-    connector.set_keepalive(Some(Duration::from_secs(60)));
-    connector.enforce_http(false);
-    let connector = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_tls_config(crate::tls::backend_client_config(&config.backend_tls)?)
-        .https_or_http()
-        .enable_http1()
-        .wrap_connector(connector);
-    Ok(Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(config.pool_idle_timeout)
-        .pool_max_idle_per_host(config.pool_max_idle_per_backend)
-        .pool_timer(TokioTimer::new())
-        .timer(TokioTimer::new())
-        .build(connector))
+/// The upstream HTTP clients, one per [`BackendProtocol`]: pooled keep-alive connections per
+/// backend origin, plain or TLS.
+#[derive(Clone, Debug)]
+pub struct UpstreamClients {
+    /// HTTP/1.1 (TLS backends; plain ones take the fast path's connections).
+    http1: UpstreamClient,
+    /// HTTP/2 only: h2c with prior knowledge over `http://`, ALPN `h2` over `https://`.
+    http2: UpstreamClient,
+    /// ALPN offers `h2` and `http/1.1`; plain backends speak HTTP/1.1.
+    auto: UpstreamClient,
+}
+
+impl UpstreamClients {
+    fn of(&self, protocol: BackendProtocol) -> &UpstreamClient {
+        match protocol {
+            BackendProtocol::Http1 => &self.http1,
+            BackendProtocol::Http2 => &self.http2,
+            BackendProtocol::Auto => &self.auto,
+        }
+    }
+}
+
+/// The upstream HTTP clients: pooled keep-alive connections per backend origin, plain or TLS.
+pub fn upstream_client(config: &ProxyConfig) -> Result<UpstreamClients, crate::tls::TlsError> {
+    let tls = crate::tls::backend_client_config(&config.backend_tls)?;
+    let client = |protocol: BackendProtocol| {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(config.connect_timeout));
+        connector.set_keepalive(Some(Duration::from_secs(60)));
+        connector.enforce_http(false);
+        let builder = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls.clone())
+            .https_or_http();
+        let connector = match protocol {
+            BackendProtocol::Http1 => builder.enable_http1().wrap_connector(connector),
+            BackendProtocol::Http2 => builder.enable_http2().wrap_connector(connector),
+            BackendProtocol::Auto => builder.enable_all_versions().wrap_connector(connector),
+        };
+        let mut client = Client::builder(TokioExecutor::new());
+        client
+            .pool_idle_timeout(config.pool_idle_timeout)
+            .pool_max_idle_per_host(config.pool_max_idle_per_backend)
+            .pool_timer(TokioTimer::new())
+            .timer(TokioTimer::new());
+        if protocol == BackendProtocol::Http2 {
+            // Prior knowledge over plain TCP; keep idle connections alive with PINGs.
+            client
+                .http2_only(true)
+                .http2_keep_alive_interval(Duration::from_secs(30))
+                .http2_keep_alive_while_idle(true);
+        }
+        client.build(connector)
+    };
+    Ok(UpstreamClients {
+        http1: client(BackendProtocol::Http1),
+        http2: client(BackendProtocol::Http2),
+        auto: client(BackendProtocol::Auto),
+    })
 }
 
 impl Proxy {
     pub fn new(
         table: Arc<ArcSwap<RoutingTable>>,
-        client: UpstreamClient,
+        clients: UpstreamClients,
         settings: ProxySettings,
         shadower: Arc<Shadower>,
     ) -> Proxy {
         Proxy {
             table,
-            client,
+            clients,
             settings,
             shadower,
         }
@@ -177,7 +218,20 @@ impl Proxy {
         }
         parts.uri = Uri::from_parts(uri).expect("scheme, authority and path are set");
         parts.version = http::Version::HTTP_11;
+        // `te: trailers` is the one TE an HTTP/2 request may carry, and gRPC servers need it.
+        let trailers = version.protocol != BackendProtocol::Http1
+            && parts
+                .headers
+                .get_all(header::TE)
+                .iter()
+                .flat_map(|v| framing::tokens(v.as_bytes()))
+                .any(|t| t.eq_ignore_ascii_case(b"trailers"));
         strip_hop_by_hop(&mut parts.headers);
+        if trailers {
+            parts
+                .headers
+                .insert(header::TE, HeaderValue::from_static("trailers"));
+        }
         parts.headers.remove(&OVERRIDE_HEADER);
         forwarded_headers(&mut parts.headers, conn);
         // A mirrored request starts its shadow now; the shadow gets the body as it streams.
@@ -195,7 +249,7 @@ impl Proxy {
 
         // A plain-HTTP backend: the fast path's upstream connections and its framing rules,
         // with no client connection task or pool lock in between.
-        if b.scheme == http::uri::Scheme::HTTP {
+        if b.scheme == http::uri::Scheme::HTTP && version.protocol != BackendProtocol::Http2 {
             // `forward` bounds the connect, each write and the wait for the head itself.
             let (response, body) = match super::h1::forward(self, b, &parts, body).await {
                 Ok(sent) => sent,
@@ -243,7 +297,7 @@ impl Proxy {
         let upstream = Request::from_parts(parts, body);
         let result = tokio::time::timeout(
             self.settings.response_header_timeout,
-            self.client.request(upstream),
+            self.clients.of(version.protocol).request(upstream),
         )
         .await;
         let response = match result {

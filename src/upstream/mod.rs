@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use http::uri::{Authority, Scheme};
 use http::HeaderValue;
 
-use crate::config::{Balance, VersionConfig};
+use crate::config::{BackendProtocol, Balance, VersionConfig};
 use crate::metrics::ProxyFailure;
 
 pub mod pool;
@@ -23,8 +23,10 @@ pub struct Version {
     /// `label` as a header value, for `x-weir-version`.
     pub label_header: HeaderValue,
     pub backends: Box<[Backend]>,
-    /// Every backend speaks plain HTTP (the fast path serves it; TLS backends go through hyper).
+    /// Every backend speaks plain HTTP/1.1 (the fast path serves it; TLS and HTTP/2 backends go
+    /// through hyper's client).
     pub plain_http: bool,
+    pub protocol: BackendProtocol,
     balance: Balance,
     next: AtomicUsize,
 }
@@ -107,7 +109,9 @@ impl Version {
         Version {
             label_header: label_header(&label),
             label: label.into(),
-            plain_http: backends.iter().all(|b| b.scheme == Scheme::HTTP),
+            plain_http: config.protocol != BackendProtocol::Http2
+                && backends.iter().all(|b| b.scheme == Scheme::HTTP),
+            protocol: config.protocol,
             backends,
             balance: config.balance,
             next: AtomicUsize::new(0),
@@ -117,6 +121,7 @@ impl Version {
     /// Whether this version serves the same backends the same way as `config`.
     pub fn same_as(&self, config: &VersionConfig) -> bool {
         self.balance == config.balance
+            && self.protocol == config.protocol
             && self.backends.len() == config.backends.len()
             && self
                 .backends
@@ -280,6 +285,7 @@ mod tests {
                     .map(|i| format!("http://127.0.0.1:{}/", 9000 + i).parse().unwrap())
                     .collect(),
                 balance,
+                protocol: BackendProtocol::Http1,
             },
             true,
             4,

@@ -1,0 +1,179 @@
+//! gRPC through the split (issue 19): versions with `protocol = "http2"` are spoken to over HTTP/2
+//! (h2c with prior knowledge), so a real gRPC server and client — tonic and its standard health
+//! service, which nobody here wrote — talk through weir as they would directly: unary and
+//! server-streaming calls, each answered entirely by one version, statuses unchanged.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+
+use common::*;
+use tonic::transport::Channel;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
+
+/// The service each version reports on: `chat@v1` says SERVING, `chat@v2` NOT_SERVING, so every
+/// answer says which version gave it.
+const SERVICE: &str = "inference.Chat";
+
+/// A gRPC health server on loopback reporting `status` for [`SERVICE`].
+async fn health_server(serving: bool) -> SocketAddr {
+    let (reporter, service) = tonic_health::server::health_reporter();
+    let status = if serving {
+        tonic_health::ServingStatus::Serving
+    } else {
+        tonic_health::ServingStatus::NotServing
+    };
+    reporter.set_service_status(SERVICE, status).await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let incoming = tonic::transport::server::TcpIncoming::from(listener);
+    tokio::spawn(async move {
+        let _keep = reporter;
+        tonic::transport::Server::builder()
+            .add_service(service)
+            .serve_with_incoming(incoming)
+            .await
+    });
+    addr
+}
+
+/// weir in quick mode, 50/50 between two HTTP/2 backends, sticky on the `x-user` metadata.
+async fn weir_over_http2(v1: SocketAddr, v2: SocketAddr, state: &std::path::Path) -> weir::Running {
+    let config = weir::QuickMode {
+        stable: format!("chat@v1=http://{v1}"),
+        candidate: Some(format!("chat@v2=http://{v2}")),
+        weight: Some("50%".into()),
+        sticky_header: Some("x-user".into()),
+        backend_protocol: Some("http2".into()),
+        listen: Some("127.0.0.1:0".into()),
+        admin: Some("127.0.0.1:0".into()),
+        state_dir: Some(state.to_path_buf()),
+        ..Default::default()
+    }
+    .into_config()
+    .expect("a valid quick-mode spec");
+    weir::Server::start(config).await.expect("weir starts")
+}
+
+async fn client(running: &weir::Running) -> HealthClient<Channel> {
+    let channel = Channel::from_shared(format!("http://{}", running.proxy_addr()))
+        .unwrap()
+        .connect()
+        .await
+        .expect("the gRPC client connects to weir");
+    HealthClient::new(channel)
+}
+
+fn check(service: &str, user: Option<&str>) -> tonic::Request<HealthCheckRequest> {
+    let mut request = tonic::Request::new(HealthCheckRequest {
+        service: service.into(),
+    });
+    if let Some(user) = user {
+        request
+            .metadata_mut()
+            .insert("x-user", user.parse().unwrap());
+    }
+    request
+}
+
+fn served_by<T>(response: &tonic::Response<T>) -> String {
+    response
+        .metadata()
+        .get("x-weir-version")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("none")
+        .to_string()
+}
+
+fn expected_status(version: &str) -> ServingStatus {
+    match version {
+        "chat@v1" => ServingStatus::Serving,
+        "chat@v2" => ServingStatus::NotServing,
+        other => panic!("answered by {other}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unary_and_streaming_calls_pass_through_the_split_each_answered_by_one_version() {
+    let v1 = health_server(true).await;
+    let v2 = health_server(false).await;
+    let state = temp_dir("grpc-split");
+    let running = weir_over_http2(v1, v2, state.path()).await;
+    let mut health = client(&running).await;
+
+    // Unary: every call is answered whole by the version the header names.
+    let mut seen = BTreeMap::<String, usize>::new();
+    for _ in 0..60 {
+        let response = health
+            .check(check(SERVICE, None))
+            .await
+            .expect("the call succeeds");
+        let version = served_by(&response);
+        assert_eq!(
+            response.get_ref().status(),
+            expected_status(&version),
+            "{version} answered"
+        );
+        *seen.entry(version).or_default() += 1;
+    }
+    assert_eq!(
+        seen.len(),
+        2,
+        "a 50/50 split reaches both versions: {seen:?}"
+    );
+    assert!(seen.values().all(|n| *n >= 10), "{seen:?}");
+
+    // Sticky on gRPC metadata: one user keeps one version.
+    let mut versions = std::collections::BTreeSet::new();
+    for _ in 0..20 {
+        let response = health.check(check(SERVICE, Some("alice"))).await.unwrap();
+        versions.insert(served_by(&response));
+    }
+    assert_eq!(versions.len(), 1, "alice changed version: {versions:?}");
+
+    // Server streaming: the first message of a watch comes from the version the header names.
+    for _ in 0..6 {
+        let mut request = tonic::Request::new(HealthCheckRequest {
+            service: SERVICE.into(),
+        });
+        request
+            .metadata_mut()
+            .insert("x-user", "bob".parse().unwrap());
+        let response = health.watch(request).await.expect("the watch starts");
+        let version = served_by(&response);
+        let mut stream = response.into_inner();
+        let first = stream
+            .message()
+            .await
+            .expect("the stream carries a message")
+            .expect("one message");
+        assert_eq!(
+            first.status(),
+            expected_status(&version),
+            "{version} streamed"
+        );
+    }
+    running.shutdown();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grpc_error_status_reaches_the_client_unchanged() {
+    let v1 = health_server(true).await;
+    let v2 = health_server(true).await;
+    let state = temp_dir("grpc-status");
+    let running = weir_over_http2(v1, v2, state.path()).await;
+    let mut health = client(&running).await;
+    // The health service answers NOT_FOUND for a service it does not know: in the trailers of
+    // an HTTP 200 response (or a trailers-only response), which must pass through as sent.
+    for _ in 0..10 {
+        let status = health
+            .check(check("no.such.Service", None))
+            .await
+            .expect_err("an unknown service is an error");
+        assert_eq!(status.code(), tonic::Code::NotFound, "{status:?}");
+    }
+    running.shutdown();
+}
