@@ -2,7 +2,8 @@
 //! touches are resolved when a routing table is built ([`TargetStats`]), so the hot path only
 //! increments atomics and never formats or looks up a label.
 
-use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, OnceLock};
 
 use prometheus::{
     Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
@@ -158,6 +159,7 @@ pub struct Metrics {
     canary: IntCounterVec,
     eval_cases: IntCounterVec,
     eval_bound: GaugeVec,
+    grpc_errors: IntCounterVec,
     /// Fleet mode only (registered by [`Metrics::enable_fleet`]).
     fleet_leader: IntGauge,
     fleet_etcd_up: IntGauge,
@@ -294,6 +296,14 @@ impl Metrics {
             &["route", "version", "category"],
         )
         .expect("valid metric");
+        let grpc_errors = IntCounterVec::new(
+            Opts::new(
+                "weir_grpc_errors_total",
+                "Responses whose gRPC status (in the headers or the trailers) is not OK, by code; they count as server errors of their version",
+            ),
+            &["route", "version", "role", "code"],
+        )
+        .expect("valid metric");
         for collector in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(errors.clone()),
@@ -311,6 +321,7 @@ impl Metrics {
             Box::new(canary.clone()),
             Box::new(eval_cases.clone()),
             Box::new(eval_bound.clone()),
+            Box::new(grpc_errors.clone()),
         ] {
             registry
                 .register(collector)
@@ -353,6 +364,7 @@ impl Metrics {
             canary,
             eval_cases,
             eval_bound,
+            grpc_errors,
         }
     }
 
@@ -463,6 +475,12 @@ impl Metrics {
             duration: self.duration.with_label_values(&[route, version]),
             ttfb: self.ttfb.with_label_values(&[route, version]),
             in_flight: self.in_flight.with_label_values(&[route, version]),
+            grpc: GrpcErrors {
+                family: self.grpc_errors.clone(),
+                labels: [route.into(), version.into(), role.as_str().into()],
+                codes: Default::default(),
+                total: AtomicU64::new(0),
+            },
         })
     }
 
@@ -500,6 +518,38 @@ pub struct TargetStats {
     pub duration: prometheus::Histogram,
     pub ttfb: prometheus::Histogram,
     pub in_flight: IntGauge,
+    grpc: GrpcErrors,
+}
+
+/// The gRPC status codes by number (OK is never counted as an error).
+const GRPC_CODES: [&str; 17] = [
+    "OK",
+    "CANCELLED",
+    "UNKNOWN",
+    "INVALID_ARGUMENT",
+    "DEADLINE_EXCEEDED",
+    "NOT_FOUND",
+    "ALREADY_EXISTS",
+    "PERMISSION_DENIED",
+    "RESOURCE_EXHAUSTED",
+    "FAILED_PRECONDITION",
+    "ABORTED",
+    "OUT_OF_RANGE",
+    "UNIMPLEMENTED",
+    "INTERNAL",
+    "UNAVAILABLE",
+    "DATA_LOSS",
+    "UNAUTHENTICATED",
+];
+
+/// One target's gRPC error counters. A series is resolved the first time its code is seen, so
+/// HTTP-only versions export none, and the hot path never formats a label.
+#[derive(Debug)]
+struct GrpcErrors {
+    family: IntCounterVec,
+    labels: [String; 3],
+    codes: [OnceLock<IntCounter>; 17],
+    total: AtomicU64,
 }
 
 impl TargetStats {
@@ -517,8 +567,26 @@ impl TargetStats {
         self.requests.iter().map(|c| c.get()).sum()
     }
 
-    /// Responses with a 5xx status counted so far, whether weir or the backend chose it.
+    /// A response whose gRPC status (`grpc-status`, in its headers or its trailers) is `code`,
+    /// not OK: an error of this version like a 5xx. An unknown code counts as UNKNOWN.
+    pub fn count_grpc_error(&self, code: u32) {
+        let code = match code {
+            1..=16 => code as usize,
+            _ => 2,
+        };
+        let g = &self.grpc;
+        let counter = g.codes[code].get_or_init(|| {
+            let [route, version, role] = &g.labels;
+            g.family
+                .with_label_values(&[route, version, role, GRPC_CODES[code]])
+        });
+        counter.inc();
+        g.total.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Responses with a 5xx status counted so far, whether weir or the backend chose it, and
+    /// responses with a gRPC status other than OK.
     pub fn server_errors_total(&self) -> u64 {
-        self.requests[4].get()
+        self.requests[4].get() + self.grpc.total.load(std::sync::atomic::Ordering::Relaxed)
     }
 }

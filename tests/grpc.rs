@@ -177,3 +177,102 @@ async fn a_grpc_error_status_reaches_the_client_unchanged() {
     }
     running.shutdown();
 }
+
+/// A gRPC health server that fails `share` of its calls with INTERNAL (trailers-only, HTTP 200).
+async fn failing_health_server(share: f64) -> SocketAddr {
+    use tonic::codegen::Service as _;
+    let (reporter, service) = tonic_health::server::health_reporter();
+    reporter
+        .set_service_status(SERVICE, tonic_health::ServingStatus::Serving)
+        .await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let _keep = reporter;
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            let service = service.clone();
+            tokio::spawn(async move {
+                let handler = hyper::service::service_fn(move |req| {
+                    let mut service = service.clone();
+                    async move {
+                        if rand::random::<f64>() < share {
+                            let failed = tonic::Status::internal("injected failure");
+                            return Ok(failed.into_http::<tonic::body::Body>());
+                        }
+                        service.call(req).await
+                    }
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(
+                    hyper_util::rt::TokioExecutor::new(),
+                )
+                .http2_only()
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), handler)
+                .await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_error_statuses_count_as_errors_of_their_version_and_roll_a_canary_back() {
+    let stable = health_server(true).await;
+    let failing = failing_health_server(0.3).await;
+    let state = temp_dir("grpc-canary");
+    let config = weir::QuickMode {
+        stable: format!("chat@v1=http://{stable}"),
+        candidate: Some(format!("chat@v2=http://{failing}")),
+        backend_protocol: Some("http2".into()),
+        canary: Some("50%,100%".into()),
+        canary_interval: Some("500ms".into()),
+        canary_min_requests: Some(30),
+        listen: Some("127.0.0.1:0".into()),
+        admin: Some("127.0.0.1:0".into()),
+        state_dir: Some(state.path().to_path_buf()),
+        ..Default::default()
+    }
+    .into_config()
+    .unwrap();
+    let running = weir::Server::start(config).await.unwrap();
+    let mut health = client(&running).await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let mut failed_calls = 0;
+    let status = loop {
+        // Every call is answered HTTP 200; the failures are gRPC statuses only.
+        if let Err(status) = health.check(check(SERVICE, None)).await {
+            assert_eq!(status.code(), tonic::Code::Internal, "{status:?}");
+            failed_calls += 1;
+        }
+        if let Some(status) = running.canary().status("default") {
+            if status["last_decision"] == "rollback" {
+                break status;
+            }
+        }
+        assert!(std::time::Instant::now() < deadline, "no rollback");
+    };
+    assert!(failed_calls > 0);
+    let reason = status["reason"].as_str().unwrap();
+    assert!(reason.starts_with("failed gate: error_rate"), "{reason}");
+    let scrape = String::from_utf8(running.writer().metrics().encode()).unwrap();
+    let internal = scrape
+        .lines()
+        .find(|l| {
+            l.starts_with("weir_grpc_errors_total{")
+                && l.contains("code=\"INTERNAL\"")
+                && l.contains("version=\"chat@v2\"")
+        })
+        .unwrap_or_else(|| panic!("no INTERNAL count for chat@v2:\n{scrape}"));
+    let counted: u64 = internal.rsplit(' ').next().unwrap().parse().unwrap();
+    assert!(
+        counted >= 1 && counted <= failed_calls,
+        "{internal} vs {failed_calls} failed calls"
+    );
+    assert!(
+        !scrape.contains("weir_grpc_errors_total{code=\"INTERNAL\",role=\"stable\""),
+        "stable answered no error"
+    );
+    running.shutdown();
+}

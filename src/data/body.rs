@@ -327,6 +327,11 @@ where
         };
         match this.inner.as_mut().poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
+                if let Some(code) = frame.trailers_ref().and_then(grpc_status) {
+                    if code != 0 {
+                        in_flight.stats.count_grpc_error(code);
+                    }
+                }
                 if !*this.first_byte && frame.is_data() {
                     *this.first_byte = true;
                     in_flight
@@ -465,10 +470,64 @@ impl Body for ProxyBody {
     }
 }
 
+/// The gRPC status a response's headers or trailers carry (`grpc-status`), if any.
+pub fn grpc_status(headers: &http::HeaderMap) -> Option<u32> {
+    let value = headers.get("grpc-status")?;
+    std::str::from_utf8(value.as_bytes())
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use http_body_util::BodyExt;
+
+    /// A body of the given frames.
+    struct Frames(std::collections::VecDeque<Frame<Bytes>>);
+
+    impl Body for Frames {
+        type Data = Bytes;
+        type Error = BoxError;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+            Poll::Ready(self.0.pop_front().map(Ok))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_grpc_status_in_the_trailers_counts_as_an_error_of_the_version() {
+        let metrics = crate::metrics::Metrics::new();
+        for (status, errors) in [("0", 0), ("13", 1)] {
+            let stats =
+                metrics.target("r", &format!("m@{status}"), crate::metrics::Role::Candidate);
+            let mut trailers = http::HeaderMap::new();
+            trailers.insert("grpc-status", http::HeaderValue::from_static(status));
+            let inner = Frames(
+                [
+                    Frame::data(Bytes::from_static(b"\0\0\0\0\0")),
+                    Frame::trailers(trailers),
+                ]
+                .into(),
+            );
+            let body = MeteredBody::new(
+                inner,
+                InFlight::start(Arc::clone(&stats), Instant::now()),
+                Arc::from("m@v"),
+                Duration::from_secs(5),
+                None,
+                None,
+            );
+            let collected = body.collect().await.unwrap();
+            assert!(collected.trailers().is_some(), "the trailers pass through");
+            assert_eq!(stats.server_errors_total(), errors, "grpc-status {status}");
+        }
+    }
 
     async fn send(sender: &WireBodySender, data: &'static str) {
         sender

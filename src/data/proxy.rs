@@ -364,6 +364,12 @@ impl Proxy {
                 .insert(name.clone(), version.label_header.clone());
         }
         in_flight.stats().count_response(parts.status);
+        // A trailers-only gRPC answer carries its status in the head.
+        if parts.status.is_success() {
+            if let Some(code) = super::body::grpc_status(&parts.headers).filter(|c| *c != 0) {
+                in_flight.stats().count_grpc_error(code);
+            }
+        }
         let response_tee = shadow.map(|s| s.response_tee(parts.status.as_u16(), &parts.headers));
         let body = MeteredBody::new(
             body,
