@@ -276,3 +276,38 @@ async fn grpc_error_statuses_count_as_errors_of_their_version_and_roll_a_canary_
     );
     running.shutdown();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_backend_gives_the_grpc_client_a_grpc_status_not_a_json_502() {
+    let refused = refused_url();
+    let state = temp_dir("grpc-dead");
+    let config = weir::QuickMode {
+        stable: format!("chat@v1={refused}"),
+        backend_protocol: Some("http2".into()),
+        listen: Some("127.0.0.1:0".into()),
+        admin: Some("127.0.0.1:0".into()),
+        state_dir: Some(state.path().to_path_buf()),
+        ..Default::default()
+    }
+    .into_config()
+    .unwrap();
+    let running = weir::Server::start(config).await.unwrap();
+    let mut health = client(&running).await;
+    let status = health
+        .check(check(SERVICE, None))
+        .await
+        .expect_err("nothing listens there");
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    assert!(
+        status.message().contains("chat@v1"),
+        "weir's message names the version: {status:?}"
+    );
+    assert_eq!(
+        status
+            .metadata()
+            .get("x-weir-version")
+            .and_then(|v| v.to_str().ok()),
+        Some("chat@v1")
+    );
+    running.shutdown();
+}

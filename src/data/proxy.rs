@@ -173,6 +173,20 @@ impl Proxy {
     /// Serves one request. Never fails: every problem becomes a JSON error response.
     pub async fn handle(
         &self,
+        req: Request<RequestBody>,
+        conn: &ConnInfo,
+    ) -> Result<Response<ProxyBody>, Infallible> {
+        let grpc = is_grpc(req.headers());
+        let response = self.serve(req, conn).await?;
+        Ok(if grpc {
+            grpc_shaped(response).await
+        } else {
+            response
+        })
+    }
+
+    async fn serve(
+        &self,
         mut req: Request<RequestBody>,
         conn: &ConnInfo,
     ) -> Result<Response<ProxyBody>, Infallible> {
@@ -610,6 +624,72 @@ fn forwarded_headers(headers: &mut HeaderMap, conn: &ConnInfo) {
     headers.insert(X_FORWARDED_PROTO.clone(), conn.proto.clone());
 }
 
+/// Whether a request is a gRPC call (`content-type: application/grpc…`).
+fn is_grpc(headers: &HeaderMap) -> bool {
+    // `application/grpc`, `application/grpc+proto`, `application/grpc;…` — not gRPC-Web, whose
+    // trailers travel in the body.
+    headers.get(header::CONTENT_TYPE).is_some_and(|v| {
+        v.as_bytes()
+            .strip_prefix(b"application/grpc")
+            .is_some_and(|rest| rest.is_empty() || rest[0] == b'+' || rest[0] == b';')
+    })
+}
+
+/// weir's own refusal of a gRPC call, as gRPC clients understand one: HTTP 200, trailers-only,
+/// with a `grpc-status` for what happened and weir's message as `grpc-message`. A backend's
+/// answer passes as it came.
+async fn grpc_shaped(response: Response<ProxyBody>) -> Response<ProxyBody> {
+    if response.status().is_success() || !matches!(response.body(), ProxyBody::Local { .. }) {
+        return response;
+    }
+    let (mut parts, body) = response.into_parts();
+    let bytes = http_body_util::BodyExt::collect(body)
+        .await
+        .map(|c| c.to_bytes())
+        .unwrap_or_default();
+    let message = serde_json::from_slice::<serde_json::Value>(&bytes)
+        .ok()
+        .and_then(|v| v["error"].as_str().map(str::to_string))
+        .unwrap_or_else(|| parts.status.to_string());
+    // After gRPC's HTTP-to-status mapping, with weir's own causes made precise.
+    let code = match parts.status.as_u16() {
+        400 => 13,       // INTERNAL
+        401 => 16,       // UNAUTHENTICATED
+        403 => 7,        // PERMISSION_DENIED
+        404 => 12,       // UNIMPLEMENTED
+        413 | 429 => 8,  // RESOURCE_EXHAUSTED
+        504 => 4,        // DEADLINE_EXCEEDED
+        502 | 503 => 14, // UNAVAILABLE
+        _ => 2,          // UNKNOWN
+    };
+    parts.status = StatusCode::OK;
+    parts.headers.remove(header::CONTENT_LENGTH);
+    parts.headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/grpc"),
+    );
+    parts
+        .headers
+        .insert("grpc-status", HeaderValue::from(code as u32));
+    if let Ok(value) = HeaderValue::from_str(&grpc_message(&message)) {
+        parts.headers.insert("grpc-message", value);
+    }
+    Response::from_parts(parts, ProxyBody::local(Bytes::new()))
+}
+
+/// `grpc-message`'s percent-encoding: printable ASCII except `%` as is, every other byte `%XX`.
+fn grpc_message(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    for byte in message.bytes() {
+        if (0x20..=0x7e).contains(&byte) && byte != b'%' {
+            out.push(byte as char);
+        } else {
+            out.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    out
+}
+
 pub fn json_error(status: StatusCode, body: serde_json::Value) -> Response<ProxyBody> {
     let mut response = Response::new(ProxyBody::local(Bytes::from(body.to_string())));
     *response.status_mut() = status;
@@ -623,6 +703,55 @@ pub fn json_error(status: StatusCode, body: serde_json::Value) -> Response<Proxy
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn grpc_calls_are_told_apart_from_grpc_web_and_messages_are_percent_encoded() {
+        let with = |ct: &'static str| {
+            let mut h = HeaderMap::new();
+            h.insert(header::CONTENT_TYPE, HeaderValue::from_static(ct));
+            is_grpc(&h)
+        };
+        assert!(with("application/grpc") && with("application/grpc+proto"));
+        assert!(with("application/grpc;charset=utf-8"));
+        assert!(!with("application/grpc-web") && !with("application/json"));
+        assert_eq!(
+            grpc_message("50% of chat@v1 — down"),
+            "50%25 of chat@v1 %E2%80%94 down"
+        );
+    }
+
+    #[tokio::test]
+    async fn weirs_own_refusal_of_a_grpc_call_is_a_grpc_status() {
+        let refused = json_error(
+            StatusCode::GATEWAY_TIMEOUT,
+            serde_json::json!({"error": "chat@v2 did not answer in time", "kind": "timeout"}),
+        );
+        let shaped = grpc_shaped(refused).await;
+        assert_eq!(shaped.status(), StatusCode::OK);
+        assert_eq!(shaped.headers()["grpc-status"], "4");
+        assert_eq!(
+            shaped.headers()["grpc-message"],
+            "chat@v2 did not answer in time"
+        );
+        assert_eq!(shaped.headers()[header::CONTENT_TYPE], "application/grpc");
+        for (status, code) in [
+            (413, "8"),
+            (429, "8"),
+            (502, "14"),
+            (503, "14"),
+            (404, "12"),
+        ] {
+            let answer = json_error(
+                StatusCode::from_u16(status).unwrap(),
+                serde_json::json!({"error": "x"}),
+            );
+            assert_eq!(
+                grpc_shaped(answer).await.headers()["grpc-status"],
+                code,
+                "{status}"
+            );
+        }
+    }
 
     #[test]
     fn hop_by_hop_headers_and_those_named_in_connection_are_removed() {
