@@ -40,22 +40,32 @@ async fn health_server(serving: bool) -> SocketAddr {
     addr
 }
 
-/// weir in quick mode, 50/50 between two HTTP/2 backends, sticky on the `x-user` metadata.
-async fn weir_over_http2(v1: SocketAddr, v2: SocketAddr, state: &std::path::Path) -> weir::Running {
-    let config = weir::QuickMode {
-        stable: format!("chat@v1=http://{v1}"),
-        candidate: Some(format!("chat@v2=http://{v2}")),
-        weight: Some("50%".into()),
-        sticky_header: Some("x-user".into()),
+/// Quick mode with `chat@v1` at `stable` over HTTP/2, on loopback ports of its own.
+fn http2_quick(stable: &str, state: &std::path::Path) -> weir::QuickMode {
+    weir::QuickMode {
+        stable: format!("chat@v1={stable}"),
         backend_protocol: Some("http2".into()),
         listen: Some("127.0.0.1:0".into()),
         admin: Some("127.0.0.1:0".into()),
         state_dir: Some(state.to_path_buf()),
         ..Default::default()
     }
-    .into_config()
-    .expect("a valid quick-mode spec");
+}
+
+async fn start(quick: weir::QuickMode) -> weir::Running {
+    let config = quick.into_config().expect("a valid quick-mode spec");
     weir::Server::start(config).await.expect("weir starts")
+}
+
+/// weir in quick mode, 50/50 between two HTTP/2 backends, sticky on the `x-user` metadata.
+async fn weir_over_http2(v1: SocketAddr, v2: SocketAddr, state: &std::path::Path) -> weir::Running {
+    start(weir::QuickMode {
+        candidate: Some(format!("chat@v2=http://{v2}")),
+        weight: Some("50%".into()),
+        sticky_header: Some("x-user".into()),
+        ..http2_quick(&format!("http://{v1}"), state)
+    })
+    .await
 }
 
 async fn client(running: &weir::Running) -> HealthClient<Channel> {
@@ -222,21 +232,14 @@ async fn grpc_error_statuses_count_as_errors_of_their_version_and_roll_a_canary_
     let stable = health_server(true).await;
     let failing = failing_health_server(0.3).await;
     let state = temp_dir("grpc-canary");
-    let config = weir::QuickMode {
-        stable: format!("chat@v1=http://{stable}"),
+    let running = start(weir::QuickMode {
         candidate: Some(format!("chat@v2=http://{failing}")),
-        backend_protocol: Some("http2".into()),
         canary: Some("50%,100%".into()),
         canary_interval: Some("500ms".into()),
         canary_min_requests: Some(30),
-        listen: Some("127.0.0.1:0".into()),
-        admin: Some("127.0.0.1:0".into()),
-        state_dir: Some(state.path().to_path_buf()),
-        ..Default::default()
-    }
-    .into_config()
-    .unwrap();
-    let running = weir::Server::start(config).await.unwrap();
+        ..http2_quick(&format!("http://{stable}"), state.path())
+    })
+    .await;
     let mut health = client(&running).await;
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     let mut failed_calls = 0;
@@ -281,17 +284,7 @@ async fn grpc_error_statuses_count_as_errors_of_their_version_and_roll_a_canary_
 async fn a_dead_backend_gives_the_grpc_client_a_grpc_status_not_a_json_502() {
     let refused = refused_url();
     let state = temp_dir("grpc-dead");
-    let config = weir::QuickMode {
-        stable: format!("chat@v1={refused}"),
-        backend_protocol: Some("http2".into()),
-        listen: Some("127.0.0.1:0".into()),
-        admin: Some("127.0.0.1:0".into()),
-        state_dir: Some(state.path().to_path_buf()),
-        ..Default::default()
-    }
-    .into_config()
-    .unwrap();
-    let running = weir::Server::start(config).await.unwrap();
+    let running = start(http2_quick(&refused, state.path())).await;
     let mut health = client(&running).await;
     let status = health
         .check(check(SERVICE, None))
