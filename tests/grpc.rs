@@ -304,3 +304,42 @@ async fn a_dead_backend_gives_the_grpc_client_a_grpc_status_not_a_json_502() {
     );
     running.shutdown();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_only_backend_behind_an_http1_version_is_logged_with_the_fix() {
+    let backend = health_server(true).await;
+    let dir = temp_dir("grpc-hint");
+    let stable = format!("chat@v1=http://{backend}");
+    let state = dir.path().display().to_string();
+    let weir = WeirProcess::spawn(
+        &[
+            "serve",
+            "--stable",
+            &stable,
+            "--listen",
+            "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
+            "--state-dir",
+            &state,
+        ],
+        dir.path(),
+    );
+    let channel = Channel::from_shared(format!("http://{}", weir.proxy))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let status = HealthClient::new(channel)
+        .check(check(SERVICE, None))
+        .await
+        .expect_err("weir speaks HTTP/1.1 to a version without protocol = \"http2\"");
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    assert_eventually!(
+        within std::time::Duration::from_secs(10),
+        weir.log().contains("answered an HTTP/1.1 request in HTTP/2")
+            && weir.log().contains("protocol = \"http2\""),
+        "no hint in the log:\n{}",
+        weir.log()
+    );
+}

@@ -911,13 +911,43 @@ enum Parsed {
     Final(ResponseHead),
 }
 
+/// Whether a backend's answer starts like an HTTP/2 server's: a SETTINGS frame on stream 0, which
+/// an HTTP/2-only server (a gRPC server, typically) sends first on any connection.
+fn speaks_http2(buf: &[u8]) -> bool {
+    buf.len() >= 9 && buf[3] == 0x04 && buf[5..9] == [0, 0, 0, 0]
+}
+
+/// Says, at most once a minute, what to change when a backend answers HTTP/1.1 in HTTP/2.
+fn http2_answer_warning() {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static LAST: AtomicU64 = AtomicU64::new(0);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let last = LAST.load(Ordering::Relaxed);
+    if (last == 0 || now >= last + 60)
+        && LAST
+            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+    {
+        tracing::warn!(
+            "a backend answered an HTTP/1.1 request in HTTP/2: it is an HTTP/2-only server (a gRPC server?); give its version protocol = \"http2\" (quick mode: --backend-protocol http2)"
+        );
+    }
+}
+
 fn parse_response(buf: &[u8], head_request: bool) -> Result<Option<Parsed>, HeadError> {
     let mut storage = [httparse::EMPTY_HEADER; MAX_RESPONSE_HEADERS];
     let mut res = httparse::Response::new(&mut storage);
     let len = match res.parse(buf) {
         Ok(httparse::Status::Complete(n)) => n,
         Ok(httparse::Status::Partial) => return Ok(None),
-        Err(_) => return Err(HeadError::Invalid),
+        Err(_) => {
+            if speaks_http2(buf) {
+                http2_answer_warning();
+            }
+            return Err(HeadError::Invalid);
+        }
     };
     let status = res.code.ok_or(HeadError::Invalid)?;
     if status == 101 {
