@@ -190,6 +190,12 @@ async fn a_grpc_error_status_reaches_the_client_unchanged() {
 
 /// A gRPC health server that fails `share` of its calls with INTERNAL (trailers-only, HTTP 200).
 async fn failing_health_server(share: f64) -> SocketAddr {
+    wrapped_health_server(share, std::time::Duration::ZERO).await
+}
+
+/// A gRPC health server served by hyper alone (no tonic middleware, so no deadline of its own)
+/// that waits `delay` before each answer and fails `share` of its calls with INTERNAL.
+async fn wrapped_health_server(share: f64, delay: std::time::Duration) -> SocketAddr {
     use tonic::codegen::Service as _;
     let (reporter, service) = tonic_health::server::health_reporter();
     reporter
@@ -208,6 +214,7 @@ async fn failing_health_server(share: f64) -> SocketAddr {
                 let handler = hyper::service::service_fn(move |req| {
                     let mut service = service.clone();
                     async move {
+                        tokio::time::sleep(delay).await;
                         if rand::random::<f64>() < share {
                             let failed = tonic::Status::internal("injected failure");
                             return Ok(failed.into_http::<tonic::body::Body>());
@@ -342,4 +349,48 @@ async fn an_http2_only_backend_behind_an_http1_version_is_logged_with_the_fix() 
         "no hint in the log:\n{}",
         weir.log()
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn weir_honours_the_calls_grpc_timeout() {
+    use http_body_util::BodyExt;
+    // The backend answers after 5 s and enforces no deadline; the call allows 300 ms. A raw
+    // HTTP/2 client sends it, so no client-side deadline races weir's.
+    let slow = wrapped_health_server(0.0, std::time::Duration::from_secs(5)).await;
+    let state = temp_dir("grpc-deadline");
+    let running = start(http2_quick(&format!("http://{slow}"), state.path())).await;
+    // HealthCheckRequest { service: SERVICE } in a gRPC frame: no compression, length, message.
+    let mut message = vec![0x0a, SERVICE.len() as u8];
+    message.extend_from_slice(SERVICE.as_bytes());
+    let mut frame = vec![0u8];
+    frame.extend_from_slice(&(message.len() as u32).to_be_bytes());
+    frame.extend_from_slice(&message);
+    let request = http::Request::post(format!(
+        "http://{}/grpc.health.v1.Health/Check",
+        running.proxy_addr()
+    ))
+    .header("content-type", "application/grpc")
+    .header("te", "trailers")
+    .header("grpc-timeout", "300m")
+    .body(http_body_util::Full::new(bytes::Bytes::from(frame)))
+    .unwrap();
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .http2_only(true)
+        .build_http();
+    let response = client.request(request).await.expect("weir answers");
+    let (parts, body) = response.into_parts();
+    let trailers = body.collect().await.unwrap().trailers().cloned();
+    let status = parts
+        .headers
+        .get("grpc-status")
+        .or(trailers.as_ref().and_then(|t| t.get("grpc-status")))
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    assert_eq!(parts.status, http::StatusCode::OK);
+    assert_eq!(status.as_deref(), Some("4"), "DEADLINE_EXCEEDED: {parts:?}");
+    assert_eq!(
+        parts.headers["x-weir-version"], "chat@v1",
+        "weir answered, not the backend"
+    );
+    running.shutdown();
 }

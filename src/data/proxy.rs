@@ -308,12 +308,15 @@ impl Proxy {
             return Ok(Response::from_parts(parts, ProxyBody::Raw { body }));
         }
 
+        // A gRPC deadline shorter than weir's own wait is weir's wait: the backend's answer
+        // would come too late for the client anyway.
+        let wait = grpc_timeout(&parts.headers)
+            .map_or(self.settings.response_header_timeout, |deadline| {
+                deadline.min(self.settings.response_header_timeout)
+            });
         let upstream = Request::from_parts(parts, body);
-        let result = tokio::time::timeout(
-            self.settings.response_header_timeout,
-            self.clients.of(version.protocol).request(upstream),
-        )
-        .await;
+        let result =
+            tokio::time::timeout(wait, self.clients.of(version.protocol).request(upstream)).await;
         let response = match result {
             Err(_elapsed) => {
                 let kind = ProxyFailure::Timeout;
@@ -624,6 +627,25 @@ fn forwarded_headers(headers: &mut HeaderMap, conn: &ConnInfo) {
     headers.insert(X_FORWARDED_PROTO.clone(), conn.proto.clone());
 }
 
+/// A gRPC call's deadline (`grpc-timeout`: at most 8 digits and a unit, H M S m u n).
+fn grpc_timeout(headers: &HeaderMap) -> Option<Duration> {
+    let value = headers.get("grpc-timeout")?.to_str().ok()?;
+    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
+    if digits.is_empty() || digits.len() > 8 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
 /// Whether a request is a gRPC call (`content-type: application/grpc…`).
 fn is_grpc(headers: &HeaderMap) -> bool {
     // `application/grpc`, `application/grpc+proto`, `application/grpc;…` — not gRPC-Web, whose
@@ -703,6 +725,22 @@ pub fn json_error(status: StatusCode, body: serde_json::Value) -> Response<Proxy
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn grpc_timeouts_parse_as_the_spec_writes_them() {
+        let with = |value: &'static str| {
+            let mut h = HeaderMap::new();
+            h.insert("grpc-timeout", HeaderValue::from_static(value));
+            grpc_timeout(&h)
+        };
+        assert_eq!(with("300m"), Some(Duration::from_millis(300)));
+        assert_eq!(with("2S"), Some(Duration::from_secs(2)));
+        assert_eq!(with("1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(with("5u"), Some(Duration::from_micros(5)));
+        for bad in ["", "m", "123456789m", "12x", "-1S", "1.5S"] {
+            assert_eq!(with(bad), None, "{bad:?}");
+        }
+    }
 
     #[test]
     fn grpc_calls_are_told_apart_from_grpc_web_and_messages_are_percent_encoded() {
