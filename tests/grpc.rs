@@ -20,6 +20,11 @@ const SERVICE: &str = "inference.Chat";
 
 /// A gRPC health server on loopback reporting `status` for [`SERVICE`].
 async fn health_server(serving: bool) -> SocketAddr {
+    health_server_with(serving, None).await
+}
+
+/// [`health_server`], announcing `max_streams` as its SETTINGS_MAX_CONCURRENT_STREAMS.
+async fn health_server_with(serving: bool, max_streams: Option<u32>) -> SocketAddr {
     let (reporter, service) = tonic_health::server::health_reporter();
     let status = if serving {
         tonic_health::ServingStatus::Serving
@@ -33,6 +38,7 @@ async fn health_server(serving: bool) -> SocketAddr {
     tokio::spawn(async move {
         let _keep = reporter;
         tonic::transport::Server::builder()
+            .max_concurrent_streams(max_streams)
             .add_service(service)
             .serve_with_incoming(incoming)
             .await
@@ -392,5 +398,31 @@ async fn weir_honours_the_calls_grpc_timeout() {
         parts.headers["x-weir-version"], "chat@v1",
         "weir answered, not the backend"
     );
+    running.shutdown();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_concurrent_calls_succeed_over_a_backend_that_takes_a_hundred_streams() {
+    let backend = health_server_with(true, Some(100)).await;
+    let state = temp_dir("grpc-streams");
+    let running = start(http2_quick(&format!("http://{backend}"), state.path())).await;
+    let health = client(&running).await;
+    let mut calls = tokio::task::JoinSet::new();
+    for _ in 0..1000 {
+        let mut health = health.clone();
+        calls.spawn(async move {
+            health
+                .check(check(SERVICE, None))
+                .await
+                .map(|r| r.into_inner())
+        });
+    }
+    let mut served = 0;
+    while let Some(done) = calls.join_next().await {
+        let answer = done.unwrap().expect("every call succeeds");
+        assert_eq!(answer.status(), ServingStatus::Serving);
+        served += 1;
+    }
+    assert_eq!(served, 1000);
     running.shutdown();
 }
