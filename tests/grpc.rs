@@ -426,3 +426,182 @@ async fn a_thousand_concurrent_calls_succeed_over_a_backend_that_takes_a_hundred
     assert_eq!(served, 1000);
     running.shutdown();
 }
+
+/// A gRPC service written on tonic's server machinery with a codec of raw bytes (no generated
+/// code): `/test.Echo/Collect` (client streaming) joins every message it gets, `/test.Echo/Chat`
+/// (bidirectional) echoes each message as it comes.
+mod echo {
+    use std::pin::Pin;
+
+    use bytes::{Buf, BufMut};
+    use tonic::codec::{DecodeBuf, Decoder, EncodeBuf, Encoder};
+    use tonic::codegen::tokio_stream::{wrappers::ReceiverStream, Stream};
+    use tonic::codegen::Future;
+    use tonic::{Status, Streaming};
+
+    #[derive(Clone, Copy, Debug, Default)]
+    pub struct Raw;
+
+    impl tonic::codec::Codec for Raw {
+        type Encode = Vec<u8>;
+        type Decode = Vec<u8>;
+        type Encoder = Raw;
+        type Decoder = Raw;
+        fn encoder(&mut self) -> Raw {
+            Raw
+        }
+        fn decoder(&mut self) -> Raw {
+            Raw
+        }
+    }
+
+    impl Encoder for Raw {
+        type Item = Vec<u8>;
+        type Error = Status;
+        fn encode(&mut self, item: Vec<u8>, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
+            dst.put_slice(&item);
+            Ok(())
+        }
+    }
+
+    impl Decoder for Raw {
+        type Item = Vec<u8>;
+        type Error = Status;
+        fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Vec<u8>>, Status> {
+            let n = src.remaining();
+            Ok(Some(src.copy_to_bytes(n).to_vec()))
+        }
+    }
+
+    type Boxed<T> = Pin<Box<dyn Future<Output = Result<tonic::Response<T>, Status>> + Send>>;
+    type Echoes = Pin<Box<dyn Stream<Item = Result<Vec<u8>, Status>> + Send>>;
+
+    struct Collect;
+
+    impl tonic::server::ClientStreamingService<Vec<u8>> for Collect {
+        type Response = Vec<u8>;
+        type Future = Boxed<Vec<u8>>;
+        fn call(&mut self, request: tonic::Request<Streaming<Vec<u8>>>) -> Self::Future {
+            Box::pin(async move {
+                let mut messages = request.into_inner();
+                let mut all = Vec::new();
+                while let Some(message) = messages.message().await? {
+                    all.extend(message);
+                }
+                Ok(tonic::Response::new(all))
+            })
+        }
+    }
+
+    struct Chat;
+
+    impl tonic::server::StreamingService<Vec<u8>> for Chat {
+        type Response = Vec<u8>;
+        type ResponseStream = Echoes;
+        type Future = Boxed<Echoes>;
+        fn call(&mut self, request: tonic::Request<Streaming<Vec<u8>>>) -> Self::Future {
+            Box::pin(async move {
+                let mut messages = request.into_inner();
+                let (tx, rx) = tokio::sync::mpsc::channel(4);
+                tokio::spawn(async move {
+                    while let Ok(Some(message)) = messages.message().await {
+                        if tx.send(Ok(message)).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+                Ok(tonic::Response::new(
+                    Box::pin(ReceiverStream::new(rx)) as Echoes
+                ))
+            })
+        }
+    }
+
+    /// Serves the echo service over HTTP/2 on loopback.
+    pub async fn server() -> std::net::SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let handler = hyper::service::service_fn(
+                    |req: http::Request<hyper::body::Incoming>| async move {
+                        let mut grpc = tonic::server::Grpc::new(Raw);
+                        let response = match req.uri().path() {
+                            "/test.Echo/Collect" => grpc.client_streaming(Collect, req).await,
+                            "/test.Echo/Chat" => grpc.streaming(Chat, req).await,
+                            _ => Status::unimplemented("no such method").into_http(),
+                        };
+                        Ok::<_, std::convert::Infallible>(response)
+                    },
+                );
+                tokio::spawn(async move {
+                    let _ = hyper_util::server::conn::auto::Builder::new(
+                        hyper_util::rt::TokioExecutor::new(),
+                    )
+                    .http2_only()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), handler)
+                    .await;
+                });
+            }
+        });
+        addr
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_streaming_and_bidirectional_calls_stream_through_weir() {
+    use tonic::codegen::http::uri::PathAndQuery;
+    use tonic::codegen::tokio_stream::{self, wrappers::ReceiverStream};
+    let backend = echo::server().await;
+    let state = temp_dir("grpc-echo");
+    let running = start(http2_quick(&format!("http://{backend}"), state.path())).await;
+    let channel = Channel::from_shared(format!("http://{}", running.proxy_addr()))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut grpc = tonic::client::Grpc::new(channel);
+
+    // Client streaming: three messages in, one joined answer out.
+    grpc.ready().await.unwrap();
+    let parts = vec![b"canary ".to_vec(), b"through ".to_vec(), b"weir".to_vec()];
+    let joined = grpc
+        .client_streaming(
+            tonic::Request::new(tokio_stream::iter(parts)),
+            PathAndQuery::from_static("/test.Echo/Collect"),
+            echo::Raw,
+        )
+        .await
+        .expect("the client-streaming call succeeds");
+    assert_eq!(served_by(&joined), "chat@v1");
+    assert_eq!(joined.into_inner(), b"canary through weir");
+
+    // Bidirectional: each message is echoed before the next is sent, so nothing waits for the
+    // request to end.
+    grpc.ready().await.unwrap();
+    let (tx, rx) = tokio::sync::mpsc::channel::<Vec<u8>>(1);
+    let response = grpc.streaming(
+        tonic::Request::new(ReceiverStream::new(rx)),
+        PathAndQuery::from_static("/test.Echo/Chat"),
+        echo::Raw,
+    );
+    tx.send(b"first".to_vec()).await.unwrap();
+    let mut echoes = response.await.expect("the bidi call starts").into_inner();
+    for word in ["first", "second", "third"] {
+        if word != "first" {
+            tx.send(word.as_bytes().to_vec()).await.unwrap();
+        }
+        let echo = tokio::time::timeout(std::time::Duration::from_secs(10), echoes.message())
+            .await
+            .expect("the echo comes while the request is still open")
+            .unwrap()
+            .unwrap();
+        assert_eq!(echo, word.as_bytes());
+    }
+    drop(tx);
+    assert!(
+        echoes.message().await.unwrap().is_none(),
+        "the call ends with OK"
+    );
+    running.shutdown();
+}
