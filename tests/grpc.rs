@@ -207,27 +207,35 @@ async fn wrapped_health_server(share: f64, delay: std::time::Duration) -> Socket
     reporter
         .set_service_status(SERVICE, tonic_health::ServingStatus::Serving)
         .await;
+    serve_http2(move |req| {
+        let (mut service, _keep) = (service.clone(), reporter.clone());
+        async move {
+            tokio::time::sleep(delay).await;
+            if rand::random::<f64>() < share {
+                let failed = tonic::Status::internal("injected failure");
+                return Ok(failed.into_http::<tonic::body::Body>());
+            }
+            service.call(req).await
+        }
+    })
+    .await
+}
+
+/// Serves `handle` over HTTP/2 with prior knowledge on loopback, by hyper alone; returns where.
+async fn serve_http2<F, Fut>(handle: F) -> SocketAddr
+where
+    F: Fn(http::Request<hyper::body::Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<
+            Output = Result<http::Response<tonic::body::Body>, std::convert::Infallible>,
+        > + Send
+        + 'static,
+{
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
-        let _keep = reporter;
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                return;
-            };
-            let service = service.clone();
+        while let Ok((stream, _)) = listener.accept().await {
+            let handler = hyper::service::service_fn(handle.clone());
             tokio::spawn(async move {
-                let handler = hyper::service::service_fn(move |req| {
-                    let mut service = service.clone();
-                    async move {
-                        tokio::time::sleep(delay).await;
-                        if rand::random::<f64>() < share {
-                            let failed = tonic::Status::internal("injected failure");
-                            return Ok(failed.into_http::<tonic::body::Body>());
-                        }
-                        service.call(req).await
-                    }
-                });
                 let _ = hyper_util::server::conn::auto::Builder::new(
                     hyper_util::rt::TokioExecutor::new(),
                 )
@@ -519,32 +527,16 @@ mod echo {
 
     /// Serves the echo service over HTTP/2 on loopback.
     pub async fn server() -> std::net::SocketAddr {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(async move {
-            while let Ok((stream, _)) = listener.accept().await {
-                let handler = hyper::service::service_fn(
-                    |req: http::Request<hyper::body::Incoming>| async move {
-                        let mut grpc = tonic::server::Grpc::new(Raw);
-                        let response = match req.uri().path() {
-                            "/test.Echo/Collect" => grpc.client_streaming(Collect, req).await,
-                            "/test.Echo/Chat" => grpc.streaming(Chat, req).await,
-                            _ => Status::unimplemented("no such method").into_http(),
-                        };
-                        Ok::<_, std::convert::Infallible>(response)
-                    },
-                );
-                tokio::spawn(async move {
-                    let _ = hyper_util::server::conn::auto::Builder::new(
-                        hyper_util::rt::TokioExecutor::new(),
-                    )
-                    .http2_only()
-                    .serve_connection(hyper_util::rt::TokioIo::new(stream), handler)
-                    .await;
-                });
-            }
-        });
-        addr
+        super::serve_http2(|req: http::Request<hyper::body::Incoming>| async move {
+            let mut grpc = tonic::server::Grpc::new(Raw);
+            let response = match req.uri().path() {
+                "/test.Echo/Collect" => grpc.client_streaming(Collect, req).await,
+                "/test.Echo/Chat" => grpc.streaming(Chat, req).await,
+                _ => Status::unimplemented("no such method").into_http(),
+            };
+            Ok(response)
+        })
+        .await
     }
 }
 
