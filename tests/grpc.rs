@@ -597,3 +597,38 @@ async fn client_streaming_and_bidirectional_calls_stream_through_weir() {
     );
     running.shutdown();
 }
+
+/// Trailers for every client: an HTTP/1.1 backend's chunked trailers reach an HTTP/2 client as
+/// trailing HEADERS, without the fields no trailer may carry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http1_chunked_trailers_reach_an_http2_client() {
+    use http_body_util::BodyExt;
+    let (backend, _requests) = common::wire::WireBackend::answering(|_| {
+        b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ntrailer: x-checksum\r\n\r\n\
+          5\r\nhello\r\n0\r\nx-checksum: sha256:abc\r\ncontent-length: 99\r\n\r\n"
+            .to_vec()
+    })
+    .await;
+    let state = temp_dir("h1-trailers");
+    let running = start(weir::QuickMode {
+        backend_protocol: None,
+        ..http2_quick(&format!("http://{}", backend.addr), state.path())
+    })
+    .await;
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .http2_only(true)
+        .build_http::<http_body_util::Empty<bytes::Bytes>>();
+    for _ in 0..3 {
+        let uri: http::Uri = format!("http://{}/v1/x", running.proxy_addr())
+            .parse()
+            .unwrap();
+        let response = client.get(uri).await.expect("weir answers");
+        assert_eq!(response.status(), http::StatusCode::OK);
+        let collected = response.into_body().collect().await.unwrap();
+        let trailers = collected.trailers().cloned().expect("the trailers arrive");
+        assert_eq!(trailers["x-checksum"], "sha256:abc");
+        assert!(trailers.get("content-length").is_none(), "{trailers:?}");
+        assert_eq!(collected.to_bytes(), "hello");
+    }
+    running.shutdown();
+}

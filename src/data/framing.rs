@@ -344,10 +344,17 @@ pub enum Framing {
 impl Framing {
     /// How many bytes at the front of `data` belong to the body, and whether the body ends there;
     /// `payload` is told where the body's content lies in them (chunked framing excluded).
-    pub fn take_with(
+    pub fn take_with(&mut self, data: &[u8], payload: impl FnMut(Range<usize>)) -> (usize, bool) {
+        self.take_with_trailer(data, payload, |_| {})
+    }
+
+    /// [`Framing::take_with`], also telling `trailer` where the bytes of a chunked body's
+    /// trailer section lie in `data` (its field lines and the empty line that ends it).
+    pub fn take_with_trailer(
         &mut self,
         data: &[u8],
         mut payload: impl FnMut(Range<usize>),
+        trailer: impl FnMut(Range<usize>),
     ) -> (usize, bool) {
         let (n, done) = match self {
             Framing::Length(left) => {
@@ -355,7 +362,7 @@ impl Framing {
                 *left -= n;
                 (n as usize, *left == 0)
             }
-            Framing::Chunked(state) => return state.scan_with(data, payload),
+            Framing::Chunked(state) => return state.scan_trailer(data, payload, trailer),
             Framing::UntilClose => (data.len(), false),
             Framing::Ended => (0, true),
         };
@@ -419,14 +426,24 @@ impl Chunked {
     /// Consumes `data` up to the end of the body; returns the bytes taken and whether it ended,
     /// telling `payload` where each run of chunk data lies in `data`. Invalid framing stops the
     /// scan in [`Chunked::Invalid`] (the body never ends, so it fails).
-    pub fn scan_with(
+    #[cfg(test)]
+    pub fn scan_with(&mut self, data: &[u8], payload: impl FnMut(Range<usize>)) -> (usize, bool) {
+        self.scan_trailer(data, payload, |_| {})
+    }
+
+    /// [`Chunked::scan_with`], also telling `trailer` where the trailer section's bytes lie.
+    pub fn scan_trailer(
         &mut self,
         data: &[u8],
         mut payload: impl FnMut(Range<usize>),
+        mut trailer: impl FnMut(Range<usize>),
     ) -> (usize, bool) {
         let mut i = 0;
         while i < data.len() {
             let b = data[i];
+            if matches!(*self, Chunked::Trailer { .. } | Chunked::TrailerLf { .. }) {
+                trailer(i..i + 1);
+            }
             *self = match *self {
                 Chunked::Size { size, digits } => match (b as char).to_digit(16) {
                     Some(d) if digits < 16 => Chunked::Size {

@@ -1147,6 +1147,8 @@ where
         keep_alive: head.keep_alive,
         pool: Arc::clone(&backend.pool),
         max_idle: proxy.settings.pool_max_idle,
+        trailer: Vec::new(),
+        trailers: None,
     };
     body.finish_if_ended();
     Ok((parts, body))
@@ -1363,6 +1365,49 @@ pub struct RawBody {
     keep_alive: bool,
     pool: Arc<Pool>,
     max_idle: usize,
+    /// The trailer section of a chunked body as it is read (at most [`MAX_TRAILER`] bytes).
+    trailer: Vec<u8>,
+    /// Trailer fields still to be passed on, after the last data.
+    trailers: Option<http::HeaderMap>,
+}
+
+/// Longest trailer section passed on; a longer one is dropped (its bytes are still checked).
+const MAX_TRAILER: usize = 16 * 1024;
+
+/// The fields of a trailer section (`name: value` lines and the empty line), without those no
+/// trailer may carry: framing, routing and connection fields (RFC 9110 §6.5.1), which HTTP/2
+/// also forbids. `None` when there are none, or the section is not valid field syntax.
+fn trailer_fields(section: &[u8]) -> Option<http::HeaderMap> {
+    let mut storage = [httparse::EMPTY_HEADER; MAX_RESPONSE_HEADERS];
+    let httparse::Status::Complete((_, fields)) =
+        httparse::parse_headers(section, &mut storage).ok()?
+    else {
+        return None;
+    };
+    let mut map = http::HeaderMap::new();
+    for field in fields {
+        let Ok(name) = HeaderName::from_bytes(field.name.as_bytes()) else {
+            continue;
+        };
+        let forbidden = [
+            http::header::CONTENT_LENGTH,
+            http::header::TRANSFER_ENCODING,
+            http::header::HOST,
+            http::header::CONNECTION,
+            http::header::TE,
+            http::header::TRAILER,
+            http::header::UPGRADE,
+            http::header::CONTENT_TYPE,
+            http::header::CONTENT_ENCODING,
+        ];
+        if forbidden.contains(&name) || name.as_str() == "keep-alive" {
+            continue;
+        }
+        if let Ok(value) = http::HeaderValue::from_bytes(field.value) {
+            map.append(name, value);
+        }
+    }
+    (!map.is_empty()).then_some(map)
 }
 
 impl RawBody {
@@ -1387,10 +1432,22 @@ impl RawBody {
         // together) are joined.
         let mut first: Option<std::ops::Range<usize>> = None;
         let mut more: Vec<std::ops::Range<usize>> = Vec::new();
-        let (n, done) = self.framing.take_with(&conn.buf, |run| match first {
-            None => first = Some(run),
-            Some(_) => more.push(run),
-        });
+        let trailer = &mut self.trailer;
+        let (n, done) = self.framing.take_with_trailer(
+            &conn.buf,
+            |run| match first {
+                None => first = Some(run),
+                Some(_) => more.push(run),
+            },
+            |at| {
+                if trailer.len() < MAX_TRAILER {
+                    trailer.extend_from_slice(&conn.buf[at]);
+                }
+            },
+        );
+        if done && !self.trailer.is_empty() && self.trailer.len() < MAX_TRAILER {
+            self.trailers = trailer_fields(&self.trailer);
+        }
         if self.framing.is_invalid() {
             return Err(());
         }
@@ -1438,6 +1495,9 @@ impl http_body::Body for RawBody {
                 if !data.is_empty() {
                     return Poll::Ready(Some(Ok(http_body::Frame::data(data))));
                 }
+                if let Some(trailers) = this.trailers.take() {
+                    return Poll::Ready(Some(Ok(http_body::Frame::trailers(trailers))));
+                }
                 if done || this.conn.is_none() {
                     return Poll::Ready(None);
                 }
@@ -1478,7 +1538,8 @@ impl http_body::Body for RawBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.framing == Framing::Ended
+        // Trailers still to pass on are part of the body.
+        self.framing == Framing::Ended && self.trailers.is_none()
     }
 
     fn size_hint(&self) -> http_body::SizeHint {
