@@ -632,3 +632,49 @@ async fn http1_chunked_trailers_reach_an_http2_client() {
     }
     running.shutdown();
 }
+
+/// A backend that resets every connection at once, or answers the HTTP/2 preface with GOAWAY
+/// (taking no stream): each gives the gRPC client UNAVAILABLE from weir, not a protocol error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resetting_and_goaway_backends_give_the_client_unavailable() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let serve = |goaway: bool| async move {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    if goaway {
+                        let mut preface = [0u8; 24];
+                        let _ = stream.read_exact(&mut preface).await;
+                        // SETTINGS (empty), then GOAWAY: last stream 0, NO_ERROR.
+                        let mut frames = vec![0, 0, 0, 4, 0, 0, 0, 0, 0];
+                        frames.extend_from_slice(&[0, 0, 8, 7, 0, 0, 0, 0, 0]);
+                        frames.extend_from_slice(&[0; 8]);
+                        let _ = stream.write_all(&frames).await;
+                        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    }
+                    drop(stream);
+                });
+            }
+        });
+        addr
+    };
+    for (what, goaway) in [("reset", false), ("goaway", true)] {
+        let backend = serve(goaway).await;
+        let state = temp_dir("grpc-broken");
+        let running = start(http2_quick(&format!("http://{backend}"), state.path())).await;
+        let mut health = client(&running).await;
+        let status = health
+            .check(check(SERVICE, None))
+            .await
+            .expect_err("the backend answers nothing");
+        assert_eq!(
+            status.code(),
+            tonic::Code::Unavailable,
+            "{what}: {status:?}"
+        );
+        assert!(status.message().contains("chat@v1"), "{what}: {status:?}");
+        running.shutdown();
+    }
+}
