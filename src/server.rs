@@ -46,6 +46,8 @@ pub enum StartError {
     Tls(#[from] crate::tls::TlsError),
     #[error("fleet mode: {0}")]
     Fleet(#[from] FleetError),
+    #[error("version {version}: the backend {backend} does not offer HTTP/2 by ALPN (h2), which protocol = \"http2\" needs; use protocol = \"auto\" (h2 where offered, else HTTP/1.1) or \"http1\", or enable h2 on the backend")]
+    NoHttp2 { version: String, backend: String },
 }
 
 /// Entry point of the proxy.
@@ -111,6 +113,7 @@ impl Server {
         // Bind before touching state, so a second weir on the same ports fails without writing.
         let (proxy_listener, proxy_addr) = bind("proxy", listen_addr).await?;
         let (admin_listener, admin_addr) = bind("admin", admin_addr).await?;
+        check_http2_backends(&config).await?;
         let writer = open_writer(&config).await?;
         let table: Arc<ArcSwap<crate::data::RoutingTable>> = Arc::clone(writer.table());
         let prober = Arc::new(Prober::default());
@@ -212,6 +215,67 @@ impl Server {
             .collect(),
         })
     }
+}
+
+/// Versions spoken to in HTTP/2 over TLS need their backends to offer `h2` by ALPN: one that
+/// negotiates something else (or nothing) would fail every request, so weir refuses to start,
+/// naming it. A backend that cannot be reached now is only warned about: it may start later.
+async fn check_http2_backends(config: &Config) -> Result<(), StartError> {
+    use crate::config::BackendProtocol;
+    let http2_over_tls: Vec<(String, &http::Uri)> = config
+        .versions
+        .iter()
+        .filter(|v| v.protocol == BackendProtocol::Http2)
+        .flat_map(|v| v.backends.iter().map(move |b| (v.label(), b)))
+        .filter(|(_, b)| b.scheme_str() == Some("https"))
+        .collect();
+    if http2_over_tls.is_empty() {
+        return Ok(());
+    }
+    let mut tls = crate::tls::backend_client_config(&config.proxy.backend_tls)?;
+    tls.alpn_protocols = vec![b"h2".to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(tls));
+    let wait = config.proxy.connect_timeout;
+    for (version, backend) in http2_over_tls {
+        let Some(authority) = backend.authority() else {
+            continue;
+        };
+        let (host, port) = (authority.host(), authority.port_u16().unwrap_or(443));
+        let unreachable = |why: String| {
+            tracing::warn!(%version, %backend, "cannot check that the backend offers HTTP/2 (h2) now: {why}");
+        };
+        let tcp =
+            match tokio::time::timeout(wait, tokio::net::TcpStream::connect((host, port))).await {
+                Ok(Ok(tcp)) => tcp,
+                Ok(Err(e)) => {
+                    unreachable(e.to_string());
+                    continue;
+                }
+                Err(_) => {
+                    unreachable("no connection within proxy.connect_timeout".into());
+                    continue;
+                }
+            };
+        let Ok(name) =
+            rustls::pki_types::ServerName::try_from(host.trim_matches(['[', ']']).to_string())
+        else {
+            continue;
+        };
+        let no_http2 = || StartError::NoHttp2 {
+            version: version.clone(),
+            backend: backend.to_string(),
+        };
+        match tokio::time::timeout(wait, connector.connect(name, tcp)).await {
+            Ok(Ok(stream)) if stream.get_ref().1.alpn_protocol() == Some(b"h2") => {}
+            Ok(Ok(_)) => return Err(no_http2()),
+            Ok(Err(e)) if e.to_string().to_ascii_lowercase().contains("application") => {
+                return Err(no_http2())
+            }
+            Ok(Err(e)) => unreachable(e.to_string()),
+            Err(_) => unreachable("no TLS handshake within proxy.connect_timeout".into()),
+        }
+    }
+    Ok(())
 }
 
 /// The one writer: on the state directory, or joined to the fleet's state in etcd.

@@ -256,6 +256,11 @@ async fn mtls_refuses_a_client_without_a_certificate() {
 
 /// A TLS acceptor with a certificate from `pki`'s CA for `localhost`.
 fn backend_acceptor(pki: &Pki) -> tokio_rustls::TlsAcceptor {
+    backend_acceptor_offering(pki, &[])
+}
+
+/// [`backend_acceptor`], offering `alpn` (none: no ALPN negotiation).
+fn backend_acceptor_offering(pki: &Pki, alpn: &[&[u8]]) -> tokio_rustls::TlsAcceptor {
     let (cert, key) = pki.issue("backend");
     let server_config = rustls::ServerConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
@@ -271,6 +276,8 @@ fn backend_acceptor(pki: &Pki) -> tokio_rustls::TlsAcceptor {
         PrivateKeyDer::from_pem_file(&key).unwrap(),
     )
     .unwrap();
+    let mut server_config = server_config;
+    server_config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     tokio_rustls::TlsAcceptor::from(Arc::new(server_config))
 }
 
@@ -636,4 +643,78 @@ async fn responses_from_an_https_backend_are_held_to_the_framing_rules() {
             }
         }
     }
+}
+
+/// `protocol = "http2"` over `https://` needs the backend to offer `h2` by ALPN: weir refuses to
+/// start naming a backend that offers only HTTP/1.1 (or no ALPN), and starts with one that offers
+/// h2.
+#[tokio::test]
+async fn an_http2_version_over_tls_needs_a_backend_that_offers_h2() {
+    let pki = Pki::new();
+    const HTTP1: &[&[u8]] = &[b"http/1.1"];
+    const H2: &[&[u8]] = &[b"h2"];
+    let listen = |alpn: &'static [&'static [u8]]| {
+        let acceptor = backend_acceptor_offering(&pki, alpn);
+        async move {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let port = listener.local_addr().unwrap().port();
+            tokio::spawn(async move {
+                while let Ok((tcp, _)) = listener.accept().await {
+                    let acceptor = acceptor.clone();
+                    tokio::spawn(async move {
+                        let _ = acceptor.accept(tcp).await;
+                    });
+                }
+            });
+            port
+        }
+    };
+    let config = |port: u16| {
+        format!(
+            r#"
+            [listener]
+            addr = "127.0.0.1:0"
+            [admin]
+            addr = "127.0.0.1:0"
+            [proxy.backend_tls]
+            ca = {:?}
+            [[versions]]
+            model = "chat"
+            version = "v1"
+            backends = ["https://localhost:{port}"]
+            protocol = "http2"
+            [[routes]]
+            name = "chat"
+            stable = "chat@v1"
+            "#,
+            pki.path("ca.pem")
+        )
+    };
+    let state = temp_dir("h2-alpn");
+    let start = |text: String| {
+        let dir = state.path().to_path_buf();
+        async move {
+            let text = format!("[state]\ndir = {:?}\n{text}", dir.display().to_string());
+            let config = weir::Config::from_toml_str(&text, "alpn.toml").unwrap();
+            weir::Server::start(config).await
+        }
+    };
+    for alpn in [HTTP1, &[]] {
+        let port = listen(alpn).await;
+        let refused = start(config(port)).await.expect_err("no h2 offered");
+        let text = refused.to_string();
+        assert!(
+            text.contains("chat@v1") && text.contains("does not offer HTTP/2 by ALPN (h2)"),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!("https://localhost:{port}")),
+            "{text}"
+        );
+    }
+    let port = listen(H2).await;
+    let running = start(config(port))
+        .await
+        .expect("a backend offering h2 is fine");
+    running.shutdown();
 }
