@@ -678,3 +678,52 @@ async fn resetting_and_goaway_backends_give_the_client_unavailable() {
         running.shutdown();
     }
 }
+
+/// Unary gRPC calls can be mirrored: the candidate's answers are compared with stable's by status
+/// (its grpc-status, behind HTTP 200) and exact bytes, and its agreement counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unary_grpc_calls_are_mirrored_and_compared_by_grpc_status() {
+    let agreement = |scrape: &str| -> Option<f64> {
+        scrape
+            .lines()
+            .find(|l| l.starts_with("weir_mirror_agreement_ratio{") && l.contains("chat@v2"))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+    };
+    for (serving, expected) in [(true, 1.0), (false, 0.0)] {
+        let stable = health_server(true).await;
+        // Registered: the same answer. Not registered: NOT_FOUND, in a grpc-status behind 200.
+        let candidate = if serving {
+            health_server(true).await
+        } else {
+            let (_reporter, service) = tonic_health::server::health_reporter();
+            serve_http2(move |req| {
+                let mut service = service.clone();
+                async move { tonic::codegen::Service::call(&mut service, req).await }
+            })
+            .await
+        };
+        let state = temp_dir("grpc-mirror");
+        let running = start(weir::QuickMode {
+            candidate: Some(format!("chat@v2=http://{candidate}")),
+            mirror: Some("100%".into()),
+            ..http2_quick(&format!("http://{stable}"), state.path())
+        })
+        .await;
+        let mut health = client(&running).await;
+        for _ in 0..20 {
+            let answer = health
+                .check(check(SERVICE, None))
+                .await
+                .expect("stable answers");
+            assert_eq!(served_by(&answer), "chat@v1", "weight 0: stable serves");
+        }
+        let metrics = running.writer().metrics();
+        assert_eventually!(
+            within std::time::Duration::from_secs(10),
+            agreement(&String::from_utf8(metrics.encode()).unwrap()) == Some(expected),
+            "agreement is not {expected}:\n{}",
+            String::from_utf8(metrics.encode()).unwrap()
+        );
+        running.shutdown();
+    }
+}

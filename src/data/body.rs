@@ -331,6 +331,12 @@ where
                     if code != 0 {
                         in_flight.stats.count_grpc_error(code);
                     }
+                    if let Some(tee) = this.tee.as_mut() {
+                        tee.set_grpc_status(code);
+                        if this.inner.is_end_stream() {
+                            tee.finish();
+                        }
+                    }
                 }
                 if !*this.first_byte && frame.is_data() {
                     *this.first_byte = true;
@@ -470,15 +476,7 @@ impl Body for ProxyBody {
     }
 }
 
-/// The gRPC status a response's headers or trailers carry (`grpc-status`), if any.
-pub fn grpc_status(headers: &http::HeaderMap) -> Option<u32> {
-    let value = headers.get("grpc-status")?;
-    std::str::from_utf8(value.as_bytes())
-        .ok()?
-        .trim()
-        .parse()
-        .ok()
-}
+pub use crate::shadow::compare::grpc_status;
 
 #[cfg(test)]
 mod tests {

@@ -283,15 +283,20 @@ async fn send(client: &HttpClient, case: &Case, target: &EvalTarget) -> Result<A
         .get("content-type")
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("text/event-stream"));
-    let body = Limited::new(response.into_body(), 16 * 1024 * 1024)
+    let head_status = crate::shadow::compare::grpc_status(response.headers());
+    let collected = Limited::new(response.into_body(), 16 * 1024 * 1024)
         .collect()
         .await
-        .map_err(|e| format!("body failed: {e}"))?
-        .to_bytes();
+        .map_err(|e| format!("body failed: {e}"))?;
+    let grpc_status = collected
+        .trailers()
+        .and_then(crate::shadow::compare::grpc_status)
+        .or(head_status);
     Ok(Answer {
         status,
         event_stream,
-        body: body.to_vec(),
+        body: collected.to_bytes().to_vec(),
+        grpc_status,
     })
 }
 
@@ -322,6 +327,7 @@ pub fn judge(expect: &Expect, status: u16, event_stream: bool, body: &[u8]) -> V
         status,
         event_stream,
         body: body.to_vec(),
+        grpc_status: None,
     };
     let text =
         generated_text(&answer).unwrap_or_else(|| String::from_utf8_lossy(body).into_owned());

@@ -15,6 +15,18 @@ pub struct Answer {
     pub status: u16,
     pub event_stream: bool,
     pub body: Vec<u8>,
+    /// A gRPC answer's status (`grpc-status`, from its head or its trailers).
+    pub grpc_status: Option<u32>,
+}
+
+/// The gRPC status a response's headers or trailers carry (`grpc-status`), if any.
+pub fn grpc_status(headers: &http::HeaderMap) -> Option<u32> {
+    let value = headers.get("grpc-status")?;
+    std::str::from_utf8(value.as_bytes())
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -56,9 +68,18 @@ pub fn compare(
 ) -> (Verdict, String) {
     match comparator {
         Comparator::Status => {
-            let same = stable.status / 100 == shadow.status / 100;
-            verdict(same, || {
-                format!("status {} vs {}", stable.status, shadow.status)
+            // A gRPC answer's status is its grpc-status; HTTP says 200 either way.
+            let grpc = |a: &Answer| a.grpc_status.unwrap_or(0);
+            let same = stable.status / 100 == shadow.status / 100 && grpc(stable) == grpc(shadow);
+            verdict(same, || match (stable.grpc_status, shadow.grpc_status) {
+                (None, None) => format!("status {} vs {}", stable.status, shadow.status),
+                _ => format!(
+                    "status {} grpc-status {} vs {} grpc-status {}",
+                    stable.status,
+                    grpc(stable),
+                    shadow.status,
+                    grpc(shadow)
+                ),
             })
         }
         Comparator::Exact => verdict(stable.body == shadow.body, || {
@@ -254,7 +275,22 @@ mod tests {
             status,
             event_stream: body.starts_with("data:"),
             body: body.as_bytes().to_vec(),
+            grpc_status: None,
         }
+    }
+
+    #[test]
+    fn the_status_comparator_compares_grpc_statuses_behind_http_200() {
+        let config = CompareConfig::default();
+        let grpc = |code: Option<u32>| Answer {
+            grpc_status: code,
+            ..answer(200, "\0\0\0\0\0")
+        };
+        let (ok, _) = compare(Comparator::Status, &config, &grpc(Some(0)), &grpc(None));
+        assert_eq!(ok, Verdict::Agree, "OK and no status are both success");
+        let (failed, note) = compare(Comparator::Status, &config, &grpc(Some(0)), &grpc(Some(13)));
+        assert_eq!(failed, Verdict::Disagree);
+        assert_eq!(note, "status 200 grpc-status 0 vs 200 grpc-status 13");
     }
 
     fn chat(content: &str) -> String {

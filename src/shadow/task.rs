@@ -21,7 +21,7 @@ use serde_json::json;
 use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 
 use super::compare::{compare, default_comparators, Answer, Verdict};
-use crate::config::ShadowConfig;
+use crate::config::{BackendProtocol, ShadowConfig};
 use crate::shadow::tee::{MirrorOutcome, RequestTee, ResponseTee, ShadowPlan};
 
 static SHADOW_HEADER: HeaderName = HeaderName::from_static("x-weir-shadow");
@@ -32,6 +32,7 @@ static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 pub struct Shadower {
     permits: Arc<Semaphore>,
     client: Client<HttpConnector, Full<Bytes>>,
+    http2: Client<HttpConnector, Full<Bytes>>,
     max_body: u64,
     timeout: Duration,
     samples: Option<SampleLog>,
@@ -60,7 +61,11 @@ impl ShadowStart {
             .get(CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v.starts_with("text/event-stream"));
-        ResponseTee::new(status, event_stream, self.cap, self.stable_done)
+        let mut tee = ResponseTee::new(status, event_stream, self.cap, self.stable_done);
+        if let Some(code) = super::compare::grpc_status(headers) {
+            tee.set_grpc_status(code);
+        }
+        tee
     }
 }
 
@@ -73,6 +78,11 @@ impl Shadower {
             permits: Arc::new(Semaphore::new(config.max_in_flight)),
             client: Client::builder(TokioExecutor::new())
                 .pool_timer(TokioTimer::new())
+                .build(connector.clone()),
+            // Candidates with protocol = "http2" (gRPC servers): h2c with prior knowledge.
+            http2: Client::builder(TokioExecutor::new())
+                .pool_timer(TokioTimer::new())
+                .http2_only(true)
                 .build(connector),
             max_body: config.max_body,
             timeout: config.timeout,
@@ -217,8 +227,13 @@ impl Shadower {
             headers.insert(SHADOW_HEADER.clone(), HeaderValue::from_static("1"));
         }
         let req = builder.body(Full::new(body)).map_err(|_| ())?;
-        let response = self.client.request(req).await.map_err(|_| ())?;
+        let client = match plan.candidate.protocol {
+            BackendProtocol::Http2 => &self.http2,
+            BackendProtocol::Http1 | BackendProtocol::Auto => &self.client,
+        };
+        let response = client.request(req).await.map_err(|_| ())?;
         let status = response.status().as_u16();
+        let head_status = super::compare::grpc_status(response.headers());
         let event_stream = response
             .headers()
             .get(CONTENT_TYPE)
@@ -228,11 +243,18 @@ impl Shadower {
             .collect()
             .await
         {
-            Ok(collected) => Ok(Some(Answer {
-                status,
-                event_stream,
-                body: collected.to_bytes().to_vec(),
-            })),
+            Ok(collected) => {
+                let grpc_status = collected
+                    .trailers()
+                    .and_then(super::compare::grpc_status)
+                    .or(head_status);
+                Ok(Some(Answer {
+                    status,
+                    event_stream,
+                    body: collected.to_bytes().to_vec(),
+                    grpc_status,
+                }))
+            }
             Err(e) if e.is::<http_body_util::LengthLimitError>() => Ok(None),
             Err(_) => Err(()),
         }

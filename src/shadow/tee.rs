@@ -274,6 +274,7 @@ fn concat(chunks: Vec<Bytes>) -> Bytes {
 #[derive(Debug)]
 pub struct ResponseTee {
     status: u16,
+    grpc_status: Option<u32>,
     event_stream: bool,
     body: Capped,
     done: Option<oneshot::Sender<Option<Answer>>>,
@@ -288,6 +289,7 @@ impl ResponseTee {
     ) -> ResponseTee {
         ResponseTee {
             status,
+            grpc_status: None,
             event_stream,
             body: Capped::new(cap),
             done: Some(done),
@@ -307,12 +309,18 @@ impl ResponseTee {
         }
     }
 
+    /// The answer's gRPC status, from its head (trailers-only) or its trailers.
+    pub fn set_grpc_status(&mut self, code: u32) {
+        self.grpc_status = Some(code);
+    }
+
     pub fn finish(&mut self) {
         if let Some(done) = self.done.take() {
             let _ = done.send(Some(Answer {
                 status: self.status,
                 event_stream: self.event_stream,
                 body: self.body.take().to_vec(),
+                grpc_status: self.grpc_status,
             }));
         }
     }
