@@ -727,3 +727,31 @@ async fn unary_grpc_calls_are_mirrored_and_compared_by_grpc_status() {
         running.shutdown();
     }
 }
+
+/// HTTP/1.1 clients may be sent to HTTP/2 backends too: weir serves them through its general path
+/// and speaks h2c upstream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http1_client_reaches_an_http2_backend() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let backend = serve_http2(|req: http::Request<hyper::body::Incoming>| async move {
+        let said = format!("{:?} {} over h2", req.version(), req.uri().path());
+        let body = http_body_util::Full::new(bytes::Bytes::from(said));
+        Ok(http::Response::new(tonic::body::Body::new(body)))
+    })
+    .await;
+    let state = temp_dir("h1-to-h2");
+    let running = start(http2_quick(&format!("http://{backend}"), state.path())).await;
+    let mut stream = tokio::net::TcpStream::connect(running.proxy_addr())
+        .await
+        .unwrap();
+    stream
+        .write_all(b"GET /v1/models HTTP/1.1\r\nhost: weir\r\nconnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).await.unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
+    assert!(answer.contains("x-weir-version: chat@v1\r\n"), "{answer}");
+    assert!(answer.ends_with("HTTP/2.0 /v1/models over h2"), "{answer}");
+    running.shutdown();
+}
