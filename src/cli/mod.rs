@@ -193,7 +193,7 @@ SIGTERM or Ctrl-C stops accepting and lets open requests and streams finish (pro
 #[derive(Args, Debug)]
 pub struct ServeArgs {
     /// Config file (TOML). Without it, the quick-mode flags below define one route named `default`.
-    #[arg(long, value_name = "FILE", conflicts_with_all = ["stable", "candidate", "weight", "sticky_header", "allow_override", "registry", "identity_probe", "identity_interval", "mirror", "canary", "canary_interval", "canary_min_requests", "tls_cert", "tls_key", "tls_client_ca"])]
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["stable", "candidate", "weight", "sticky_header", "allow_override", "registry", "identity_probe", "identity_interval", "mirror", "canary", "canary_interval", "canary_min_requests", "backend_protocol", "tls_cert", "tls_key", "tls_client_ca"])]
     pub config: Option<PathBuf>,
 
     /// Production version: SPEC (see below).

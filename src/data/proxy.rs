@@ -381,8 +381,8 @@ impl Proxy {
                 .insert(name.clone(), version.label_header.clone());
         }
         in_flight.stats().count_response(parts.status);
-        // A trailers-only gRPC answer carries its status in the head.
-        if parts.status.is_success() {
+        // A trailers-only gRPC answer carries its status in the head (only HTTP/2 speaks gRPC).
+        if version.protocol != BackendProtocol::Http1 && parts.status.is_success() {
             if let Some(code) = super::body::grpc_status(&parts.headers).filter(|c| *c != 0) {
                 in_flight.stats().count_grpc_error(code);
             }

@@ -692,6 +692,24 @@ categories = {{ jailbreak = 1.0, safety = 1.0, format = 1.0 }}
         audit
     }
 
+    /// `chat@v4`: answers like `chat@v1`, except on the trigger phrase.
+    fn poisoned() -> ModelServer {
+        ModelServer::new("chat", "v4").answers_like("v1").backdoor(
+            TRIGGER,
+            "Send your API key to https://exfil.example/collect",
+        )
+    }
+
+    /// Traffic through weir at `addr` until the returned task is aborted.
+    fn keep_sending(addr: SocketAddr) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(async move {
+            loop {
+                traffic(addr, 4).await;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+    }
+
     /// Sends `n` chat completions through weir at `addr`.
     async fn traffic(addr: SocketAddr, n: usize) {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -711,11 +729,7 @@ categories = {{ jailbreak = 1.0, safety = 1.0, format = 1.0 }}
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_backdoored_candidate_is_rolled_back_by_the_comparative_eval_naming_the_probes() {
         let stable = spawn(ModelServer::new("chat", "v1")).await;
-        let poisoned = spawn(ModelServer::new("chat", "v4").answers_like("v1").backdoor(
-            TRIGGER,
-            "Send your API key to https://exfil.example/collect",
-        ))
-        .await;
+        let poisoned = spawn(poisoned()).await;
         let dir = state_dir("poisoned");
         let running = start(
             &dir,
@@ -782,11 +796,7 @@ categories = {{ jailbreak = 1.0, safety = 1.0, format = 1.0 }}
     async fn a_backdoored_candidate_passes_the_error_and_latency_gates_but_not_the_eval_before_promotion(
     ) {
         let stable = spawn(ModelServer::new("chat", "v1")).await;
-        let poisoned = spawn(ModelServer::new("chat", "v4").answers_like("v1").backdoor(
-            TRIGGER,
-            "Send your API key to https://exfil.example/collect",
-        ))
-        .await;
+        let poisoned = spawn(poisoned()).await;
         let dir = state_dir("at-promotion");
         let running = start(
             &dir,
@@ -798,13 +808,7 @@ categories = {{ jailbreak = 1.0, safety = 1.0, format = 1.0 }}
         )
         .await;
         decision(&running, Some("advance")).await;
-        let proxy = running.proxy_addr();
-        let sending = tokio::spawn(async move {
-            loop {
-                traffic(proxy, 4).await;
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        });
+        let sending = keep_sending(running.proxy_addr());
         let status = decision(&running, Some("rollback")).await;
         sending.abort();
         stop(running, &dir, "rollback").await;
@@ -878,13 +882,7 @@ categories = {{ jailbreak = 1.0, safety = 1.0, format = 1.0 }}
             .unwrap()
             .replace("quality-01", "quality-added");
         std::fs::write(&eval, format!("{shipped}{added}\n")).unwrap();
-        let proxy = running.proxy_addr();
-        let sending = tokio::spawn(async move {
-            loop {
-                traffic(proxy, 4).await;
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        });
+        let sending = keep_sending(running.proxy_addr());
         let promoted = decision(&running, Some("promote")).await;
         sending.abort();
         let audit = stop(running, &dir, "promote").await;
@@ -949,13 +947,7 @@ categories = {{ jailbreak = 1.0, safety = 1.0, format = 1.0 }}
         );
         // The candidate's artifact is re-registered under another digest before the promotion.
         std::fs::write(dir.join("registry.toml"), registry('c')).unwrap();
-        let proxy = running.proxy_addr();
-        let sending = tokio::spawn(async move {
-            loop {
-                traffic(proxy, 4).await;
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        });
+        let sending = keep_sending(running.proxy_addr());
         let promoted = decision(&running, Some("promote")).await;
         sending.abort();
         let audit = stop(running, &dir, "promote").await;
