@@ -7,6 +7,8 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 
 use common::*;
 use tonic::transport::Channel;
@@ -20,11 +22,6 @@ const SERVICE: &str = "inference.Chat";
 
 /// A gRPC health server on loopback reporting `status` for [`SERVICE`].
 async fn health_server(serving: bool) -> SocketAddr {
-    health_server_with(serving, None).await
-}
-
-/// [`health_server`], announcing `max_streams` as its SETTINGS_MAX_CONCURRENT_STREAMS.
-async fn health_server_with(serving: bool, max_streams: Option<u32>) -> SocketAddr {
     let (reporter, service) = tonic_health::server::health_reporter();
     let status = if serving {
         tonic_health::ServingStatus::Serving
@@ -38,7 +35,6 @@ async fn health_server_with(serving: bool, max_streams: Option<u32>) -> SocketAd
     tokio::spawn(async move {
         let _keep = reporter;
         tonic::transport::Server::builder()
-            .max_concurrent_streams(max_streams)
             .add_service(service)
             .serve_with_incoming(incoming)
             .await
@@ -230,22 +226,91 @@ where
         > + Send
         + 'static,
 {
+    serve_http2_with(Http2Serving::default(), handle).await.0
+}
+
+/// How [`serve_http2_with`] serves each connection.
+#[derive(Clone, Copy, Debug, Default)]
+struct Http2Serving {
+    /// SETTINGS_MAX_CONCURRENT_STREAMS (hyper's default: 200).
+    max_streams: Option<u32>,
+    /// After this many requests on a connection, it is shut down gracefully: GOAWAY, the
+    /// requests already accepted finish, then it closes (as gRPC servers' max connection age).
+    requests_per_connection: Option<usize>,
+}
+
+/// [`serve_http2`] as `serving` says; also returns the number of connections accepted so far.
+async fn serve_http2_with<F, Fut>(
+    serving: Http2Serving,
+    handle: F,
+) -> (SocketAddr, Arc<AtomicUsize>)
+where
+    F: Fn(http::Request<hyper::body::Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<
+            Output = Result<http::Response<tonic::body::Body>, std::convert::Infallible>,
+        > + Send
+        + 'static,
+{
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
+    let connections = Arc::new(AtomicUsize::new(0));
+    let accepted = Arc::clone(&connections);
     tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
-            let handler = hyper::service::service_fn(handle.clone());
+            accepted.fetch_add(1, Ordering::SeqCst);
+            let enough = Arc::new(tokio::sync::Notify::new());
+            let served = Arc::new(AtomicUsize::new(0));
+            let handler = {
+                let (handle, enough) = (handle.clone(), Arc::clone(&enough));
+                hyper::service::service_fn(move |req| {
+                    let n = served.fetch_add(1, Ordering::SeqCst) + 1;
+                    if Some(n) == serving.requests_per_connection {
+                        enough.notify_one();
+                    }
+                    handle(req)
+                })
+            };
             tokio::spawn(async move {
-                let _ = hyper_util::server::conn::auto::Builder::new(
-                    hyper_util::rt::TokioExecutor::new(),
-                )
-                .http2_only()
-                .serve_connection(hyper_util::rt::TokioIo::new(stream), handler)
-                .await;
+                let mut builder =
+                    hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new());
+                builder.max_concurrent_streams(serving.max_streams);
+                let conn = builder.serve_connection(hyper_util::rt::TokioIo::new(stream), handler);
+                tokio::pin!(conn);
+                tokio::select! {
+                    _ = conn.as_mut() => return,
+                    _ = enough.notified() => conn.as_mut().graceful_shutdown(),
+                }
+                let _ = conn.await;
             });
         }
     });
-    addr
+    (addr, connections)
+}
+
+type Handler = std::pin::Pin<
+    Box<
+        dyn std::future::Future<
+                Output = Result<http::Response<tonic::body::Body>, std::convert::Infallible>,
+            > + Send,
+    >,
+>;
+
+/// A gRPC health service for [`serve_http2_with`] reporting SERVING, answering after `delay`.
+async fn slow_health(
+    delay: std::time::Duration,
+) -> impl Fn(http::Request<hyper::body::Incoming>) -> Handler + Clone + Send + Sync + 'static {
+    use tonic::codegen::Service as _;
+    let (reporter, service) = tonic_health::server::health_reporter();
+    reporter
+        .set_service_status(SERVICE, tonic_health::ServingStatus::Serving)
+        .await;
+    move |req| -> Handler {
+        let (mut service, _keep) = (service.clone(), reporter.clone());
+        Box::pin(async move {
+            tokio::time::sleep(delay).await;
+            service.call(req).await
+        })
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -411,7 +476,13 @@ async fn weir_honours_the_calls_grpc_timeout() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thousand_concurrent_calls_succeed_over_a_backend_that_takes_a_hundred_streams() {
-    let backend = health_server_with(true, Some(100)).await;
+    // Each call holds its stream for 50 ms, so the calls overlap far past 100 streams.
+    let serving = Http2Serving {
+        max_streams: Some(100),
+        ..Default::default()
+    };
+    let slow = slow_health(std::time::Duration::from_millis(50)).await;
+    let (backend, connections) = serve_http2_with(serving, slow).await;
     let state = temp_dir("grpc-streams");
     let running = start(http2_quick(&format!("http://{backend}"), state.path())).await;
     let health = client(&running).await;
@@ -432,6 +503,49 @@ async fn a_thousand_concurrent_calls_succeed_over_a_backend_that_takes_a_hundred
         served += 1;
     }
     assert_eq!(served, 1000);
+    // Full connections make weir open more, up to `http2_max_connections_per_backend` (4).
+    let opened = connections.load(Ordering::SeqCst);
+    assert!(
+        (2..=4).contains(&opened),
+        "a backend taking 100 streams at once got {opened} connections for 1,000 calls"
+    );
+    running.shutdown();
+}
+
+/// A backend that shuts each connection down gracefully after 10 calls (GOAWAY, as gRPC servers
+/// do at their max connection age): the calls it accepted finish on the old connection, new
+/// ones go to a new connection, and no call fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_survive_a_backend_that_sends_goaway_every_ten_calls() {
+    let serving = Http2Serving {
+        requests_per_connection: Some(10),
+        ..Default::default()
+    };
+    let slow = slow_health(std::time::Duration::from_millis(30)).await;
+    let (backend, connections) = serve_http2_with(serving, slow).await;
+    let state = temp_dir("grpc-goaway");
+    let running = start(http2_quick(&format!("http://{backend}"), state.path())).await;
+    let health = client(&running).await;
+    let mut workers = tokio::task::JoinSet::new();
+    for _ in 0..8 {
+        let mut health = health.clone();
+        workers.spawn(async move {
+            for _ in 0..25 {
+                let answer = health.check(check(SERVICE, None)).await?;
+                assert_eq!(answer.get_ref().status(), ServingStatus::Serving);
+            }
+            Ok::<_, tonic::Status>(())
+        });
+    }
+    while let Some(done) = workers.join_next().await {
+        done.unwrap()
+            .expect("no call fails while connections are drained");
+    }
+    let opened = connections.load(Ordering::SeqCst);
+    assert!(
+        opened >= 10,
+        "200 calls, 10 per connection, on {opened} connections"
+    );
     running.shutdown();
 }
 

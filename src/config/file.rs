@@ -82,6 +82,7 @@ struct RawProxy {
     backend_eject: Option<String>,
     pool_idle_timeout: Option<String>,
     pool_max_idle_per_backend: Option<usize>,
+    http2_max_connections_per_backend: Option<usize>,
     #[serde(default)]
     backend_tls: RawBackendTls,
 }
@@ -422,6 +423,9 @@ impl Checker {
 /// and about 6 MB of slots per backend.
 const MAX_POOL_IDLE: usize = 65_536;
 
+/// Largest `proxy.http2_max_connections_per_backend`.
+const MAX_HTTP2_CONNECTIONS: usize = 1024;
+
 pub(super) fn parse(text: &str) -> Result<Config, Vec<Problem>> {
     let raw: RawConfig = toml::from_str(text).map_err(|e| vec![toml_problem(text, &e)])?;
     let mut c = Checker {
@@ -567,6 +571,9 @@ fn check_proxy(c: &mut Checker, p: &RawProxy) -> ProxyConfig {
         pool_max_idle_per_backend: p
             .pool_max_idle_per_backend
             .unwrap_or(d.pool_max_idle_per_backend),
+        http2_max_connections_per_backend: p
+            .http2_max_connections_per_backend
+            .unwrap_or(d.http2_max_connections_per_backend),
         backend_tls: BackendTls {
             ca: p.backend_tls.ca.clone(),
             client_cert: p.backend_tls.client_cert.clone(),
@@ -579,6 +586,15 @@ fn check_proxy(c: &mut Checker, p: &RawProxy) -> ProxyConfig {
             format!(
                 "at most {MAX_POOL_IDLE} (each backend's idle slots are allocated up front), got {}",
                 proxy.pool_max_idle_per_backend
+            ),
+        );
+    }
+    if !(1..=MAX_HTTP2_CONNECTIONS).contains(&proxy.http2_max_connections_per_backend) {
+        c.problem(
+            "proxy.http2_max_connections_per_backend",
+            format!(
+                "expected 1..={MAX_HTTP2_CONNECTIONS} (each connection carries many streams), got {}",
+                proxy.http2_max_connections_per_backend
             ),
         );
     }
@@ -1196,6 +1212,24 @@ mod tests {
             weight.to_string(),
             "routes[1].weight: expected 0..=10000 basis points or a percentage, got \"150%\""
         );
+    }
+
+    #[test]
+    fn http2_connections_per_backend_are_bounded_and_at_least_one() {
+        for bad in [0, 100_000] {
+            let problems = parse(&format!(
+                "[proxy]\nhttp2_max_connections_per_backend = {bad}\n{MINIMAL}"
+            ))
+            .unwrap_err();
+            assert_eq!(problems.len(), 1, "{problems:?}");
+            assert_eq!(problems[0].path, "proxy.http2_max_connections_per_backend");
+            assert!(problems[0].message.contains("1..=1024"), "{problems:?}");
+        }
+        let config = parse(&format!(
+            "[proxy]\nhttp2_max_connections_per_backend = 2\n{MINIMAL}"
+        ))
+        .unwrap();
+        assert_eq!(config.proxy.http2_max_connections_per_backend, 2);
     }
 
     #[test]

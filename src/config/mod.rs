@@ -268,6 +268,8 @@ pub struct ProxyConfig {
     pub backend_eject: Duration,
     pub pool_idle_timeout: Duration,
     pub pool_max_idle_per_backend: usize,
+    /// Most HTTP/2 connections open to one `protocol = "http2"` backend at once.
+    pub http2_max_connections_per_backend: usize,
     pub backend_tls: BackendTls,
 }
 
@@ -282,6 +284,7 @@ impl Default for ProxyConfig {
             backend_eject: Duration::from_secs(2),
             pool_idle_timeout: Duration::from_secs(90),
             pool_max_idle_per_backend: 256,
+            http2_max_connections_per_backend: 4,
             backend_tls: BackendTls::default(),
         }
     }

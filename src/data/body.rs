@@ -266,6 +266,9 @@ pin_project! {
         backend: Option<BackendGuard>,
         // A copy for comparison with a shadow answer, when this request was mirrored.
         tee: Option<ResponseTee>,
+        // A gRPC call's deadline (`grpc-timeout`): past it, the call ends with DEADLINE_EXCEEDED
+        // in its trailers and the backend's stream is dropped (reset).
+        deadline: Option<tokio::time::Instant>,
     }
 }
 
@@ -305,8 +308,26 @@ impl<B> MeteredBody<B> {
             first_byte: false,
             backend,
             tee,
+            deadline: None,
         }
     }
+
+    /// Ends the body with gRPC's DEADLINE_EXCEEDED at `deadline`, if there is one.
+    pub fn with_deadline(mut self, deadline: Option<tokio::time::Instant>) -> MeteredBody<B> {
+        self.deadline = deadline;
+        self
+    }
+}
+
+/// The trailers of a gRPC call that ran past its deadline.
+fn deadline_exceeded(version: &str) -> Frame<Bytes> {
+    let mut trailers = http::HeaderMap::new();
+    trailers.insert("grpc-status", http::HeaderValue::from_static("4"));
+    let message = format!("weir: {version} did not finish the call within its grpc-timeout");
+    if let Ok(value) = http::HeaderValue::from_str(&message) {
+        trailers.insert("grpc-message", value);
+    }
+    Frame::trailers(trailers)
 }
 
 impl<B> Body for MeteredBody<B>
@@ -325,6 +346,15 @@ where
         let Some(in_flight) = this.in_flight.as_ref() else {
             return Poll::Ready(None);
         };
+        let past_deadline = |deadline: &Option<tokio::time::Instant>| {
+            deadline.is_some_and(|d| tokio::time::Instant::now() >= d)
+        };
+        if past_deadline(this.deadline) {
+            in_flight.stats.count_error(ProxyFailure::Timeout);
+            in_flight.stats.count_grpc_error(4);
+            this.in_flight.take();
+            return Poll::Ready(Some(Ok(deadline_exceeded(this.version))));
+        }
         match this.inner.as_mut().poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(code) = frame.trailers_ref().and_then(grpc_status) {
@@ -385,11 +415,19 @@ where
             }
             Poll::Pending => {
                 if !*this.idle_armed {
-                    let deadline = tokio::time::Instant::now() + *this.idle_timeout;
-                    this.idle.as_mut().reset(deadline);
+                    let idle = tokio::time::Instant::now() + *this.idle_timeout;
+                    this.idle
+                        .as_mut()
+                        .reset(this.deadline.map_or(idle, |d| d.min(idle)));
                     *this.idle_armed = true;
                 }
                 ready!(this.idle.as_mut().poll(cx));
+                if past_deadline(this.deadline) {
+                    in_flight.stats.count_error(ProxyFailure::Timeout);
+                    in_flight.stats.count_grpc_error(4);
+                    this.in_flight.take();
+                    return Poll::Ready(Some(Ok(deadline_exceeded(this.version))));
+                }
                 in_flight.stats.count_error(ProxyFailure::IdleTimeout);
                 if let Some(backend) = this.backend.as_ref() {
                     let kind = ProxyFailure::IdleTimeout;
@@ -420,6 +458,8 @@ pin_project! {
     #[project = ProxyBodyProj]
     pub enum ProxyBody {
         Upstream { #[pin] body: MeteredBody<Incoming> },
+        /// From one of an HTTP/2 backend's own connections.
+        Http2 { #[pin] body: MeteredBody<crate::upstream::h2::Http2Response> },
         /// From a backend connection of the fast path's pool ([`super::h1::forward`]).
         Raw { #[pin] body: MeteredBody<super::h1::RawBody> },
         Local { #[pin] body: Full<Bytes> },
@@ -430,6 +470,7 @@ impl std::fmt::Debug for ProxyBody {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             ProxyBody::Upstream { body } => body.fmt(f),
+            ProxyBody::Http2 { body } => body.fmt(f),
             ProxyBody::Raw { body } => body.fmt(f),
             ProxyBody::Local { .. } => f.write_str("ProxyBody::Local"),
         }
@@ -454,6 +495,7 @@ impl Body for ProxyBody {
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.project() {
             ProxyBodyProj::Upstream { body } => body.poll_frame(cx),
+            ProxyBodyProj::Http2 { body } => body.poll_frame(cx),
             ProxyBodyProj::Raw { body } => body.poll_frame(cx),
             ProxyBodyProj::Local { body } => body.poll_frame(cx).map_err(|never| match never {}),
         }
@@ -462,6 +504,7 @@ impl Body for ProxyBody {
     fn is_end_stream(&self) -> bool {
         match self {
             ProxyBody::Upstream { body } => body.is_end_stream(),
+            ProxyBody::Http2 { body } => body.is_end_stream(),
             ProxyBody::Raw { body } => body.is_end_stream(),
             ProxyBody::Local { body } => body.is_end_stream(),
         }
@@ -470,6 +513,7 @@ impl Body for ProxyBody {
     fn size_hint(&self) -> SizeHint {
         match self {
             ProxyBody::Upstream { body } => body.size_hint(),
+            ProxyBody::Http2 { body } => body.size_hint(),
             ProxyBody::Raw { body } => body.size_hint(),
             ProxyBody::Local { body } => body.size_hint(),
         }

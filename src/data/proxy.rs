@@ -26,6 +26,7 @@ use super::table::RoutingTable;
 use crate::config::{BackendProtocol, ProxyConfig};
 use crate::metrics::ProxyFailure;
 use crate::shadow::task::{ShadowStart, Shadower};
+use crate::upstream::h2::{Http2Connector, Http2Error};
 use crate::upstream::{BackendGuard, Version};
 
 pub type UpstreamClient = Client<HttpsConnector<HttpConnector>, LimitedBody>;
@@ -100,17 +101,18 @@ static HOP_BY_HOP: [&HeaderName; 9] = [
 pub struct UpstreamClients {
     /// HTTP/1.1 (TLS backends; plain ones take the fast path's connections).
     http1: UpstreamClient,
-    /// HTTP/2 only: h2c with prior knowledge over `http://`, ALPN `h2` over `https://`.
-    http2: UpstreamClient,
+    /// HTTP/2 only: h2c with prior knowledge over `http://`, ALPN `h2` over `https://`, on each
+    /// backend's own bounded set of connections.
+    http2: Http2Connector,
     /// ALPN offers `h2` and `http/1.1`; plain backends speak HTTP/1.1.
     auto: UpstreamClient,
 }
 
 impl UpstreamClients {
+    /// hyper's pooled client for `protocol` (`http2` backends have their own connections).
     fn of(&self, protocol: BackendProtocol) -> &UpstreamClient {
         match protocol {
-            BackendProtocol::Http1 => &self.http1,
-            BackendProtocol::Http2 => &self.http2,
+            BackendProtocol::Http2 | BackendProtocol::Http1 => &self.http1,
             BackendProtocol::Auto => &self.auto,
         }
     }
@@ -129,28 +131,25 @@ pub fn upstream_client(config: &ProxyConfig) -> Result<UpstreamClients, crate::t
             .with_tls_config(tls.clone())
             .https_or_http();
         let connector = match protocol {
-            BackendProtocol::Http1 => builder.enable_http1().wrap_connector(connector),
-            BackendProtocol::Http2 => builder.enable_http2().wrap_connector(connector),
+            BackendProtocol::Http1 | BackendProtocol::Http2 => {
+                builder.enable_http1().wrap_connector(connector)
+            }
             BackendProtocol::Auto => builder.enable_all_versions().wrap_connector(connector),
         };
-        let mut client = Client::builder(TokioExecutor::new());
-        client
+        Client::builder(TokioExecutor::new())
             .pool_idle_timeout(config.pool_idle_timeout)
             .pool_max_idle_per_host(config.pool_max_idle_per_backend)
             .pool_timer(TokioTimer::new())
-            .timer(TokioTimer::new());
-        if protocol == BackendProtocol::Http2 {
-            // Prior knowledge over plain TCP; keep idle connections alive with PINGs.
-            client
-                .http2_only(true)
-                .http2_keep_alive_interval(Duration::from_secs(30))
-                .http2_keep_alive_while_idle(true);
-        }
-        client.build(connector)
+            .timer(TokioTimer::new())
+            .build(connector)
     };
     Ok(UpstreamClients {
         http1: client(BackendProtocol::Http1),
-        http2: client(BackendProtocol::Http2),
+        http2: Http2Connector::new(
+            tls.clone(),
+            config.connect_timeout,
+            config.http2_max_connections_per_backend,
+        ),
         auto: client(BackendProtocol::Auto),
     })
 }
@@ -296,44 +295,57 @@ impl Proxy {
                     return Ok(closing(answer, client_version));
                 }
             };
-            let (parts, body) = self.respond(
-                response,
-                body,
-                client_version,
-                in_flight,
-                &version,
-                backend,
-                shadow,
-            );
+            let answer = (client_version, in_flight, None);
+            let (parts, body) = self.respond(response, body, answer, &version, backend, shadow);
             return Ok(Response::from_parts(parts, ProxyBody::Raw { body }));
         }
 
         // A gRPC deadline shorter than weir's own wait is weir's wait: the backend's answer
         // would come too late for the client anyway.
-        let wait = grpc_timeout(&parts.headers)
-            .map_or(self.settings.response_header_timeout, |deadline| {
-                deadline.min(self.settings.response_header_timeout)
-            });
+        // The deadline bounds the whole call too: a response still streaming at it is ended
+        // with DEADLINE_EXCEEDED and the backend's stream dropped.
+        let timeout = grpc_timeout(&parts.headers);
+        let wait = timeout.map_or(self.settings.response_header_timeout, |deadline| {
+            deadline.min(self.settings.response_header_timeout)
+        });
+        let deadline = timeout.and_then(|t| tokio::time::Instant::from_std(started).checked_add(t));
+        if version.protocol == BackendProtocol::Http2 {
+            use http_body_util::BodyExt;
+            let upstream = Request::from_parts(parts, body.boxed_unsync());
+            let result = tokio::time::timeout(wait, self.clients.http2.send(b, upstream)).await;
+            let response = match result {
+                Err(_elapsed) => return Ok(refuse(timed_out(b, &version.label))),
+                Ok(Err(e)) => {
+                    let refusal = classify_http2(&e);
+                    return Ok(refuse(upstream_failed(
+                        &self.settings,
+                        b,
+                        &version.label,
+                        refusal,
+                        &e,
+                    )));
+                }
+                Ok(Ok(response)) => response,
+            };
+            let (parts, body) = response.into_parts();
+            let answer = (client_version, in_flight, deadline);
+            let (parts, body) = self.respond(parts, body, answer, &version, backend, shadow);
+            return Ok(Response::from_parts(parts, ProxyBody::Http2 { body }));
+        }
         let upstream = Request::from_parts(parts, body);
         let result =
             tokio::time::timeout(wait, self.clients.of(version.protocol).request(upstream)).await;
         let response = match result {
-            Err(_elapsed) => {
-                let kind = ProxyFailure::Timeout;
-                b.failed(&version.label, kind, backend_failure(kind));
-                return Ok(refuse(Refusal::Backend(ProxyFailure::Timeout)));
-            }
+            Err(_elapsed) => return Ok(refuse(timed_out(b, &version.label))),
             Ok(Err(e)) => {
                 let refusal = classify(&e);
-                if let Refusal::Backend(ProxyFailure::Connect | ProxyFailure::ConnectTimeout) =
-                    refusal
-                {
-                    b.refused(self.settings.backend_eject, &version.label, error_chain(&e));
-                } else if let Refusal::Backend(kind) = refusal {
-                    let what = format!("{}: {}", backend_failure(kind), error_chain(&e));
-                    b.failed(&version.label, kind, &what);
-                }
-                return Ok(refuse(refusal));
+                return Ok(refuse(upstream_failed(
+                    &self.settings,
+                    b,
+                    &version.label,
+                    refusal,
+                    &e,
+                )));
             }
             Ok(Ok(response)) => response,
         };
@@ -345,27 +357,23 @@ impl Proxy {
             b.failed(&version.label, kind, backend_failure(kind));
             return Ok(refuse(Refusal::Backend(kind)));
         }
-        let (parts, body) = self.respond(
-            parts,
-            body,
-            client_version,
-            in_flight,
-            &version,
-            backend,
-            shadow,
-        );
+        let answer = (client_version, in_flight, deadline);
+        let (parts, body) = self.respond(parts, body, answer, &version, backend, shadow);
         Ok(Response::from_parts(parts, ProxyBody::Upstream { body }))
     }
 
     /// The client's response from the backend's: in the client's protocol, hop-by-hop headers
-    /// gone, the version header set, counted, and the body metered (and teed for a shadow).
-    #[allow(clippy::too_many_arguments)]
+    /// gone, the version header set, counted, and the body metered (and teed for a shadow),
+    /// ending at the call's gRPC deadline if it has one.
     fn respond<B>(
         &self,
         mut parts: http::response::Parts,
         body: B,
-        client_version: http::Version,
-        in_flight: InFlight,
+        (client_version, in_flight, deadline): (
+            http::Version,
+            InFlight,
+            Option<tokio::time::Instant>,
+        ),
         version: &Version,
         backend: BackendGuard,
         shadow: Option<ShadowStart>,
@@ -395,7 +403,8 @@ impl Proxy {
             self.settings.idle_timeout,
             Some(backend),
             response_tee,
-        );
+        )
+        .with_deadline(deadline);
         (parts, body)
     }
 
@@ -429,23 +438,48 @@ impl Proxy {
     }
 }
 
+/// Counts and logs a backend's failure to answer: one that refused the connection is ejected
+/// for a while, any other failure is logged (rate-limited). Returns `refusal`.
+fn upstream_failed(
+    settings: &ProxySettings,
+    b: &crate::upstream::Backend,
+    label: &str,
+    refusal: Refusal,
+    error: &(dyn StdError + 'static),
+) -> Refusal {
+    match refusal {
+        Refusal::Backend(ProxyFailure::Connect | ProxyFailure::ConnectTimeout) => {
+            b.refused(settings.backend_eject, label, error_chain(error));
+        }
+        Refusal::Backend(kind) => {
+            let what = format!("{}: {}", backend_failure(kind), error_chain(error));
+            b.failed(label, kind, &what);
+        }
+        _ => {}
+    }
+    refusal
+}
+
+/// Logs a backend that sent no response head in time; the refusal the client gets.
+fn timed_out(b: &crate::upstream::Backend, label: &str) -> Refusal {
+    let kind = ProxyFailure::Timeout;
+    b.failed(label, kind, backend_failure(kind));
+    Refusal::Backend(kind)
+}
+
+/// Sorts a failure of an HTTP/2 backend into what the client is told.
+fn classify_http2(e: &Http2Error) -> Refusal {
+    match e {
+        Http2Error::ConnectTimeout(_) => Refusal::Backend(ProxyFailure::ConnectTimeout),
+        Http2Error::Request(e) => classify_request(e),
+        _ => Refusal::Backend(ProxyFailure::Connect),
+    }
+}
+
 /// Sorts an upstream failure into what the client is told.
 fn classify(e: &hyper_util::client::legacy::Error) -> Refusal {
-    let chain = || {
-        std::iter::successors(
-            Some(e as &(dyn StdError + 'static)),
-            |e: &&(dyn StdError + 'static)| (*e).source(),
-        )
-    };
-    if chain().any(|e| e.is::<BodyTooLarge>()) {
-        return Refusal::TooLarge(
-            chain()
-                .find_map(|e| e.downcast_ref::<BodyTooLarge>())
-                .map_or(0, |b| b.limit),
-        );
-    }
     if e.is_connect() {
-        let timed_out = chain().any(|e| {
+        let timed_out = chain(e).any(|e| {
             e.downcast_ref::<std::io::Error>()
                 .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut)
         });
@@ -454,6 +488,26 @@ fn classify(e: &hyper_util::client::legacy::Error) -> Refusal {
         } else {
             ProxyFailure::Connect
         });
+    }
+    classify_request(e)
+}
+
+/// `e` and its sources.
+fn chain<'e>(
+    e: &'e (dyn StdError + 'static),
+) -> impl Iterator<Item = &'e (dyn StdError + 'static)> {
+    std::iter::successors(Some(e), |e: &&(dyn StdError + 'static)| (*e).source())
+}
+
+/// Sorts a failure after the connection was made into what the client is told.
+fn classify_request(e: &(dyn StdError + 'static)) -> Refusal {
+    let chain = || chain(e);
+    if chain().any(|e| e.is::<BodyTooLarge>()) {
+        return Refusal::TooLarge(
+            chain()
+                .find_map(|e| e.downcast_ref::<BodyTooLarge>())
+                .map_or(0, |b| b.limit),
+        );
     }
     for err in chain() {
         if let Some(h) = err.downcast_ref::<hyper::Error>() {

@@ -2,7 +2,8 @@
 //!
 //! A `Version` outlives routing tables (tables are rebuilt, versions are reused), so in-flight
 //! counts and ejections survive a weight change. Connections are pooled per backend origin by the
-//! HTTP/1 [`pool`] of each backend (HTTPS backends: by the shared hyper client).
+//! HTTP/1 [`pool`] of each backend, HTTP/2 ones by its [`h2`] connections (HTTPS backends
+//! speaking HTTP/1.1 or `auto`: by the shared hyper client).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -14,6 +15,7 @@ use http::HeaderValue;
 use crate::config::{BackendProtocol, Balance, VersionConfig};
 use crate::metrics::ProxyFailure;
 
+pub mod h2;
 pub mod pool;
 
 /// One model version and its backends.
@@ -46,6 +48,8 @@ pub struct Backend {
     verified: AtomicBool,
     /// Idle keep-alive connections of the HTTP/1.1 fast path.
     pub pool: Arc<pool::Pool>,
+    /// HTTP/2 connections, for `protocol = "http2"`.
+    pub h2: h2::Connections,
     /// When each kind of failure was last logged, by [`ProxyFailure`] index.
     failure_logs: [FailureLog; ProxyFailure::ALL.len()],
 }
@@ -102,6 +106,7 @@ impl Version {
                     ejected_until: AtomicU64::new(0),
                     verified: AtomicBool::new(verified),
                     pool: Arc::new(pool::Pool::new(pool_max_idle)),
+                    h2: h2::Connections::default(),
                     failure_logs: Default::default(),
                 }
             })
