@@ -639,16 +639,57 @@ mod echo {
         }
     }
 
+    /// Server streaming, without end: a tick every 20 ms until the call goes away, which it
+    /// reports on `gone`.
+    struct Ticks {
+        gone: tokio::sync::mpsc::UnboundedSender<()>,
+    }
+
+    impl tonic::server::ServerStreamingService<Vec<u8>> for Ticks {
+        type Response = Vec<u8>;
+        type ResponseStream = Echoes;
+        type Future = Boxed<Echoes>;
+        fn call(&mut self, _request: tonic::Request<Vec<u8>>) -> Self::Future {
+            let gone = self.gone.clone();
+            Box::pin(async move {
+                let (tx, rx) = tokio::sync::mpsc::channel(1);
+                tokio::spawn(async move {
+                    loop {
+                        if tx.send(Ok(b"tick".to_vec())).await.is_err() {
+                            let _ = gone.send(());
+                            return;
+                        }
+                        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                    }
+                });
+                Ok(tonic::Response::new(
+                    Box::pin(ReceiverStream::new(rx)) as Echoes
+                ))
+            })
+        }
+    }
+
     /// Serves the echo service over HTTP/2 on loopback.
     pub async fn server() -> std::net::SocketAddr {
-        super::serve_http2(|req: http::Request<hyper::body::Incoming>| async move {
-            let mut grpc = tonic::server::Grpc::new(Raw);
-            let response = match req.uri().path() {
-                "/test.Echo/Collect" => grpc.client_streaming(Collect, req).await,
-                "/test.Echo/Chat" => grpc.streaming(Chat, req).await,
-                _ => Status::unimplemented("no such method").into_http(),
-            };
-            Ok(response)
+        server_reporting(tokio::sync::mpsc::unbounded_channel().0).await
+    }
+
+    /// [`server`], reporting on `gone` each `/test.Echo/Ticks` call that went away.
+    pub async fn server_reporting(
+        gone: tokio::sync::mpsc::UnboundedSender<()>,
+    ) -> std::net::SocketAddr {
+        super::serve_http2(move |req: http::Request<hyper::body::Incoming>| {
+            let gone = gone.clone();
+            async move {
+                let mut grpc = tonic::server::Grpc::new(Raw);
+                let response = match req.uri().path() {
+                    "/test.Echo/Collect" => grpc.client_streaming(Collect, req).await,
+                    "/test.Echo/Chat" => grpc.streaming(Chat, req).await,
+                    "/test.Echo/Ticks" => grpc.server_streaming(Ticks { gone }, req).await,
+                    _ => Status::unimplemented("no such method").into_http(),
+                };
+                Ok(response)
+            }
         })
         .await
     }
@@ -708,6 +749,84 @@ async fn client_streaming_and_bidirectional_calls_stream_through_weir() {
     assert!(
         echoes.message().await.unwrap().is_none(),
         "the call ends with OK"
+    );
+    running.shutdown();
+}
+
+/// A client that stops reading a server-streaming call (tonic resets the stream) stops it at
+/// the backend too; and a call's `grpc-timeout` bounds the whole call, not just its first
+/// answer: the stream is ended with DEADLINE_EXCEEDED by weir and stopped at the backend.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_or_overdue_streaming_call_is_stopped_at_the_backend() {
+    use tonic::codegen::http::uri::PathAndQuery;
+    let (gone_tx, mut gone) = tokio::sync::mpsc::unbounded_channel();
+    let backend = echo::server_reporting(gone_tx).await;
+    let state = temp_dir("grpc-cancel");
+    let running = start(http2_quick(&format!("http://{backend}"), state.path())).await;
+    let channel = Channel::from_shared(format!("http://{}", running.proxy_addr()))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut grpc = tonic::client::Grpc::new(channel);
+    let ticks = PathAndQuery::from_static("/test.Echo/Ticks");
+    let wait = std::time::Duration::from_secs(10);
+
+    // Cancelled: read three ticks, then drop the call.
+    grpc.ready().await.unwrap();
+    let response = grpc
+        .server_streaming(tonic::Request::new(Vec::new()), ticks.clone(), echo::Raw)
+        .await
+        .expect("the call starts");
+    let mut stream = response.into_inner();
+    for _ in 0..3 {
+        assert_eq!(stream.message().await.unwrap().unwrap(), b"tick");
+    }
+    drop(stream);
+    tokio::time::timeout(wait, gone.recv())
+        .await
+        .expect("the backend's stream is stopped when the client cancels");
+
+    // Overdue: 300 ms allowed; ticks flow until then, then weir ends the call.
+    grpc.ready().await.unwrap();
+    let mut request = tonic::Request::new(Vec::new());
+    request
+        .metadata_mut()
+        .insert("grpc-timeout", "300m".parse().unwrap());
+    let started = std::time::Instant::now();
+    let mut stream = grpc
+        .server_streaming(request, ticks, echo::Raw)
+        .await
+        .expect("the call starts")
+        .into_inner();
+    let mut received = 0;
+    let status = loop {
+        match tokio::time::timeout(wait, stream.message())
+            .await
+            .expect("the call ends")
+        {
+            Ok(Some(_)) => received += 1,
+            Ok(None) => panic!("the call ended with OK after {received} ticks"),
+            Err(status) => break status,
+        }
+    };
+    assert_eq!(status.code(), tonic::Code::DeadlineExceeded, "{status:?}");
+    assert!(status.message().contains("chat@v1"), "{status:?}");
+    assert!(received >= 3, "ticks flowed until the deadline: {received}");
+    assert!(
+        started.elapsed() >= std::time::Duration::from_millis(300),
+        "not before the deadline"
+    );
+    tokio::time::timeout(wait, gone.recv())
+        .await
+        .expect("the backend's stream is stopped at the deadline");
+    let scrape = String::from_utf8(running.writer().metrics().encode()).unwrap();
+    assert!(
+        scrape
+            .lines()
+            .any(|l| l.starts_with("weir_grpc_errors_total{")
+                && l.contains("code=\"DEADLINE_EXCEEDED\"")),
+        "the overdue call counts as an error of its version"
     );
     running.shutdown();
 }
