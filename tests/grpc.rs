@@ -831,6 +831,90 @@ async fn a_cancelled_or_overdue_streaming_call_is_stopped_at_the_backend() {
     running.shutdown();
 }
 
+/// The identity probe asks a gRPC backend's standard health service: a backend that does not
+/// report the version's identity SERVING takes no calls, and takes them once it does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_identity_probe_checks_grpc_backends_by_their_health_service() {
+    use tonic_health::ServingStatus as Status;
+    // Each backend also reports on "which", so an answer shows which backend gave it.
+    let backend = |statuses: Vec<(&'static str, Status)>| async move {
+        let (reporter, service) = tonic_health::server::health_reporter();
+        for (name, status) in statuses {
+            reporter.set_service_status(name, status).await;
+        }
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let incoming = tonic::transport::server::TcpIncoming::from(listener);
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(service)
+                .serve_with_incoming(incoming),
+        );
+        (addr, reporter)
+    };
+    let (right, _keep) = backend(vec![
+        ("chat@v1", Status::Serving),
+        ("which", Status::Serving),
+    ])
+    .await;
+    // Loaded with other weights: it knows chat@v0, not chat@v1.
+    let (wrong, reporter) = backend(vec![
+        ("chat@v0", Status::Serving),
+        ("which", Status::NotServing),
+    ])
+    .await;
+    let state = temp_dir("grpc-identity");
+    let running = start(weir::QuickMode {
+        identity_probe: Some("grpc-health".into()),
+        identity_interval: Some("150ms".into()),
+        ..http2_quick(&format!("http://{right},http://{wrong}"), state.path())
+    })
+    .await;
+    let mut health = client(&running).await;
+    let answers = |health: &mut HealthClient<Channel>| {
+        let mut health = health.clone();
+        async move {
+            let mut serving = (0, 0);
+            for _ in 0..20 {
+                let answer = health.check(check("which", None)).await.expect("answered");
+                match answer.get_ref().status() {
+                    ServingStatus::Serving => serving.0 += 1,
+                    _ => serving.1 += 1,
+                }
+            }
+            serving
+        }
+    };
+    assert_eq!(
+        answers(&mut health).await,
+        (20, 0),
+        "only the right backend serves"
+    );
+    let scrape = String::from_utf8(running.writer().metrics().encode()).unwrap();
+    let flagged = scrape
+        .lines()
+        .find(|l| l.starts_with("weir_backend_version_mismatch{") && l.contains(&wrong.to_string()))
+        .unwrap_or_else(|| panic!("no mismatch gauge for {wrong}:\n{scrape}"));
+    assert!(flagged.ends_with(" 1"), "{flagged}");
+
+    // The backend loads chat@v1: within a probe interval it is back in rotation.
+    reporter
+        .set_service_status("chat@v1", Status::Serving)
+        .await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        if answers(&mut health).await.1 > 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the backend never came back"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    running.shutdown();
+}
+
 /// Trailers for every client: an HTTP/1.1 backend's chunked trailers reach an HTTP/2 client as
 /// trailing HEADERS, without the fields no trailer may carry.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

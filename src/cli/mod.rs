@@ -279,8 +279,9 @@ pub struct ServeArgs {
     pub registry: Option<PathBuf>,
 
     /// Ask each backend what it serves: PATH#/json/pointer or PATH#header:NAME, e.g.
-    /// '/v1/models#/data/0/id'. A backend reporting another identity than the registry's is taken
-    /// out of rotation.
+    /// '/v1/models#/data/0/id', or grpc-health (gRPC's health service must report the
+    /// identity, model@version or its digest, SERVING as a service name). A backend reporting
+    /// another identity than the registry's is taken out of rotation.
     #[arg(long, value_name = "PATH#POINTER")]
     pub identity_probe: Option<String>,
 

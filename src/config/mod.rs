@@ -141,13 +141,19 @@ pub enum IdentitySource {
     /// RFC 6901 pointer into the JSON body, e.g. `/data/0/id`.
     JsonPointer(String),
     Header(HeaderName),
+    /// gRPC's standard health service (`grpc.health.v1.Health/Check`, over HTTP/2): the backend
+    /// serves the identity it reports SERVING as a service name.
+    GrpcHealth,
 }
 
 impl IdentityProbe {
     pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(30);
     pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(2);
 
-    /// Parses `PATH#/json/pointer` or `PATH#header:NAME`.
+    /// The gRPC health service's Check method.
+    pub const GRPC_HEALTH_CHECK: &str = "/grpc.health.v1.Health/Check";
+
+    /// Parses `PATH#/json/pointer`, `PATH#header:NAME` or `grpc-health`.
     pub fn parse(
         spec: &str,
         interval: Duration,
@@ -155,9 +161,20 @@ impl IdentityProbe {
     ) -> Result<IdentityProbe, String> {
         let expected = || {
             format!(
-                "expected PATH#/json/pointer or PATH#header:NAME, such as \"/v1/models#/data/0/id\", got {spec:?}"
+                "expected PATH#/json/pointer, PATH#header:NAME or grpc-health, such as \"/v1/models#/data/0/id\", got {spec:?}"
             )
         };
+        if interval.is_zero() || timeout.is_zero() {
+            return Err("the identity probe interval and timeout must be longer than zero".into());
+        }
+        if spec == "grpc-health" {
+            return Ok(IdentityProbe {
+                path: IdentityProbe::GRPC_HEALTH_CHECK.to_string(),
+                source: IdentitySource::GrpcHealth,
+                interval,
+                timeout,
+            });
+        }
         let (path, what) = spec.split_once('#').ok_or_else(expected)?;
         if !path.starts_with('/') {
             return Err(expected());
@@ -169,9 +186,6 @@ impl IdentityProbe {
         } else {
             return Err(expected());
         };
-        if interval.is_zero() || timeout.is_zero() {
-            return Err("the identity probe interval and timeout must be longer than zero".into());
-        }
         Ok(IdentityProbe {
             path: path.to_string(),
             source,

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use http::{Request, Uri};
-use http_body_util::{BodyExt, Empty};
+use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
@@ -21,13 +21,13 @@ use crate::shutdown::stopped;
 use super::command::Actor;
 use super::pins::load_registry;
 use super::Writer;
-use crate::config::{IdentityProbe, IdentitySource};
+use crate::config::{BackendProtocol, IdentityProbe, IdentitySource};
 use crate::upstream::{Backend, Version};
 
 /// Largest probe answer read.
 const MAX_PROBE_BODY: usize = 1024 * 1024;
 
-type ProbeClient = Client<HttpConnector, Empty<Bytes>>;
+type ProbeClient = Client<HttpConnector, Full<Bytes>>;
 
 /// One version to check, with what it must report and where it is routed.
 struct Expected {
@@ -47,11 +47,13 @@ enum Answer {
     Unreachable(String),
 }
 
-/// The prober: its HTTP client and each backend's last verdict, so changes (and a first
-/// mismatch) are reported once.
+/// The prober: its HTTP clients (HTTP/1.1, and h2c for `protocol = "http2"` versions and the
+/// gRPC health probe) and each backend's last verdict, so changes (and a first mismatch) are
+/// reported once.
 #[derive(Debug)]
 pub struct Prober {
-    client: ProbeClient,
+    http1: ProbeClient,
+    http2: ProbeClient,
     verdicts: tokio::sync::Mutex<HashMap<(String, String), bool>>,
 }
 
@@ -60,15 +62,28 @@ impl Default for Prober {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         Prober {
-            client: Client::builder(TokioExecutor::new()).build(connector),
+            http1: Client::builder(TokioExecutor::new()).build(connector.clone()),
+            http2: Client::builder(TokioExecutor::new())
+                .http2_only(true)
+                .build(connector),
             verdicts: tokio::sync::Mutex::new(HashMap::new()),
+        }
+    }
+}
+
+impl Prober {
+    fn client(&self, probe: &IdentityProbe, version: &Version) -> &ProbeClient {
+        if probe.source == IdentitySource::GrpcHealth || version.protocol == BackendProtocol::Http2
+        {
+            &self.http2
+        } else {
+            &self.http1
         }
     }
 }
 
 /// Probes every routed backend now; returns how many are verified.
 pub async fn probe_once(writer: &Writer, prober: &Prober) -> usize {
-    let client = &prober.client;
     let config = writer.config().await;
     let Some(probe) = config.identity.clone() else {
         return 0;
@@ -106,7 +121,13 @@ pub async fn probe_once(writer: &Writer, prober: &Prober) -> usize {
     let mut verified = 0;
     for (label, want) in &expected {
         for backend in want.version.backends.iter() {
-            let answer = ask(client, &probe, backend).await;
+            let client = prober.client(&probe, &want.version);
+            let answer = match probe.source {
+                IdentitySource::GrpcHealth => {
+                    ask_grpc_health(client, &probe, backend, &want.accepted).await
+                }
+                _ => ask(client, &probe, backend).await,
+            };
             let ok = matches!(&answer, Answer::Identity(id) if want.accepted.contains(id));
             if ok {
                 verified += 1;
@@ -175,7 +196,7 @@ async fn ask(client: &ProbeClient, probe: &IdentityProbe, backend: &Backend) -> 
     };
     let request = Request::get(uri)
         .header("x-weir-probe", "identity")
-        .body(Empty::new())
+        .body(Full::default())
         .expect("a GET with a parsed URI is valid");
     let exchange = async {
         let response = client.request(request).await.map_err(|e| e.to_string())?;
@@ -202,6 +223,129 @@ async fn ask(client: &ProbeClient, probe: &IdentityProbe, backend: &Backend) -> 
         Ok(Err(e)) => Answer::Unreachable(e),
         Ok(Ok(answer)) => answer,
     }
+}
+
+/// Asks the backend's gRPC health service about each accepted identity in turn (the registry's
+/// `model@version` first, then the digest): the first it reports SERVING is its identity.
+async fn ask_grpc_health(
+    client: &ProbeClient,
+    probe: &IdentityProbe,
+    backend: &Backend,
+    accepted: &[String],
+) -> Answer {
+    let uri: Uri = match format!("{}://{}{}", backend.scheme, backend.authority, probe.path).parse()
+    {
+        Ok(uri) => uri,
+        Err(e) => return Answer::Unreachable(format!("bad probe URL: {e}")),
+    };
+    let mut reports = Vec::new();
+    for service in accepted {
+        let request = Request::post(uri.clone())
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .header("x-weir-probe", "identity")
+            .body(Full::new(health_check_request(service)))
+            .expect("a POST with a parsed URI is valid");
+        let exchange = async {
+            let response = client.request(request).await.map_err(|e| e.to_string())?;
+            let (head, body) = response.into_parts();
+            let body = http_body_util::Limited::new(body, MAX_PROBE_BODY)
+                .collect()
+                .await
+                .map_err(|e| e.to_string())?;
+            let code = crate::shadow::compare::grpc_status(&head.headers).or_else(|| {
+                body.trailers()
+                    .and_then(crate::shadow::compare::grpc_status)
+            });
+            Ok::<_, String>(match (head.status.is_success(), code) {
+                (false, _) => Err(format!("status {}", head.status)),
+                (true, Some(0)) => serving_status(&body.to_bytes()),
+                (true, Some(5)) => Err("NOT_FOUND".to_string()),
+                (true, Some(code)) => Err(format!("grpc-status {code}")),
+                (true, None) => Err("no grpc-status".to_string()),
+            })
+        };
+        match tokio::time::timeout(probe.timeout, exchange).await {
+            Err(_) => return Answer::Unreachable(format!("no answer within {:?}", probe.timeout)),
+            Ok(Err(e)) => return Answer::Unreachable(e),
+            Ok(Ok(Ok(status))) if status == "SERVING" => return Answer::Identity(service.clone()),
+            Ok(Ok(Ok(status))) | Ok(Ok(Err(status))) => {
+                reports.push(format!("{service}: {status}"))
+            }
+        }
+    }
+    Answer::Missing(format!("gRPC health reports {}", reports.join(", ")))
+}
+
+/// A `grpc.health.v1.HealthCheckRequest` for `service`, in its gRPC message frame.
+fn health_check_request(service: &str) -> Bytes {
+    let mut message = Vec::with_capacity(service.len() + 8);
+    if !service.is_empty() {
+        message.push(0x0a); // field 1, length-delimited
+        put_varint(&mut message, service.len() as u64);
+        message.extend_from_slice(service.as_bytes());
+    }
+    let mut frame = Vec::with_capacity(5 + message.len());
+    frame.push(0); // not compressed
+    frame.extend_from_slice(&(message.len() as u32).to_be_bytes());
+    frame.extend_from_slice(&message);
+    frame.into()
+}
+
+fn put_varint(out: &mut Vec<u8>, mut n: u64) {
+    while n >= 0x80 {
+        out.push(n as u8 | 0x80);
+        n >>= 7;
+    }
+    out.push(n as u8);
+}
+
+fn varint(bytes: &mut &[u8]) -> Option<u64> {
+    let mut n = 0u64;
+    for shift in (0..64).step_by(7) {
+        let (&b, rest) = bytes.split_first()?;
+        *bytes = rest;
+        n |= u64::from(b & 0x7f) << shift;
+        if b < 0x80 {
+            return Some(n);
+        }
+    }
+    None
+}
+
+/// The `status` of a framed `grpc.health.v1.HealthCheckResponse`, by its enum name.
+fn serving_status(body: &[u8]) -> Result<String, String> {
+    let malformed = || "a malformed HealthCheckResponse".to_string();
+    let (prefix, rest) = body.split_at_checked(5).ok_or_else(malformed)?;
+    if prefix[0] != 0 {
+        return Err("a compressed HealthCheckResponse".into());
+    }
+    let len = u32::from_be_bytes([prefix[1], prefix[2], prefix[3], prefix[4]]) as usize;
+    let mut message = rest.get(..len).ok_or_else(malformed)?;
+    let mut status = 0;
+    while !message.is_empty() {
+        let tag = varint(&mut message).ok_or_else(malformed)?;
+        match (tag >> 3, tag & 7) {
+            (1, 0) => status = varint(&mut message).ok_or_else(malformed)?,
+            (_, 0) => {
+                varint(&mut message).ok_or_else(malformed)?;
+            }
+            (_, 2) => {
+                let len = varint(&mut message).ok_or_else(malformed)? as usize;
+                message = message.get(len..).ok_or_else(malformed)?;
+            }
+            (_, 1) => message = message.get(8..).ok_or_else(malformed)?,
+            (_, 5) => message = message.get(4..).ok_or_else(malformed)?,
+            _ => return Err(malformed()),
+        }
+    }
+    Ok(match status {
+        1 => "SERVING",
+        2 => "NOT_SERVING",
+        3 => "SERVICE_UNKNOWN",
+        _ => "UNKNOWN",
+    }
+    .to_string())
 }
 
 fn identity_from_json(body: &[u8], source: &IdentitySource) -> Answer {
@@ -237,6 +381,32 @@ pub async fn run(writer: Arc<Writer>, prober: Arc<Prober>, mut stop: watch::Rece
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn health_messages_are_framed_and_read_as_protobuf() {
+        let request = health_check_request("chat@v2");
+        assert_eq!(&request[..5], &[0, 0, 0, 0, 9]);
+        assert_eq!(&request[5..], b"\x0a\x07chat@v2");
+        assert_eq!(&health_check_request("")[..], &[0, 0, 0, 0, 0]);
+        let long = "m".repeat(200);
+        assert_eq!(&health_check_request(&long)[5..8], &[0x0a, 0xc8, 0x01]);
+        assert_eq!(
+            serving_status(&[0, 0, 0, 0, 2, 0x08, 1]).unwrap(),
+            "SERVING"
+        );
+        assert_eq!(
+            serving_status(&[0, 0, 0, 0, 2, 0x08, 2]).unwrap(),
+            "NOT_SERVING"
+        );
+        // An unknown field first, then status; an empty message is UNKNOWN (proto3 default).
+        assert_eq!(
+            serving_status(&[0, 0, 0, 0, 5, 0x12, 1, b'x', 0x08, 1]).unwrap(),
+            "SERVING"
+        );
+        assert_eq!(serving_status(&[0, 0, 0, 0, 0]).unwrap(), "UNKNOWN");
+        assert!(serving_status(&[0, 0, 0]).is_err());
+        assert!(serving_status(&[0, 0, 0, 0, 2, 0x12, 9]).is_err());
+    }
 
     #[test]
     fn identities_are_read_from_json_pointers() {
