@@ -669,23 +669,70 @@ mod echo {
         }
     }
 
-    /// Serves the echo service over HTTP/2 on loopback.
-    pub async fn server() -> std::net::SocketAddr {
-        server_reporting(tokio::sync::mpsc::unbounded_channel().0).await
+    /// Server streaming: 16 KiB messages as fast as the call takes them, counting the bytes
+    /// handed to the transport in `sent`.
+    struct Flood {
+        sent: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     }
 
-    /// [`server`], reporting on `gone` each `/test.Echo/Ticks` call that went away.
-    pub async fn server_reporting(
-        gone: tokio::sync::mpsc::UnboundedSender<()>,
-    ) -> std::net::SocketAddr {
+    impl tonic::server::ServerStreamingService<Vec<u8>> for Flood {
+        type Response = Vec<u8>;
+        type ResponseStream = Echoes;
+        type Future = Boxed<Echoes>;
+        fn call(&mut self, _request: tonic::Request<Vec<u8>>) -> Self::Future {
+            let sent = std::sync::Arc::clone(&self.sent);
+            Box::pin(async move {
+                let (tx, rx) = tokio::sync::mpsc::channel(1);
+                tokio::spawn(async move {
+                    let message = vec![b'x'; 16 * 1024];
+                    while tx.send(Ok(message.clone())).await.is_ok() {
+                        sent.fetch_add(message.len(), std::sync::atomic::Ordering::SeqCst);
+                    }
+                });
+                Ok(tonic::Response::new(
+                    Box::pin(ReceiverStream::new(rx)) as Echoes
+                ))
+            })
+        }
+    }
+
+    /// What the echo server reports of its streaming calls.
+    #[derive(Clone)]
+    pub struct Reports {
+        /// One message per `/test.Echo/Ticks` call that went away.
+        pub gone: tokio::sync::mpsc::UnboundedSender<()>,
+        /// Bytes `/test.Echo/Flood` calls have handed to the transport.
+        pub flooded: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    }
+
+    /// Serves the echo service over HTTP/2 on loopback.
+    pub async fn server() -> std::net::SocketAddr {
+        server_reporting(Reports {
+            gone: tokio::sync::mpsc::unbounded_channel().0,
+            flooded: Default::default(),
+        })
+        .await
+    }
+
+    /// [`server`], telling `reports` what its streaming calls did.
+    pub async fn server_reporting(reports: Reports) -> std::net::SocketAddr {
         super::serve_http2(move |req: http::Request<hyper::body::Incoming>| {
-            let gone = gone.clone();
+            let reports = reports.clone();
             async move {
                 let mut grpc = tonic::server::Grpc::new(Raw);
                 let response = match req.uri().path() {
                     "/test.Echo/Collect" => grpc.client_streaming(Collect, req).await,
                     "/test.Echo/Chat" => grpc.streaming(Chat, req).await,
-                    "/test.Echo/Ticks" => grpc.server_streaming(Ticks { gone }, req).await,
+                    "/test.Echo/Ticks" => {
+                        let ticks = Ticks { gone: reports.gone };
+                        grpc.server_streaming(ticks, req).await
+                    }
+                    "/test.Echo/Flood" => {
+                        let flood = Flood {
+                            sent: reports.flooded,
+                        };
+                        grpc.server_streaming(flood, req).await
+                    }
                     _ => Status::unimplemented("no such method").into_http(),
                 };
                 Ok(response)
@@ -753,6 +800,22 @@ async fn client_streaming_and_bidirectional_calls_stream_through_weir() {
     running.shutdown();
 }
 
+/// weir over an echo server that tells `reports`, and a raw-bytes gRPC client of weir.
+async fn echo_through_weir(
+    reports: echo::Reports,
+    tag: &str,
+) -> (weir::Running, tonic::client::Grpc<Channel>, TempDir) {
+    let backend = echo::server_reporting(reports).await;
+    let state = temp_dir(tag);
+    let running = start(http2_quick(&format!("http://{backend}"), state.path())).await;
+    let channel = Channel::from_shared(format!("http://{}", running.proxy_addr()))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    (running, tonic::client::Grpc::new(channel), state)
+}
+
 /// A client that stops reading a server-streaming call (tonic resets the stream) stops it at
 /// the backend too; and a call's `grpc-timeout` bounds the whole call, not just its first
 /// answer: the stream is ended with DEADLINE_EXCEEDED by weir and stopped at the backend.
@@ -760,15 +823,11 @@ async fn client_streaming_and_bidirectional_calls_stream_through_weir() {
 async fn a_cancelled_or_overdue_streaming_call_is_stopped_at_the_backend() {
     use tonic::codegen::http::uri::PathAndQuery;
     let (gone_tx, mut gone) = tokio::sync::mpsc::unbounded_channel();
-    let backend = echo::server_reporting(gone_tx).await;
-    let state = temp_dir("grpc-cancel");
-    let running = start(http2_quick(&format!("http://{backend}"), state.path())).await;
-    let channel = Channel::from_shared(format!("http://{}", running.proxy_addr()))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let mut grpc = tonic::client::Grpc::new(channel);
+    let reports = echo::Reports {
+        gone: gone_tx,
+        flooded: Default::default(),
+    };
+    let (running, mut grpc, _state) = echo_through_weir(reports, "grpc-cancel").await;
     let ticks = PathAndQuery::from_static("/test.Echo/Ticks");
     let wait = std::time::Duration::from_secs(10);
 
@@ -828,6 +887,50 @@ async fn a_cancelled_or_overdue_streaming_call_is_stopped_at_the_backend() {
                 && l.contains("code=\"DEADLINE_EXCEEDED\"")),
         "the overdue call counts as an error of its version"
     );
+    running.shutdown();
+}
+
+/// Flow control end to end: a backend streaming as fast as it can to a client that stops
+/// reading is held back by HTTP/2 windows, so weir buffers a bounded amount, not the stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_grpc_reader_holds_the_backend_back_instead_of_weir_buffering() {
+    use tonic::codegen::http::uri::PathAndQuery;
+    let flooded = Arc::new(AtomicUsize::new(0));
+    let reports = echo::Reports {
+        gone: tokio::sync::mpsc::unbounded_channel().0,
+        flooded: Arc::clone(&flooded),
+    };
+    let (running, mut grpc, _state) = echo_through_weir(reports, "grpc-flow").await;
+    grpc.ready().await.unwrap();
+    let mut stream = grpc
+        .server_streaming(
+            tonic::Request::new(Vec::new()),
+            PathAndQuery::from_static("/test.Echo/Flood"),
+            echo::Raw,
+        )
+        .await
+        .expect("the call starts")
+        .into_inner();
+    assert_eq!(stream.message().await.unwrap().unwrap().len(), 16 * 1024);
+    // The client reads nothing more for a second; loopback would carry gigabytes meanwhile.
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    let held = flooded.load(Ordering::SeqCst);
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let later = flooded.load(Ordering::SeqCst);
+    assert_eq!(
+        held, later,
+        "the backend is stalled while the client does not read"
+    );
+    assert!(
+        held < 16 * 1024 * 1024,
+        "{held} bytes left the backend for a client that read 16 KiB"
+    );
+    // Reading again lets it go on.
+    for _ in 0..200 {
+        stream.message().await.unwrap().unwrap();
+    }
+    assert!(flooded.load(Ordering::SeqCst) > later);
+    drop(stream);
     running.shutdown();
 }
 
@@ -947,6 +1050,66 @@ async fn http1_chunked_trailers_reach_an_http2_client() {
         assert!(trailers.get("content-length").is_none(), "{trailers:?}");
         assert_eq!(collected.to_bytes(), "hello");
     }
+    running.shutdown();
+}
+
+/// And the reverse: an HTTP/1.1 client's chunked request trailers reach an HTTP/2 backend as
+/// trailing HEADERS, without the fields no trailer may carry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http1_request_trailers_reach_an_http2_backend() {
+    use http_body_util::BodyExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let backend = serve_http2(|req: http::Request<hyper::body::Incoming>| async move {
+        let collected = req.into_body().collect().await.unwrap();
+        let trailers = collected.trailers().cloned().unwrap_or_default();
+        let seen: Vec<String> = trailers
+            .iter()
+            .map(|(name, value)| format!("{name}={}", value.to_str().unwrap()))
+            .collect();
+        let mut response = http::Response::new(tonic::body::Body::empty());
+        response.headers_mut().insert(
+            "x-body",
+            String::from_utf8(collected.to_bytes().to_vec())
+                .unwrap()
+                .parse()
+                .unwrap(),
+        );
+        response
+            .headers_mut()
+            .insert("x-trailers", seen.join(";").parse().unwrap());
+        Ok(response)
+    })
+    .await;
+    let state = temp_dir("h1-request-trailers");
+    let running = start(http2_quick(&format!("http://{backend}"), state.path())).await;
+    let mut client = tokio::net::TcpStream::connect(running.proxy_addr())
+        .await
+        .unwrap();
+    client
+        .write_all(
+            b"POST /v1/upload HTTP/1.1\r\nhost: weir\r\ntransfer-encoding: chunked\r\n\
+              trailer: x-checksum\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\
+              x-checksum: sha256:abc\r\ncontent-length: 99\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !answer.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = tokio::time::timeout(std::time::Duration::from_secs(10), client.read(&mut buf))
+            .await
+            .expect("weir answers")
+            .unwrap();
+        assert!(n > 0, "weir closed without answering");
+        answer.extend_from_slice(&buf[..n]);
+    }
+    let answer = String::from_utf8_lossy(&answer).to_lowercase();
+    assert!(answer.starts_with("http/1.1 200"), "{answer}");
+    assert!(answer.contains("x-body: hello world\r\n"), "{answer}");
+    assert!(
+        answer.contains("x-trailers: x-checksum=sha256:abc\r\n"),
+        "the trailer arrives, without content-length: {answer}"
+    );
     running.shutdown();
 }
 

@@ -44,7 +44,7 @@ pub type RequestBody = http_body_util::Either<Incoming, WireBody>;
 /// ends only at its reader's `Ok(None)`, and a reader that goes away first cuts it off.
 #[derive(Debug)]
 pub struct WireBody {
-    frames: tokio::sync::mpsc::Receiver<Result<Option<Bytes>, BoxError>>,
+    frames: tokio::sync::mpsc::Receiver<Result<Option<Frame<Bytes>>, BoxError>>,
     start: Option<tokio::sync::oneshot::Sender<()>>,
     /// What is left of a body of known length.
     left: Option<u64>,
@@ -54,9 +54,9 @@ pub struct WireBody {
 /// The reading side of a [`WireBody`].
 #[derive(Debug)]
 pub struct WireBodySender {
-    /// Content, then `Ok(None)` at the end of a body of unknown length (one of known length
-    /// ends with its last byte), or an error.
-    pub frames: tokio::sync::mpsc::Sender<Result<Option<Bytes>, BoxError>>,
+    /// Content (and a chunked body's trailers), then `Ok(None)` at the end of a body of unknown
+    /// length (one of known length ends with its last byte), or an error.
+    pub frames: tokio::sync::mpsc::Sender<Result<Option<Frame<Bytes>>, BoxError>>,
     /// Resolves when the body is first asked for; fails if it is dropped unasked.
     pub start: tokio::sync::oneshot::Receiver<()>,
 }
@@ -101,11 +101,11 @@ impl Body for WireBody {
             let _ = start.send(());
         }
         match ready!(self.frames.poll_recv(cx)) {
-            Some(Ok(Some(data))) => {
-                if let Some(left) = self.left.as_mut() {
+            Some(Ok(Some(frame))) => {
+                if let (Some(left), Some(data)) = (self.left.as_mut(), frame.data_ref()) {
                     *left = left.saturating_sub(data.len() as u64);
                 }
-                Poll::Ready(Some(Ok(Frame::data(data))))
+                Poll::Ready(Some(Ok(frame)))
             }
             Some(Ok(None)) => {
                 self.ended = true;
@@ -574,7 +574,7 @@ mod tests {
     async fn send(sender: &WireBodySender, data: &'static str) {
         sender
             .frames
-            .send(Ok(Some(Bytes::from(data))))
+            .send(Ok(Some(Frame::data(Bytes::from(data)))))
             .await
             .unwrap();
     }

@@ -17,12 +17,12 @@ use std::time::Duration;
 use bytes::{Buf, BytesMut};
 use http::header::{HeaderName, HeaderValue, CONNECTION, CONTENT_LENGTH, TRANSFER_ENCODING};
 use http::{Response, StatusCode};
-use http_body::Body as _;
+use http_body::{Body as _, Frame};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::body::{ProxyBody, RequestBody, WireBody, WireBodySender};
 use super::framing::{self, Framing};
-use super::h1::{local, push_header, write_out, Answer, Exchange};
+use super::h1::{local, push_header, trailer_fields, write_out, Answer, Exchange, MAX_TRAILER};
 use super::proxy::{ConnInfo, Proxy};
 
 const READ_CHUNK: usize = 8 * 1024;
@@ -273,17 +273,40 @@ async fn read_body<S: AsyncRead + AsyncWrite + Unpin>(
         return false;
     }
     let mut runs = Vec::new();
+    // A chunked body's trailer section, passed on (as trailers) when it is whole and small.
+    let mut trailer = Vec::new();
     loop {
         if !buf.is_empty() {
             runs.clear();
-            let (n, done) = framing.take_with(buf, |run| runs.push(run));
+            let (n, done) = framing.take_with_trailer(
+                buf,
+                |run| runs.push(run),
+                |run| {
+                    if trailer.len() < MAX_TRAILER {
+                        trailer.extend_from_slice(&buf[run]);
+                    }
+                },
+            );
             let taken = buf.split_to(n).freeze();
             for run in runs.drain(..).filter(|run| !run.is_empty()) {
-                if frames.send(Ok(Some(taken.slice(run)))).await.is_err() {
+                let data = Frame::data(taken.slice(run));
+                if frames.send(Ok(Some(data))).await.is_err() {
                     return false;
                 }
             }
             if done {
+                if let Some(fields) = (trailer.len() < MAX_TRAILER)
+                    .then(|| trailer_fields(&trailer))
+                    .flatten()
+                {
+                    if frames
+                        .send(Ok(Some(Frame::trailers(fields))))
+                        .await
+                        .is_err()
+                    {
+                        return false;
+                    }
+                }
                 // A body of known length ends with its last byte; a chunked one is told.
                 return matches!(framing, Framing::Length(_))
                     || frames.send(Ok(None)).await.is_ok();

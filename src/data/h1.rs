@@ -1372,12 +1372,12 @@ pub struct RawBody {
 }
 
 /// Longest trailer section passed on; a longer one is dropped (its bytes are still checked).
-const MAX_TRAILER: usize = 16 * 1024;
+pub(super) const MAX_TRAILER: usize = 16 * 1024;
 
 /// The fields of a trailer section (`name: value` lines and the empty line), without those no
 /// trailer may carry: framing, routing and connection fields (RFC 9110 §6.5.1), which HTTP/2
 /// also forbids. `None` when there are none, or the section is not valid field syntax.
-fn trailer_fields(section: &[u8]) -> Option<http::HeaderMap> {
+pub(super) fn trailer_fields(section: &[u8]) -> Option<http::HeaderMap> {
     let mut storage = [httparse::EMPTY_HEADER; MAX_RESPONSE_HEADERS];
     let httparse::Status::Complete((_, fields)) =
         httparse::parse_headers(section, &mut storage).ok()?
