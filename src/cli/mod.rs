@@ -51,6 +51,7 @@ pub enum Command {
     /// Run the whole canary on this machine: built-in model servers, the proxy, traffic, a live view.
     Demo(crate::demo::DemoOptions),
     /// Run one built-in OpenAI-compatible model server (the demo's), for trying weir or load tests.
+    /// It speaks HTTP/1.1 and h2c, and answers gRPC's health check (SERVING for MODEL@VERSION).
     DemoBackend(DemoBackendArgs),
     /// Change the split of a running weir through its admin API.
     #[command(after_help = ADMIN_HELP)]

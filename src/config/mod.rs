@@ -151,7 +151,7 @@ impl IdentityProbe {
     pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(2);
 
     /// The gRPC health service's Check method.
-    pub const GRPC_HEALTH_CHECK: &str = "/grpc.health.v1.Health/Check";
+    pub const GRPC_HEALTH_CHECK: &str = crate::grpc::HEALTH_CHECK;
 
     /// Parses `PATH#/json/pointer`, `PATH#header:NAME` or `grpc-health`.
     pub fn parse(

@@ -22,6 +22,7 @@ use super::command::Actor;
 use super::pins::load_registry;
 use super::Writer;
 use crate::config::{BackendProtocol, IdentityProbe, IdentitySource};
+use crate::grpc;
 use crate::upstream::{Backend, Version};
 
 /// Largest probe answer read.
@@ -244,7 +245,7 @@ async fn ask_grpc_health(
             .header("content-type", "application/grpc")
             .header("te", "trailers")
             .header("x-weir-probe", "identity")
-            .body(Full::new(health_check_request(service)))
+            .body(Full::new(grpc::health_check_request(service)))
             .expect("a POST with a parsed URI is valid");
         let exchange = async {
             let response = client.request(request).await.map_err(|e| e.to_string())?;
@@ -259,7 +260,7 @@ async fn ask_grpc_health(
             });
             Ok::<_, String>(match (head.status.is_success(), code) {
                 (false, _) => Err(format!("status {}", head.status)),
-                (true, Some(0)) => serving_status(&body.to_bytes()),
+                (true, Some(0)) => grpc::serving_status(&body.to_bytes()),
                 (true, Some(5)) => Err("NOT_FOUND".to_string()),
                 (true, Some(code)) => Err(format!("grpc-status {code}")),
                 (true, None) => Err("no grpc-status".to_string()),
@@ -275,77 +276,6 @@ async fn ask_grpc_health(
         }
     }
     Answer::Missing(format!("gRPC health reports {}", reports.join(", ")))
-}
-
-/// A `grpc.health.v1.HealthCheckRequest` for `service`, in its gRPC message frame.
-fn health_check_request(service: &str) -> Bytes {
-    let mut message = Vec::with_capacity(service.len() + 8);
-    if !service.is_empty() {
-        message.push(0x0a); // field 1, length-delimited
-        put_varint(&mut message, service.len() as u64);
-        message.extend_from_slice(service.as_bytes());
-    }
-    let mut frame = Vec::with_capacity(5 + message.len());
-    frame.push(0); // not compressed
-    frame.extend_from_slice(&(message.len() as u32).to_be_bytes());
-    frame.extend_from_slice(&message);
-    frame.into()
-}
-
-fn put_varint(out: &mut Vec<u8>, mut n: u64) {
-    while n >= 0x80 {
-        out.push(n as u8 | 0x80);
-        n >>= 7;
-    }
-    out.push(n as u8);
-}
-
-fn varint(bytes: &mut &[u8]) -> Option<u64> {
-    let mut n = 0u64;
-    for shift in (0..64).step_by(7) {
-        let (&b, rest) = bytes.split_first()?;
-        *bytes = rest;
-        n |= u64::from(b & 0x7f) << shift;
-        if b < 0x80 {
-            return Some(n);
-        }
-    }
-    None
-}
-
-/// The `status` of a framed `grpc.health.v1.HealthCheckResponse`, by its enum name.
-fn serving_status(body: &[u8]) -> Result<String, String> {
-    let malformed = || "a malformed HealthCheckResponse".to_string();
-    let (prefix, rest) = body.split_at_checked(5).ok_or_else(malformed)?;
-    if prefix[0] != 0 {
-        return Err("a compressed HealthCheckResponse".into());
-    }
-    let len = u32::from_be_bytes([prefix[1], prefix[2], prefix[3], prefix[4]]) as usize;
-    let mut message = rest.get(..len).ok_or_else(malformed)?;
-    let mut status = 0;
-    while !message.is_empty() {
-        let tag = varint(&mut message).ok_or_else(malformed)?;
-        match (tag >> 3, tag & 7) {
-            (1, 0) => status = varint(&mut message).ok_or_else(malformed)?,
-            (_, 0) => {
-                varint(&mut message).ok_or_else(malformed)?;
-            }
-            (_, 2) => {
-                let len = varint(&mut message).ok_or_else(malformed)? as usize;
-                message = message.get(len..).ok_or_else(malformed)?;
-            }
-            (_, 1) => message = message.get(8..).ok_or_else(malformed)?,
-            (_, 5) => message = message.get(4..).ok_or_else(malformed)?,
-            _ => return Err(malformed()),
-        }
-    }
-    Ok(match status {
-        1 => "SERVING",
-        2 => "NOT_SERVING",
-        3 => "SERVICE_UNKNOWN",
-        _ => "UNKNOWN",
-    }
-    .to_string())
 }
 
 fn identity_from_json(body: &[u8], source: &IdentitySource) -> Answer {
@@ -381,32 +311,6 @@ pub async fn run(writer: Arc<Writer>, prober: Arc<Prober>, mut stop: watch::Rece
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn health_messages_are_framed_and_read_as_protobuf() {
-        let request = health_check_request("chat@v2");
-        assert_eq!(&request[..5], &[0, 0, 0, 0, 9]);
-        assert_eq!(&request[5..], b"\x0a\x07chat@v2");
-        assert_eq!(&health_check_request("")[..], &[0, 0, 0, 0, 0]);
-        let long = "m".repeat(200);
-        assert_eq!(&health_check_request(&long)[5..8], &[0x0a, 0xc8, 0x01]);
-        assert_eq!(
-            serving_status(&[0, 0, 0, 0, 2, 0x08, 1]).unwrap(),
-            "SERVING"
-        );
-        assert_eq!(
-            serving_status(&[0, 0, 0, 0, 2, 0x08, 2]).unwrap(),
-            "NOT_SERVING"
-        );
-        // An unknown field first, then status; an empty message is UNKNOWN (proto3 default).
-        assert_eq!(
-            serving_status(&[0, 0, 0, 0, 5, 0x12, 1, b'x', 0x08, 1]).unwrap(),
-            "SERVING"
-        );
-        assert_eq!(serving_status(&[0, 0, 0, 0, 0]).unwrap(), "UNKNOWN");
-        assert!(serving_status(&[0, 0, 0]).is_err());
-        assert!(serving_status(&[0, 0, 0, 0, 2, 0x12, 9]).is_err());
-    }
 
     #[test]
     fn identities_are_read_from_json_pointers() {

@@ -306,6 +306,7 @@ impl Shared {
                 }),
             ),
             (&Method::POST, "/v1/chat/completions") => self.chat(req).await,
+            (&Method::POST, crate::grpc::HEALTH_CHECK) => self.grpc_health(req).await,
             (_, path @ ("/ping" | "/healthz" | "/v1/models" | "/v1/chat/completions")) => {
                 let allow = if path == "/v1/chat/completions" {
                     "POST"
@@ -424,6 +425,47 @@ impl Shared {
         )
     }
 
+    /// gRPC's standard health check (over h2c): SERVING for this server's identity
+    /// (`model@version`) and for the server as a whole (`""`), NOT_FOUND for any other service,
+    /// as tonic-health and grpcio answer. So an identity probe of `grpc-health` finds it.
+    async fn grpc_health(&self, req: Request<Incoming>) -> Response<ReplyBody> {
+        let status = |code: &'static str, message: &str| {
+            let mut trailers = http::HeaderMap::new();
+            trailers.insert("grpc-status", HeaderValue::from_static(code));
+            if let Ok(message) = HeaderValue::from_str(message) {
+                trailers.insert("grpc-message", message);
+            }
+            trailers
+        };
+        let body = Limited::new(req.into_body(), MAX_REQUEST_BODY)
+            .collect()
+            .await;
+        let service = body
+            .ok()
+            .and_then(|b| crate::grpc::health_check_service(&b.to_bytes()));
+        let (message, trailers) = match service {
+            None => (None, status("3", "not a HealthCheckRequest")),
+            Some(s) if s.is_empty() || s == self.label => (
+                Some(crate::grpc::health_check_response(crate::grpc::SERVING)),
+                status("0", ""),
+            ),
+            Some(s) => (None, status("5", &format!("unknown service {s}"))),
+        };
+        let (tx, rx) = mpsc::channel(1);
+        if let Some(message) = message {
+            let _ = tx.try_send(message);
+        }
+        let mut reply = Response::new(Either::Right(ChannelBody {
+            rx,
+            trailers: Some(trailers),
+        }));
+        reply.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/grpc"),
+        );
+        reply
+    }
+
     /// Server-sent events, one token per chunk, each sent as its own body frame so it is flushed
     /// on its own. Generation stops when the client goes away.
     fn stream_reply(&self, id: String, answer: Answer) -> Response<ReplyBody> {
@@ -464,7 +506,7 @@ impl Shared {
             }
             let _ = tx.send(Bytes::from_static(b"data: [DONE]\n\n")).await;
         });
-        let mut reply = Response::new(Either::Right(ChannelBody { rx }));
+        let mut reply = Response::new(Either::Right(ChannelBody { rx, trailers: None }));
         let headers = reply.headers_mut();
         headers.insert(
             header::CONTENT_TYPE,
@@ -477,11 +519,13 @@ impl Shared {
 
 // === impl ChannelBody ===
 
-/// A response body fed one frame per message; it ends when the sender is dropped. Each message
-/// is its own frame, so hyper writes (and flushes) every token as it comes.
+/// A response body fed one frame per message; it ends (with `trailers`, if any) when the sender
+/// is dropped. Each message is its own frame, so hyper writes (and flushes) every token as it
+/// comes.
 #[derive(Debug)]
 struct ChannelBody {
     rx: mpsc::Receiver<Bytes>,
+    trailers: Option<http::HeaderMap>,
 }
 
 impl hyper::body::Body for ChannelBody {
@@ -492,10 +536,11 @@ impl hyper::body::Body for ChannelBody {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
-        self.get_mut()
-            .rx
-            .poll_recv(cx)
-            .map(|data| data.map(|d| Ok(Frame::data(d))))
+        let this = self.get_mut();
+        this.rx.poll_recv(cx).map(|data| match data {
+            Some(data) => Some(Ok(Frame::data(data))),
+            None => this.trailers.take().map(|t| Ok(Frame::trailers(t))),
+        })
     }
 }
 
@@ -731,6 +776,40 @@ mod tests {
             "stream": stream,
             "max_tokens": 64,
         })
+    }
+
+    /// A real gRPC client (tonic's health client) gets SERVING for the server's identity and
+    /// NOT_FOUND for any other service.
+    #[tokio::test]
+    async fn the_grpc_health_service_reports_the_servers_identity() {
+        use tonic_health::pb::health_client::HealthClient;
+        use tonic_health::pb::HealthCheckRequest;
+        let backend = spawn(ModelServer::new("chat", "v2")).await;
+        let channel = tonic::transport::Channel::from_shared(backend.url())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let mut health = HealthClient::new(channel);
+        for service in ["chat@v2", ""] {
+            let answer = health
+                .check(HealthCheckRequest {
+                    service: service.into(),
+                })
+                .await
+                .expect("SERVING");
+            assert_eq!(
+                answer.get_ref().status(),
+                tonic_health::pb::health_check_response::ServingStatus::Serving
+            );
+        }
+        let status = health
+            .check(HealthCheckRequest {
+                service: "chat@v1".into(),
+            })
+            .await
+            .expect_err("another identity is not served");
+        assert_eq!(status.code(), tonic::Code::NotFound, "{status:?}");
     }
 
     #[tokio::test]
