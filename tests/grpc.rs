@@ -598,15 +598,19 @@ mod echo {
     type Boxed<T> = Pin<Box<dyn Future<Output = Result<tonic::Response<T>, Status>> + Send>>;
     type Echoes = Pin<Box<dyn Stream<Item = Result<Vec<u8>, Status>> + Send>>;
 
-    struct Collect;
+    /// Client streaming: the server's name, then every message joined.
+    struct Collect {
+        name: &'static str,
+    }
 
     impl tonic::server::ClientStreamingService<Vec<u8>> for Collect {
         type Response = Vec<u8>;
         type Future = Boxed<Vec<u8>>;
         fn call(&mut self, request: tonic::Request<Streaming<Vec<u8>>>) -> Self::Future {
+            let name = self.name;
             Box::pin(async move {
                 let mut messages = request.into_inner();
-                let mut all = Vec::new();
+                let mut all = format!("{name}:").into_bytes();
                 while let Some(message) = messages.message().await? {
                     all.extend(message);
                 }
@@ -615,19 +619,24 @@ mod echo {
         }
     }
 
-    struct Chat;
+    /// Bidirectional: each message echoed as it comes, after the server's name.
+    struct Chat {
+        name: &'static str,
+    }
 
     impl tonic::server::StreamingService<Vec<u8>> for Chat {
         type Response = Vec<u8>;
         type ResponseStream = Echoes;
         type Future = Boxed<Echoes>;
         fn call(&mut self, request: tonic::Request<Streaming<Vec<u8>>>) -> Self::Future {
+            let name = self.name;
             Box::pin(async move {
                 let mut messages = request.into_inner();
                 let (tx, rx) = tokio::sync::mpsc::channel(4);
                 tokio::spawn(async move {
                     while let Ok(Some(message)) = messages.message().await {
-                        if tx.send(Ok(message)).await.is_err() {
+                        let echo = [format!("{name}:").as_bytes(), &message].concat();
+                        if tx.send(Ok(echo)).await.is_err() {
                             return;
                         }
                     }
@@ -699,6 +708,8 @@ mod echo {
     /// What the echo server reports of its streaming calls.
     #[derive(Clone)]
     pub struct Reports {
+        /// What `/test.Echo/Collect` and `/test.Echo/Chat` put before their answers.
+        pub name: &'static str,
         /// One message per `/test.Echo/Ticks` call that went away.
         pub gone: tokio::sync::mpsc::UnboundedSender<()>,
         /// Bytes `/test.Echo/Flood` calls have handed to the transport.
@@ -706,8 +717,9 @@ mod echo {
     }
 
     /// Serves the echo service over HTTP/2 on loopback.
-    pub async fn server() -> std::net::SocketAddr {
+    pub async fn server(name: &'static str) -> std::net::SocketAddr {
         server_reporting(Reports {
+            name,
             gone: tokio::sync::mpsc::unbounded_channel().0,
             flooded: Default::default(),
         })
@@ -721,8 +733,11 @@ mod echo {
             async move {
                 let mut grpc = tonic::server::Grpc::new(Raw);
                 let response = match req.uri().path() {
-                    "/test.Echo/Collect" => grpc.client_streaming(Collect, req).await,
-                    "/test.Echo/Chat" => grpc.streaming(Chat, req).await,
+                    "/test.Echo/Collect" => {
+                        let collect = Collect { name: reports.name };
+                        grpc.client_streaming(collect, req).await
+                    }
+                    "/test.Echo/Chat" => grpc.streaming(Chat { name: reports.name }, req).await,
                     "/test.Echo/Ticks" => {
                         let ticks = Ticks { gone: reports.gone };
                         grpc.server_streaming(ticks, req).await
@@ -742,60 +757,75 @@ mod echo {
     }
 }
 
+/// Client-streaming and bidirectional calls through a 50/50 split: every message of a call comes
+/// from the one version that weir names for it, and both versions serve calls.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_streaming_and_bidirectional_calls_stream_through_weir() {
     use tonic::codegen::http::uri::PathAndQuery;
     use tonic::codegen::tokio_stream::{self, wrappers::ReceiverStream};
-    let backend = echo::server().await;
+    let v1 = echo::server("chat@v1").await;
+    let v2 = echo::server("chat@v2").await;
     let state = temp_dir("grpc-echo");
-    let running = start(http2_quick(&format!("http://{backend}"), state.path())).await;
+    let running = weir_over_http2(v1, v2, state.path()).await;
     let channel = Channel::from_shared(format!("http://{}", running.proxy_addr()))
         .unwrap()
         .connect()
         .await
         .unwrap();
     let mut grpc = tonic::client::Grpc::new(channel);
-
-    // Client streaming: three messages in, one joined answer out.
-    grpc.ready().await.unwrap();
-    let parts = vec![b"canary ".to_vec(), b"through ".to_vec(), b"weir".to_vec()];
-    let joined = grpc
-        .client_streaming(
-            tonic::Request::new(tokio_stream::iter(parts)),
-            PathAndQuery::from_static("/test.Echo/Collect"),
-            echo::Raw,
-        )
-        .await
-        .expect("the client-streaming call succeeds");
-    assert_eq!(served_by(&joined), "chat@v1");
-    assert_eq!(joined.into_inner(), b"canary through weir");
-
-    // Bidirectional: each message is echoed before the next is sent, so nothing waits for the
-    // request to end.
-    grpc.ready().await.unwrap();
-    let (tx, rx) = tokio::sync::mpsc::channel::<Vec<u8>>(1);
-    let response = grpc.streaming(
-        tonic::Request::new(ReceiverStream::new(rx)),
-        PathAndQuery::from_static("/test.Echo/Chat"),
-        echo::Raw,
-    );
-    tx.send(b"first".to_vec()).await.unwrap();
-    let mut echoes = response.await.expect("the bidi call starts").into_inner();
-    for word in ["first", "second", "third"] {
-        if word != "first" {
-            tx.send(word.as_bytes().to_vec()).await.unwrap();
-        }
-        let echo = tokio::time::timeout(std::time::Duration::from_secs(10), echoes.message())
+    let mut seen = BTreeMap::<String, usize>::new();
+    for _ in 0..16 {
+        // Client streaming: three messages in, one joined answer out.
+        grpc.ready().await.unwrap();
+        let parts = vec![b"canary ".to_vec(), b"through ".to_vec(), b"weir".to_vec()];
+        let joined = grpc
+            .client_streaming(
+                tonic::Request::new(tokio_stream::iter(parts)),
+                PathAndQuery::from_static("/test.Echo/Collect"),
+                echo::Raw,
+            )
             .await
-            .expect("the echo comes while the request is still open")
-            .unwrap()
-            .unwrap();
-        assert_eq!(echo, word.as_bytes());
+            .expect("the client-streaming call succeeds");
+        let version = served_by(&joined);
+        let expected = format!("{version}:canary through weir");
+        assert_eq!(joined.into_inner(), expected.as_bytes());
+        *seen.entry(format!("collect {version}")).or_default() += 1;
+
+        // Bidirectional: each message is echoed before the next is sent, so nothing waits for
+        // the request to end.
+        grpc.ready().await.unwrap();
+        let (tx, rx) = tokio::sync::mpsc::channel::<Vec<u8>>(1);
+        let response = grpc.streaming(
+            tonic::Request::new(ReceiverStream::new(rx)),
+            PathAndQuery::from_static("/test.Echo/Chat"),
+            echo::Raw,
+        );
+        tx.send(b"first".to_vec()).await.unwrap();
+        let response = response.await.expect("the bidi call starts");
+        let version = served_by(&response);
+        let mut echoes = response.into_inner();
+        for word in ["first", "second", "third"] {
+            if word != "first" {
+                tx.send(word.as_bytes().to_vec()).await.unwrap();
+            }
+            let echo = tokio::time::timeout(std::time::Duration::from_secs(10), echoes.message())
+                .await
+                .expect("the echo comes while the request is still open")
+                .unwrap()
+                .unwrap();
+            assert_eq!(echo, format!("{version}:{word}").as_bytes());
+        }
+        drop(tx);
+        assert!(
+            echoes.message().await.unwrap().is_none(),
+            "the call ends with OK"
+        );
+        *seen.entry(format!("chat {version}")).or_default() += 1;
     }
-    drop(tx);
-    assert!(
-        echoes.message().await.unwrap().is_none(),
-        "the call ends with OK"
+    assert_eq!(
+        seen.len(),
+        4,
+        "both kinds of call reach both versions: {seen:?}"
     );
     running.shutdown();
 }
@@ -824,6 +854,7 @@ async fn a_cancelled_or_overdue_streaming_call_is_stopped_at_the_backend() {
     use tonic::codegen::http::uri::PathAndQuery;
     let (gone_tx, mut gone) = tokio::sync::mpsc::unbounded_channel();
     let reports = echo::Reports {
+        name: "echo",
         gone: gone_tx,
         flooded: Default::default(),
     };
@@ -897,6 +928,7 @@ async fn a_slow_grpc_reader_holds_the_backend_back_instead_of_weir_buffering() {
     use tonic::codegen::http::uri::PathAndQuery;
     let flooded = Arc::new(AtomicUsize::new(0));
     let reports = echo::Reports {
+        name: "echo",
         gone: tokio::sync::mpsc::unbounded_channel().0,
         flooded: Arc::clone(&flooded),
     };
