@@ -79,6 +79,14 @@ pub enum RegistryCommand {
         /// Follow symlinks inside the artifact instead of refusing them.
         #[arg(long)]
         allow_symlinks: bool,
+        /// Also verify this OpenSSF model-signing bundle (`model_signing sign key` makes it):
+        /// its signature by --public-key, every signed file against the artifact, and the signed
+        /// model against the registered digest. A valid one is recorded for the policy.
+        #[arg(long, value_name = "BUNDLE", requires = "public_key")]
+        signature: Option<PathBuf>,
+        /// The signer's PEM public key (ECDSA P-256 or P-384).
+        #[arg(long, value_name = "PEM", requires = "signature")]
+        public_key: Option<PathBuf>,
     },
     /// List every registered version.
     List,
@@ -221,7 +229,23 @@ pub fn run(args: RegistryArgs) -> anyhow::Result<ExitCode> {
             version,
             artifact,
             allow_symlinks,
-        } => verify(&args, model, version, artifact, *allow_symlinks),
+            signature,
+            public_key,
+        } => {
+            // Both checks run, so a changed file is named by each.
+            let digest = verify(&args, model, version, artifact, *allow_symlinks)?;
+            let signed = match (signature, public_key) {
+                (Some(bundle), Some(key)) => {
+                    verify_signature(&args, model, version, artifact, bundle, key)?
+                }
+                _ => ExitCode::SUCCESS,
+            };
+            Ok(if digest == ExitCode::SUCCESS {
+                signed
+            } else {
+                digest
+            })
+        }
         RegistryCommand::List => list(&args),
         RegistryCommand::Show { model, version } => show(&args, model, version),
     }
@@ -268,6 +292,7 @@ fn add(args: &RegistryArgs, add: &AddArgs) -> anyhow::Result<ExitCode> {
         approvals: Vec::new(),
         exceptions: Vec::new(),
         manifest: digest.manifest.clone(),
+        signature: None,
     };
     registry.versions.push(version);
     registry.save(path)?;
@@ -429,6 +454,86 @@ fn verify(
     )?;
     println!("  MISMATCH: this is not the registered artifact of {label}");
     Ok(ExitCode::FAILURE)
+}
+
+/// Verifies a model signature of the (already digest-checked) artifact; a valid one is recorded
+/// on the version, every result audited.
+fn verify_signature(
+    args: &RegistryArgs,
+    model: &str,
+    version: &str,
+    artifact: &Path,
+    bundle: &Path,
+    key: &Path,
+) -> anyhow::Result<ExitCode> {
+    use crate::registry::signature::{self, PublicKey};
+    let path = &args.registry;
+    let mut registry = Registry::load(path)?;
+    let label = format!("{model}@{version}");
+    let Some(v) = registry.find_mut(&label) else {
+        anyhow::bail!("{label} is not in the registry {}", path.display());
+    };
+    let key = PublicKey::load(key)?;
+    println!(
+        "  signature {} by key {}",
+        bundle.display(),
+        key.fingerprint
+    );
+    match signature::verify(bundle, &key, artifact, &v.digest, &v.manifest) {
+        Ok(verified) => {
+            let record = crate::registry::SignatureRecord {
+                bundle: Reference {
+                    uri: bundle.display().to_string(),
+                    sha256: verified.bundle_sha256.clone(),
+                },
+                key: verified.key.clone(),
+                subject_sha256: verified.subject.clone(),
+                verified_at: format_time(SystemTime::now()),
+            };
+            v.signature = Some(record.clone());
+            let listed = registry.policy.signing_keys.contains(&verified.key);
+            registry.save(path)?;
+            audit(
+                args,
+                "registry_verify_signature",
+                &label,
+                Value::Null,
+                json!({"artifact": artifact, "result": "valid", "signature": record}),
+                None,
+            )?;
+            println!(
+                "  signature valid: {} signed files, subject sha256 {}",
+                verified.files, verified.subject
+            );
+            if !listed && !registry.policy.signature_stages.is_empty() {
+                println!(
+                    "  note: this key is not among the policy's signing_keys, so the signature does not count for {}",
+                    stages(&registry.policy.signature_stages)
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            audit(
+                args,
+                "registry_verify_signature",
+                &label,
+                Value::Null,
+                json!({"artifact": artifact, "bundle": bundle, "result": "invalid", "error": e.to_string()}),
+                None,
+            )?;
+            println!("  SIGNATURE INVALID: {e}");
+            Ok(ExitCode::FAILURE)
+        }
+    }
+}
+
+fn stages(stages: &[Stage]) -> String {
+    stages
+        .iter()
+        .map(|s| s.as_str())
+        .collect::<Vec<_>>()
+        .join(" and ")
 }
 
 /// Lists every registered version, with the stages a running weir promoted.

@@ -7,6 +7,7 @@
 
 pub mod digest;
 mod policy;
+pub mod signature;
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -81,6 +82,12 @@ pub struct Policy {
     pub require_provenance: bool,
     /// Leaving draft needs an SBOM reference.
     pub require_sbom: bool,
+    /// Stages (of `approved`, `production`) a version may enter, and serve in, only with a
+    /// verified signature by one of `signing_keys`.
+    pub signature_stages: Vec<Stage>,
+    /// Fingerprints of the keys whose signatures count (SHA-256 of the PEM public key: the hint
+    /// in model-signing's bundles; `weir registry verify` prints it).
+    pub signing_keys: Vec<String>,
 }
 
 impl Default for Policy {
@@ -90,6 +97,8 @@ impl Default for Policy {
             approval_days: 90,
             require_provenance: true,
             require_sbom: true,
+            signature_stages: Vec::new(),
+            signing_keys: Vec::new(),
         }
     }
 }
@@ -182,6 +191,23 @@ pub struct ModelVersion {
     /// Files of a directory artifact, so `verify` can name what differs.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub manifest: Vec<ManifestEntry>,
+    /// The last model signature `weir registry verify --signature` found valid for the artifact.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signature: Option<SignatureRecord>,
+}
+
+/// A verified OpenSSF model signature of a version's artifact.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SignatureRecord {
+    /// Where the bundle was, and its SHA-256.
+    pub bundle: Reference,
+    /// The signing key's fingerprint: SHA-256 of its PEM form, as model-signing names keys.
+    pub key: String,
+    /// The statement's subject digest.
+    pub subject_sha256: String,
+    /// RFC 3339.
+    pub verified_at: String,
 }
 
 impl ModelVersion {

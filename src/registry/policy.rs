@@ -88,6 +88,7 @@ pub fn check_stage_change(
     if matches!(to, Stage::Approved | Stage::Production) {
         refusals.extend(approval_refusals(policy, v, to, now));
     }
+    refusals.extend(signature_refusal(policy, v, to));
     if refusals.is_empty() {
         Ok(())
     } else {
@@ -119,6 +120,30 @@ pub fn check_promotion(
             ),
         }]),
     }
+}
+
+/// A missing signature, or one by a key the policy does not list, for a version in (or entering)
+/// a stage whose policy asks for one.
+fn signature_refusal(policy: &Policy, v: &ModelVersion, stage: Stage) -> Option<RuleRefusal> {
+    if !policy.signature_stages.contains(&stage) || v.has_exception("signature") {
+        return None;
+    }
+    let message = match &v.signature {
+        None => format!(
+            "{stage} needs a verified model signature for {}: weir registry verify ... --signature model.sig --public-key KEY",
+            v.label()
+        ),
+        Some(s) if !policy.signing_keys.contains(&s.key) => format!(
+            "{stage} needs a signature by one of the policy's signing_keys for {}; it is signed by key {}",
+            v.label(),
+            s.key
+        ),
+        Some(_) => return None,
+    };
+    Some(RuleRefusal {
+        rule: "signature",
+        message,
+    })
 }
 
 /// Missing or expired approvals for entering `to`.
@@ -203,6 +228,9 @@ pub fn check_servable<'r>(
         }
         _ => {}
     }
+    if let Some(refusal) = signature_refusal(&registry.policy, v, v.stage) {
+        return Err(refuse(refusal.rule, refusal.message));
+    }
     let allowed = match role {
         Role::Stable => matches!(
             v.stage,
@@ -261,6 +289,7 @@ mod tests {
             approvals: vec![],
             exceptions: vec![],
             manifest: vec![],
+            signature: None,
         }
     }
 
@@ -411,6 +440,45 @@ mod tests {
         assert!(
             message.starts_with("chat@v3 cannot serve as candidate"),
             "{message}"
+        );
+    }
+
+    #[test]
+    fn a_policy_asking_for_signatures_serves_no_unsigned_production_version() {
+        let mut registry = Registry::default();
+        registry.policy.signature_stages = vec![Stage::Production];
+        registry.policy.signing_keys = vec!["trusted".into()];
+        for (version, stage, key) in [
+            ("v1", Stage::Production, None),
+            ("v2", Stage::Production, Some("untrusted")),
+            ("v3", Stage::Production, Some("trusted")),
+            ("v4", Stage::Candidate, None),
+        ] {
+            let mut v = version_named(version);
+            v.stage = stage;
+            v.signature = key.map(|key| crate::registry::SignatureRecord {
+                bundle: Reference {
+                    uri: "model.sig".into(),
+                    sha256: "0".repeat(64),
+                },
+                key: key.into(),
+                subject_sha256: "0".repeat(64),
+                verified_at: "2026-12-03T00:00:00Z".into(),
+            });
+            registry.versions.push(v);
+        }
+        let rule = |label: &str, role: Role| {
+            check_servable(&registry, label, role, true)
+                .err()
+                .map(|e| e.rule)
+        };
+        assert_eq!(rule("chat@v1", Role::Stable), Some("signature"));
+        assert_eq!(rule("chat@v2", Role::Stable), Some("signature"));
+        assert_eq!(rule("chat@v3", Role::Stable), None);
+        assert_eq!(
+            rule("chat@v4", Role::Candidate),
+            None,
+            "candidates need none"
         );
     }
 
