@@ -140,7 +140,7 @@ pub struct Approval {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Exception {
-    /// `provenance`, `sbom` or `approval:<role>`.
+    /// `provenance`, `sbom`, `signature` or `approval:<role>`.
     pub rule: String,
     pub reason: String,
     pub granted_by: String,
