@@ -226,7 +226,7 @@ where
         > + Send
         + 'static,
 {
-    serve_http2_with(Http2Serving::default(), handle).await.0
+    serve_http2_with(Http2Serving::default(), handle).await.addr
 }
 
 /// How [`serve_http2_with`] serves each connection.
@@ -239,11 +239,17 @@ struct Http2Serving {
     requests_per_connection: Option<usize>,
 }
 
-/// [`serve_http2`] as `serving` says; also returns the number of connections accepted so far.
-async fn serve_http2_with<F, Fut>(
-    serving: Http2Serving,
-    handle: F,
-) -> (SocketAddr, Arc<AtomicUsize>)
+/// A server of [`serve_http2_with`]: where it listens, and what it has seen so far.
+struct Http2Server {
+    addr: SocketAddr,
+    /// Connections accepted.
+    connections: Arc<AtomicUsize>,
+    /// PING frames received (not counting acknowledgements).
+    pings: Arc<AtomicUsize>,
+}
+
+/// [`serve_http2`] as `serving` says.
+async fn serve_http2_with<F, Fut>(serving: Http2Serving, handle: F) -> Http2Server
 where
     F: Fn(http::Request<hyper::body::Incoming>) -> Fut + Clone + Send + Sync + 'static,
     Fut: std::future::Future<
@@ -252,12 +258,20 @@ where
         + 'static,
 {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let connections = Arc::new(AtomicUsize::new(0));
-    let accepted = Arc::clone(&connections);
+    let server = Http2Server {
+        addr: listener.local_addr().unwrap(),
+        connections: Arc::default(),
+        pings: Arc::default(),
+    };
+    let (accepted, pings) = (Arc::clone(&server.connections), Arc::clone(&server.pings));
     tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
             accepted.fetch_add(1, Ordering::SeqCst);
+            let stream = PingCounting {
+                io: stream,
+                frames: FrameHeaders::default(),
+                pings: Arc::clone(&pings),
+            };
             let enough = Arc::new(tokio::sync::Notify::new());
             let served = Arc::new(AtomicUsize::new(0));
             let handler = {
@@ -284,7 +298,98 @@ where
             });
         }
     });
-    (addr, connections)
+    server
+}
+
+/// The frame headers in what a client sends after its 24-byte preface (RFC 9113 §3.4, §4.1).
+#[derive(Default)]
+struct FrameHeaders {
+    preface_left: usize,
+    started: bool,
+    header: Vec<u8>,
+    skip: usize,
+}
+
+impl FrameHeaders {
+    /// Reads `bytes` on; returns how many PING frames (not acknowledgements) began in them.
+    fn pings(&mut self, mut bytes: &[u8]) -> usize {
+        if !self.started {
+            self.started = true;
+            self.preface_left = 24;
+        }
+        let mut pings = 0;
+        while !bytes.is_empty() {
+            let skip = if self.preface_left > 0 {
+                &mut self.preface_left
+            } else {
+                &mut self.skip
+            };
+            if *skip > 0 {
+                let n = (*skip).min(bytes.len());
+                *skip -= n;
+                bytes = &bytes[n..];
+                continue;
+            }
+            let n = (9 - self.header.len()).min(bytes.len());
+            self.header.extend_from_slice(&bytes[..n]);
+            bytes = &bytes[n..];
+            if self.header.len() == 9 {
+                let h = std::mem::take(&mut self.header);
+                self.skip =
+                    (usize::from(h[0]) << 16) | (usize::from(h[1]) << 8) | usize::from(h[2]);
+                if h[3] == 0x6 && h[4] & 0x1 == 0 {
+                    pings += 1;
+                }
+            }
+        }
+        pings
+    }
+}
+
+/// A server connection counting the PINGs its client sends.
+struct PingCounting {
+    io: tokio::net::TcpStream,
+    frames: FrameHeaders,
+    pings: Arc<AtomicUsize>,
+}
+
+impl tokio::io::AsyncRead for PingCounting {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = std::pin::Pin::new(&mut self.io).poll_read(cx, buf);
+        let this = &mut *self;
+        let pings = this.frames.pings(&buf.filled()[before..]);
+        this.pings.fetch_add(pings, Ordering::SeqCst);
+        polled
+    }
+}
+
+impl tokio::io::AsyncWrite for PingCounting {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
+    }
 }
 
 type Handler = std::pin::Pin<
@@ -482,7 +587,11 @@ async fn a_thousand_concurrent_calls_succeed_over_a_backend_that_takes_a_hundred
         ..Default::default()
     };
     let slow = slow_health(std::time::Duration::from_millis(50)).await;
-    let (backend, connections) = serve_http2_with(serving, slow).await;
+    let Http2Server {
+        addr: backend,
+        connections,
+        ..
+    } = serve_http2_with(serving, slow).await;
     let state = temp_dir("grpc-streams");
     let running = start(http2_quick(&format!("http://{backend}"), state.path())).await;
     let health = client(&running).await;
@@ -522,7 +631,11 @@ async fn calls_survive_a_backend_that_sends_goaway_every_ten_calls() {
         ..Default::default()
     };
     let slow = slow_health(std::time::Duration::from_millis(30)).await;
-    let (backend, connections) = serve_http2_with(serving, slow).await;
+    let Http2Server {
+        addr: backend,
+        connections,
+        ..
+    } = serve_http2_with(serving, slow).await;
     let state = temp_dir("grpc-goaway");
     let running = start(http2_quick(&format!("http://{backend}"), state.path())).await;
     let health = client(&running).await;
@@ -917,6 +1030,35 @@ async fn a_cancelled_or_overdue_streaming_call_is_stopped_at_the_backend() {
             .any(|l| l.starts_with("weir_grpc_errors_total{")
                 && l.contains("code=\"DEADLINE_EXCEEDED\"")),
         "the overdue call counts as an error of its version"
+    );
+    running.shutdown();
+}
+
+/// An idle HTTP/2 backend connection is kept alive by PINGs, every
+/// `proxy.http2_keepalive_interval`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_http2_backend_connections_are_pinged() {
+    let slow = slow_health(std::time::Duration::ZERO).await;
+    let server = serve_http2_with(Http2Serving::default(), slow).await;
+    let state = temp_dir("grpc-ping");
+    let mut config = http2_quick(&format!("http://{}", server.addr), state.path())
+        .into_config()
+        .unwrap();
+    config.proxy.http2_keepalive_interval = std::time::Duration::from_millis(100);
+    let running = weir::Server::start(config).await.expect("weir starts");
+    let mut health = client(&running).await;
+    health.check(check(SERVICE, None)).await.expect("answered");
+    let before = server.pings.load(Ordering::SeqCst);
+    tokio::time::sleep(std::time::Duration::from_millis(800)).await;
+    let pinged = server.pings.load(Ordering::SeqCst) - before;
+    assert!(
+        pinged >= 3,
+        "{pinged} PINGs in 800 ms of idleness at a 100 ms interval"
+    );
+    assert_eq!(
+        server.connections.load(Ordering::SeqCst),
+        1,
+        "one connection, kept"
     );
     running.shutdown();
 }

@@ -83,6 +83,7 @@ struct RawProxy {
     pool_idle_timeout: Option<String>,
     pool_max_idle_per_backend: Option<usize>,
     http2_max_connections_per_backend: Option<usize>,
+    http2_keepalive_interval: Option<String>,
     #[serde(default)]
     backend_tls: RawBackendTls,
 }
@@ -574,6 +575,11 @@ fn check_proxy(c: &mut Checker, p: &RawProxy) -> ProxyConfig {
         http2_max_connections_per_backend: p
             .http2_max_connections_per_backend
             .unwrap_or(d.http2_max_connections_per_backend),
+        http2_keepalive_interval: c.duration(
+            "proxy.http2_keepalive_interval",
+            &p.http2_keepalive_interval,
+            d.http2_keepalive_interval,
+        ),
         backend_tls: BackendTls {
             ca: p.backend_tls.ca.clone(),
             client_cert: p.backend_tls.client_cert.clone(),
@@ -616,6 +622,10 @@ fn check_timeouts(c: &mut Checker, listener: &ListenerConfig, proxy: &ProxyConfi
             proxy.response_header_timeout,
         ),
         ("proxy.idle_timeout", proxy.idle_timeout),
+        (
+            "proxy.http2_keepalive_interval",
+            proxy.http2_keepalive_interval,
+        ),
         ("listener.header_read_timeout", listener.header_read_timeout),
     ] {
         if value.is_zero() {

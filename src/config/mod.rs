@@ -284,6 +284,9 @@ pub struct ProxyConfig {
     pub pool_max_idle_per_backend: usize,
     /// Most HTTP/2 connections open to one `protocol = "http2"` backend at once.
     pub http2_max_connections_per_backend: usize,
+    /// How often an HTTP/2 backend connection is PINGed (idle or not); one whose PING goes
+    /// unanswered for 20 s is closed.
+    pub http2_keepalive_interval: Duration,
     pub backend_tls: BackendTls,
 }
 
@@ -299,6 +302,7 @@ impl Default for ProxyConfig {
             pool_idle_timeout: Duration::from_secs(90),
             pool_max_idle_per_backend: 256,
             http2_max_connections_per_backend: 4,
+            http2_keepalive_interval: Duration::from_secs(30),
             backend_tls: BackendTls::default(),
         }
     }

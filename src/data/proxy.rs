@@ -149,6 +149,7 @@ pub fn upstream_client(config: &ProxyConfig) -> Result<UpstreamClients, crate::t
             tls.clone(),
             config.connect_timeout,
             config.http2_max_connections_per_backend,
+            config.http2_keepalive_interval,
         ),
         auto: client(BackendProtocol::Auto),
     })

@@ -5,7 +5,8 @@
 //! fewer than `proxy.http2_max_connections_per_backend` are open, it opens another; at the
 //! bound, it joins the least loaded one, where the stream waits for the backend to allow it.
 //! A connection the backend sent GOAWAY on takes no new streams, and the streams it accepted
-//! finish on it. PINGs keep idle connections alive and find dead ones.
+//! finish on it. PINGs (`proxy.http2_keepalive_interval`) keep idle connections alive and find
+//! dead ones.
 
 use std::future::Future;
 use std::io;
@@ -36,8 +37,8 @@ pub type Http2Body = UnsyncBoxBody<Bytes, BoxError>;
 /// Streams a new connection is assumed to allow until the backend's SETTINGS say otherwise
 /// (RFC 9113 §6.5.2 recommends servers allow no fewer).
 const INITIAL_STREAMS: usize = 100;
-/// PING an idle connection this often; one unanswered for [`KEEPALIVE_TIMEOUT`] is closed.
-const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+
+/// A connection whose PING goes unanswered this long is closed.
 const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// A request the backend did not take is sent at most this many times.
@@ -168,6 +169,8 @@ impl Drop for Rescuable {
 pub struct Http2Connector {
     connect_timeout: Duration,
     max_connections: usize,
+    /// PING every connection this often; one unanswered for [`KEEPALIVE_TIMEOUT`] is closed.
+    keepalive: Duration,
     /// TLS with ALPN `h2` only, for `https://` backends.
     tls: tokio_rustls::TlsConnector,
 }
@@ -293,17 +296,19 @@ impl Body for Http2Response {
 }
 
 impl Http2Connector {
-    /// Opens connections within `connect_timeout`, at most `max_connections` per backend, TLS
-    /// ones with `tls` (its ALPN is set here).
+    /// Opens connections within `connect_timeout`, at most `max_connections` per backend, each
+    /// PINGed every `keepalive`, TLS ones with `tls` (its ALPN is set here).
     pub fn new(
         mut tls: rustls::ClientConfig,
         connect_timeout: Duration,
         max_connections: usize,
+        keepalive: Duration,
     ) -> Http2Connector {
         tls.alpn_protocols = vec![b"h2".to_vec()];
         Http2Connector {
             connect_timeout,
             max_connections: max_connections.max(1),
+            keepalive,
             tls: tokio_rustls::TlsConnector::from(Arc::new(tls)),
         }
     }
@@ -451,7 +456,7 @@ impl Http2Connector {
         let (send, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .initial_max_send_streams(INITIAL_STREAMS)
-            .keep_alive_interval(KEEPALIVE_INTERVAL)
+            .keep_alive_interval(self.keepalive)
             .keep_alive_timeout(KEEPALIVE_TIMEOUT)
             .keep_alive_while_idle(true)
             .handshake(TokioIo::new(io))
