@@ -1034,6 +1034,50 @@ async fn a_cancelled_or_overdue_streaming_call_is_stopped_at_the_backend() {
     running.shutdown();
 }
 
+/// A call that gives up while weir is still connecting for it (its deadline passed) ends that
+/// attempt: the next call tries again instead of waiting on attempts nobody is waiting for. The
+/// backend here takes TCP connections and never answers the TLS handshake.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_that_give_up_while_connecting_leave_no_attempt_behind() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let counted = Arc::clone(&accepted);
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((stream, _)) = listener.accept().await {
+            counted.fetch_add(1, Ordering::SeqCst);
+            held.push(stream);
+        }
+    });
+    let state = temp_dir("grpc-stalled-connect");
+    let mut config = http2_quick(&format!("https://{addr}"), state.path())
+        .into_config()
+        .unwrap();
+    config.proxy.connect_timeout = std::time::Duration::from_secs(2);
+    let running = weir::Server::start(config).await.expect("weir starts");
+    let after_start = accepted.load(Ordering::SeqCst);
+    let mut health = client(&running).await;
+    for i in 0..8 {
+        let mut request = check(SERVICE, None);
+        request
+            .metadata_mut()
+            .insert("grpc-timeout", "150m".parse().unwrap());
+        // tonic's client keeps the deadline too: whichever side gives up first ends the call.
+        let status = health.check(request).await.expect_err("nothing answers");
+        assert!(
+            matches!(
+                status.code(),
+                tonic::Code::DeadlineExceeded | tonic::Code::Cancelled
+            ),
+            "call {i}: {status:?}"
+        );
+    }
+    let attempts = accepted.load(Ordering::SeqCst) - after_start;
+    assert_eq!(attempts, 8, "each call made its own connection attempt");
+    running.shutdown();
+}
+
 /// An idle HTTP/2 backend connection is kept alive by PINGs, every
 /// `proxy.http2_keepalive_interval`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -403,15 +403,16 @@ impl Http2Connector {
             match changed {
                 Some(changed) => changed.await,
                 None => {
+                    // Counted as connecting until this attempt ends, even if the request is
+                    // dropped meanwhile (its client went away, its deadline passed).
+                    let attempt = Connecting(conns);
                     let opened = self.connect(backend).await;
-                    let mut state = conns.state.lock().unwrap_or_else(|e| e.into_inner());
-                    state.connecting -= 1;
                     let opened = opened.inspect(|conn| {
                         conn.streams.fetch_add(1, Ordering::Relaxed);
+                        let mut state = conns.state.lock().unwrap_or_else(|e| e.into_inner());
                         state.live.push(Arc::clone(conn));
                     });
-                    drop(state);
-                    conns.changed.notify_waiters();
+                    drop(attempt);
                     return opened;
                 }
             }
@@ -483,6 +484,18 @@ impl Http2Connector {
             streams: AtomicUsize::new(0),
             peer,
         }))
+    }
+}
+
+/// A connection attempt in progress: ends, and wakes the requests waiting for it, when dropped.
+struct Connecting<'a>(&'a Connections);
+
+impl Drop for Connecting<'_> {
+    fn drop(&mut self) {
+        let mut state = self.0.state.lock().unwrap_or_else(|e| e.into_inner());
+        state.connecting -= 1;
+        drop(state);
+        self.0.changed.notify_waiters();
     }
 }
 
