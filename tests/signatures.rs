@@ -97,6 +97,9 @@ impl Signed {
         std::fs::create_dir_all(model.join("tokenizer")).unwrap();
         std::fs::write(model.join("weights.bin"), b"the weights").unwrap();
         std::fs::write(model.join("tokenizer/vocab.json"), b"{\"a\": 1}").unwrap();
+        // As in a model fetched from a git hub: registered, but not signed (model-signing
+        // leaves git files out by default).
+        std::fs::write(model.join(".gitattributes"), b"*.bin filter=lfs").unwrap();
         let (code, text) = weir(
             dir.path(),
             &[

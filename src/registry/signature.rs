@@ -413,7 +413,13 @@ pub fn verify(
             hex_bytes(registered_digest).unwrap_or_default(),
         )),
         files => {
-            let mut sorted: Vec<&ManifestEntry> = files.iter().collect();
+            // The registered files the signer hashed: all of them but those it left out.
+            let ignore = &predicate.serialization.ignore_paths;
+            let inside = bundle_path.strip_prefix(artifact).ok();
+            let mut sorted: Vec<&ManifestEntry> = files
+                .iter()
+                .filter(|e| !ignored(&e.path, ignore, inside))
+                .collect();
             sorted.sort_by(|a, b| a.path.cmp(&b.path));
             let mut h = Sha256::new();
             for entry in sorted {
@@ -453,16 +459,7 @@ fn compare_files(
             .map(|e| (e.path.clone(), e.sha256.clone()))
             .collect()
     };
-    let ignored = |name: &str| {
-        bundle_inside.is_some_and(|b| Path::new(name) == b)
-            || ignore.iter().any(|i| {
-                name == i
-                    || name.starts_with(&format!("{i}/"))
-                    || Path::new(name)
-                        .components()
-                        .any(|c| c.as_os_str() == i.as_str())
-            })
-    };
+    let ignored = |name: &str| ignored(name, ignore, bundle_inside);
     let mut differences = Vec::new();
     for resource in signed {
         match disk.iter().find(|(path, _)| *path == resource.name) {
@@ -480,6 +477,13 @@ fn compare_files(
         }
     }
     differences
+}
+
+/// Whether the signer left `name` out: under one of the statement's `ignore_paths` (relative to
+/// the model's root, as model-signing applies them), or the bundle itself.
+fn ignored(name: &str, ignore: &[String], bundle_inside: Option<&Path>) -> bool {
+    bundle_inside.is_some_and(|b| Path::new(name) == b)
+        || ignore.iter().any(|i| Path::new(name).starts_with(i))
 }
 
 fn hex_bytes(hex: &str) -> Option<Vec<u8>> {
