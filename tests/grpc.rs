@@ -1307,7 +1307,8 @@ async fn http1_request_trailers_reach_an_http2_backend() {
         .write_all(
             b"POST /v1/upload HTTP/1.1\r\nhost: weir\r\ntransfer-encoding: chunked\r\n\
               trailer: x-checksum\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\
-              x-checksum: sha256:abc\r\ncontent-length: 99\r\n\r\n",
+              x-checksum: sha256:abc\r\ncontent-length: 99\r\nx-forwarded-for: 6.6.6.6\r\n\
+              proxy-connection: keep-alive\r\nx-weir-version: chat@v9\r\n\r\n",
         )
         .await
         .unwrap();
@@ -1326,7 +1327,8 @@ async fn http1_request_trailers_reach_an_http2_backend() {
     assert!(answer.contains("x-body: hello world\r\n"), "{answer}");
     assert!(
         answer.contains("x-trailers: x-checksum=sha256:abc\r\n"),
-        "the trailer arrives, without content-length: {answer}"
+        "the trailer arrives, without content-length, a spoofed x-forwarded-for, a \
+         proxy-connection or weir's override: {answer}"
     );
     running.shutdown();
 }

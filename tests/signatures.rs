@@ -100,6 +100,8 @@ impl Signed {
         // As in a model fetched from a git hub: registered, but not signed (model-signing
         // leaves git files out by default).
         std::fs::write(model.join(".gitattributes"), b"*.bin filter=lfs").unwrap();
+        // Sorts before tokenizer/ by bytes, after it by path components (model-signing's way).
+        std::fs::write(model.join("tokenizer.json"), b"{}").unwrap();
         let (code, text) = weir(
             dir.path(),
             &[
@@ -153,7 +155,7 @@ fn a_valid_bundle_is_verified_and_recorded() {
     let signed = Signed::new("sig-valid");
     let (code, text) = signed.verify("release.pub");
     assert_eq!(code, 0, "{text}");
-    assert!(text.contains("signature valid: 2 signed files"), "{text}");
+    assert!(text.contains("signature valid: 3 signed files"), "{text}");
     let registry = std::fs::read_to_string(signed.path("registry.toml")).unwrap();
     assert!(registry.contains("[versions.signature]"), "{registry}");
     let fingerprint = text
@@ -244,6 +246,47 @@ fn a_signed_model_that_is_not_the_registered_one_is_refused() {
     let (code, text) = signed.verify("release.pub");
     assert_eq!(code, 1, "{text}");
     assert!(text.contains("is not the registered artifact"), "{text}");
+}
+
+/// A signed copy of other files with the same contents (one renamed, as an unused file turned
+/// into loaded code) is valid for itself, but no signature of the registered artifact: it is
+/// neither accepted nor recorded.
+#[test]
+fn a_signature_of_renamed_files_is_not_recorded_for_the_registered_artifact() {
+    let signed = Signed::new("sig-renamed");
+    let copy = signed.path("copy");
+    std::fs::create_dir_all(copy.join("tokenizer")).unwrap();
+    std::fs::write(copy.join("custom_model.py"), b"the weights").unwrap();
+    std::fs::write(copy.join("tokenizer/vocab.json"), b"{\"a\": 1}").unwrap();
+    std::fs::write(copy.join("tokenizer.json"), b"{}").unwrap();
+    sign(
+        &copy,
+        &signed.path("release.pem"),
+        &signed.path("model.sig"),
+    );
+    let (code, text) = weir(
+        signed.dir.path(),
+        &[
+            "verify",
+            "--model",
+            "chat",
+            "--version",
+            "v1",
+            "--artifact",
+            "copy",
+            "--signature",
+            "model.sig",
+            "--public-key",
+            "release.pub",
+        ],
+    );
+    assert_eq!(code, 1, "{text}");
+    assert!(
+        text.contains("not recorded") || text.contains("not the registered artifact"),
+        "{text}"
+    );
+    let registry = std::fs::read_to_string(signed.path("registry.toml")).unwrap();
+    assert!(!registry.contains("[versions.signature]"), "{registry}");
 }
 
 #[test]

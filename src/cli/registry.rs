@@ -234,9 +234,12 @@ pub fn run(args: RegistryArgs) -> anyhow::Result<ExitCode> {
         } => {
             // Both checks run, so a changed file is named by each.
             let digest = verify(&args, model, version, artifact, *allow_symlinks)?;
+            // A signature counts (is recorded) only for the registered artifact.
+            let registered = digest == ExitCode::SUCCESS;
             let signed = match (signature, public_key) {
                 (Some(bundle), Some(key)) => {
-                    verify_signature(&args, model, version, artifact, bundle, key)?
+                    let check = (artifact.as_path(), bundle.as_path(), key.as_path());
+                    verify_signature(&args, model, version, check, registered)?
                 }
                 _ => ExitCode::SUCCESS,
             };
@@ -462,9 +465,8 @@ fn verify_signature(
     args: &RegistryArgs,
     model: &str,
     version: &str,
-    artifact: &Path,
-    bundle: &Path,
-    key: &Path,
+    (artifact, bundle, key): (&Path, &Path, &Path),
+    registered: bool,
 ) -> anyhow::Result<ExitCode> {
     use crate::registry::signature::{self, PublicKey};
     let path = &args.registry;
@@ -480,6 +482,13 @@ fn verify_signature(
         key.fingerprint
     );
     match signature::verify(bundle, &key, artifact, &v.digest, &v.manifest) {
+        Ok(verified) if !registered => {
+            println!(
+                "  signature valid for these files ({} signed), but they are not the registered artifact: not recorded",
+                verified.files
+            );
+            Ok(ExitCode::FAILURE)
+        }
         Ok(verified) => {
             let record = crate::registry::SignatureRecord {
                 bundle: Reference {

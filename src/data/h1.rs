@@ -1400,7 +1400,19 @@ pub(super) fn trailer_fields(section: &[u8]) -> Option<http::HeaderMap> {
             http::header::CONTENT_TYPE,
             http::header::CONTENT_ENCODING,
         ];
-        if forbidden.contains(&name) || name.as_str() == "keep-alive" {
+        // Nor those weir sets or removes in a head (forwarding, its override and version
+        // headers, hop-by-hop and proxy fields): a trailer must not carry what the head may not.
+        let weirs = [
+            "keep-alive",
+            "proxy-connection",
+            "proxy-authorization",
+            "proxy-authenticate",
+            "x-forwarded-for",
+            "x-forwarded-proto",
+            "forwarded",
+            "x-weir-version",
+        ];
+        if forbidden.contains(&name) || weirs.contains(&name.as_str()) {
             continue;
         }
         if let Ok(value) = http::HeaderValue::from_bytes(field.value) {

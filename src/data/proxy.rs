@@ -305,7 +305,9 @@ impl Proxy {
         // would come too late for the client anyway.
         // The deadline bounds the whole call too: a response still streaming at it is ended
         // with DEADLINE_EXCEEDED and the backend's stream dropped.
-        let timeout = grpc_timeout(&parts.headers);
+        let timeout = is_grpc(&parts.headers)
+            .then(|| grpc_timeout(&parts.headers))
+            .flatten();
         let wait = timeout.map_or(self.settings.response_header_timeout, |deadline| {
             deadline.min(self.settings.response_header_timeout)
         });

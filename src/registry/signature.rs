@@ -8,6 +8,7 @@
 //! and no other file is, and that the subject digest is the registered artifact's. Keyless
 //! (certificate and transparency log) bundles are refused as not supported yet.
 
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
 use base64::Engine as _;
@@ -70,10 +71,13 @@ pub enum SignatureError {
     #[error("the artifact differs from what was signed: {}", .0.join("; "))]
     Files(Vec<String>),
     #[error(
-        "the signed model (subject digest {subject}) is not the registered artifact, whose files \
-         hash to {registered}"
+        "the signed model (subject digest {subject}) is not the registered artifact: {}",
+        .differences.join("; ")
     )]
-    NotRegistered { subject: String, registered: String },
+    NotRegistered {
+        subject: String,
+        differences: Vec<String>,
+    },
 }
 
 /// What a verified signature says.
@@ -166,6 +170,10 @@ fn ec_point(
     let (&0, point) = bits.split_first()? else {
         return None;
     };
+    // Uncompressed (0x04, x, y): the form keys are written in, and the one ring verifies with.
+    if point.first() != Some(&0x04) {
+        return None;
+    }
     Some((algorithm, point.to_vec()))
 }
 
@@ -368,6 +376,14 @@ pub fn verify(
             predicate.serialization.method
         ));
     }
+    let mut names = BTreeSet::new();
+    if let Some(twice) = predicate
+        .resources
+        .iter()
+        .find(|r| !names.insert(r.name.as_str()))
+    {
+        return wrong(format!("{} is listed twice", twice.name));
+    }
     let mut listed = Sha256::new();
     for resource in &predicate.resources {
         if resource.algorithm != "sha256" {
@@ -407,31 +423,37 @@ pub fn verify(
         return Err(SignatureError::Files(differences));
     }
 
-    // The registered artifact: its files hash to the subject digest the same way.
-    let registered = match registered_manifest {
-        [] => hex(&Sha256::digest(
-            hex_bytes(registered_digest).unwrap_or_default(),
-        )),
-        files => {
-            // The registered files the signer hashed: all of them but those it left out.
-            let ignore = &predicate.serialization.ignore_paths;
-            let inside = bundle_path.strip_prefix(artifact).ok();
-            let mut sorted: Vec<&ManifestEntry> = files
-                .iter()
-                .filter(|e| !ignored(&e.path, ignore, inside))
-                .collect();
-            sorted.sort_by(|a, b| a.path.cmp(&b.path));
-            let mut h = Sha256::new();
-            for entry in sorted {
-                h.update(hex_bytes(&entry.sha256).unwrap_or_default());
-            }
-            hex(&h.finalize())
-        }
+    // The registered artifact: the same files, by name and digest, as the signer listed (all of
+    // the registered ones but those it left out). A set, so neither order nor a renamed file
+    // with the same content can make two different models look alike.
+    let ignore = &predicate.serialization.ignore_paths;
+    let inside = bundle_path.strip_prefix(artifact).ok();
+    let registered: BTreeSet<(String, String)> = match registered_manifest {
+        [] => [(".".to_string(), registered_digest.to_ascii_lowercase())].into(),
+        files => files
+            .iter()
+            .filter(|e| !ignored(&e.path, ignore, inside))
+            .map(|e| (e.path.clone(), e.sha256.to_ascii_lowercase()))
+            .collect(),
     };
-    if registered != subject.digest.sha256 {
+    let signed: BTreeSet<(String, String)> = predicate
+        .resources
+        .iter()
+        .map(|r| (r.name.clone(), r.digest.to_ascii_lowercase()))
+        .collect();
+    if registered != signed {
+        let mut differences: Vec<String> = registered
+            .difference(&signed)
+            .map(|(name, _)| format!("registered, not signed as registered: {name}"))
+            .collect();
+        differences.extend(
+            signed
+                .difference(&registered)
+                .map(|(name, _)| format!("signed, not registered so: {name}")),
+        );
         return Err(SignatureError::NotRegistered {
             subject: subject.digest.sha256.clone(),
-            registered,
+            differences,
         });
     }
     Ok(Verified {
@@ -464,10 +486,11 @@ fn compare_files(
     for resource in signed {
         match disk.iter().find(|(path, _)| *path == resource.name) {
             None => differences.push(format!("missing: {}", resource.name)),
-            Some((_, digest)) if *digest != resource.digest => differences.push(format!(
-                "differs: {} (signed sha256 {}, on disk {digest})",
-                resource.name, resource.digest
-            )),
+            Some((_, digest)) if !digest.eq_ignore_ascii_case(&resource.digest) => differences
+                .push(format!(
+                    "differs: {} (signed sha256 {}, on disk {digest})",
+                    resource.name, resource.digest
+                )),
             Some(_) => {}
         }
     }

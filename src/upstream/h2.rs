@@ -106,6 +106,10 @@ impl Body for Rescuable {
                 None => Poll::Ready(None),
             },
         };
+        // Once the answer has come (nobody waits for the copy), it is no longer kept.
+        if this.rescue.as_ref().is_none_or(|r| r.is_closed()) {
+            this.lost = true;
+        }
         match &polled {
             Poll::Ready(Some(Ok(frame))) if !this.lost => {
                 this.copied_len += frame.data_ref().map_or(0, |d| d.len());
@@ -135,17 +139,23 @@ impl Body for Rescuable {
             .filter_map(|f| f.data_ref())
             .map(|d| d.len())
             .sum();
-        let mut hint = self
+        let rest = self
             .body
             .rest
             .as_ref()
             .map_or_else(|| SizeHint::with_exact(0), |b| b.size_hint());
-        hint.set_lower(hint.lower() + queued as u64);
-        if let Some(upper) = hint.upper() {
-            hint.set_upper(upper + queued as u64);
-        }
-        hint
+        shifted(&rest, queued as u64)
     }
+}
+
+/// `hint` with `more` bytes in front (upper bound first: a lower bound above it panics).
+fn shifted(hint: &SizeHint, more: u64) -> SizeHint {
+    let mut shifted = SizeHint::new();
+    if let Some(upper) = hint.upper() {
+        shifted.set_upper(upper + more);
+    }
+    shifted.set_lower(hint.lower() + more);
+    shifted
 }
 
 impl Drop for Rescuable {
@@ -613,6 +623,17 @@ mod tests {
         ];
         f.resize(9 + payload, 0xAB);
         f
+    }
+
+    #[test]
+    fn a_replayed_body_of_known_length_says_its_length() {
+        // Read whole before a GOAWAY: the rest is an exact 0, the copy 5 bytes.
+        let hint = shifted(&SizeHint::with_exact(0), 5);
+        assert_eq!(hint.exact(), Some(5));
+        let mut open = SizeHint::new();
+        open.set_lower(2);
+        let hint = shifted(&open, 5);
+        assert_eq!((hint.lower(), hint.upper()), (7, None));
     }
 
     #[test]
