@@ -315,20 +315,13 @@ impl Proxy {
         if version.protocol == BackendProtocol::Http2 {
             use http_body_util::BodyExt;
             let upstream = Request::from_parts(parts, body.boxed_unsync());
-            let result = tokio::time::timeout(wait, self.clients.http2.send(b, upstream)).await;
-            let response = match result {
-                Err(_elapsed) => return Ok(refuse(timed_out(b, &version.label))),
-                Ok(Err(e)) => {
-                    let refusal = classify_http2(&e);
-                    return Ok(refuse(upstream_failed(
-                        &self.settings,
-                        b,
-                        &version.label,
-                        refusal,
-                        &e,
-                    )));
-                }
-                Ok(Ok(response)) => response,
+            let sent = self.clients.http2.send(b, upstream);
+            let response = match self
+                .head(b, &version.label, wait, sent, classify_http2)
+                .await
+            {
+                Ok(response) => response,
+                Err(refusal) => return Ok(refuse(refusal)),
             };
             let (parts, body) = response.into_parts();
             let answer = (client_version, in_flight, deadline);
@@ -336,21 +329,10 @@ impl Proxy {
             return Ok(Response::from_parts(parts, ProxyBody::Http2 { body }));
         }
         let upstream = Request::from_parts(parts, body);
-        let result =
-            tokio::time::timeout(wait, self.clients.of(version.protocol).request(upstream)).await;
-        let response = match result {
-            Err(_elapsed) => return Ok(refuse(timed_out(b, &version.label))),
-            Ok(Err(e)) => {
-                let refusal = classify(&e);
-                return Ok(refuse(upstream_failed(
-                    &self.settings,
-                    b,
-                    &version.label,
-                    refusal,
-                    &e,
-                )));
-            }
-            Ok(Ok(response)) => response,
+        let sent = self.clients.of(version.protocol).request(upstream);
+        let response = match self.head(b, &version.label, wait, sent, classify).await {
+            Ok(response) => response,
+            Err(refusal) => return Ok(refuse(refusal)),
         };
 
         let (mut parts, body) = response.into_parts();
@@ -363,6 +345,43 @@ impl Proxy {
         let answer = (client_version, in_flight, deadline);
         let (parts, body) = self.respond(parts, body, answer, &version, backend, shadow);
         Ok(Response::from_parts(parts, ProxyBody::Upstream { body }))
+    }
+
+    /// Waits up to `wait` for the backend's response head; a failure is counted and logged for
+    /// the backend `b` (a refused connection ejects it) and becomes the refusal the client gets.
+    async fn head<T, E>(
+        &self,
+        b: &crate::upstream::Backend,
+        label: &str,
+        wait: Duration,
+        sent: impl std::future::Future<Output = Result<T, E>>,
+        classify: fn(&E) -> Refusal,
+    ) -> Result<T, Refusal>
+    where
+        E: StdError + 'static,
+    {
+        match tokio::time::timeout(wait, sent).await {
+            Err(_elapsed) => {
+                let kind = ProxyFailure::Timeout;
+                b.failed(label, kind, backend_failure(kind));
+                Err(Refusal::Backend(kind))
+            }
+            Ok(Err(e)) => {
+                let refusal = classify(&e);
+                match refusal {
+                    Refusal::Backend(ProxyFailure::Connect | ProxyFailure::ConnectTimeout) => {
+                        b.refused(self.settings.backend_eject, label, error_chain(&e));
+                    }
+                    Refusal::Backend(kind) => {
+                        let what = format!("{}: {}", backend_failure(kind), error_chain(&e));
+                        b.failed(label, kind, &what);
+                    }
+                    _ => {}
+                }
+                Err(refusal)
+            }
+            Ok(Ok(response)) => Ok(response),
+        }
     }
 
     /// The client's response from the backend's: in the client's protocol, hop-by-hop headers
@@ -439,35 +458,6 @@ impl Proxy {
         }
         response
     }
-}
-
-/// Counts and logs a backend's failure to answer: one that refused the connection is ejected
-/// for a while, any other failure is logged (rate-limited). Returns `refusal`.
-fn upstream_failed(
-    settings: &ProxySettings,
-    b: &crate::upstream::Backend,
-    label: &str,
-    refusal: Refusal,
-    error: &(dyn StdError + 'static),
-) -> Refusal {
-    match refusal {
-        Refusal::Backend(ProxyFailure::Connect | ProxyFailure::ConnectTimeout) => {
-            b.refused(settings.backend_eject, label, error_chain(error));
-        }
-        Refusal::Backend(kind) => {
-            let what = format!("{}: {}", backend_failure(kind), error_chain(error));
-            b.failed(label, kind, &what);
-        }
-        _ => {}
-    }
-    refusal
-}
-
-/// Logs a backend that sent no response head in time; the refusal the client gets.
-fn timed_out(b: &crate::upstream::Backend, label: &str) -> Refusal {
-    let kind = ProxyFailure::Timeout;
-    b.failed(label, kind, backend_failure(kind));
-    Refusal::Backend(kind)
 }
 
 /// Sorts a failure of an HTTP/2 backend into what the client is told.

@@ -256,14 +256,6 @@ impl Conn {
     }
 }
 
-impl Connections {
-    /// How many connections are open and taking streams.
-    pub fn open(&self) -> usize {
-        let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        state.live.iter().filter(|c| c.open()).count()
-    }
-}
-
 /// A backend's response body; its stream counts against its connection until the body is done
 /// or dropped (dropping it early resets the stream at the backend).
 #[derive(Debug)]
