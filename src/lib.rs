@@ -37,6 +37,19 @@ mod tls;
 mod upstream;
 
 pub use cli::main;
+
+/// An error with its causes, `outer: inner: root`, for a log line or an answer.
+pub(crate) fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
 pub use config::units::{format_percent, parse_percent};
 pub use config::{Config, FleetConfig, QuickMode};
 pub use control::admin::status_of;

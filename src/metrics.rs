@@ -425,6 +425,12 @@ impl Metrics {
         crate::shadow::tee::ShadowStats::new(outcomes, comparisons, gauges)
     }
 
+    /// Registers a collector another part of weir owns (the MLflow source's gauges); a second
+    /// registration of the same one is harmless.
+    pub fn register(&self, collector: Box<dyn prometheus::core::Collector>) {
+        let _ = self.registry.register(collector);
+    }
+
     /// Registers the fleet gauges (a single weir does not export them).
     pub fn enable_fleet(&self) {
         for gauge in [

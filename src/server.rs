@@ -19,7 +19,9 @@ use crate::control::auth::AdminToken;
 use crate::control::canary::Board;
 use crate::control::fleet::{Fleet, FleetError};
 use crate::control::identity::{self, probe_once, Prober};
+use crate::control::mlflow::MlflowSource;
 use crate::control::replica;
+use crate::control::state::StateStore;
 use crate::control::writer::{Actor, Change, Command, CommandError};
 use crate::control::Writer;
 use crate::data::body::RequestBody;
@@ -46,6 +48,10 @@ pub enum StartError {
     Tls(#[from] crate::tls::TlsError),
     #[error("fleet mode: {0}")]
     Fleet(#[from] FleetError),
+    #[error("MLflow registry: {0}")]
+    Mlflow(#[from] crate::control::mlflow::SourceError),
+    #[error("MLflow as the registry ([registry] mlflow) does not work with fleet mode ([state] backend = \"etcd\") yet: run one weir per MLflow-pinned route set, or pin versions in a registry file")]
+    MlflowFleet,
     #[error("version {version}: the backend {backend} does not offer HTTP/2 by ALPN (h2), which protocol = \"http2\" needs; use protocol = \"auto\" (h2 where offered, else HTTP/1.1) or \"http1\", or enable h2 on the backend")]
     NoHttp2 { version: String, backend: String },
 }
@@ -113,8 +119,13 @@ impl Server {
         // Bind before touching state, so a second weir on the same ports fails without writing.
         let (proxy_listener, proxy_addr) = bind("proxy", listen_addr).await?;
         let (admin_listener, admin_addr) = bind("admin", admin_addr).await?;
+        let metrics = Metrics::new();
+        let (config, mlflow) = mlflow_pins(config, &metrics).await?;
         check_http2_backends(&config).await?;
-        let writer = open_writer(&config).await?;
+        let writer = open_writer(&config, metrics).await?;
+        if let Some(source) = mlflow {
+            writer.attach_mlflow(source);
+        }
         let table: Arc<ArcSwap<crate::data::RoutingTable>> = Arc::clone(writer.table());
         let prober = Arc::new(Prober::default());
         if config.identity.is_some() {
@@ -279,12 +290,39 @@ async fn check_http2_backends(config: &Config) -> Result<(), StartError> {
 }
 
 /// The one writer: on the state directory, or joined to the fleet's state in etcd.
-async fn open_writer(config: &Config) -> Result<Arc<Writer>, StartError> {
+/// With MLflow as the registry: the config pinned by its aliases (or, MLflow unreachable, by
+/// the pins the last run kept), and the source the writer moves aliases through.
+async fn mlflow_pins(
+    config: Config,
+    metrics: &Metrics,
+) -> Result<(Config, Option<Arc<MlflowSource>>), StartError> {
+    if config.mlflow.is_none() {
+        return Ok((config, None));
+    }
+    if config.fleet.is_some() {
+        return Err(StartError::MlflowFleet);
+    }
+    let source = MlflowSource::new(&config, metrics)?;
+    let previous = StateStore::new(&config.state_dir)
+        .load()
+        .ok()
+        .flatten()
+        .map(|body| body.state);
+    let settled = source.at_start(&config, previous.as_ref()).await?;
+    for note in &settled.notes {
+        tracing::info!("{note}");
+    }
+    for refusal in &settled.refusals {
+        tracing::warn!(route = %refusal.route, reason = %refusal.message, "MLflow alias refused at start: serving the route's last good pin");
+    }
+    Ok((settled.config, Some(Arc::new(source))))
+}
+
+async fn open_writer(config: &Config, metrics: Metrics) -> Result<Arc<Writer>, StartError> {
     let writer = match &config.fleet {
-        None => Writer::open(config.clone(), Metrics::new())?,
+        None => Writer::open(config.clone(), metrics)?,
         Some(fleet) => {
             let fleet = Arc::new(Fleet::connect(fleet).await?);
-            let metrics = Metrics::new();
             metrics.enable_fleet();
             metrics.set_fleet(false, true);
             Writer::open_fleet(config.clone(), metrics, fleet).await?
@@ -328,6 +366,12 @@ fn spawn_control_tasks(
     }
     if config.identity.is_some() {
         tokio::spawn(identity::run(Arc::clone(writer), prober, stop.clone()));
+    }
+    if writer.mlflow().is_some() {
+        tokio::spawn(crate::control::aliases::watch(
+            Arc::clone(writer),
+            stop.clone(),
+        ));
     }
     tokio::spawn(reap_idle_connections(
         Arc::clone(writer),

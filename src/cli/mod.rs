@@ -194,11 +194,12 @@ SIGTERM or Ctrl-C stops accepting and lets open requests and streams finish (pro
 #[derive(Args, Debug)]
 pub struct ServeArgs {
     /// Config file (TOML). Without it, the quick-mode flags below define one route named `default`.
-    #[arg(long, value_name = "FILE", conflicts_with_all = ["stable", "candidate", "weight", "sticky_header", "allow_override", "registry", "identity_probe", "identity_interval", "mirror", "canary", "canary_interval", "canary_min_requests", "backend_protocol", "tls_cert", "tls_key", "tls_client_ca"])]
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["stable", "candidate", "weight", "sticky_header", "allow_override", "registry", "identity_probe", "identity_interval", "mirror", "canary", "canary_interval", "canary_min_requests", "backend_protocol", "tls_cert", "tls_key", "tls_client_ca", "mlflow", "mlflow_model"])]
     pub config: Option<PathBuf>,
 
-    /// Production version: SPEC (see below).
-    #[arg(long, value_name = "SPEC", required_unless_present = "config")]
+    /// Production version: SPEC (see below). With --mlflow, MODEL@VERSION=URL says only where
+    /// that version is served; the champion alias says what serves.
+    #[arg(long, value_name = "SPEC", required_unless_present_any = ["config", "mlflow"])]
     pub stable: Option<String>,
 
     /// Candidate version: SPEC (see below).
@@ -278,6 +279,17 @@ pub struct ServeArgs {
     /// role. Without one weir runs unpinned and says so.
     #[arg(long, value_name = "FILE")]
     pub registry: Option<PathBuf>,
+
+    /// MLflow tracking server (http://host:5000) whose Model Registry pins the route: the
+    /// version aliased `champion` serves as stable, `challenger` as candidate. Each version
+    /// needs a weir.sha256 tag (weir registry add --mlflow) and backends (--stable/--candidate
+    /// MODEL@VERSION=URL, or its weir.backends tag).
+    #[arg(long, value_name = "URL", requires = "mlflow_model")]
+    pub mlflow: Option<String>,
+
+    /// The MLflow registered model the route serves (with --mlflow).
+    #[arg(long, value_name = "NAME", requires = "mlflow")]
+    pub mlflow_model: Option<String>,
 
     /// Ask each backend what it serves: PATH#/json/pointer or PATH#header:NAME, e.g.
     /// '/v1/models#/data/0/id', or grpc-health (gRPC's health service must report the
@@ -478,8 +490,10 @@ fn check_pins(config: &Config) -> Result<(), Vec<String>> {
 fn serve_config(args: ServeArgs) -> anyhow::Result<Config> {
     let mut config = match (&args.config, &args.stable) {
         (Some(path), _) => Config::from_file(path)?,
-        (None, Some(stable)) => QuickMode {
-            stable: stable.clone(),
+        (None, stable) if stable.is_some() || args.mlflow.is_some() => QuickMode {
+            stable: stable.clone().unwrap_or_default(),
+            mlflow: args.mlflow.clone(),
+            mlflow_model: args.mlflow_model.clone(),
             candidate: args.candidate.clone(),
             weight: args.weight.clone(),
             sticky_header: args.sticky_header.clone(),
@@ -500,7 +514,9 @@ fn serve_config(args: ServeArgs) -> anyhow::Result<Config> {
             tls_client_ca: args.tls_client_ca.clone(),
         }
         .into_config()?,
-        (None, None) => anyhow::bail!("give --config FILE, or --stable SPEC for quick mode"),
+        (None, _) => {
+            anyhow::bail!("give --config FILE, or --stable SPEC (or --mlflow URL) for quick mode")
+        }
     };
     let addr = |flag: &str, text: &str| {
         text.parse().with_context(|| {

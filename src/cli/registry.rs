@@ -11,9 +11,11 @@ use anyhow::Context;
 use clap::{Args, Subcommand};
 use serde_json::{json, Value};
 
+use crate::config::MlflowConfig;
 use crate::control::audit::Entry;
 use crate::control::state::{Promotion, StateStore};
 use crate::control::store::record_offline;
+use crate::registry::mlflow::{tag, tags_of, MlflowClient};
 use crate::registry::{
     check_stage_change, days, diff_manifests, digest::sha256_file, digest_artifact, format_time,
     parse_time, Approval, Dataset, ModelVersion, Reference, Registry, Stage,
@@ -34,8 +36,99 @@ pub struct RegistryArgs {
     /// writes the registry file, which is reviewed input and may be read-only).
     #[arg(long, value_name = "DIR", global = true)]
     pub state_dir: Option<PathBuf>,
+    /// Keep the versions in this MLflow tracking server's Model Registry instead of the file:
+    /// what MLflow lacks (digest, stage, approvals, provenance, SBOM, signature) is written to
+    /// the version's weir.* tags. The --registry file, when it exists, still gives the policy.
+    #[arg(long, value_name = "URL", global = true)]
+    pub mlflow: Option<String>,
+    /// A file holding the bearer token for --mlflow.
+    #[arg(long, value_name = "FILE", global = true, requires = "mlflow")]
+    pub mlflow_token_file: Option<PathBuf>,
     #[command(subcommand)]
     pub command: RegistryCommand,
+}
+
+/// Where the versions are kept: the registry file, or MLflow's version tags.
+enum Backing {
+    File,
+    Mlflow {
+        client: Box<MlflowClient>,
+        runtime: tokio::runtime::Runtime,
+    },
+}
+
+impl Backing {
+    fn of(args: &RegistryArgs) -> anyhow::Result<Backing> {
+        let Some(url) = &args.mlflow else {
+            return Ok(Backing::File);
+        };
+        MlflowConfig::validate_url(url).map_err(|e| anyhow::anyhow!("--mlflow: {e}"))?;
+        let mut config = MlflowConfig::new(url.trim_end_matches('/').to_string());
+        config.token_file = args.mlflow_token_file.clone();
+        config.timeout = std::time::Duration::from_secs(30);
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        Ok(Backing::Mlflow {
+            client: Box::new(MlflowClient::new(&config)?),
+            runtime,
+        })
+    }
+
+    /// The registry holding `model@version` (a registry file: all of it; MLflow: the policy of
+    /// the --registry file, if there is one, and that version when its tags describe one).
+    /// `new`: the version is being added, so an absent one is no error.
+    fn open(
+        &self,
+        args: &RegistryArgs,
+        model: &str,
+        version: &str,
+        new: bool,
+    ) -> anyhow::Result<Registry> {
+        let path = &args.registry;
+        let Backing::Mlflow { client, runtime } = self else {
+            return Ok(if new {
+                Registry::load_or_new(path)?
+            } else {
+                Registry::load(path)?
+            });
+        };
+        let mut registry = Registry::load_or_new(path)?;
+        registry.versions.clear();
+        let found = runtime
+            .block_on(client.version(model, version))
+            .with_context(|| format!("{model}@{version} in MLflow at {}", client.url()))?;
+        match found.entry() {
+            Ok(entry) => registry.versions.push(entry),
+            Err(_) if new => {}
+            Err((_, why)) => anyhow::bail!("{model}@{version} in MLflow: {why}"),
+        }
+        Ok(registry)
+    }
+
+    /// Writes `label` back: the registry file, or the version's weir.* tags in MLflow.
+    fn keep(&self, args: &RegistryArgs, registry: &Registry, label: &str) -> anyhow::Result<()> {
+        let Backing::Mlflow { client, runtime } = self else {
+            return Ok(registry.save(&args.registry)?);
+        };
+        let v = registry.find(label).expect("the version just changed");
+        runtime.block_on(async {
+            for (key, value) in tags_of(v) {
+                client
+                    .set_tag(&v.model, &v.version, key, &value)
+                    .await
+                    .with_context(|| format!("writing tag {key} of {label} to MLflow"))?;
+            }
+            Ok::<_, anyhow::Error>(())
+        })
+    }
+
+    fn describe(&self, args: &RegistryArgs) -> String {
+        match self {
+            Backing::File => format!("the registry {}", args.registry.display()),
+            Backing::Mlflow { client, .. } => format!("MLflow at {}", client.url()),
+        }
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -150,6 +243,10 @@ pub struct AddArgs {
     /// Follow symlinks inside the artifact instead of refusing them.
     #[arg(long)]
     pub allow_symlinks: bool,
+    /// With --mlflow: where this version is served (comma-separated origins), as its
+    /// weir.backends tag, for a weir whose config does not list the version.
+    #[arg(long, value_name = "URLS", requires = "mlflow")]
+    pub backends: Option<String>,
 }
 
 fn datasets(specs: &[String]) -> Vec<Dataset> {
@@ -256,8 +353,8 @@ pub fn run(args: RegistryArgs) -> anyhow::Result<ExitCode> {
 
 /// Registers a version: hashes its artifact and records it as a draft.
 fn add(args: &RegistryArgs, add: &AddArgs) -> anyhow::Result<ExitCode> {
-    let path = &args.registry;
-    let mut registry = Registry::load_or_new(path)?;
+    let backing = Backing::of(args)?;
+    let mut registry = backing.open(args, &add.model, &add.version, true)?;
     let label = format!("{}@{}", add.model, add.version);
     if add.version.eq_ignore_ascii_case("latest")
         || add.model.contains('@')
@@ -266,7 +363,7 @@ fn add(args: &RegistryArgs, add: &AddArgs) -> anyhow::Result<ExitCode> {
         anyhow::bail!("{label:?} is not a pin: use an explicit version, never \"latest\", and no '@' in names");
     }
     if registry.find(&label).is_some() {
-        anyhow::bail!("{label} is already registered in {}; a version's artifact never changes — register a new version", path.display());
+        anyhow::bail!("{label} is already registered in {}; a version's artifact never changes — register a new version", backing.describe(args));
     }
     let digest = digest_artifact(&add.artifact, add.allow_symlinks)?;
     let version = ModelVersion {
@@ -298,7 +395,14 @@ fn add(args: &RegistryArgs, add: &AddArgs) -> anyhow::Result<ExitCode> {
         signature: None,
     };
     registry.versions.push(version);
-    registry.save(path)?;
+    backing.keep(args, &registry, &label)?;
+    if let (Backing::Mlflow { client, runtime }, Some(backends)) = (&backing, &add.backends) {
+        for url in backends.split(',') {
+            crate::config::parse_backend_url(url.trim())
+                .map_err(|e| anyhow::anyhow!("--backends: {e}"))?;
+        }
+        runtime.block_on(client.set_tag(&add.model, &add.version, tag::BACKENDS, backends))?;
+    }
     let what = if digest.manifest.is_empty() {
         "file".to_string()
     } else {
@@ -321,12 +425,12 @@ fn add(args: &RegistryArgs, add: &AddArgs) -> anyhow::Result<ExitCode> {
 
 /// Moves a version to another stage, if the lifecycle rules allow it (a refusal is audited).
 fn stage(args: &RegistryArgs, model: &str, version: &str, to: Stage) -> anyhow::Result<ExitCode> {
-    let path = &args.registry;
-    let mut registry = Registry::load(path)?;
+    let backing = Backing::of(args)?;
+    let mut registry = backing.open(args, model, version, false)?;
     let label = format!("{model}@{version}");
     let policy = registry.policy.clone();
     let Some(v) = registry.find_mut(&label) else {
-        anyhow::bail!("{label} is not in the registry {}", path.display());
+        anyhow::bail!("{label} is not in {}", backing.describe(args));
     };
     let from = v.stage;
     if let Err(refusals) = check_stage_change(&policy, v, to, SystemTime::now()) {
@@ -346,7 +450,7 @@ fn stage(args: &RegistryArgs, model: &str, version: &str, to: Stage) -> anyhow::
         return Ok(ExitCode::FAILURE);
     }
     v.stage = to;
-    registry.save(path)?;
+    backing.keep(args, &registry, &label)?;
     audit(
         args,
         "registry_stage",
@@ -368,8 +472,8 @@ fn approve(
     by: &str,
     valid_days: Option<u32>,
 ) -> anyhow::Result<ExitCode> {
-    let path = &args.registry;
-    let mut registry = Registry::load(path)?;
+    let backing = Backing::of(args)?;
+    let mut registry = backing.open(args, model, version, false)?;
     let label = format!("{model}@{version}");
     let valid_for = valid_days.unwrap_or(registry.policy.approval_days);
     if !registry.policy.approval_roles.iter().any(|r| r == role) {
@@ -379,7 +483,7 @@ fn approve(
         );
     }
     let Some(v) = registry.find_mut(&label) else {
-        anyhow::bail!("{label} is not in the registry {}", path.display());
+        anyhow::bail!("{label} is not in {}", backing.describe(args));
     };
     let now = SystemTime::now();
     let approval = Approval {
@@ -389,7 +493,7 @@ fn approve(
         expires_at: format_time(now + days(valid_for)),
     };
     v.approvals.push(approval.clone());
-    registry.save(path)?;
+    backing.keep(args, &registry, &label)?;
     audit(
         args,
         "registry_approve",
@@ -413,11 +517,11 @@ fn verify(
     artifact: &Path,
     allow_symlinks: bool,
 ) -> anyhow::Result<ExitCode> {
-    let path = &args.registry;
-    let registry = Registry::load(path)?;
+    let backing = Backing::of(args)?;
+    let registry = backing.open(args, model, version, false)?;
     let label = format!("{model}@{version}");
     let Some(v) = registry.find(&label) else {
-        anyhow::bail!("{label} is not in the registry {}", path.display());
+        anyhow::bail!("{label} is not in {}", backing.describe(args));
     };
     let actual = digest_artifact(artifact, allow_symlinks)
         .with_context(|| format!("cannot hash {}", artifact.display()))?;
@@ -469,11 +573,11 @@ fn verify_signature(
     registered: bool,
 ) -> anyhow::Result<ExitCode> {
     use crate::registry::signature::{self, PublicKey};
-    let path = &args.registry;
-    let mut registry = Registry::load(path)?;
+    let backing = Backing::of(args)?;
+    let mut registry = backing.open(args, model, version, false)?;
     let label = format!("{model}@{version}");
     let Some(v) = registry.find_mut(&label) else {
-        anyhow::bail!("{label} is not in the registry {}", path.display());
+        anyhow::bail!("{label} is not in {}", backing.describe(args));
     };
     let key = PublicKey::load(key)?;
     println!(
@@ -501,7 +605,7 @@ fn verify_signature(
             };
             v.signature = Some(record.clone());
             let listed = registry.policy.signing_keys.contains(&verified.key);
-            registry.save(path)?;
+            backing.keep(args, &registry, &label)?;
             audit(
                 args,
                 "registry_verify_signature",
@@ -547,6 +651,9 @@ fn stages(stages: &[Stage]) -> String {
 
 /// Lists every registered version, with the stages a running weir promoted.
 fn list(args: &RegistryArgs) -> anyhow::Result<ExitCode> {
+    if args.mlflow.is_some() {
+        anyhow::bail!("list reads the registry file; with --mlflow, show one version (weir registry show --mlflow URL --model M --version V) or list them in MLflow's UI");
+    }
     let path = &args.registry;
     let registry = Registry::load(path)?;
     let promoted = runtime_promotions(args)?;
@@ -589,11 +696,11 @@ fn list(args: &RegistryArgs) -> anyhow::Result<ExitCode> {
 
 /// Shows one version in full, with the state of its approvals.
 fn show(args: &RegistryArgs, model: &str, version: &str) -> anyhow::Result<ExitCode> {
-    let path = &args.registry;
-    let registry = Registry::load(path)?;
+    let backing = Backing::of(args)?;
+    let registry = backing.open(args, model, version, false)?;
     let label = format!("{model}@{version}");
     let Some(v) = registry.find(&label) else {
-        anyhow::bail!("{label} is not in the registry {}", path.display());
+        anyhow::bail!("{label} is not in {}", backing.describe(args));
     };
     print!("{}", toml::to_string_pretty(v)?);
     let promoted = runtime_promotions(args)?;

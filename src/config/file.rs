@@ -91,7 +91,14 @@ struct RawProxy {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawRegistry {
-    file: PathBuf,
+    file: Option<PathBuf>,
+    mlflow: Option<String>,
+    mlflow_token_file: Option<PathBuf>,
+    mlflow_user: Option<String>,
+    mlflow_password_file: Option<PathBuf>,
+    mlflow_ca: Option<PathBuf>,
+    mlflow_interval: Option<String>,
+    mlflow_timeout: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -136,8 +143,11 @@ struct RawRoute {
     name: String,
     prefix: Option<String>,
     host: Option<String>,
-    stable: String,
+    stable: Option<String>,
     candidate: Option<String>,
+    mlflow_model: Option<String>,
+    stable_alias: Option<String>,
+    candidate_alias: Option<String>,
     weight: Option<RawScalar>,
     sticky_header: Option<String>,
     sticky_cookie: Option<String>,
@@ -438,6 +448,7 @@ pub(super) fn parse(text: &str) -> Result<Config, Vec<Problem>> {
     check_timeouts(&mut c, &listener, &proxy);
     let (versions, labels) = check_versions(&mut c, &raw.versions);
     let routes = check_routes(&mut c, &raw.routes, &labels);
+    let (registry, mlflow) = check_registry(&mut c, raw.registry.as_ref(), &routes);
     let shadow = check_shadow(&mut c, &raw.shadow);
     let identity = check_identity(&mut c, &raw.identity);
     let fleet = fleet(&mut c, &raw.state);
@@ -456,7 +467,9 @@ pub(super) fn parse(text: &str) -> Result<Config, Vec<Problem>> {
             routes,
             source: None,
             from_flags: false,
-            registry: raw.registry.map(|r| r.file),
+            registry,
+            mlflow,
+            mlflow_versions: Vec::new(),
             identity,
             shadow,
         })
@@ -694,20 +707,22 @@ fn route_from(c: &mut Checker, path: &str, r: &RawRoute) -> RouteConfig {
         .canary
         .as_ref()
         .and_then(|raw| check_canary(c, &format!("{path}.canary"), raw));
-    if canary.is_some() && r.candidate.is_none() {
+    let mlflow = mlflow_route(c, path, r);
+    if canary.is_some() && r.candidate.is_none() && mlflow.is_none() {
         c.problem(
             format!("{path}.canary"),
             "a canary policy needs a candidate version",
         );
     }
     RouteConfig {
+        mlflow,
         canary,
         mirror,
         compare,
         name: r.name.clone(),
         prefix: r.prefix.clone().unwrap_or_else(|| "/".to_string()),
         host: r.host.as_ref().map(|h| h.to_ascii_lowercase()),
-        stable: r.stable.clone(),
+        stable: r.stable.clone().unwrap_or_default(),
         candidate: r.candidate.clone(),
         weight,
         sticky: match (&r.sticky_header, &r.sticky_cookie) {
@@ -731,6 +746,156 @@ fn route_from(c: &mut Checker, path: &str, r: &RawRoute) -> RouteConfig {
         },
         allow_override: r.allow_override,
     }
+}
+
+/// `[registry]`: the registry file, MLflow, or both (the file then gives the policy and the
+/// versions MLflow does not hold).
+fn check_registry(
+    c: &mut Checker,
+    raw: Option<&RawRegistry>,
+    routes: &[RouteConfig],
+) -> (Option<PathBuf>, Option<MlflowConfig>) {
+    let bound = routes.iter().find(|r| r.mlflow.is_some());
+    let Some(raw) = raw else {
+        if let Some(route) = bound {
+            c.problem(
+                "registry.mlflow",
+                format!("route {:?} names an MLflow model, so [registry] needs mlflow = \"http://host:5000\"", route.name),
+            );
+        }
+        return (None, None);
+    };
+    let Some(url) = &raw.mlflow else {
+        let stray = [
+            ("mlflow_token_file", raw.mlflow_token_file.is_some()),
+            ("mlflow_user", raw.mlflow_user.is_some()),
+            ("mlflow_password_file", raw.mlflow_password_file.is_some()),
+            ("mlflow_ca", raw.mlflow_ca.is_some()),
+            ("mlflow_interval", raw.mlflow_interval.is_some()),
+            ("mlflow_timeout", raw.mlflow_timeout.is_some()),
+        ];
+        for (key, _) in stray.iter().filter(|(_, set)| *set) {
+            c.problem(format!("registry.{key}"), "only used with registry.mlflow");
+        }
+        if raw.file.is_none() {
+            c.problem(
+                "registry",
+                "set file = \"registry.toml\", mlflow = \"http://host:5000\", or both",
+            );
+        }
+        if let Some(route) = bound {
+            c.problem(
+                "registry.mlflow",
+                format!("route {:?} names an MLflow model, so [registry] needs mlflow = \"http://host:5000\"", route.name),
+            );
+        }
+        return (raw.file.clone(), None);
+    };
+    c.check("registry.mlflow", MlflowConfig::validate_url(url));
+    let mut mlflow = MlflowConfig::new(url.trim_end_matches('/').to_string());
+    mlflow.token_file = raw.mlflow_token_file.clone();
+    mlflow.ca = raw.mlflow_ca.clone();
+    mlflow.user = match (&raw.mlflow_user, &raw.mlflow_password_file) {
+        (Some(user), Some(file)) => Some((user.clone(), file.clone())),
+        (None, None) => None,
+        _ => {
+            c.problem(
+                "registry.mlflow_user",
+                "basic auth needs both mlflow_user and mlflow_password_file",
+            );
+            None
+        }
+    };
+    if mlflow.user.is_some() && mlflow.token_file.is_some() {
+        c.problem(
+            "registry.mlflow_token_file",
+            "set a bearer token or basic auth (mlflow_user), not both",
+        );
+    }
+    mlflow.interval = c.duration(
+        "registry.mlflow_interval",
+        &raw.mlflow_interval,
+        MlflowConfig::DEFAULT_INTERVAL,
+    );
+    mlflow.timeout = c.duration(
+        "registry.mlflow_timeout",
+        &raw.mlflow_timeout,
+        MlflowConfig::DEFAULT_TIMEOUT,
+    );
+    if mlflow.interval < Duration::from_secs(1) {
+        c.problem(
+            "registry.mlflow_interval",
+            "at least 1s: every read is a few MLflow calls per route",
+        );
+    }
+    if bound.is_none() {
+        c.problem(
+            "registry.mlflow",
+            "no route names an MLflow model: set mlflow_model = \"NAME\" on the routes MLflow pins",
+        );
+    }
+    (raw.file.clone(), Some(mlflow))
+}
+
+/// `mlflow_model` and its aliases; `stable` and `candidate` are then MLflow's to say.
+fn mlflow_route(c: &mut Checker, path: &str, r: &RawRoute) -> Option<MlflowRoute> {
+    let Some(model) = &r.mlflow_model else {
+        for (key, set) in [
+            ("stable_alias", r.stable_alias.is_some()),
+            ("candidate_alias", r.candidate_alias.is_some()),
+        ] {
+            if set {
+                c.problem(format!("{path}.{key}"), "only used with mlflow_model");
+            }
+        }
+        return None;
+    };
+    for (key, set) in [
+        ("stable", r.stable.is_some()),
+        ("candidate", r.candidate.is_some()),
+    ] {
+        if set {
+            c.problem(
+                format!("{path}.{key}"),
+                "the MLflow aliases pin this route (stable_alias, candidate_alias): leave stable and candidate out",
+            );
+        }
+    }
+    if model.is_empty() {
+        c.problem(
+            format!("{path}.mlflow_model"),
+            "the registered model's name is empty",
+        );
+    }
+    let binding = MlflowRoute {
+        model: model.clone(),
+        stable_alias: r
+            .stable_alias
+            .clone()
+            .unwrap_or_else(|| MlflowConfig::DEFAULT_STABLE_ALIAS.into()),
+        candidate_alias: r
+            .candidate_alias
+            .clone()
+            .unwrap_or_else(|| MlflowConfig::DEFAULT_CANDIDATE_ALIAS.into()),
+    };
+    for (key, alias) in [
+        ("stable_alias", &binding.stable_alias),
+        ("candidate_alias", &binding.candidate_alias),
+    ] {
+        if alias.is_empty() || alias.eq_ignore_ascii_case("latest") {
+            c.problem(
+                format!("{path}.{key}"),
+                format!("expected an alias name such as \"champion\", got {alias:?}"),
+            );
+        }
+    }
+    if binding.stable_alias == binding.candidate_alias {
+        c.problem(
+            format!("{path}.candidate_alias"),
+            "the candidate alias must differ from the stable alias",
+        );
+    }
+    Some(binding)
 }
 
 /// `[shadow]`: how much mirroring may cost.
@@ -1007,6 +1172,7 @@ fn check_version(c: &mut Checker, path: &str, v: &RawVersion) -> Option<VersionC
         backends,
         balance,
         protocol,
+        from_registry: false,
     })
 }
 
@@ -1054,6 +1220,17 @@ fn check_route(c: &mut Checker, path: &str, r: &RouteConfig, labels: &HashSet<St
             format!("{path}.prefix"),
             format!("expected a path starting with '/', got {:?}", r.prefix),
         );
+    }
+    if r.mlflow.is_some() {
+        // The pins are the aliases' versions, resolved when weir starts and re-read after.
+        return;
+    }
+    if r.stable.is_empty() {
+        c.problem(
+            format!("{path}.stable"),
+            "expected the stable version as \"model@version\" (or mlflow_model = \"NAME\" to take it from MLflow)",
+        );
+        return;
     }
     let known = || {
         let mut all: Vec<_> = labels.iter().cloned().collect();

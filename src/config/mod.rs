@@ -18,6 +18,11 @@ use http::{HeaderName, Uri};
 
 pub use quick::QuickMode;
 
+/// A backend origin (`http://host:port`), checked as the config checks `backends`.
+pub fn parse_backend_url(url: &str) -> Result<Uri, String> {
+    file::parse_backend_url(url)
+}
+
 /// How many comparisons a route's rolling shadow agreement covers (the canary's
 /// `min_comparisons` cannot ask for more).
 pub const AGREEMENT_WINDOW: usize = 1000;
@@ -37,8 +42,14 @@ pub struct Config {
     pub source: Option<PathBuf>,
     /// Built from `weir serve` flags (quick mode): there is no file to edit and reload.
     pub from_flags: bool,
-    /// The model registry whose pins routes must satisfy; `None` runs unpinned.
+    /// The model registry whose pins routes must satisfy; `None` runs unpinned (unless MLflow
+    /// is the registry).
     pub registry: Option<PathBuf>,
+    /// The MLflow Model Registry as a source of pins (`[registry] mlflow`).
+    pub mlflow: Option<MlflowConfig>,
+    /// Registry entries of the MLflow versions the routes are pinned to, read from their tags
+    /// when the aliases were resolved (`control::mlflow`); empty without MLflow.
+    pub mlflow_versions: Vec<crate::registry::ModelVersion>,
     /// How backends are asked which model they serve.
     pub identity: Option<IdentityProbe>,
     pub shadow: ShadowConfig,
@@ -323,6 +334,65 @@ pub struct VersionConfig {
     pub backends: Vec<Uri>,
     pub balance: Balance,
     pub protocol: BackendProtocol,
+    /// Defined by the registry (an MLflow version's `weir.backends` tag), not by the config:
+    /// replaced whenever the aliases are resolved again.
+    pub from_registry: bool,
+}
+
+/// The MLflow tracking server whose Model Registry aliases pin the routes that name a model.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MlflowConfig {
+    /// `http://host:5000` or `https://...` (a path prefix, as behind a gateway, is kept).
+    pub url: String,
+    /// A file holding a bearer token (MLflow's token auth, Databricks personal access tokens).
+    pub token_file: Option<PathBuf>,
+    /// Basic auth (`mlflow server --app-name basic-auth`): user name and a file with the password.
+    pub user: Option<(String, PathBuf)>,
+    /// PEM CA bundle for an `https://` MLflow with a private CA; the system roots otherwise.
+    pub ca: Option<PathBuf>,
+    /// How often the aliases are read again (MLflow has no watch API).
+    pub interval: Duration,
+    /// Bound on each MLflow call.
+    pub timeout: Duration,
+}
+
+impl MlflowConfig {
+    pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(15);
+    pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
+    pub const DEFAULT_STABLE_ALIAS: &'static str = "champion";
+    pub const DEFAULT_CANDIDATE_ALIAS: &'static str = "challenger";
+
+    pub fn new(url: String) -> MlflowConfig {
+        MlflowConfig {
+            url,
+            token_file: None,
+            user: None,
+            ca: None,
+            interval: MlflowConfig::DEFAULT_INTERVAL,
+            timeout: MlflowConfig::DEFAULT_TIMEOUT,
+        }
+    }
+
+    pub fn validate_url(url: &str) -> Result<(), String> {
+        let expected = || {
+            format!("expected the MLflow tracking server's URL such as \"http://127.0.0.1:5000\", got {url:?}")
+        };
+        let parsed: Uri = url.parse().map_err(|_| expected())?;
+        match (parsed.scheme_str(), parsed.authority()) {
+            (Some("http" | "https"), Some(a)) if !a.as_str().contains('@') => Ok(()),
+            _ => Err(expected()),
+        }
+    }
+}
+
+/// A route whose pins are the aliases of an MLflow registered model: the version the stable
+/// alias names serves as stable, the one the candidate alias names as candidate.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MlflowRoute {
+    /// The registered model's name in MLflow; its versions are `model@<version number>`.
+    pub model: String,
+    pub stable_alias: String,
+    pub candidate_alias: String,
 }
 
 /// The HTTP version weir speaks to a version's backends.
@@ -396,6 +466,9 @@ pub struct RouteConfig {
     pub compare: CompareConfig,
     /// Progressive delivery of the candidate by the canary controller.
     pub canary: Option<CanaryPolicy>,
+    /// The pins come from MLflow aliases: `stable` and `candidate` are filled in when they are
+    /// resolved (empty until then).
+    pub mlflow: Option<MlflowRoute>,
 }
 
 /// How the canary controller moves a route's candidate through its steps.
@@ -629,6 +702,16 @@ impl Config {
         if let Some(dir) = path.parent() {
             if let Some(registry) = config.registry.as_mut().filter(|r| r.is_relative()) {
                 *registry = dir.join(&*registry);
+            }
+            if let Some(mlflow) = config.mlflow.as_mut() {
+                let files = [
+                    mlflow.token_file.as_mut(),
+                    mlflow.ca.as_mut(),
+                    mlflow.user.as_mut().map(|(_, file)| file),
+                ];
+                for file in files.into_iter().flatten().filter(|f| f.is_relative()) {
+                    *file = dir.join(&*file);
+                }
             }
             for route in &mut config.routes {
                 let eval = route.canary.as_mut().and_then(|c| c.eval.as_mut());

@@ -37,6 +37,10 @@ pub struct QuickMode {
     pub canary_min_requests: Option<u64>,
     /// `http1` (default), `http2` or `auto`, for every version.
     pub backend_protocol: Option<String>,
+    /// MLflow tracking server whose aliases pin the route (with `mlflow_model`).
+    pub mlflow: Option<String>,
+    /// The registered model whose `champion` and `challenger` aliases are stable and candidate.
+    pub mlflow_model: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -52,16 +56,20 @@ fn flag_error(flag: &'static str) -> impl Fn(String) -> QuickSpecError {
 
 impl QuickMode {
     pub fn into_config(self) -> Result<Config, QuickSpecError> {
-        let (mut stable, mut candidate) = self.versions()?;
+        let mlflow = self.mlflow()?;
+        let (mut stable, mut candidate) = match &mlflow {
+            Some(_) => self.mlflow_versions()?,
+            None => self.versions()?,
+        };
         if let Some(text) = &self.backend_protocol {
             let protocol =
                 BackendProtocol::parse(text).map_err(flag_error("--backend-protocol"))?;
-            stable.protocol = protocol;
-            if let Some(c) = candidate.as_mut() {
-                c.protocol = protocol;
+            for v in stable.iter_mut().chain(candidate.iter_mut()) {
+                v.protocol = protocol;
             }
         }
-        let has_candidate = candidate.is_some();
+        // With MLflow, the candidate is whatever the challenger alias names.
+        let has_candidate = candidate.is_some() || mlflow.is_some();
         let weight = percent_flag(self.weight.as_deref(), "--weight")?;
         if weight > 0 && !has_candidate {
             return Err(flag_error("--weight")(
@@ -76,15 +84,27 @@ impl QuickMode {
             ));
         }
         let canary = self.canary(has_candidate)?;
+        let (binding, stable_label, candidate_label) = match mlflow {
+            Some((_, binding)) => (Some(binding), String::new(), None),
+            None => (
+                None,
+                stable
+                    .as_ref()
+                    .map(VersionConfig::label)
+                    .unwrap_or_default(),
+                candidate.as_ref().map(VersionConfig::label),
+            ),
+        };
         let route = RouteConfig {
+            mlflow: binding,
             canary,
             mirror,
             compare: CompareConfig::default(),
             name: "default".to_string(),
             prefix: "/".to_string(),
             host: None,
-            stable: stable.label(),
-            candidate: candidate.as_ref().map(VersionConfig::label),
+            stable: stable_label,
+            candidate: candidate_label,
             weight,
             sticky,
             allow_override: self.allow_override,
@@ -105,18 +125,77 @@ impl QuickMode {
                 .state_dir
                 .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR)),
             fleet: None,
-            versions: std::iter::once(stable).chain(candidate).collect(),
+            versions: stable.into_iter().chain(candidate).collect(),
             routes: vec![route],
             source: None,
             from_flags: true,
             shadow: ShadowConfig::default(),
             registry: self.registry,
+            mlflow: self.mlflow.clone().map(MlflowConfig::new),
+            mlflow_versions: Vec::new(),
             identity,
         })
     }
 
+    /// `--mlflow URL` with `--mlflow-model NAME`.
+    fn mlflow(&self) -> Result<Option<(String, MlflowRoute)>, QuickSpecError> {
+        let (url, model) = match (&self.mlflow, &self.mlflow_model) {
+            (None, None) => return Ok(None),
+            (Some(url), Some(model)) => (url, model),
+            (Some(_), None) => {
+                return Err(flag_error("--mlflow")(
+                    "name the registered model with --mlflow-model NAME".into(),
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(flag_error("--mlflow-model")(
+                    "needs --mlflow URL (the tracking server)".into(),
+                ))
+            }
+        };
+        MlflowConfig::validate_url(url).map_err(flag_error("--mlflow"))?;
+        if model.is_empty() {
+            return Err(flag_error("--mlflow-model")("the name is empty".into()));
+        }
+        Ok(Some((
+            url.clone(),
+            MlflowRoute {
+                model: model.clone(),
+                stable_alias: MlflowConfig::DEFAULT_STABLE_ALIAS.into(),
+                candidate_alias: MlflowConfig::DEFAULT_CANDIDATE_ALIAS.into(),
+            },
+        )))
+    }
+
+    /// With MLflow, `--stable` and `--candidate` only say where named versions are served
+    /// (`MODEL@VERSION=URL`); which of them serve is the aliases' to say. Versions without one
+    /// take their backends from their `weir.backends` tag.
+    fn mlflow_versions(
+        &self,
+    ) -> Result<(Option<VersionConfig>, Option<VersionConfig>), QuickSpecError> {
+        let named = |spec: &Option<String>, flag: &'static str| {
+            spec.as_deref()
+                .map(|s| {
+                    if !s.contains('=') {
+                        return Err(format!(
+                            "with --mlflow, name the version: MODEL@VERSION=URL (such as chat@3=http://127.0.0.1:9001), got {s:?}"
+                        ));
+                    }
+                    parse_spec(s, "")
+                })
+                .transpose()
+                .map_err(flag_error(flag))
+        };
+        let stable = named(
+            &Some(self.stable.clone()).filter(|s| !s.is_empty()),
+            "--stable",
+        )?;
+        let candidate = named(&self.candidate, "--candidate")?;
+        Ok((stable, candidate))
+    }
+
     /// `--stable` and `--candidate`, named apart.
-    fn versions(&self) -> Result<(VersionConfig, Option<VersionConfig>), QuickSpecError> {
+    fn versions(&self) -> Result<(Option<VersionConfig>, Option<VersionConfig>), QuickSpecError> {
         let stable = parse_spec(&self.stable, "default@stable").map_err(flag_error("--stable"))?;
         let candidate = self
             .candidate
@@ -132,7 +211,7 @@ impl QuickMode {
                 )));
             }
         }
-        Ok((stable, candidate))
+        Ok((Some(stable), candidate))
     }
 
     fn sticky(&self) -> Result<Option<StickyKey>, QuickSpecError> {
@@ -270,6 +349,7 @@ fn parse_spec(spec: &str, unnamed: &str) -> Result<VersionConfig, String> {
         backends,
         balance: Balance::RoundRobin,
         protocol: BackendProtocol::Http1,
+        from_registry: false,
     })
 }
 

@@ -18,6 +18,7 @@ use serde_json::{json, Value};
 
 use super::auth::AdminToken;
 use super::canary::Board;
+use super::mlflow::SourceError;
 use super::pins::runtime_registry;
 use super::state::ApplyError;
 use super::state::RoutingState;
@@ -108,6 +109,15 @@ pub fn status_of(e: &CommandError) -> StatusCode {
             StatusCode::UNPROCESSABLE_ENTITY
         }
         CommandError::Persist(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        CommandError::Mlflow(e) => match e {
+            SourceError::Mlflow(e) if e.is_outage() => StatusCode::SERVICE_UNAVAILABLE,
+            SourceError::NoPins(_) => StatusCode::SERVICE_UNAVAILABLE,
+            SourceError::Mlflow(_) => StatusCode::BAD_GATEWAY,
+            SourceError::Refused(_) => StatusCode::CONFLICT,
+            SourceError::Registry(_) | SourceError::Cache { .. } => {
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
+        },
     }
 }
 
@@ -440,10 +450,15 @@ pub fn route_json(r: &Route, live: &Live) -> Value {
 type Stages = Result<Option<(Registry, Registry)>, String>;
 
 fn load_stages(stages: &RuntimeStages) -> Stages {
-    let Some(path) = &stages.registry else {
-        return Ok(None);
+    let mut file = match (&stages.registry, &stages.mlflow_versions) {
+        (Some(path), _) => Registry::load(path).map_err(|e| e.to_string())?,
+        (None, Some(_)) => Registry::default(),
+        (None, None) => return Ok(None),
     };
-    let file = Registry::load(path).map_err(|e| e.to_string())?;
+    for version in stages.mlflow_versions.iter().flatten() {
+        file.versions.retain(|v| v.label() != version.label());
+        file.versions.push(version.clone());
+    }
     let state = RoutingState {
         generation: 0,
         routes: Vec::new(),
@@ -483,7 +498,7 @@ pub fn routes_json(live: &Live) -> Value {
 }
 
 /// The checks `/readyz` runs, by the names `?exclude=` takes.
-const READY_CHECKS: [&str; 3] = ["serving", "etcd", "fleet_state"];
+const READY_CHECKS: [&str; 4] = ["serving", "etcd", "fleet_state", "mlflow"];
 
 /// `/readyz`: 200 when every check passes, 503 naming the ones that fail. The checks are
 /// `serving` (started and not draining) and, in fleet mode, `etcd` (reachable, so changes can be
@@ -547,6 +562,14 @@ fn readiness(state: &AdminState, query: Option<&str>) -> Result<AdminResponse, R
                     "cannot apply the fleet's routing state, still routing by generation {} ({why})",
                     state.writer.table().load().generation
                 )
+            }),
+        );
+    }
+    if let Some(source) = state.writer.mlflow() {
+        check(
+            "mlflow",
+            source.down_reason().map(|why| {
+                format!("MLflow unreachable: serving the last pins, refusing promotions and rollbacks ({why})")
             }),
         );
     }

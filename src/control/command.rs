@@ -11,6 +11,8 @@ pub enum Actor {
     Weir,
     /// The identity prober, recording a backend that serves another model (`identity-probe`).
     IdentityProbe,
+    /// The MLflow watcher, applying aliases moved in MLflow (`mlflow`).
+    Mlflow,
     /// An operator, by admin token (`admin:<fingerprint>`), signal (`signal:SIGHUP`) or CLI.
     Operator(String),
 }
@@ -21,6 +23,7 @@ impl Actor {
             Actor::Canary => "canary",
             Actor::Weir => "weir",
             Actor::IdentityProbe => "identity-probe",
+            Actor::Mlflow => "mlflow",
             Actor::Operator(name) => name,
         }
     }
@@ -51,8 +54,10 @@ pub enum Command {
     Resume {
         route: String,
     },
-    /// Re-read the config file and merge it with the live state.
+    /// Re-read the config file (and MLflow's aliases) and merge it with the live state.
     Reload,
+    /// Apply MLflow's aliases as read by the watcher, merged with the live state as a reload.
+    Sync,
 }
 
 impl Command {
@@ -64,6 +69,7 @@ impl Command {
             Command::Pause { .. } => "pause",
             Command::Resume { .. } => "resume",
             Command::Reload => "reload",
+            Command::Sync => "mlflow_sync",
         }
     }
 
@@ -74,7 +80,7 @@ impl Command {
             | Command::Rollback { route }
             | Command::Pause { route }
             | Command::Resume { route } => Some(route),
-            Command::Reload => None,
+            Command::Reload | Command::Sync => None,
         }
     }
 }

@@ -6,6 +6,7 @@
 //! [`RoutingTable`]: crate::data::RoutingTable
 
 pub mod admin;
+pub mod aliases;
 pub mod audit;
 pub mod auth;
 mod build;
@@ -13,6 +14,7 @@ pub mod canary;
 pub mod command;
 pub mod fleet;
 pub mod identity;
+pub mod mlflow;
 pub mod pins;
 mod promotion;
 pub mod replica;

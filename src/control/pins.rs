@@ -6,9 +6,19 @@ use crate::control::state::{RouteState, RoutingState};
 use crate::metrics::Role;
 use crate::registry::{check_servable, PinRefusal, Registry, RegistryError, Stage};
 
-/// The registry the config names, or `None` when weir runs unpinned.
+/// The registry the config names — the file, with the MLflow versions the routes are pinned
+/// to (read from their tags) — or `None` when weir runs unpinned.
 pub fn load_registry(config: &Config) -> Result<Option<Registry>, RegistryError> {
-    config.registry.as_deref().map(Registry::load).transpose()
+    let mut registry = match config.registry.as_deref() {
+        Some(path) => Registry::load(path)?,
+        None if config.mlflow.is_some() => Registry::default(),
+        None => return Ok(None),
+    };
+    for version in &config.mlflow_versions {
+        registry.versions.retain(|v| v.label() != version.label());
+        registry.versions.push(version.clone());
+    }
+    Ok(Some(registry))
 }
 
 /// The registry as it stands at runtime: the file's stages, with the versions `state` records

@@ -160,7 +160,9 @@ impl RouteState {
             }
             Command::Pause { .. } => self.paused = true,
             Command::Resume { .. } => self.paused = false,
-            Command::Reload => unreachable!("reload is not a route command"),
+            Command::Reload | Command::Sync => {
+                unreachable!("reloads and MLflow syncs are not route commands")
+            }
         }
         Ok(())
     }

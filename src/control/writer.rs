@@ -20,11 +20,12 @@ use tokio::sync::Mutex;
 use super::audit::{AuditError, AuditLog, Entry, Prepared};
 use super::build::{build_table, BuildError, VersionSet};
 use super::fleet::{Fleet, FleetError, AUDIT_PAGE};
+use super::mlflow::{Fetched, MlflowSource, Resolution, Settled, SourceError};
 use super::pins::{load_registry, pin_refusals, runtime_registry, RouteRefusal};
 use super::promotion::move_runtime_stage;
 use super::state::{
-    reconcile, ApplyError, Promotion, RouteState, RoutingState, StateBody, StateError, StateStore,
-    STATE_FORMAT,
+    config_digest, reconcile, ApplyError, Promotion, RouteState, RoutingState, StateBody,
+    StateError, StateStore, STATE_FORMAT,
 };
 use super::store::etcd::NOT_JOINED;
 use super::store::{CommitError, EtcdStore, FileStore, PersistError, Store};
@@ -90,6 +91,19 @@ pub enum CommandError {
     /// Fleet mode: another replica kept changing the state while this one tried to.
     #[error("another replica changed the routing state at the same time, several times over; re-read it and retry")]
     Stale,
+    /// MLflow could not be read or written (a promotion or rollback moves its aliases first),
+    /// or gives no pin the policy allows.
+    #[error("{0}; nothing was applied")]
+    Mlflow(#[source] SourceError),
+}
+
+impl From<SourceError> for CommandError {
+    fn from(e: SourceError) -> CommandError {
+        match e {
+            SourceError::Registry(e) => CommandError::Registry(e),
+            e => CommandError::Mlflow(e),
+        }
+    }
 }
 
 impl From<FleetError> for CommandError {
@@ -220,20 +234,32 @@ pub struct Writer {
     /// (read without waiting for a change in progress).
     stages: std::sync::Mutex<RuntimeStages>,
     fleet: Option<Arc<Fleet>>,
+    /// MLflow as the registry source of the routes that name a model.
+    mlflow: std::sync::OnceLock<Arc<MlflowSource>>,
 }
 
 /// Where the registry's stages come from: the file, overlaid by the state's promotions.
 #[derive(Clone, Debug, Default)]
 pub struct RuntimeStages {
     pub registry: Option<std::path::PathBuf>,
+    /// The MLflow versions pinned, as registry entries; `None` without MLflow.
+    pub mlflow_versions: Option<Vec<crate::registry::ModelVersion>>,
     pub production: std::collections::BTreeMap<String, Promotion>,
 }
 
 impl RuntimeStages {
     fn of(inner: &InForce) -> RuntimeStages {
+        RuntimeStages::from_config(&inner.config, &inner.state)
+    }
+
+    fn from_config(config: &Config, state: &RoutingState) -> RuntimeStages {
         RuntimeStages {
-            registry: inner.config.registry.clone(),
-            production: inner.state.production.clone(),
+            registry: config.registry.clone(),
+            mlflow_versions: config
+                .mlflow
+                .as_ref()
+                .map(|_| config.mlflow_versions.clone()),
+            production: state.production.clone(),
         }
     }
 }
@@ -294,11 +320,9 @@ impl Writer {
             }),
             metrics,
             swapped: tokio::sync::Notify::new(),
-            stages: std::sync::Mutex::new(RuntimeStages {
-                registry: config.registry.clone(),
-                production: state.production.clone(),
-            }),
+            stages: std::sync::Mutex::new(RuntimeStages::from_config(&config, &state)),
             fleet: None,
+            mlflow: std::sync::OnceLock::new(),
             inner: Mutex::new(InForce {
                 window: Window::open(&table, None),
                 config,
@@ -396,6 +420,7 @@ impl Writer {
             swapped: tokio::sync::Notify::new(),
             stages: std::sync::Mutex::new(RuntimeStages::of(&inner)),
             fleet: inner.fleet().cloned(),
+            mlflow: std::sync::OnceLock::new(),
             inner: Mutex::new(inner),
         })
     }
@@ -409,6 +434,16 @@ impl Writer {
     /// Fleet mode: the connection to etcd.
     pub fn fleet(&self) -> Option<&Arc<Fleet>> {
         self.fleet.as_ref()
+    }
+
+    /// Makes `source` the registry source of the MLflow routes: reloads read its aliases, and
+    /// promotions and rollbacks move them. Once, right after opening.
+    pub fn attach_mlflow(&self, source: Arc<MlflowSource>) {
+        let _ = self.mlflow.set(source);
+    }
+
+    pub fn mlflow(&self) -> Option<&Arc<MlflowSource>> {
+        self.mlflow.get()
     }
 
     /// Fleet mode: applies what etcd holds when another replica moved it — fills the local audit
@@ -559,31 +594,150 @@ impl Writer {
         // replica whose old config could not build that state is fixed by reloading.
         let fresh = match change.command {
             Command::Reload => {
-                let fresh = fresh_config(&inner.config)?;
-                warn_about_restart_only_settings(&inner.config, &fresh);
+                let fresh = self.reloaded(&inner).await?;
+                warn_about_restart_only_settings(&inner.config, &fresh.config);
                 // Computed on the fleet's current state, which the old config may not build.
-                self.catch_up_for_reload(&mut inner, Some(&fresh)).await?;
+                self.catch_up_for_reload(&mut inner, Some(&fresh.config))
+                    .await?;
                 Some(fresh)
             }
+            Command::Sync => unreachable!("MLflow syncs go through Writer::sync_mlflow"),
             _ => None,
         };
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            match self.apply_once(&mut inner, &change, fresh.as_ref()).await {
-                Err(CommandError::Stale) if attempt < 5 => {
-                    self.catch_up_for_reload(&mut inner, fresh.as_ref()).await?;
-                }
-                other => return other,
-            }
+        self.apply_fresh(&mut inner, &change, fresh).await
+    }
+
+    /// Applies MLflow's aliases as the watcher read them (`fetched`): routes whose aliases the
+    /// policy refuses stay on their last good pins (recorded once, and exported). Does nothing
+    /// when the pins in force are already these.
+    pub async fn sync_mlflow(&self, fetched: &Fetched) -> Result<Applied, CommandError> {
+        let Some(source) = self.mlflow.get() else {
+            return Err(CommandError::NothingToReload);
+        };
+        let mut inner = self.inner.lock().await;
+        let settled = source.settle(&inner.config, fetched, Some(&inner.state))?;
+        if same_pins(&settled.resolution, &source.last_good()) {
+            // What the routing state still names besides the aliases may have moved (the
+            // versions a rollback returns to): the config follows, the table is the same.
+            inner.config = settled.config.clone();
+            self.publish_stages(&inner);
+            let refused = source.commit(&settled)?;
+            self.record_refusals(&mut inner, &refused).await?;
+            return Ok(Applied {
+                generation: inner.state.generation,
+                changed: false,
+                route: None,
+                notes: settled.notes,
+            });
         }
+        let change = Change {
+            command: Command::Sync,
+            actor: Actor::Mlflow,
+            reason: Some("MLflow aliases moved".into()),
+            if_match: None,
+        };
+        let fresh = Fresh {
+            config: settled.config.clone(),
+            notes: settled.notes.clone(),
+            settled: Some(settled),
+        };
+        self.apply_fresh(&mut inner, &change, Some(fresh)).await
+    }
+
+    /// A re-read config, pinned by MLflow's aliases read now (their last good pins while MLflow
+    /// is unreachable, said in a note).
+    async fn reloaded(&self, inner: &InForce) -> Result<Fresh, CommandError> {
+        let config = match (&inner.config.source, self.mlflow.get()) {
+            // Quick mode with MLflow: no file, but the aliases are worth reading again.
+            (None, Some(_)) => inner.config.clone(),
+            _ => fresh_config(&inner.config)?,
+        };
+        let Some(source) = self.mlflow.get().filter(|_| config.mlflow.is_some()) else {
+            return Ok(Fresh {
+                config,
+                notes: Vec::new(),
+                settled: None,
+            });
+        };
+        let mut notes = Vec::new();
+        let fetched = match source.fetch(&config, Some(&inner.state)).await {
+            Ok(fetched) => fetched,
+            Err(e) if e.is_outage() => {
+                notes.push(format!("{e}: the MLflow routes keep their pins"));
+                Fetched::kept(&source.last_good())
+            }
+            Err(e) => return Err(SourceError::from(e).into()),
+        };
+        let settled = source.settle(&config, &fetched, Some(&inner.state))?;
+        notes.extend(settled.notes.iter().cloned());
+        Ok(Fresh {
+            config: settled.config.clone(),
+            notes,
+            settled: Some(settled),
+        })
+    }
+
+    /// [`Writer::apply_once`], retried on a stale fleet state; then the MLflow pins of a reload
+    /// or sync are kept and their refusals recorded.
+    async fn apply_fresh(
+        &self,
+        inner: &mut InForce,
+        change: &Change,
+        fresh: Option<Fresh>,
+    ) -> Result<Applied, CommandError> {
+        let mut attempt = 0;
+        let applied = loop {
+            attempt += 1;
+            match self.apply_once(inner, change, fresh.as_ref()).await {
+                Err(CommandError::Stale) if attempt < 5 => {
+                    self.catch_up_for_reload(inner, fresh.as_ref().map(|f| &f.config))
+                        .await?;
+                }
+                other => break other?,
+            }
+        };
+        if let (Some(source), Some(settled)) = (
+            self.mlflow.get(),
+            fresh.as_ref().and_then(|f| f.settled.as_ref()),
+        ) {
+            let refused = source.commit(settled)?;
+            self.record_refusals(inner, &refused).await?;
+        }
+        Ok(applied)
+    }
+
+    /// Records MLflow aliases the policy refused (each new refusal once) in the audit log.
+    async fn record_refusals(
+        &self,
+        inner: &mut InForce,
+        refused: &[super::mlflow::Refusal],
+    ) -> Result<(), CommandError> {
+        for refusal in refused {
+            let generation = inner.state.generation;
+            let reason = format!(
+                "MLflow alias refused, the route stays on its last good pin: {}",
+                refusal.message
+            );
+            let entry = Entry {
+                actor: Actor::Mlflow.as_str(),
+                action: "mlflow_refused",
+                route: Some(&refusal.route),
+                before: Value::Null,
+                after: Value::Null,
+                generation,
+                reason: Some(&reason),
+                window: None,
+            };
+            self.append_event(inner, entry, false).await?;
+        }
+        Ok(())
     }
 
     async fn apply_once(
         &self,
         inner: &mut InForce,
         change: &Change,
-        fresh: Option<&Config>,
+        fresh: Option<&Fresh>,
     ) -> Result<Applied, CommandError> {
         if let Some(expected) = change.if_match {
             if expected != inner.state.generation {
@@ -595,9 +749,10 @@ impl Writer {
         }
         let Proposed {
             routes,
-            config: new_config,
+            config: mut new_config,
             mut notes,
-        } = inner.routes_after(change, fresh)?;
+        } = inner.routes_after(change, fresh.map(|f| &f.config))?;
+        notes.extend(fresh.iter().flat_map(|f| f.notes.iter().cloned()));
         let route_name = change.command.route();
         let before_route = route_name.and_then(|n| inner.state.route(n)).cloned();
         if new_config.is_none() && routes == inner.state.routes {
@@ -621,6 +776,16 @@ impl Writer {
         )?);
         let table = build_table(config, &new_state, &self.metrics, &mut inner.versions)
             .map_err(CommandError::Build)?;
+        // A promotion or rollback of an MLflow route moves its aliases first: one MLflow
+        // refuses is not applied to traffic.
+        let mut moved = None;
+        if let Some((config, resolution)) = self
+            .move_aliases(inner, before_route.as_ref(), &mut new_state, &mut notes)
+            .await?
+        {
+            new_config = Some(config);
+            moved = Some(resolution);
+        }
         let after_route = route_name.and_then(|n| new_state.route(n)).cloned();
         let (before, after) = match route_name {
             Some(_) => (json!(before_route), json!(after_route)),
@@ -654,12 +819,91 @@ impl Writer {
             inner.config = config;
             self.publish_stages(inner);
         }
+        if let (Some(source), Some(resolution)) = (self.mlflow.get(), moved) {
+            if let Err(e) = source.keep(&resolution) {
+                // MLflow and the state agree; only a restart while MLflow is down would serve
+                // older kept pins, and it reads the aliases first when MLflow answers.
+                tracing::error!(error = %e, "cannot keep the moved MLflow pins");
+            }
+        }
         Ok(Applied {
             generation: inner.state.generation,
             changed: true,
             route: after_route,
             notes,
         })
+    }
+
+    /// When `new_state` changes the stable version of an MLflow route (a promotion, or the
+    /// rollback of one), moves the route's aliases in MLflow — after an intent record in the
+    /// audit log — and returns the config pinned by the moved aliases and the new pins. The
+    /// route's state follows the config's new definition, so the next read of the aliases is
+    /// no change. A crash between the MLflow write and the commit is repaired by the next read
+    /// (or the restart): MLflow's aliases win, and the intent record says what was under way.
+    async fn move_aliases(
+        &self,
+        inner: &mut InForce,
+        before: Option<&RouteState>,
+        new_state: &mut RoutingState,
+        notes: &mut Vec<String>,
+    ) -> Result<Option<(Config, Resolution)>, CommandError> {
+        let (Some(source), Some(before)) = (self.mlflow.get(), before) else {
+            return Ok(None);
+        };
+        let Some(binding) = inner
+            .config
+            .routes
+            .iter()
+            .find(|r| r.name == before.name)
+            .and_then(|r| r.mlflow.clone())
+        else {
+            return Ok(None);
+        };
+        let Some(after) = new_state.route(&before.name).cloned() else {
+            return Ok(None);
+        };
+        if after.stable == before.stable {
+            return Ok(None);
+        }
+        let mut resolution = source.last_good();
+        let Some(old) = resolution.routes.get(&before.name).cloned() else {
+            return Ok(None);
+        };
+        let intent = format!(
+            "moving MLflow alias {} of {} to {} and removing {}, before applying it",
+            binding.stable_alias, binding.model, after.stable, binding.candidate_alias
+        );
+        let entry = Entry {
+            actor: "weir",
+            action: "mlflow_alias",
+            route: Some(&before.name),
+            before: json!({"stable": before.stable, "candidate": before.candidate}),
+            after: json!({"stable": after.stable, "candidate": Value::Null}),
+            generation: inner.state.generation,
+            reason: Some(&intent),
+            window: None,
+        };
+        self.append_event(inner, entry, false).await?;
+        let pins = source
+            .move_aliases(&before.name, &binding, &after.stable, &old)
+            .await
+            .map_err(SourceError::from)?;
+        notes.push(format!(
+            "MLflow: {} alias {} → {}, {} removed",
+            binding.model,
+            binding.stable_alias,
+            pins.stable.describe(),
+            binding.candidate_alias
+        ));
+        resolution.routes.insert(before.name.clone(), pins);
+        let config = super::mlflow::apply(&inner.config, &resolution);
+        if let (Some(route), Some(defined)) = (
+            new_state.routes.iter_mut().find(|r| r.name == before.name),
+            config.routes.iter().find(|r| r.name == before.name),
+        ) {
+            route.config_digest = config_digest(defined);
+        }
+        Ok(Some((config, resolution)))
     }
 
     /// Puts a durable state's table live: traffic, gauges, watchers, and a new serving window.
@@ -785,8 +1029,10 @@ impl InForce {
         change: &Change,
         fresh: Option<&Config>,
     ) -> Result<Proposed, CommandError> {
-        if let Command::Reload = change.command {
-            let fresh = fresh.expect("apply reads the file for a reload").clone();
+        if let Command::Reload | Command::Sync = change.command {
+            let fresh = fresh
+                .expect("a reload or sync comes with its config")
+                .clone();
             let (routes, notes) = reconcile(&fresh, Some(&self.state));
             let notes = notes
                 .into_iter()
@@ -837,6 +1083,24 @@ impl InForce {
             .commit(&mut self.audit, state, entry, fenced)
             .await?)
     }
+}
+
+/// Whether two resolutions pin every route to the same stable and candidate, with the same
+/// tags (what they keep for rollbacks aside).
+fn same_pins(a: &Resolution, b: &Resolution) -> bool {
+    a.routes.len() == b.routes.len()
+        && a.routes.iter().all(|(route, pins)| {
+            b.routes.get(route).is_some_and(|other| {
+                pins.stable == other.stable && pins.candidate == other.candidate
+            })
+        })
+}
+
+/// A reload's or MLflow sync's config, with the MLflow pins it was settled with.
+struct Fresh {
+    config: Config,
+    notes: Vec<String>,
+    settled: Option<Settled>,
 }
 
 /// What a change proposes before the registry and the build have their say.

@@ -370,10 +370,10 @@ impl Proxy {
                 let refusal = classify(&e);
                 match refusal {
                     Refusal::Backend(ProxyFailure::Connect | ProxyFailure::ConnectTimeout) => {
-                        b.refused(self.settings.backend_eject, label, error_chain(&e));
+                        b.refused(self.settings.backend_eject, label, crate::error_chain(&e));
                     }
                     Refusal::Backend(kind) => {
-                        let what = format!("{}: {}", backend_failure(kind), error_chain(&e));
+                        let what = format!("{}: {}", backend_failure(kind), crate::error_chain(&e));
                         b.failed(label, kind, &what);
                     }
                     _ => {}
@@ -513,17 +513,6 @@ fn classify_request(e: &(dyn StdError + 'static)) -> Refusal {
         }
     }
     Refusal::Backend(ProxyFailure::Reset)
-}
-
-fn error_chain(e: &(dyn StdError + 'static)) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
 }
 
 /// Applies the framing rules (one valid Content-Length or chunked, see [`framing`]) and makes the

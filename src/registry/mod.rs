@@ -6,6 +6,7 @@
 //! production; candidate: candidate or approved); drafts and retired versions never are.
 
 pub mod digest;
+pub mod mlflow;
 mod policy;
 pub mod signature;
 

@@ -291,6 +291,7 @@ mod tests {
                     .collect(),
                 balance,
                 protocol: BackendProtocol::Http1,
+                from_registry: false,
             },
             true,
             4,
