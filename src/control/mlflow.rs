@@ -10,7 +10,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::Mutex;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use prometheus::{IntCounterVec, IntGauge, IntGaugeVec, Opts};
 use serde::{Deserialize, Serialize};
@@ -20,7 +20,7 @@ use super::state::RoutingState;
 use crate::config::{BackendProtocol, Balance, Config, MlflowConfig, MlflowRoute, VersionConfig};
 use crate::metrics::Role;
 use crate::registry::mlflow::{tag, MlflowClient, MlflowError, MlflowVersion};
-use crate::registry::{check_servable, ModelVersion, Registry, RegistryError};
+use crate::registry::{check_servable, check_stage_held, ModelVersion, Registry, RegistryError};
 
 pub const CACHE_FILE: &str = "mlflow-pins.json";
 
@@ -430,20 +430,17 @@ impl MlflowSource {
             Some(path) => Registry::load(path)?,
             None => Registry::default(),
         };
-        let registry = match previous {
-            Some(state) => runtime_registry(registry, state),
-            None => registry,
-        };
         let mut resolution = Resolution::default();
         let mut refusals = Vec::new();
         let mut notes = Vec::new();
         for route in base.routes.iter().filter(|r| r.mlflow.is_some()) {
             let name = &route.name;
-            let before = previous.and_then(|p| p.route(name));
             let verdict = match fetched.routes.get(name) {
                 None => Err("not read".to_string()),
                 Some(Err(why)) => Err(why.clone()),
-                Some(Ok(pins)) => check_pins(&registry, pins, before).map(|()| pins.clone()),
+                Some(Ok(pins)) => {
+                    check_pins(&registry, name, pins, previous).map(|()| pins.clone())
+                }
             };
             let kept = last_good.routes.get(name);
             match verdict {
@@ -596,9 +593,11 @@ impl MlflowSource {
 /// Every reason the pins of one route cannot serve, or `Ok`.
 fn check_pins(
     registry: &Registry,
+    route: &str,
     pins: &RoutePins,
-    before: Option<&super::state::RouteState>,
+    previous: Option<&RoutingState>,
 ) -> Result<(), String> {
+    let before = previous.and_then(|p| p.route(route));
     let served_before = |label: &str| {
         before.is_some_and(|b| b.stable == label || b.serving_candidate() == Some(label))
     };
@@ -616,8 +615,28 @@ fn check_pins(
         let mut trial = registry.clone();
         trial.versions.retain(|v| v.label() != pin.label);
         trial.versions.extend(pin.entry.clone());
-        if let Err(refusal) = check_servable(&trial, &pin.label, role, !served_before(&pin.label)) {
-            reasons.push(refusal.to_string());
+        // A version a running weir promoted counts as production, as for the registry file.
+        let trial = match previous {
+            Some(state) => runtime_registry(trial, state),
+            None => trial,
+        };
+        match check_servable(&trial, &pin.label, role, !served_before(&pin.label)) {
+            Err(refusal) => reasons.push(refusal.to_string()),
+            // MLflow's tags are anyone's to set: the stage they claim counts only with what
+            // that stage needs (approvals by role, unexpired; provenance; SBOM; signature).
+            Ok(entry) => {
+                if let Err(broken) = check_stage_held(&trial.policy, entry, SystemTime::now()) {
+                    for rule in broken {
+                        reasons.push(format!(
+                            "{} cannot serve as {}: its {} tag says {} but {rule}",
+                            pin.label,
+                            role.as_str(),
+                            tag::STAGE,
+                            entry.stage
+                        ));
+                    }
+                }
+            }
         }
     }
     if reasons.is_empty() {

@@ -17,7 +17,9 @@ use std::time::{Duration, SystemTime};
 use serde::{Deserialize, Serialize};
 
 pub use digest::{diff_manifests, digest_artifact, ManifestEntry};
-pub use policy::{check_promotion, check_servable, check_stage_change, PinRefusal, RuleRefusal};
+pub use policy::{
+    check_promotion, check_servable, check_stage_change, check_stage_held, PinRefusal, RuleRefusal,
+};
 
 /// A version's place in its lifecycle.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]

@@ -67,6 +67,33 @@ pub fn check_stage_change(
         });
         return Err(refusals);
     }
+    refusals.extend(stage_rules(policy, v, to, now));
+    if refusals.is_empty() {
+        Ok(())
+    } else {
+        Err(refusals)
+    }
+}
+
+/// Checks that `v` meets the rules of the stage it claims to be in (provenance, SBOM,
+/// unexpired approvals, signature), for a registry whose stages anyone with write access can
+/// set — MLflow's tags: a tag saying `approved` counts only with the approvals behind it.
+pub fn check_stage_held(
+    policy: &Policy,
+    v: &ModelVersion,
+    now: SystemTime,
+) -> Result<(), Vec<RuleRefusal>> {
+    let refusals = stage_rules(policy, v, v.stage, now);
+    if refusals.is_empty() {
+        Ok(())
+    } else {
+        Err(refusals)
+    }
+}
+
+/// The rules broken by `v` being in stage `to` at `now`.
+fn stage_rules(policy: &Policy, v: &ModelVersion, to: Stage, now: SystemTime) -> Vec<RuleRefusal> {
+    let mut refusals = Vec::new();
     let serving_stage = matches!(to, Stage::Candidate | Stage::Approved | Stage::Production);
     if serving_stage {
         if policy.require_provenance && v.provenance.is_none() && !v.has_exception("provenance") {
@@ -89,11 +116,7 @@ pub fn check_stage_change(
         refusals.extend(approval_refusals(policy, v, to, now));
     }
     refusals.extend(signature_refusal(policy, v, to));
-    if refusals.is_empty() {
-        Ok(())
-    } else {
-        Err(refusals)
-    }
+    refusals
 }
 
 /// Checks promoting `v` (a candidate or approved version) to production: the production rules
