@@ -42,7 +42,7 @@ pub struct RegistryArgs {
     #[arg(long, value_name = "URL", global = true)]
     pub mlflow: Option<String>,
     /// A file holding the bearer token for --mlflow.
-    #[arg(long, value_name = "FILE", global = true, requires = "mlflow")]
+    #[arg(long, value_name = "FILE", global = true)]
     pub mlflow_token_file: Option<PathBuf>,
     #[command(subcommand)]
     pub command: RegistryCommand,
@@ -60,6 +60,11 @@ enum Backing {
 impl Backing {
     fn of(args: &RegistryArgs) -> anyhow::Result<Backing> {
         let Some(url) = &args.mlflow else {
+            if args.mlflow_token_file.is_some() {
+                anyhow::bail!(
+                    "--mlflow-token-file is the token for --mlflow URL; give --mlflow too"
+                );
+            }
             return Ok(Backing::File);
         };
         MlflowConfig::validate_url(url).map_err(|e| anyhow::anyhow!("--mlflow: {e}"))?;
@@ -245,7 +250,7 @@ pub struct AddArgs {
     pub allow_symlinks: bool,
     /// With --mlflow: where this version is served (comma-separated origins), as its
     /// weir.backends tag, for a weir whose config does not list the version.
-    #[arg(long, value_name = "URLS", requires = "mlflow")]
+    #[arg(long, value_name = "URLS")]
     pub backends: Option<String>,
 }
 
@@ -353,6 +358,9 @@ pub fn run(args: RegistryArgs) -> anyhow::Result<ExitCode> {
 
 /// Registers a version: hashes its artifact and records it as a draft.
 fn add(args: &RegistryArgs, add: &AddArgs) -> anyhow::Result<ExitCode> {
+    if add.backends.is_some() && args.mlflow.is_none() {
+        anyhow::bail!("--backends writes the weir.backends tag of an MLflow version; give --mlflow URL (in the registry file, the config's [[versions]] list the backends)");
+    }
     let backing = Backing::of(args)?;
     let mut registry = backing.open(args, &add.model, &add.version, true)?;
     let label = format!("{}@{}", add.model, add.version);
