@@ -164,6 +164,44 @@ pub struct Metrics {
     fleet_leader: IntGauge,
     fleet_etcd_up: IntGauge,
     fleet_state_applied: IntGauge,
+    /// With an MLflow source only (registered by [`Metrics::enable_mlflow`]).
+    mlflow: MlflowMetrics,
+}
+
+/// The MLflow source's gauges: reachability and refused pins per route.
+#[derive(Clone, Debug)]
+pub struct MlflowMetrics {
+    pub up: IntGauge,
+    pub refused: IntGaugeVec,
+    pub refusals: IntCounterVec,
+}
+
+impl MlflowMetrics {
+    fn new() -> MlflowMetrics {
+        MlflowMetrics {
+            up: IntGauge::new(
+                "weir_mlflow_up",
+                "1 while the last read of MLflow's aliases succeeded, 0 while MLflow is unreachable (traffic stays on the last pins)",
+            )
+            .expect("valid metric"),
+            refused: IntGaugeVec::new(
+                Opts::new(
+                    "weir_mlflow_pin_refused",
+                    "1 while a route's MLflow alias names a version the registry policy refuses (the route stays on its last good pin)",
+                ),
+                &["route"],
+            )
+            .expect("valid metric"),
+            refusals: IntCounterVec::new(
+                Opts::new(
+                    "weir_mlflow_refusals_total",
+                    "Times an MLflow alias moved to a version the registry policy refused",
+                ),
+                &["route"],
+            )
+            .expect("valid metric"),
+        }
+    }
 }
 
 /// Latency buckets from 1 ms to 5 min: inference spans fast embeddings to long generations.
@@ -345,6 +383,7 @@ impl Metrics {
         fleet_state_applied.set(1);
         Metrics {
             registry,
+            mlflow: MlflowMetrics::new(),
             fleet_leader,
             fleet_etcd_up,
             fleet_state_applied,
@@ -425,10 +464,18 @@ impl Metrics {
         crate::shadow::tee::ShadowStats::new(outcomes, comparisons, gauges)
     }
 
-    /// Registers a collector another part of weir owns (the MLflow source's gauges); a second
-    /// registration of the same one is harmless.
-    pub fn register(&self, collector: Box<dyn prometheus::core::Collector>) {
-        let _ = self.registry.register(collector);
+    /// Registers the MLflow source's gauges (a weir without one does not export them) and
+    /// hands them to it; a second call is harmless.
+    pub fn enable_mlflow(&self) -> MlflowMetrics {
+        let m = &self.mlflow;
+        for collector in [
+            Box::new(m.up.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(m.refused.clone()),
+            Box::new(m.refusals.clone()),
+        ] {
+            let _ = self.registry.register(collector);
+        }
+        m.clone()
     }
 
     /// Registers the fleet gauges (a single weir does not export them).

@@ -21,6 +21,9 @@ fn docs(path: &str) -> Vec<Value> {
 fn exported() -> String {
     let metrics = weir::Metrics::new();
     metrics.enable_fleet();
+    let mlflow = metrics.enable_mlflow();
+    mlflow.refused.with_label_values(&["r"]).set(0);
+    mlflow.refusals.with_label_values(&["r"]);
     let _stats = metrics.target("r", "m@v1", weir::Role::Stable);
     metrics.shadow("r", "m@v2").record_agreement(true);
     metrics.set_weight("r", 0);
@@ -846,6 +849,8 @@ fn the_alert_rules_name_real_metrics() {
         "WeirCandidateErrorRateAboveStable",
         "WeirCanaryRolledBack",
         "WeirDown",
+        "WeirMlflowPinRefused",
+        "WeirMlflowUnreachable",
     ] {
         assert!(names.contains(&wanted), "{wanted} missing from {names:?}");
     }

@@ -35,14 +35,17 @@ struct Mlflow {
 }
 
 fn mlflow_binary() -> PathBuf {
-    match std::env::var_os("WEIR_MLFLOW") {
-        Some(path) => PathBuf::from(path),
-        None => panic!(
-            "these tests need a real MLflow: set WEIR_MLFLOW to the mlflow binary \
-             (.ci/run installs one: python3 -m venv target/mlflow-venv && \
-             target/mlflow-venv/bin/pip install mlflow==3.17.2)"
-        ),
-    }
+    let tool = std::env::var_os("WEIR_MLFLOW").map_or_else(
+        || Path::new(env!("CARGO_MANIFEST_DIR")).join("target/mlflow-venv/bin/mlflow"),
+        PathBuf::from,
+    );
+    assert!(
+        tool.exists(),
+        "{} is missing: these tests start a real MLflow server; run .ci/run once (it installs \
+         mlflow==3.17.2 into target/mlflow-venv), or set WEIR_MLFLOW to an mlflow binary",
+        tool.display()
+    );
+    tool
 }
 
 fn free_port() -> u16 {
@@ -466,6 +469,26 @@ mlflow_model = "chat"
 }
 
 /// Which versions answered `n` requests.
+/// `weir check` of the MLflow-pinned config, run in `dir`: whether it passed, and its output.
+fn check(mlflow: &Mlflow, dir: &Path, args: &[&str]) -> (bool, String) {
+    let path = dir.join("check.toml");
+    std::fs::write(&path, config(mlflow, "")).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_weir"))
+        .current_dir(dir)
+        .arg("check")
+        .arg("--config")
+        .arg(&path)
+        .args(args)
+        .output()
+        .expect("weir runs");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
 async fn served(weir: &Weir, n: usize) -> std::collections::BTreeMap<String, usize> {
     let client = http1();
     let mut seen = std::collections::BTreeMap::new();
@@ -667,6 +690,12 @@ async fn versions_failing_policy_are_refused_and_traffic_stays_on_the_last_good_
         Some(0.0)
     );
 
+    let (ok, out) = check(&mlflow, ws.path(), &[]);
+    assert!(
+        ok && out.contains("MLflow pins stable chat@1") && out.contains("candidate chat@2"),
+        "weir check reads the aliases and names the pins: {out}"
+    );
+
     let cases = [
         ("3", "weir.sha256"),
         ("4", "expired"),
@@ -688,6 +717,13 @@ async fn versions_failing_policy_are_refused_and_traffic_stays_on_the_last_good_
             "the refusal of chat@{version} names why ({why}): {reason}"
         );
         assert_eq!(refused["route"], ROUTE);
+        let (ok, out) = check(&mlflow, ws.path(), &[]);
+        assert!(
+            !ok && out.contains("routes[0].mlflow_model (chat)")
+                && out.contains(&format!("chat@{version}"))
+                && out.contains(why),
+            "weir check fails on the refused alias, naming why ({why}): {out}"
+        );
         assert_eq!(
             weir.metric("weir_mlflow_pin_refused", &[("route", ROUTE)])
                 .await,
@@ -763,6 +799,13 @@ async fn mlflow_away_keeps_traffic_refuses_changes_and_converges_when_back() {
     let excluded = get(&http1(), &weir.admin_url("/readyz?exclude=mlflow")).await;
     assert_eq!(excluded.status, StatusCode::OK, "{}", excluded.text());
     assert_eq!(weir.metric("weir_mlflow_up", &[]).await, Some(0.0));
+    let (ok, out) = check(&mlflow, ws.path(), &[]);
+    assert!(
+        !ok && out.contains("cannot read the aliases from MLflow") && out.contains("--offline"),
+        "weir check says MLflow cannot be read: {out}"
+    );
+    let (ok, out) = check(&mlflow, ws.path(), &["--offline"]);
+    assert!(ok && out.contains("not contacted"), "{out}");
 
     // Traffic goes on on the last pins.
     let seen = served(&weir, 40).await;

@@ -3,6 +3,7 @@
 //! exit codes; the library below speaks in typed errors.
 
 pub mod admin;
+mod check;
 pub mod registry;
 
 use std::path::PathBuf;
@@ -43,11 +44,8 @@ pub enum Command {
     #[command(after_help = SERVE_HELP)]
     Serve(Box<ServeArgs>),
     /// Validate a config file: print every problem with its path, exit 1 if there is any.
-    Check {
-        /// The config file to check.
-        #[arg(long, value_name = "FILE")]
-        config: PathBuf,
-    },
+    #[command(after_help = check::HELP)]
+    Check(check::CheckArgs),
     /// Run the whole canary on this machine: built-in model servers, the proxy, traffic, a live view.
     Demo(crate::demo::DemoOptions),
     /// Run one built-in OpenAI-compatible model server (the demo's), for trying weir or load tests.
@@ -364,7 +362,7 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Command::Check { config } => Ok(check(&config)),
+        Command::Check(args) => Ok(check::run(&args)),
         Command::Serve(args) => {
             let config = serve_config(*args)?;
             runtime()?.block_on(serve(config))
@@ -380,110 +378,6 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Audit {
             command: AuditCommand::Verify { file, state },
         } => Ok(audit_verify(&file, state.as_deref())),
-    }
-}
-
-fn check(path: &std::path::Path) -> ExitCode {
-    match Config::from_file(path) {
-        Ok(config) => {
-            let problems: Vec<String> = check_pins(&config)
-                .err()
-                .into_iter()
-                .flatten()
-                .chain(check_eval_sets(&config))
-                .collect();
-            if !problems.is_empty() {
-                println!(
-                    "{}: {} problem{}",
-                    path.display(),
-                    problems.len(),
-                    if problems.len() == 1 { "" } else { "s" }
-                );
-                for p in problems {
-                    println!("  {p}");
-                }
-                return ExitCode::FAILURE;
-            }
-            println!(
-                "{}: ok ({} versions, {} routes)",
-                path.display(),
-                config.versions.len(),
-                config.routes.len()
-            );
-            if let Some(fleet) = &config.fleet {
-                // Checked offline: reachability is for `weir serve` (and /readyz) to tell.
-                println!(
-                    "  fleet mode: state under {} in etcd at {} (not contacted by check)",
-                    fleet.prefix,
-                    fleet.endpoints.join(", ")
-                );
-            }
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            println!("{e}");
-            ExitCode::FAILURE
-        }
-    }
-}
-
-/// Every route's held-out eval set loads, has cases, and has the categories its policy
-/// requires, as `weir check` problems.
-fn check_eval_sets(config: &Config) -> Vec<String> {
-    let mut problems = Vec::new();
-    for (i, route) in config.routes.iter().enumerate() {
-        let Some(gate) = route.canary.as_ref().and_then(|c| c.eval.as_ref()) else {
-            continue;
-        };
-        let at = format!("routes[{i}].canary.eval ({})", route.name);
-        match crate::eval::EvalSet::load(&gate.file) {
-            Err(e) => problems.push(format!("{at}: {e}")),
-            Ok(set) => {
-                for category in gate.categories.keys() {
-                    if !set.cases.iter().any(|c| c.category() == category) {
-                        problems.push(format!(
-                            "{at}: the eval set {} has no {category:?} cases, which the policy requires",
-                            gate.file.display()
-                        ));
-                    }
-                }
-            }
-        }
-    }
-    problems
-}
-
-/// The registry's verdict on the config's routes, as `weir check` problems.
-fn check_pins(config: &Config) -> Result<(), Vec<String>> {
-    use crate::control::pins::{load_registry, pin_refusals};
-    use crate::control::state::{RoutingState, StateStore};
-    let registry = match load_registry(config) {
-        Ok(Some(registry)) => registry,
-        Ok(None) => return Ok(()),
-        Err(e) => return Err(vec![format!("registry: {e}")]),
-    };
-    // What already serves (from the state directory, when there is one) may stay if deprecated.
-    let persisted = StateStore::new(&config.state_dir)
-        .load()
-        .ok()
-        .flatten()
-        .map(|b| b.state);
-    let wanted = RoutingState::from_config(config);
-    let problems: Vec<String> = pin_refusals(&registry, &wanted.routes, persisted.as_ref())
-        .into_iter()
-        .map(|r| {
-            let index = config
-                .routes
-                .iter()
-                .position(|c| c.name == r.route)
-                .unwrap_or(0);
-            format!("routes[{index}].{}: {}", r.field, r.refusal)
-        })
-        .collect();
-    if problems.is_empty() {
-        Ok(())
-    } else {
-        Err(problems)
     }
 }
 

@@ -12,13 +12,12 @@ use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
 
-use prometheus::{IntCounterVec, IntGauge, IntGaugeVec, Opts};
 use serde::{Deserialize, Serialize};
 
 use super::pins::runtime_registry;
 use super::state::RoutingState;
 use crate::config::{BackendProtocol, Balance, Config, MlflowConfig, MlflowRoute, VersionConfig};
-use crate::metrics::Role;
+use crate::metrics::{MlflowMetrics, Role};
 use crate::registry::mlflow::{tag, MlflowClient, MlflowError, MlflowVersion};
 use crate::registry::{check_servable, check_stage_held, ModelVersion, Registry, RegistryError};
 
@@ -129,7 +128,7 @@ pub struct MlflowSource {
     config: MlflowConfig,
     cache: PathBuf,
     inner: Mutex<SourceState>,
-    metrics: SourceMetrics,
+    metrics: MlflowMetrics,
 }
 
 #[derive(Debug, Default)]
@@ -141,13 +140,6 @@ struct SourceState {
     refused: BTreeMap<String, String>,
     /// Artifacts already checked against their digest: (path, digest) → the verdict.
     verified: HashMap<(PathBuf, String), Result<(), String>>,
-}
-
-#[derive(Debug)]
-struct SourceMetrics {
-    up: IntGauge,
-    refused: IntGaugeVec,
-    refusals: IntCounterVec,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -176,32 +168,7 @@ impl MlflowSource {
             .mlflow
             .clone()
             .expect("an MLflow source needs [registry] mlflow");
-        let source_metrics = SourceMetrics {
-            up: IntGauge::new(
-                "weir_mlflow_up",
-                "1 while the last read of MLflow's aliases succeeded, 0 while MLflow is unreachable (traffic stays on the last pins)",
-            )
-            .expect("valid metric"),
-            refused: IntGaugeVec::new(
-                Opts::new(
-                    "weir_mlflow_pin_refused",
-                    "1 while a route's MLflow alias names a version the registry policy refuses (the route stays on its last good pin)",
-                ),
-                &["route"],
-            )
-            .expect("valid metric"),
-            refusals: IntCounterVec::new(
-                Opts::new(
-                    "weir_mlflow_refusals_total",
-                    "Times an MLflow alias moved to a version the registry policy refused",
-                ),
-                &["route"],
-            )
-            .expect("valid metric"),
-        };
-        metrics.register(Box::new(source_metrics.up.clone()));
-        metrics.register(Box::new(source_metrics.refused.clone()));
-        metrics.register(Box::new(source_metrics.refusals.clone()));
+        let source_metrics = metrics.enable_mlflow();
         let cache = config.state_dir.join(CACHE_FILE);
         let last_good = match std::fs::read(&cache) {
             Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {

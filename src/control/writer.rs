@@ -1034,8 +1034,18 @@ impl InForce {
                 .expect("a reload or sync comes with its config")
                 .clone();
             let (routes, notes) = reconcile(&fresh, Some(&self.state));
+            // A route MLflow pins changes its definition whenever an alias moves; the MLflow
+            // note says how, so "the config changed" would only repeat it less clearly.
+            let pinned_by_mlflow = |route: &str| {
+                matches!(change.command, Command::Sync)
+                    && fresh
+                        .routes
+                        .iter()
+                        .any(|r| r.name == route && r.mlflow.is_some())
+            };
             let notes = notes
                 .into_iter()
+                .filter(|n| !(n.outcome == "config_changed" && pinned_by_mlflow(&n.route)))
                 .map(|n| format!("{}: {} ({})", n.route, n.outcome, n.detail))
                 .collect();
             return Ok(Proposed {
