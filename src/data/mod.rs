@@ -1,11 +1,13 @@
 //! The hot path: every proxied request runs through here.
 //!
 //! listener → table load → route match → split → pooled forward → metered streaming body.
-//! Nothing here parses bodies, allocates metric labels or takes a lock shared between requests.
+//! Nothing here parses bodies (but for the top-level fields a route that routes by model reads,
+//! in `fields.rs`), allocates metric labels or takes a lock shared between requests.
 
 pub mod body;
 mod date;
 pub mod decide;
+pub mod fields;
 pub mod framing;
 mod general;
 pub mod h1;
