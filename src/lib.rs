@@ -26,6 +26,7 @@ mod control;
 mod data;
 mod demo;
 mod eval;
+mod fields;
 mod grpc;
 mod metrics;
 mod registry;

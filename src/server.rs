@@ -343,6 +343,7 @@ fn proxy_settings(config: &Config) -> ProxySettings {
         pool_idle_timeout: config.proxy.pool_idle_timeout,
         pool_max_idle: config.proxy.pool_max_idle_per_backend,
         http1_relay: config.listener.http1_fast_path,
+        max_body_scan: config.listener.max_body_scan,
     }
 }
 

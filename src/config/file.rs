@@ -45,6 +45,8 @@ struct RawListener {
     http2_max_concurrent_streams: Option<u32>,
     http2_max_pending_resets: Option<usize>,
     http1_fast_path: Option<bool>,
+    max_body_scan: Option<RawScalar>,
+    models_endpoint: Option<String>,
 }
 
 #[derive(Deserialize, Clone)]
@@ -135,6 +137,7 @@ struct RawVersion {
     backends: Vec<String>,
     balance: Option<String>,
     protocol: Option<String>,
+    served_model: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -151,6 +154,10 @@ struct RawRoute {
     weight: Option<RawScalar>,
     sticky_header: Option<String>,
     sticky_cookie: Option<String>,
+    sticky_field: Option<String>,
+    model: Option<RawModels>,
+    model_header: Option<String>,
+    api: Option<String>,
     #[serde(default)]
     allow_override: bool,
     mirror: Option<RawScalar>,
@@ -204,6 +211,14 @@ struct RawShadow {
     timeout: Option<String>,
     samples: Option<bool>,
     samples_max_bytes: Option<RawScalar>,
+}
+
+/// `model = "chat"` or `model = ["chat", "chat-mini"]`.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum RawModels {
+    One(String),
+    Many(Vec<String>),
 }
 
 /// A number or a string, checked after parsing.
@@ -484,6 +499,24 @@ fn check_listener(c: &mut Checker, rl: &RawListener) -> ListenerConfig {
         tls: None,
         limits: ConnLimits::default(),
         http1_fast_path: rl.http1_fast_path.unwrap_or(true),
+        max_body_scan: size_from(
+            c,
+            "listener.max_body_scan",
+            &rl.max_body_scan,
+            DEFAULT_MAX_BODY_SCAN as u64,
+        ) as usize,
+        models_endpoint: match rl.models_endpoint.as_deref() {
+            None | Some("auto") => ModelsEndpoint::Auto,
+            Some("weir") => ModelsEndpoint::Weir,
+            Some("stable") => ModelsEndpoint::Stable,
+            Some(other) => {
+                c.problem(
+                    "listener.models_endpoint",
+                    format!("expected \"auto\", \"weir\" or \"stable\", got {other:?}"),
+                );
+                ModelsEndpoint::Auto
+            }
+        },
         addr: c.addr("listener.addr", &rl.addr, DEFAULT_LISTEN),
         header_read_timeout: c.duration(
             "listener.header_read_timeout",
@@ -685,6 +718,26 @@ fn check_routes(c: &mut Checker, raw: &[RawRoute], labels: &HashSet<String>) -> 
         check_route(c, &path, &route, labels);
         routes.push(route);
     }
+    // Two routes on the same host and prefix that serve one model: the second would never match.
+    for (i, a) in routes.iter().enumerate() {
+        for b in &routes[i + 1..] {
+            if a.host != b.host || a.prefix != b.prefix {
+                continue;
+            }
+            if let Some(model) = a.models.iter().find(|m| b.models.contains(m)) {
+                c.problem(
+                    format!(
+                        "routes[{}].model",
+                        routes.iter().position(|r| r.name == b.name).unwrap_or(0)
+                    ),
+                    format!(
+                        "route {:?} serves {model:?} on the same path already",
+                        a.name
+                    ),
+                );
+            }
+        }
+    }
     routes
 }
 
@@ -725,27 +778,107 @@ fn route_from(c: &mut Checker, path: &str, r: &RawRoute) -> RouteConfig {
         stable: r.stable.clone().unwrap_or_default(),
         candidate: r.candidate.clone(),
         weight,
-        sticky: match (&r.sticky_header, &r.sticky_cookie) {
-            (Some(_), Some(_)) => {
-                c.problem(path, "set sticky_header or sticky_cookie, not both");
-                None
+        sticky: sticky_from(c, path, r),
+        models: models_from(c, path, r),
+        model_header: r.model_header.as_ref().and_then(|h| {
+            c.check(
+                &format!("{path}.model_header"),
+                HeaderName::try_from(h.as_str())
+                    .map_err(|_| format!("{h:?} is not a valid header name")),
+            )
+        }),
+        api: match r.api.as_deref() {
+            None if r.model.is_some() => Api::OpenAi,
+            None | Some("plain") => Api::Plain,
+            Some("openai") => Api::OpenAi,
+            Some(other) => {
+                c.problem(
+                    format!("{path}.api"),
+                    format!("expected \"openai\" or \"plain\", got {other:?}"),
+                );
+                Api::Plain
             }
-            (Some(h), None) => c
-                .check(
-                    &format!("{path}.sticky_header"),
-                    HeaderName::try_from(h.as_str())
-                        .map_err(|_| format!("{h:?} is not a valid header name")),
-                )
-                .map(StickyKey::Header),
-            (None, Some(name)) if name.is_empty() => {
-                c.problem(format!("{path}.sticky_cookie"), "cookie name is empty");
-                None
-            }
-            (None, Some(name)) => Some(StickyKey::Cookie(name.clone())),
-            (None, None) => None,
         },
         allow_override: r.allow_override,
     }
+}
+
+/// The sticky key: one of a header, a cookie or a top-level body field.
+fn sticky_from(c: &mut Checker, path: &str, r: &RawRoute) -> Option<StickyKey> {
+    let set = [&r.sticky_header, &r.sticky_cookie, &r.sticky_field]
+        .iter()
+        .filter(|k| k.is_some())
+        .count();
+    if set > 1 {
+        c.problem(
+            path,
+            "set one of sticky_header, sticky_cookie and sticky_field",
+        );
+        return None;
+    }
+    if let Some(h) = &r.sticky_header {
+        return c
+            .check(
+                &format!("{path}.sticky_header"),
+                HeaderName::try_from(h.as_str())
+                    .map_err(|_| format!("{h:?} is not a valid header name")),
+            )
+            .map(StickyKey::Header);
+    }
+    for (key, name, make) in [
+        (
+            "sticky_cookie",
+            &r.sticky_cookie,
+            StickyKey::Cookie as fn(String) -> StickyKey,
+        ),
+        ("sticky_field", &r.sticky_field, StickyKey::Field),
+    ] {
+        match name {
+            Some(name) if name.is_empty() => {
+                c.problem(format!("{path}.{key}"), "the name is empty");
+                return None;
+            }
+            Some(name) if key == "sticky_field" && name == "model" => {
+                c.problem(
+                    format!("{path}.{key}"),
+                    "\"model\" picks the route; a sticky key that every request of the route shares would pin them all to one version",
+                );
+                return None;
+            }
+            Some(name) => return Some(make(name.clone())),
+            None => {}
+        }
+    }
+    None
+}
+
+/// `model = "chat"` or a list of names: non-empty, each once.
+fn models_from(c: &mut Checker, path: &str, r: &RawRoute) -> Vec<String> {
+    let models = match &r.model {
+        None => {
+            if r.model_header.is_some() {
+                c.problem(
+                    format!("{path}.model_header"),
+                    "only used with model = \"NAME\" (the route's models)",
+                );
+            }
+            return Vec::new();
+        }
+        Some(RawModels::One(name)) => vec![name.clone()],
+        Some(RawModels::Many(names)) => names.clone(),
+    };
+    if models.is_empty() {
+        c.problem(format!("{path}.model"), "name at least one model");
+    }
+    let mut seen = HashSet::new();
+    for name in &models {
+        if name.is_empty() {
+            c.problem(format!("{path}.model"), "a model name is empty");
+        } else if !seen.insert(name) {
+            c.problem(format!("{path}.model"), format!("{name:?} is listed twice"));
+        }
+    }
+    models
 }
 
 /// `[registry]`: the registry file, MLflow, or both (the file then gives the policy and the
@@ -1173,6 +1306,7 @@ fn check_version(c: &mut Checker, path: &str, v: &RawVersion) -> Option<VersionC
         balance,
         protocol,
         from_registry: false,
+        served_model: v.served_model.clone(),
     })
 }
 

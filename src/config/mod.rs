@@ -220,6 +220,10 @@ pub struct ListenerConfig {
     /// request through the general path (false). Both frame, route and answer alike; off is for
     /// comparing the two, or ruling the relay out.
     pub http1_fast_path: bool,
+    /// How much of a request body weir reads to find the fields it routes by (`model`, a sticky
+    /// field); a body without them in that much is refused.
+    pub max_body_scan: usize,
+    pub models_endpoint: ModelsEndpoint,
 }
 
 /// What one client may hold or send; beyond these weir refuses rather than stalls.
@@ -324,6 +328,7 @@ pub const DEFAULT_ADMIN: &str = "127.0.0.1:9901";
 pub const DEFAULT_STATE_DIR: &str = "./weir-state";
 pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_MAX_REQUEST_BODY: u64 = 32 * 1024 * 1024;
+pub const DEFAULT_MAX_BODY_SCAN: usize = 64 * 1024;
 
 /// One servable model version and the backends that serve it.
 #[derive(Clone, Debug)]
@@ -337,6 +342,9 @@ pub struct VersionConfig {
     /// Defined by the registry (an MLflow version's `weir.backends` tag), not by the config:
     /// replaced whenever the aliases are resolved again.
     pub from_registry: bool,
+    /// The name this version's servers know the model by: requests routed by model have their
+    /// body's `model` replaced with it.
+    pub served_model: Option<String>,
 }
 
 /// The MLflow tracking server whose Model Registry aliases pin the routes that name a model.
@@ -442,6 +450,31 @@ pub enum Balance {
 pub enum StickyKey {
     Header(HeaderName),
     Cookie(String),
+    /// A top-level string field of the JSON body, such as OpenAI's end-user `user`.
+    Field(String),
+}
+
+/// The API a route speaks, which shapes weir's own answers on it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Api {
+    /// `{"error": "<message>", "kind", "version"}`.
+    #[default]
+    Plain,
+    /// OpenAI's `{"error": {"message", "type", "code", "param"}}`, with `kind` and `version`
+    /// beside it, so OpenAI SDKs show the message.
+    OpenAi,
+}
+
+/// Who answers `GET /v1/models`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum ModelsEndpoint {
+    /// weir, when any route routes by model; else the matching route's stable version.
+    #[default]
+    Auto,
+    /// weir, from its routes: every model they serve.
+    Weir,
+    /// The matching route's stable version, never split.
+    Stable,
 }
 
 #[derive(Clone, Debug)]
@@ -458,6 +491,12 @@ pub struct RouteConfig {
     /// Share of traffic for the candidate, in basis points (0..=10000).
     pub weight: u16,
     pub sticky: Option<StickyKey>,
+    /// The models the route serves: it matches only requests whose JSON body's top-level
+    /// `model` (or `model_header`) names one. Empty: any request on its path.
+    pub models: Vec<String>,
+    /// A request header that names the model, read instead of the body when present.
+    pub model_header: Option<HeaderName>,
+    pub api: Api,
     /// Whether `x-weir-version` may pin a request to this route's stable or candidate version.
     pub allow_override: bool,
     /// Share of stable-routed requests also sent to the candidate as shadows, in basis points.

@@ -107,6 +107,9 @@ impl QuickMode {
             candidate: candidate_label,
             weight,
             sticky,
+            models: Vec::new(),
+            model_header: None,
+            api: Api::Plain,
             allow_override: self.allow_override,
         };
         let listener = self.listener()?;
@@ -280,6 +283,8 @@ impl QuickMode {
             max_request_body: DEFAULT_MAX_REQUEST_BODY,
             limits: ConnLimits::default(),
             http1_fast_path: true,
+            max_body_scan: DEFAULT_MAX_BODY_SCAN,
+            models_endpoint: ModelsEndpoint::Auto,
             tls,
         })
     }
@@ -350,6 +355,7 @@ fn parse_spec(spec: &str, unnamed: &str) -> Result<VersionConfig, String> {
         balance: Balance::RoundRobin,
         protocol: BackendProtocol::Http1,
         from_registry: false,
+        served_model: None,
     })
 }
 

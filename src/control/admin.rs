@@ -427,7 +427,13 @@ pub fn route_json(r: &Route, live: &Live) -> Value {
         "sticky": r.sticky.as_ref().map(|s| match s {
             crate::config::StickyKey::Header(h) => json!({"header": h.as_str()}),
             crate::config::StickyKey::Cookie(c) => json!({"cookie": c}),
+            crate::config::StickyKey::Field(f) => json!({"field": f}),
         }),
+        "models": r.models,
+        "api": match r.api {
+            crate::config::Api::Plain => "plain",
+            crate::config::Api::OpenAi => "openai",
+        },
         "allow_override": r.allow_override,
         "shadow": r.shadow.as_ref().map(|s| {
             let (agreement, compared) = s.stats.agreement();

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use super::state::RoutingState;
-use crate::config::Config;
+use crate::config::{Config, ModelsEndpoint};
 use crate::data::split::cohort_seed;
 use crate::data::table::{Route, RoutingTable, Target};
 use crate::metrics::{Metrics, Role};
@@ -123,14 +123,57 @@ pub fn build_table(
             weight,
             sticky: r.sticky.clone(),
             allow_override: r.allow_override,
+            models: r.models.iter().map(|m| m.as_str().into()).collect(),
+            model_header: r.model_header.clone(),
+            api: r.api,
             shadow,
         });
     }
     RoutingTable::sort_routes(&mut routes);
+    let models_list = models_list(config, &routes);
     Ok(RoutingTable {
         generation: state.generation,
         routes,
+        models_list,
     })
+}
+
+/// `GET /v1/models` as weir answers it, when it does: OpenAI's list of the models clients may
+/// name — the routes' `model` names, or without any, the models of the stable versions.
+fn models_list(config: &Config, routes: &[Route]) -> Option<bytes::Bytes> {
+    let by_model = routes.iter().any(|r| !r.models.is_empty());
+    let answer = match config.listener.models_endpoint {
+        ModelsEndpoint::Weir => true,
+        ModelsEndpoint::Stable => false,
+        ModelsEndpoint::Auto => by_model,
+    };
+    if !answer {
+        return None;
+    }
+    let mut names: Vec<&str> = if by_model {
+        routes
+            .iter()
+            .flat_map(|r| r.models.iter().map(|m| &**m))
+            .collect()
+    } else {
+        routes
+            .iter()
+            .map(|r| {
+                let label = &*r.stable.version.label;
+                label.split_once('@').map_or(label, |(model, _)| model)
+            })
+            .collect()
+    };
+    names.sort_unstable();
+    names.dedup();
+    let data: Vec<serde_json::Value> = names
+        .iter()
+        .map(
+            |id| serde_json::json!({"id": id, "object": "model", "created": 0, "owned_by": "weir"}),
+        )
+        .collect();
+    let list = serde_json::json!({"object": "list", "data": data});
+    Some(bytes::Bytes::from(list.to_string()))
 }
 
 /// The split as tables built from config draw it (the draw itself is `data::split`'s).

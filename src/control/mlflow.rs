@@ -691,6 +691,7 @@ pub fn apply(base: &Config, resolution: &Resolution) -> Config {
                     .and_then(|p| BackendProtocol::parse(p).ok())
                     .unwrap_or_default(),
                 from_registry: true,
+                served_model: None,
             });
         }
     }

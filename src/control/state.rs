@@ -370,9 +370,10 @@ pub fn config_digest(route: &RouteConfig) -> String {
     let sticky = route.sticky.as_ref().map(|s| match s {
         StickyKey::Header(h) => format!("header:{h}"),
         StickyKey::Cookie(c) => format!("cookie:{c}"),
+        StickyKey::Field(f) => format!("field:{f}"),
     });
     // serde_json maps keep keys sorted, so this is canonical.
-    let definition = serde_json::json!({
+    let mut definition = serde_json::json!({
         "prefix": route.prefix,
         "host": route.host,
         "stable": route.stable,
@@ -381,6 +382,14 @@ pub fn config_digest(route: &RouteConfig) -> String {
         "sticky": sticky,
         "allow_override": route.allow_override,
     });
+    // Added later: present only when set, so the digests of routes without them stay as they
+    // were (a changed digest resets a route's persisted state).
+    if !route.models.is_empty() {
+        definition["models"] = serde_json::json!(route.models);
+    }
+    if let Some(header) = &route.model_header {
+        definition["model_header"] = serde_json::json!(header.as_str());
+    }
     sha256_hex(definition.to_string().as_bytes())
 }
 

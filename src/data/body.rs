@@ -140,6 +140,10 @@ impl Body for WireBody {
 #[derive(Debug)]
 pub struct LimitedBody {
     inner: RequestBody,
+    /// Bytes read from `inner` before it was handed over (to route by the body's fields),
+    /// sent first; and trailers that came with them.
+    prefix: Option<Bytes>,
+    trailers: Option<http::HeaderMap>,
     remaining: u64,
     limit: u64,
     /// A copy for the shadow request, when this request is mirrored.
@@ -147,16 +151,35 @@ pub struct LimitedBody {
 }
 
 impl LimitedBody {
-    pub fn new(inner: RequestBody, limit: u64, mut tee: Option<RequestTee>) -> LimitedBody {
-        if inner.is_end_stream() {
-            // No body to stream: the backend may never poll it, so the tee is complete now.
-            if let Some(tee) = tee.as_mut() {
+    pub fn new(inner: RequestBody, limit: u64, tee: Option<RequestTee>) -> LimitedBody {
+        LimitedBody::with_prefix(Bytes::new(), None, inner, limit, tee)
+    }
+
+    /// A body whose first bytes, `prefix` (and its trailers, if the body ended with them while
+    /// it was read), were already read from `inner`.
+    pub fn with_prefix(
+        prefix: Bytes,
+        trailers: Option<http::HeaderMap>,
+        inner: RequestBody,
+        limit: u64,
+        mut tee: Option<RequestTee>,
+    ) -> LimitedBody {
+        let prefix_len = prefix.len() as u64;
+        let ended = inner.is_end_stream() && trailers.is_none();
+        if let Some(tee) = tee.as_mut() {
+            if !prefix.is_empty() {
+                tee.push(&prefix);
+            }
+            // No more body to stream: the backend may never poll it, so the tee is complete.
+            if ended {
                 tee.finish();
             }
         }
         LimitedBody {
             inner,
-            remaining: limit,
+            prefix: (!prefix.is_empty()).then_some(prefix),
+            trailers,
+            remaining: limit.saturating_sub(prefix_len),
             limit,
             tee,
         }
@@ -171,6 +194,12 @@ impl Body for LimitedBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if let Some(prefix) = self.prefix.take() {
+            return Poll::Ready(Some(Ok(Frame::data(prefix))));
+        }
+        if let Some(trailers) = self.trailers.take() {
+            return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
+        }
         let frame = ready!(Pin::new(&mut self.inner).poll_frame(cx));
         Poll::Ready(match frame {
             Some(Ok(frame)) => {
@@ -204,11 +233,19 @@ impl Body for LimitedBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.prefix.is_none() && self.trailers.is_none() && self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        let inner = self.inner.size_hint();
+        let held = self.prefix.as_ref().map_or(0, |p| p.len() as u64);
+        let mut hint = SizeHint::new();
+        // Upper bound first: setting a lower bound above the upper one panics.
+        if let Some(upper) = inner.upper() {
+            hint.set_upper(upper + held);
+        }
+        hint.set_lower(inner.lower() + held);
+        hint
     }
 }
 

@@ -12,23 +12,33 @@ use http::StatusCode;
 use super::body::InFlight;
 use super::split::{BadOverride, RequestHeaders, OVERRIDE_HEADER};
 use super::table::{Route, RoutingTable};
+use crate::config::Api;
+pub use crate::fields::BodyFields;
 use crate::metrics::ProxyFailure;
 use crate::shadow::tee::ShadowPlan;
 use crate::upstream::{BackendGuard, Version};
 
-/// What the decision looks at: the request's head, already framed and normalized.
+/// What the decision looks at: the request's head, already framed and normalized, and the
+/// fields of its body when its route reads them.
 #[derive(Debug)]
 pub struct Ask<'a, H: ?Sized> {
+    pub method: &'a str,
     pub host: Option<&'a str>,
     pub path: &'a str,
     pub headers: &'a H,
     pub content_length: Option<u64>,
     pub started: Instant,
+    /// `None`: the body was not read (the route does not read it).
+    pub body: Option<&'a Result<BodyFields, String>>,
 }
+
+/// Where the `model` OpenAI lists are at.
+pub const MODELS_PATH: &str = "/v1/models";
 
 /// A request to forward: its version, the backend picked, its count and its shadow.
 #[derive(Debug)]
 pub struct Decision {
+    pub api: Api,
     pub version: Arc<Version>,
     pub backend: BackendGuard,
     pub in_flight: InFlight,
@@ -58,13 +68,178 @@ pub fn decide<H: RequestHeaders + ?Sized>(
     ask: &Ask<'_, H>,
     max_request_body: u64,
 ) -> Decided {
-    match table.find(ask.host, ask.path) {
-        Some(route) => decide_on(route, ask, max_request_body),
-        None => Decided::Local(Local::no_route(ask)),
+    match route_for(table, ask) {
+        Ok(route) => decide_on(route, ask, max_request_body),
+        Err(local) => Decided::Local(local),
     }
 }
 
+/// Whether `ask` must have its body's fields read before [`route_for`] can route it: its first
+/// matching route routes by model (and no model header names it) or is sticky by a body field.
+#[inline]
+pub fn reads_body<H: RequestHeaders + ?Sized>(table: &RoutingTable, ask: &Ask<'_, H>) -> bool {
+    let Some(first) = table.find(ask.host, ask.path) else {
+        return false;
+    };
+    if !first.reads_body() || models_request(table, ask) {
+        return false;
+    }
+    let named_by_header = first
+        .model_header
+        .as_ref()
+        .is_some_and(|h| ask.headers.first(h).is_some());
+    first.sticky_field().is_some() || !named_by_header
+}
+
+/// `GET /v1/models` that weir answers itself.
+fn models_request<H: ?Sized>(table: &RoutingTable, ask: &Ask<'_, H>) -> bool {
+    table.models_list.is_some() && ask.path == MODELS_PATH && ask.method == "GET"
+}
+
+/// The route that serves `ask`: the first that matches its host and path, or — where routes
+/// route by model — the first of those that serves the model the request names. Weir's own
+/// answer when there is none, or for `GET /v1/models`.
+pub fn route_for<'t, H: RequestHeaders + ?Sized>(
+    table: &'t RoutingTable,
+    ask: &Ask<'_, H>,
+) -> Result<&'t Route, Local> {
+    let Some(first) = table.find(ask.host, ask.path) else {
+        if models_request(table, ask) {
+            return Err(Local::models(table));
+        }
+        return Err(Local::no_route(ask));
+    };
+    if models_request(table, ask) {
+        return Err(Local::models(table));
+    }
+    if first.models.is_empty() {
+        return Ok(first);
+    }
+    let header = first
+        .model_header
+        .as_ref()
+        .and_then(|h| ask.headers.first(h));
+    let model = match (header, ask.body) {
+        (Some(value), _) => match std::str::from_utf8(value) {
+            Ok(model) => model,
+            Err(_) => {
+                return Err(local_error(
+                    first.api,
+                    StatusCode::BAD_REQUEST,
+                    "bad_model",
+                    "the model header is not UTF-8".into(),
+                    Some("model"),
+                ))
+            }
+        },
+        (None, Some(Ok(fields))) => match &fields.model {
+            Some(field) => field.value.as_str(),
+            None => {
+                return Err(local_error(
+                    first.api,
+                    StatusCode::BAD_REQUEST,
+                    "missing_model",
+                    "the request body names no \"model\" (a top-level string field, within listener.max_body_scan bytes); this path serves models by name".into(),
+                    Some("model"),
+                ))
+            }
+        },
+        (None, Some(Err(why))) => {
+            return Err(local_error(
+                first.api,
+                StatusCode::BAD_REQUEST,
+                "bad_body",
+                format!("{why}; this path routes by the body's \"model\""),
+                Some("model"),
+            ))
+        }
+        (None, None) => {
+            return Err(local_error(
+                first.api,
+                StatusCode::BAD_REQUEST,
+                "missing_model",
+                "the request names no model; this path serves models by name".into(),
+                Some("model"),
+            ))
+        }
+    };
+    table.find_model(ask.host, ask.path, model).ok_or_else(|| {
+        let served = table.models_on(ask.host, ask.path);
+        local_error(
+            first.api,
+            StatusCode::NOT_FOUND,
+            "model_not_found",
+            format!(
+                "the model {model:?} is not served here; {} serves {}",
+                ask.path,
+                served
+                    .iter()
+                    .map(|m| format!("{m:?}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            Some("model"),
+        )
+    })
+}
+
+/// Weir's own error answer, in the route's API shape.
+fn local_error(
+    api: Api,
+    status: StatusCode,
+    kind: &str,
+    message: String,
+    param: Option<&str>,
+) -> Local {
+    let body = serde_json::json!({"error": message, "kind": kind});
+    Local {
+        status,
+        body: shaped(api, status, body, param),
+        version: None,
+    }
+}
+
+/// `body` (`{"error": "<message>", "kind", "version"}`) in `api`'s shape: for OpenAI routes
+/// `{"error": {"message", "type", "code", "param"}, "kind", "version"}`, which OpenAI's SDKs read.
+pub fn shaped(
+    api: Api,
+    status: StatusCode,
+    mut body: serde_json::Value,
+    param: Option<&str>,
+) -> serde_json::Value {
+    if api == Api::Plain {
+        return body;
+    }
+    let message = body["error"].take();
+    let kind = body["kind"].clone();
+    let kind_of = match status.as_u16() {
+        401 => "authentication_error",
+        403 => "permission_error",
+        404 => "not_found_error",
+        429 => "rate_limit_error",
+        400..=499 => "invalid_request_error",
+        _ => "server_error",
+    };
+    body["error"] = serde_json::json!({
+        "message": message,
+        "type": kind_of,
+        "code": kind,
+        "param": param,
+    });
+    body
+}
+
 impl Local {
+    /// `GET /v1/models`: the models weir's routes serve.
+    pub fn models(table: &RoutingTable) -> Local {
+        let list = table.models_list.as_deref().unwrap_or(b"{}");
+        Local {
+            status: StatusCode::OK,
+            body: serde_json::from_slice(list).unwrap_or_default(),
+            version: None,
+        }
+    }
+
     /// The answer to a request no route matches.
     pub fn no_route<H: ?Sized>(ask: &Ask<'_, H>) -> Local {
         Local {
@@ -82,7 +257,17 @@ pub fn decide_on<H: RequestHeaders + ?Sized>(
     ask: &Ask<'_, H>,
     max_request_body: u64,
 ) -> Decided {
-    let target = match route.choose(ask.headers) {
+    let sticky = match ask.body {
+        Some(Ok(fields)) => fields.sticky.as_ref().map(|f| f.value.as_bytes()),
+        _ => None,
+    };
+    // `GET /v1/models` passed to a version: stable's list, never a random one.
+    let chosen = if ask.path == MODELS_PATH && ask.method == "GET" {
+        Ok(&route.stable)
+    } else {
+        route.choose_with(ask.headers, sticky)
+    };
+    let target = match chosen {
         Ok(target) => target,
         Err(BadOverride) => {
             let wanted = ask
@@ -90,9 +275,10 @@ pub fn decide_on<H: RequestHeaders + ?Sized>(
                 .first(&OVERRIDE_HEADER)
                 .map(|v| String::from_utf8_lossy(v).into_owned())
                 .unwrap_or_default();
+            let status = StatusCode::BAD_REQUEST;
             return Decided::Local(Local {
-                status: StatusCode::BAD_REQUEST,
-                body: bad_override_json(&wanted, route),
+                status,
+                body: shaped(route.api, status, bad_override_json(&wanted, route), None),
                 version: None,
             });
         }
@@ -100,8 +286,9 @@ pub fn decide_on<H: RequestHeaders + ?Sized>(
     let shadow_plan = route.shadow_plan(target);
     let version = Arc::clone(&target.version);
     let in_flight = InFlight::start(Arc::clone(&target.stats), ask.started);
+    let api = route.api;
     let refused = |refusal: Refusal, version: Arc<Version>, in_flight: InFlight| {
-        let (status, body) = refusal.answer(&version.label, &in_flight);
+        let (status, body) = refusal.answer(&version.label, &in_flight, api);
         Decided::Local(Local {
             status,
             body,
@@ -120,6 +307,7 @@ pub fn decide_on<H: RequestHeaders + ?Sized>(
         return refused(Refusal::Backend(kind), version, in_flight);
     };
     Decided::Forward(Decision {
+        api,
         version,
         backend,
         in_flight,
@@ -137,7 +325,12 @@ pub enum Refusal {
 
 impl Refusal {
     /// The status and JSON body weir answers with for `label`'s request, counted on its stats.
-    pub fn answer(&self, label: &str, in_flight: &InFlight) -> (StatusCode, serde_json::Value) {
+    pub fn answer(
+        &self,
+        label: &str,
+        in_flight: &InFlight,
+        api: Api,
+    ) -> (StatusCode, serde_json::Value) {
         let (status, kind, message) = match *self {
             Refusal::Backend(kind) => {
                 in_flight.stats().count_error(kind);
@@ -155,10 +348,29 @@ impl Refusal {
             ),
         };
         in_flight.stats().count_response(status);
-        (
-            status,
-            serde_json::json!({"error": message, "version": label, "kind": kind}),
-        )
+        let body = serde_json::json!({"error": message, "version": label, "kind": kind});
+        (status, shaped(api, status, body, None))
+    }
+}
+
+impl Refusal {
+    /// The answer to a request refused before it was routed (its body could not be read for
+    /// routing): nothing to count it on yet.
+    pub fn unrouted(&self, api: Api) -> (StatusCode, serde_json::Value) {
+        let (status, kind, message) = match *self {
+            Refusal::TooLarge(limit) => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "request_too_large",
+                format!("request body is larger than the limit of {limit} bytes (listener.max_request_body)"),
+            ),
+            Refusal::ClientBody | Refusal::Backend(_) => (
+                StatusCode::BAD_REQUEST,
+                "client_body",
+                "the request body could not be read from the client".to_string(),
+            ),
+        };
+        let body = serde_json::json!({"error": message, "kind": kind});
+        (status, shaped(api, status, body, None))
     }
 }
 

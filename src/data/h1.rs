@@ -26,10 +26,13 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
-use super::decide::{backend_failure, decide_on, Ask, Decided, Decision, Local, Refusal};
+use super::decide::{
+    backend_failure, decide_on, reads_body, route_for, Ask, Decided, Decision, Refusal,
+};
 use super::framing::{self, Framing};
 use super::listener::ConnSettings;
 use super::proxy::{ConnInfo, Proxy};
+use crate::fields::{BodyFields, FieldReader};
 
 use super::body::BoxError;
 use crate::metrics::ProxyFailure;
@@ -242,22 +245,45 @@ async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
 
     // Decide from one table snapshot, then let it go. A route with a version the fast path
     // cannot send to goes to hyper before the split draws, so the split draws once.
-    let decided = {
-        let table = proxy.table.load();
-        let ask = Ask {
-            host: Some(host),
-            path,
-            headers,
-            content_length: fields.content_length,
-            started,
-        };
-        match table.find(ask.host, ask.path) {
-            None => Decided::Local(Local::no_route(&ask)),
-            Some(route) if !route.plain_http() => return Exchange::General,
-            Some(route) => decide_on(route, &ask, settings.max_request_body),
-        }
+    let mut ask = Ask {
+        method,
+        host: Some(host),
+        path,
+        headers,
+        content_length: fields.content_length,
+        started,
+        body: None,
     };
+    let table = proxy.table.load();
+    // A route that routes by the body's fields reads them here when the body is in hand (or
+    // its first max_body_scan bytes are); otherwise the general path reads them.
+    let read;
+    if reads_body(&table, &ask) {
+        let body = &buf[head_len..consumed];
+        let max = settings.max_body_scan;
+        if !body_complete && body.len() < max {
+            return Exchange::General;
+        }
+        let sticky = table
+            .find(ask.host, ask.path)
+            .and_then(|r| r.sticky_field());
+        let wanted = ["model", sticky.unwrap_or("")];
+        let wanted = &wanted[..if sticky.is_some() { 2 } else { 1 }];
+        let mut reader = FieldReader::new(wanted, max);
+        read = match reader.feed(body) {
+            Some(read) => read,
+            None => reader.finish(),
+        };
+        ask.body = Some(&read);
+    }
+    let decided = match route_for(&table, &ask) {
+        Err(local) => Decided::Local(local),
+        Ok(route) if !route.plain_http() => return Exchange::General,
+        Ok(route) => decide_on(route, &ask, settings.max_request_body),
+    };
+    drop(table);
     let Decision {
+        api,
         version,
         backend: picked,
         in_flight,
@@ -288,8 +314,31 @@ async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
         .version_header
         .as_ref()
         .map(|name| (name, version.label_header.as_bytes()));
-    let refuse = |kind: ProxyFailure| Refusal::Backend(kind).answer(&version.label, &in_flight).1;
+    let refuse = |kind: ProxyFailure| {
+        Refusal::Backend(kind)
+            .answer(&version.label, &in_flight, api)
+            .1
+    };
     let backend = picked.backend();
+
+    // The version's name for the model replaces the client's: its span in the bytes read.
+    let rename = match (&version.served_model, ask.body) {
+        (Some(token), Some(Ok(BodyFields { model: Some(f), .. }))) => Some((f.start, f.end, token)),
+        _ => None,
+    };
+    let shadow_plan = shadow_plan.map(|mut plan| {
+        if let Some(Ok(BodyFields { model: Some(f), .. })) = ask.body {
+            let client = &buf[head_len + f.start..head_len + f.end];
+            plan.model = Some(Bytes::copy_from_slice(
+                plan.candidate.served_model.as_deref().unwrap_or(client),
+            ));
+        }
+        plan
+    });
+    let length = fields.content_length.map(|n| match rename {
+        Some((start, end, token)) => n - (end - start) as u64 + token.len() as u64,
+        None => n,
+    });
 
     // The upstream request: the client's head minus hop-by-hop headers and the override, its
     // length once, plus X-Forwarded-For / -Proto; then the body bytes already read.
@@ -314,7 +363,7 @@ async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
         }
         push_header(&mut out, name, h.value);
     }
-    if let Some(length) = fields.content_length {
+    if let Some(length) = length {
         let _ = write!(out, "content-length: {length}\r\n");
     }
     out.extend_from_slice(b"x-forwarded-for: ");
@@ -328,7 +377,15 @@ async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
     } else {
         b"\r\nx-forwarded-proto: http\r\n\r\n"
     });
-    out.extend_from_slice(&buf[head_len..consumed]);
+    let body = &buf[head_len..consumed];
+    match rename {
+        Some((start, end, token)) => {
+            out.extend_from_slice(&body[..start]);
+            out.extend_from_slice(token);
+            out.extend_from_slice(&body[end..]);
+        }
+        None => out.extend_from_slice(body),
+    }
     // A mirrored request starts its shadow now, with the head as forwarded; the tees get the
     // bodies as they pass.
     let mut shadow = shadow_plan.and_then(|plan| {
@@ -380,7 +437,8 @@ async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
             }
             let (status, body, reusable) = match failure {
                 Failure::ClientBody => {
-                    let (status, body) = Refusal::ClientBody.answer(&version.label, &in_flight);
+                    let (status, body) =
+                        Refusal::ClientBody.answer(&version.label, &in_flight, api);
                     (status, body, None)
                 }
                 // Refused before anything was sent: the connection is as reusable as the

@@ -2,12 +2,11 @@
 //!
 //! listener → table load → route match → split → pooled forward → metered streaming body.
 //! Nothing here parses bodies (but for the top-level fields a route that routes by model reads,
-//! in `fields.rs`), allocates metric labels or takes a lock shared between requests.
+//! with `crate::fields`), allocates metric labels or takes a lock shared between requests.
 
 pub mod body;
 mod date;
 pub mod decide;
-pub mod fields;
 pub mod framing;
 mod general;
 pub mod h1;

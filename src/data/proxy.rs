@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderName, HeaderValue, CONTENT_LENGTH, HOST};
 use http::{HeaderMap, Request, Response, StatusCode, Uri};
 use hyper_rustls::HttpsConnector;
@@ -18,12 +18,13 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use super::body::{BodyTooLarge, InFlight, LimitedBody, MeteredBody, ProxyBody, RequestBody};
-use super::decide::{backend_failure, decide, Ask, Decided, Decision, Local, Refusal};
+use super::decide::{backend_failure, decide, reads_body, Ask, Decided, Decision, Local, Refusal};
 use super::framing;
 use super::h1::ForwardError;
 use super::split::OVERRIDE_HEADER;
 use super::table::RoutingTable;
-use crate::config::{BackendProtocol, ProxyConfig};
+use crate::config::{Api, BackendProtocol, ProxyConfig};
+use crate::fields::{BodyFields, FieldReader};
 use crate::metrics::ProxyFailure;
 use crate::shadow::task::{ShadowStart, Shadower};
 use crate::upstream::h2::{Http2Connector, Http2Error};
@@ -46,6 +47,8 @@ pub struct ProxySettings {
     /// `listener.http1_fast_path`: HTTP/1 requests that can be relayed byte for byte are; off,
     /// every one goes through [`Proxy::handle`].
     pub http1_relay: bool,
+    /// `listener.max_body_scan`: how much of a body routing by its fields reads.
+    pub max_body_scan: usize,
 }
 
 /// Shared state of the proxy service.
@@ -197,19 +200,34 @@ impl Proxy {
         }
         // Decide from one table snapshot, then let it go: the request keeps its version and
         // handles even if the table is swapped meanwhile.
-        let request_length = content_length(req.headers());
+        let mut request_length = content_length(req.headers());
+        let table = self.table.load_full();
+        // A route that routes by the body's fields: its first bytes are read before deciding.
+        let reads = {
+            let ask = ask_of(&req, request_length, started, None);
+            let first = table.find(ask.host, ask.path);
+            first
+                .filter(|_| reads_body(&table, &ask))
+                .map(|r| (r.sticky_field().map(str::to_string), r.api))
+        };
+        let mut prefix = None;
+        if let Some((sticky, api)) = reads {
+            match self.read_prefix(req.body_mut(), sticky.as_deref()).await {
+                Ok(read) => prefix = Some(read),
+                Err(refusal) => {
+                    let (status, body) = refusal.unrouted(api);
+                    return Ok(closing(json_error(status, body), req.version()));
+                }
+            }
+        }
         let decided = {
-            let table = self.table.load();
-            let ask = Ask {
-                host: request_host(&req),
-                path: req.uri().path(),
-                headers: req.headers(),
-                content_length: request_length,
-                started,
-            };
+            let read = prefix.as_ref().map(|p| &p.read);
+            let ask = ask_of(&req, request_length, started, read);
             decide(&table, &ask, self.settings.max_request_body)
         };
+        drop(table);
         let Decision {
+            api,
             version,
             backend,
             in_flight,
@@ -219,7 +237,32 @@ impl Proxy {
             Decided::Local(local) => return Ok(self.local(local)),
         };
         let version_value = &version.label_header;
-        let refuse = |refusal| self.refuse(refusal, &version.label, version_value, &in_flight);
+        let refuse = |refusal| self.refuse(refusal, &version.label, version_value, &in_flight, api);
+        let shadow_plan = shadow_plan.map(|mut plan| {
+            if let Some(Prefix {
+                bytes,
+                read: Ok(BodyFields { model: Some(f), .. }),
+                ..
+            }) = &prefix
+            {
+                let client = &bytes[f.start..f.end];
+                plan.model = Some(Bytes::copy_from_slice(
+                    plan.candidate.served_model.as_deref().unwrap_or(client),
+                ));
+            }
+            plan
+        });
+        // The version's name for the model, in place of the client's.
+        if let (Some(prefix), Some(token)) = (prefix.as_mut(), &version.served_model) {
+            if let Some(grown) = prefix.rename(token) {
+                if let Some(old) = request_length {
+                    let length = old.saturating_add_signed(grown);
+                    request_length = Some(length);
+                    req.headers_mut()
+                        .insert(header::CONTENT_LENGTH, HeaderValue::from(length));
+                }
+            }
+        }
 
         let (mut parts, body) = req.into_parts();
         let client_version = parts.version;
@@ -259,7 +302,16 @@ impl Proxy {
             )
         });
         let request_tee = shadow.as_mut().map(|s| s.take_request_tee());
-        let body = LimitedBody::new(body, self.settings.max_request_body, request_tee);
+        let body = match prefix {
+            Some(p) => LimitedBody::with_prefix(
+                p.bytes.freeze(),
+                p.trailers,
+                body,
+                self.settings.max_request_body,
+                request_tee,
+            ),
+            None => LimitedBody::new(body, self.settings.max_request_body, request_tee),
+        };
 
         // A plain-HTTP backend: the fast path's upstream connections and its framing rules,
         // with no client connection task or pool lock in between.
@@ -441,6 +493,50 @@ impl Proxy {
         response
     }
 
+    /// Reads a body's first bytes, up to `listener.max_body_scan` or its end, for the fields
+    /// routing reads (`model`, and `sticky` when the route is sticky by a body field).
+    async fn read_prefix(
+        &self,
+        body: &mut RequestBody,
+        sticky: Option<&str>,
+    ) -> Result<Prefix, Refusal> {
+        use http_body_util::BodyExt;
+        let wanted = ["model", sticky.unwrap_or("")];
+        let wanted = &wanted[..if sticky.is_some() { 2 } else { 1 }];
+        let mut reader = FieldReader::new(wanted, self.settings.max_body_scan);
+        let mut bytes = BytesMut::new();
+        let mut trailers = None;
+        let read = loop {
+            let frame = tokio::time::timeout(self.settings.idle_timeout, body.frame())
+                .await
+                .map_err(|_| Refusal::ClientBody)?;
+            match frame {
+                None => break reader.finish(),
+                Some(Err(_)) => return Err(Refusal::ClientBody),
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(data) => {
+                        if bytes.len() as u64 + data.len() as u64 > self.settings.max_request_body {
+                            return Err(Refusal::TooLarge(self.settings.max_request_body));
+                        }
+                        bytes.extend_from_slice(&data);
+                        if let Some(read) = reader.feed(&data) {
+                            break read;
+                        }
+                    }
+                    Err(frame) => {
+                        trailers = frame.into_trailers().ok();
+                        break reader.finish();
+                    }
+                },
+            }
+        };
+        Ok(Prefix {
+            bytes,
+            trailers,
+            read,
+        })
+    }
+
     /// Answers a request that weir could not forward, and counts it.
     fn refuse(
         &self,
@@ -448,8 +544,9 @@ impl Proxy {
         label: &str,
         version_value: &HeaderValue,
         in_flight: &InFlight,
+        api: Api,
     ) -> Response<ProxyBody> {
-        let (status, body) = refusal.answer(label, in_flight);
+        let (status, body) = refusal.answer(label, in_flight, api);
         let mut response = json_error(status, body);
         if let Some(name) = &self.settings.version_header {
             response
@@ -461,6 +558,52 @@ impl Proxy {
 }
 
 /// Sorts a failure of an HTTP/2 backend into what the client is told.
+/// The body bytes read to route a request, and what they said.
+struct Prefix {
+    bytes: BytesMut,
+    trailers: Option<HeaderMap>,
+    read: crate::fields::Read,
+}
+
+impl Prefix {
+    /// Replaces the body's `model` value with `token` (a JSON string); how much longer the
+    /// body got (negative: shorter) when it was replaced.
+    fn rename(&mut self, token: &[u8]) -> Option<i64> {
+        let Ok(BodyFields {
+            model: Some(field), ..
+        }) = &self.read
+        else {
+            return None;
+        };
+        let (start, end) = (field.start, field.end);
+        let mut out = BytesMut::with_capacity(self.bytes.len() - (end - start) + token.len());
+        out.extend_from_slice(&self.bytes[..start]);
+        out.extend_from_slice(token);
+        out.extend_from_slice(&self.bytes[end..]);
+        let grown = out.len() as i64 - self.bytes.len() as i64;
+        self.bytes = out;
+        Some(grown)
+    }
+}
+
+/// The decision's view of a request.
+fn ask_of<'a, B>(
+    req: &'a Request<B>,
+    content_length: Option<u64>,
+    started: Instant,
+    body: Option<&'a crate::fields::Read>,
+) -> Ask<'a, HeaderMap> {
+    Ask {
+        method: req.method().as_str(),
+        host: request_host(req),
+        path: req.uri().path(),
+        headers: req.headers(),
+        content_length,
+        started,
+        body,
+    }
+}
+
 fn classify_http2(e: &Http2Error) -> Refusal {
     match e {
         Http2Error::ConnectTimeout(_) => Refusal::Backend(ProxyFailure::ConnectTimeout),

@@ -82,6 +82,17 @@ impl Route {
     /// Chooses the version that serves a request with these headers.
     #[inline]
     pub fn choose<H: RequestHeaders + ?Sized>(&self, headers: &H) -> Result<&Target, BadOverride> {
+        self.choose_with(headers, None)
+    }
+
+    /// Chooses the version, with the value of the route's sticky body field when it has one
+    /// (read from the body by the caller).
+    #[inline]
+    pub fn choose_with<H: RequestHeaders + ?Sized>(
+        &self,
+        headers: &H,
+        field: Option<&[u8]>,
+    ) -> Result<&Target, BadOverride> {
         if self.allow_override {
             if let Some(wanted) = headers.first(&OVERRIDE_HEADER) {
                 return self.override_target(wanted);
@@ -90,7 +101,11 @@ impl Route {
         let Some(candidate) = &self.candidate else {
             return Ok(&self.stable);
         };
-        let bucket = match self.sticky.as_ref().and_then(|s| sticky_key(s, headers)) {
+        let bucket = match self
+            .sticky
+            .as_ref()
+            .and_then(|s| sticky_key(s, headers, field))
+        {
             Some(key) => sticky_bucket(key, self.cohort_seed),
             None if self.weight == 0 => return Ok(&self.stable),
             None if self.weight >= 10_000 => return Ok(candidate),
@@ -128,8 +143,10 @@ impl Route {
 fn sticky_key<'h, H: RequestHeaders + ?Sized>(
     sticky: &StickyKey,
     headers: &'h H,
+    field: Option<&'h [u8]>,
 ) -> Option<&'h [u8]> {
     match sticky {
+        StickyKey::Field(_) => field.filter(|v| !v.is_empty()),
         StickyKey::Header(name) => headers.first(name).filter(|v| !v.is_empty()),
         StickyKey::Cookie(name) => {
             headers.find_value(&COOKIE, |v| cookie_value(v, name.as_bytes()))

@@ -6,7 +6,7 @@
 
 use std::sync::Arc;
 
-use crate::config::StickyKey;
+use crate::config::{Api, StickyKey};
 use crate::metrics::{Role, TargetStats};
 use crate::shadow::tee::ShadowPlan;
 use crate::upstream::Version;
@@ -16,8 +16,12 @@ use rand::Rng;
 #[derive(Debug)]
 pub struct RoutingTable {
     pub generation: u64,
-    /// Sorted for matching: routes limited to a host first, then longer prefixes first.
+    /// Sorted for matching: routes limited to a host first, then longer prefixes first, then
+    /// those that route by model before those that do not.
     pub routes: Vec<Route>,
+    /// `GET /v1/models` as weir answers it (OpenAI's list of every model a route serves), or
+    /// `None`: the matching route's stable version answers.
+    pub models_list: Option<bytes::Bytes>,
 }
 
 /// A version as one route uses it: the shared upstream plus this route's metric handles.
@@ -42,6 +46,13 @@ pub struct Route {
     /// own cohort.
     pub cohort_seed: u64,
     pub allow_override: bool,
+    /// The models this route serves (the body's top-level `model`); empty: any request on its
+    /// path.
+    pub models: Box<[Box<str>]>,
+    /// A request header naming the model, read instead of the body when present.
+    pub model_header: Option<http::HeaderName>,
+    /// The shape of weir's own answers on this route.
+    pub api: Api,
     /// Shadowing to the candidate, when the route mirrors and has a serving candidate.
     pub shadow: Option<Arc<crate::shadow::tee::ShadowRoute>>,
 }
@@ -53,14 +64,51 @@ impl RoutingTable {
         self.routes.iter().find(|r| r.matches(host, path))
     }
 
+    /// The first route that matches and serves `model`, or serves any model, in match order.
+    pub fn find_model(&self, host: Option<&str>, path: &str, model: &str) -> Option<&Route> {
+        self.routes.iter().find(|r| {
+            (r.models.is_empty() || r.models.iter().any(|m| &**m == model)) && r.matches(host, path)
+        })
+    }
+
+    /// The models the routes matching `host` and `path` serve, for errors.
+    pub fn models_on(&self, host: Option<&str>, path: &str) -> Vec<&str> {
+        self.routes
+            .iter()
+            .filter(|r| r.matches(host, path))
+            .flat_map(|r| r.models.iter().map(|m| &**m))
+            .collect()
+    }
+
     /// Puts routes in match order: host-limited before any-host, longer prefix before shorter,
-    /// config order otherwise.
+    /// routes by model before a catch-all on the same path, config order otherwise.
     pub fn sort_routes(routes: &mut [Route]) {
-        routes.sort_by_key(|r| (r.host.is_none(), std::cmp::Reverse(r.prefix.len())));
+        routes.sort_by_key(|r| {
+            (
+                r.host.is_none(),
+                std::cmp::Reverse(r.prefix.len()),
+                r.models.is_empty(),
+            )
+        });
     }
 }
 
 impl Route {
+    /// Whether a request must have its body's first bytes read before it can be routed and
+    /// split here: the route routes by model or is sticky by a body field.
+    #[inline]
+    pub fn reads_body(&self) -> bool {
+        !self.models.is_empty() || matches!(self.sticky, Some(StickyKey::Field(_)))
+    }
+
+    /// The sticky body field, when the route has one.
+    pub fn sticky_field(&self) -> Option<&str> {
+        match &self.sticky {
+            Some(StickyKey::Field(name)) => Some(name),
+            _ => None,
+        }
+    }
+
     /// Whether this route serves a request for `host` (port stripped or not) and `path`.
     #[inline]
     pub fn matches(&self, host: Option<&str>, path: &str) -> bool {
@@ -86,6 +134,7 @@ impl Route {
                     stable: Arc::clone(&target.version.label),
                     candidate: Arc::clone(&candidate.version),
                     shadow: Arc::clone(shadow),
+                    model: None,
                 })
             }
             _ => None,

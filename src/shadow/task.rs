@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
-use http::header::{HeaderName, HeaderValue, CONTENT_TYPE};
+use http::header::{HeaderName, HeaderValue, CONTENT_LENGTH, CONTENT_TYPE, TRANSFER_ENCODING};
 use http::{HeaderMap, Method, Request, Uri};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -221,10 +221,21 @@ impl Shadower {
         let uri: Uri = format!("{}://{}{}", b.scheme, b.authority, request.path)
             .parse()
             .map_err(|_| ())?;
+        // The candidate's name for the model, where the route routes by it.
+        let body = match &plan.model {
+            Some(token) => crate::fields::replace_model(&body, token).map_or(body, Bytes::from),
+            None => body,
+        };
         let mut builder = Request::builder().method(request.method.clone()).uri(uri);
         if let Some(headers) = builder.headers_mut() {
             *headers = request.headers.clone();
             headers.insert(SHADOW_HEADER.clone(), HeaderValue::from_static("1"));
+            // The body is whole: its length is what it is, whatever the forwarded head said.
+            let had_length = headers.remove(CONTENT_LENGTH).is_some();
+            headers.remove(TRANSFER_ENCODING);
+            if had_length || !body.is_empty() {
+                headers.insert(CONTENT_LENGTH, HeaderValue::from(body.len()));
+            }
         }
         let req = builder.body(Full::new(body)).map_err(|_| ())?;
         let client = match plan.candidate.protocol {

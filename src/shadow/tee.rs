@@ -23,6 +23,9 @@ pub struct ShadowPlan {
     pub stable: Arc<str>,
     pub candidate: Arc<Version>,
     pub shadow: Arc<ShadowRoute>,
+    /// On routes that route by model: the JSON string token the shadow body's `model` gets
+    /// (the candidate's `served_model`, else what the client sent), whatever stable was sent.
+    pub model: Option<Bytes>,
 }
 
 /// What happened to one mirror decision: exactly one outcome is counted per decision.

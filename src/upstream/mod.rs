@@ -29,6 +29,9 @@ pub struct Version {
     /// through hyper's client).
     pub plain_http: bool,
     pub protocol: BackendProtocol,
+    /// The body's `model` for this version on routes that route by model, as a JSON string
+    /// token (quotes and escapes included); `None` keeps the client's.
+    pub served_model: Option<Box<[u8]>>,
     balance: Balance,
     next: AtomicUsize,
 }
@@ -117,6 +120,11 @@ impl Version {
             plain_http: config.protocol != BackendProtocol::Http2
                 && backends.iter().all(|b| b.scheme == Scheme::HTTP),
             protocol: config.protocol,
+            served_model: config.served_model.as_ref().map(|name| {
+                serde_json::to_vec(name)
+                    .expect("a string serializes")
+                    .into_boxed_slice()
+            }),
             backends,
             balance: config.balance,
             next: AtomicUsize::new(0),
@@ -127,6 +135,12 @@ impl Version {
     pub fn same_as(&self, config: &VersionConfig) -> bool {
         self.balance == config.balance
             && self.protocol == config.protocol
+            && self.served_model.as_deref()
+                == config
+                    .served_model
+                    .as_ref()
+                    .map(|n| serde_json::to_vec(n).expect("a string serializes"))
+                    .as_deref()
             && self.backends.len() == config.backends.len()
             && self
                 .backends
@@ -292,6 +306,7 @@ mod tests {
                 balance,
                 protocol: BackendProtocol::Http1,
                 from_registry: false,
+                served_model: None,
             },
             true,
             4,

@@ -6,6 +6,81 @@
 //! a key that appears twice at the top level is refused (parsers disagree on which one wins, so
 //! weir and the backend could read different models). Nothing is copied but the wanted values.
 
+/// Reads a body's `model` and a sticky field from its first `max` bytes, as they arrive.
+#[derive(Debug)]
+pub struct FieldReader<'w> {
+    scanner: Scanner<'w>,
+    max: usize,
+    read: usize,
+}
+
+/// What a [`FieldReader`] found: the fields, or why the body cannot be routed.
+pub type Read = Result<BodyFields, String>;
+
+impl<'w> FieldReader<'w> {
+    /// `wanted` is `["model"]`, or `["model", sticky_field]`.
+    pub fn new(wanted: &'w [&'w str], max: usize) -> FieldReader<'w> {
+        FieldReader {
+            scanner: Scanner::new(wanted),
+            max,
+            read: 0,
+        }
+    }
+
+    /// Feeds the next bytes; `Some` once the fields are known: the object ended, or `max` bytes
+    /// were read (a field not found by then is absent).
+    pub fn feed(&mut self, chunk: &[u8]) -> Option<Read> {
+        let room = self.max - self.read;
+        let take = &chunk[..chunk.len().min(room)];
+        self.read += take.len();
+        match self.scanner.feed(take) {
+            Scan::Done => Some(Ok(self.fields())),
+            Scan::Invalid(why) => Some(Err(why)),
+            Scan::More if self.read >= self.max => Some(Ok(self.fields())),
+            Scan::More => None,
+        }
+    }
+
+    /// The body ended.
+    pub fn finish(&mut self) -> Read {
+        match self.scanner.finish() {
+            Scan::Invalid(why) => Err(why),
+            _ => Ok(self.fields()),
+        }
+    }
+
+    fn fields(&mut self) -> BodyFields {
+        BodyFields {
+            model: self.scanner.found[0].take(),
+            sticky: self.scanner.found.get_mut(1).and_then(Option::take),
+        }
+    }
+}
+
+/// The top-level fields of a request body routing reads.
+#[derive(Debug, Default)]
+pub struct BodyFields {
+    pub model: Option<Field>,
+    /// The route's sticky body field.
+    pub sticky: Option<Field>,
+}
+
+/// `body` with its top-level `model` value replaced by `token` (a JSON string token), when it
+/// is a JSON object with one; `None` leaves the body as it is.
+pub fn replace_model(body: &[u8], token: &[u8]) -> Option<Vec<u8>> {
+    let mut scanner = Scanner::new(&["model"]);
+    match scanner.feed(body) {
+        Scan::Done => {}
+        Scan::More | Scan::Invalid(_) => return None,
+    }
+    let field = scanner.field(0)?;
+    let mut out = Vec::with_capacity(body.len() - (field.end - field.start) + token.len());
+    out.extend_from_slice(&body[..field.start]);
+    out.extend_from_slice(token);
+    out.extend_from_slice(&body[field.end..]);
+    Some(out)
+}
+
 /// A wanted field's value: decoded, with the byte span of its token (quotes included) in the
 /// body, so it can be replaced.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -54,8 +129,8 @@ enum State {
 
 /// A streaming scanner for the top-level string fields named in `wanted`.
 #[derive(Debug)]
-pub struct Scanner {
-    wanted: &'static [&'static str],
+pub struct Scanner<'w> {
+    wanted: &'w [&'w str],
     state: State,
     /// Bytes fed so far: the offset of the next byte.
     offset: usize,
@@ -77,8 +152,8 @@ pub struct Scanner {
     found: Vec<Option<Field>>,
 }
 
-impl Scanner {
-    pub fn new(wanted: &'static [&'static str]) -> Scanner {
+impl<'w> Scanner<'w> {
+    pub fn new(wanted: &'w [&'w str]) -> Scanner<'w> {
         Scanner {
             wanted,
             state: State::Start,
@@ -358,7 +433,7 @@ mod tests {
     const WANTED: &[&str] = &["model", "user"];
 
     /// Scans `body` fed in chunks of `step` bytes.
-    fn scan(body: &str, step: usize) -> (Scan, Scanner) {
+    fn scan(body: &str, step: usize) -> (Scan, Scanner<'static>) {
         let mut s = Scanner::new(WANTED);
         for chunk in body.as_bytes().chunks(step.max(1)) {
             match s.feed(chunk) {
