@@ -84,11 +84,19 @@ pub fn reads_body<H: RequestHeaders + ?Sized>(table: &RoutingTable, ask: &Ask<'_
     if !first.reads_body() || models_request(table, ask) {
         return false;
     }
-    let named_by_header = first
-        .model_header
-        .as_ref()
-        .is_some_and(|h| ask.headers.first(h).is_some());
-    first.sticky_field().is_some() || !named_by_header
+    first.sticky_field().is_some() || model_named_by_header(table, ask).is_none()
+}
+
+/// The model a request header names, where a route on its path reads one (`model_header`).
+fn model_named_by_header<'a, H: RequestHeaders + ?Sized>(
+    table: &RoutingTable,
+    ask: &Ask<'a, H>,
+) -> Option<&'a [u8]> {
+    table
+        .routes
+        .iter()
+        .filter(|r| r.matches(ask.host, ask.path))
+        .find_map(|r| r.model_header.as_ref().and_then(|h| ask.headers.first(h)))
 }
 
 /// `GET /v1/models` that weir answers itself.
@@ -115,11 +123,7 @@ pub fn route_for<'t, H: RequestHeaders + ?Sized>(
     if first.models.is_empty() {
         return Ok(first);
     }
-    let header = first
-        .model_header
-        .as_ref()
-        .and_then(|h| ask.headers.first(h));
-    let model = match (header, ask.body) {
+    let model = match (model_named_by_header(table, ask), ask.body) {
         (Some(value), _) => match std::str::from_utf8(value) {
             Ok(model) => model,
             Err(_) => {
