@@ -273,53 +273,6 @@ allow_override = true
     assert!(err.contains("--version"), "{err}");
 }
 
-/// A `weir demo-backend` with `args`, and its URL once it listens.
-struct DemoBackend {
-    child: std::process::Child,
-    url: String,
-}
-
-impl DemoBackend {
-    fn spawn(args: &[&str]) -> DemoBackend {
-        use std::io::BufRead;
-        use std::process::{Command, Stdio};
-        let mut child = Command::new(env!("CARGO_BIN_EXE_weir"))
-            .arg("demo-backend")
-            .args(["--listen", "127.0.0.1:0"])
-            .args(args)
-            .env("NO_COLOR", "1")
-            .env_remove("RUST_LOG")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("weir binary starts");
-        let stderr = child.stderr.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in std::io::BufReader::new(stderr)
-                .lines()
-                .map_while(Result::ok)
-            {
-                if let Some(url) = line.split_whitespace().find(|w| w.starts_with("http://")) {
-                    let _ = tx.send(url.to_string());
-                }
-            }
-        });
-        let url = rx
-            .recv_timeout(std::time::Duration::from_secs(20))
-            .expect("the demo backend says where it listens");
-        DemoBackend { child, url }
-    }
-}
-
-impl Drop for DemoBackend {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// 190 ordinary cases and 10 probes carrying a trigger phrase.
 fn two_hundred_cases() -> String {
     let mut text = String::new();

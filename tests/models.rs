@@ -641,3 +641,126 @@ stable = "chat@v1"
         assert!(e.contains(wanted), "missing {wanted:?} in:\n{e}");
     }
 }
+
+/// The Python that has the official `openai` SDK: `WEIR_PYTHON`, or the venv `.ci/run` makes.
+fn sdk_python() -> std::path::PathBuf {
+    let python = std::env::var_os("WEIR_PYTHON").map_or_else(
+        || std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/ci-venv/bin/python"),
+        std::path::PathBuf::from,
+    );
+    assert!(
+        python.exists(),
+        "{} is missing: run .ci/run once (it installs the openai SDK into target/ci-venv), or set WEIR_PYTHON",
+        python.display()
+    );
+    python
+}
+
+/// What the SDK script reports: per model the versions that answered, plainly and streamed, the
+/// error of an unknown model and the models list.
+const SDK_SCRIPT: &str = r#"
+import json, sys
+from openai import OpenAI, NotFoundError
+client = OpenAI(base_url=sys.argv[1] + "/v1", api_key="unused", max_retries=0)
+out = {}
+for model in ["chat", "embed"]:
+    served = set()
+    for i in range(24):
+        r = client.chat.completions.create(model=model, messages=[{"role": "user", "content": f"hello {i}"}])
+        served.add(r.model)
+        assert r.choices[0].message.content, r
+    out[model] = sorted(served)
+    streamed, text = set(), ""
+    for chunk in client.chat.completions.create(model=model, stream=True, messages=[{"role": "user", "content": "tell me"}]):
+        streamed.add(chunk.model)
+        if chunk.choices and chunk.choices[0].delta.content:
+            text += chunk.choices[0].delta.content
+    out[model + "_stream"] = {"models": sorted(streamed), "text": text}
+try:
+    client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}])
+    out["unknown"] = None
+except NotFoundError as e:
+    out["unknown"] = {"status": e.status_code, "code": e.code, "param": e.param, "message": e.body["message"]}
+out["models"] = [m.id for m in client.models.list().data]
+print(json.dumps(out))
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_official_openai_sdk_reaches_two_models_through_one_path() {
+    let python = sdk_python();
+    let chat1 = DemoBackend::spawn(&["--model", "chat", "--version", "v1"]);
+    let chat2 = DemoBackend::spawn(&["--model", "chat", "--version", "v2", "--token-delay", "5ms"]);
+    let embed = DemoBackend::spawn(&["--model", "embed", "--version", "e1"]);
+    let config = r#"
+[[versions]]
+model = "chat"
+version = "v1"
+backends = ["{c1}"]
+
+[[versions]]
+model = "chat"
+version = "v2"
+backends = ["{c2}"]
+served_model = "chat-2024-07-15"
+
+[[versions]]
+model = "embed"
+version = "e1"
+backends = ["{e1}"]
+
+[[routes]]
+name = "chat"
+prefix = "/v1"
+model = "chat"
+stable = "chat@v1"
+candidate = "chat@v2"
+weight = "50%"
+
+[[routes]]
+name = "embed"
+prefix = "/v1"
+model = "embed"
+stable = "embed@e1"
+"#;
+    let weir = Weir::start(
+        config,
+        &[("c1", &chat1.url), ("c2", &chat2.url), ("e1", &embed.url)],
+    )
+    .await;
+    let base = weir.url("");
+    let base = base.trim_end_matches('/').to_string();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(python)
+            .args(["-c", SDK_SCRIPT, &base])
+            .output()
+            .expect("python runs")
+    })
+    .await
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "the SDK script failed:\n{stderr}");
+    let got: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(got["chat"], json!(["chat@v1", "chat@v2"]), "{got}");
+    assert_eq!(got["embed"], json!(["embed@e1"]), "{got}");
+    for model in ["chat", "embed"] {
+        let stream = &got[format!("{model}_stream")];
+        assert_eq!(
+            stream["models"].as_array().unwrap().len(),
+            1,
+            "one version per stream: {got}"
+        );
+        assert!(!stream["text"].as_str().unwrap().is_empty(), "{got}");
+    }
+    let unknown = &got["unknown"];
+    assert_eq!(unknown["status"], 404, "{got}");
+    assert_eq!(unknown["code"], "model_not_found", "{got}");
+    assert_eq!(unknown["param"], "model", "{got}");
+    assert!(
+        unknown["message"]
+            .as_str()
+            .unwrap()
+            .contains("\"gpt-4o\" is not served"),
+        "{got}"
+    );
+    assert_eq!(got["models"], json!(["chat", "embed"]), "{got}");
+}
