@@ -28,6 +28,7 @@ B1=127.0.0.1:18401 B2=127.0.0.1:18402
 WEIR=127.0.0.1:18480 ADMIN=127.0.0.1:18490 NGINX=127.0.0.1:18481 HAPROXY=127.0.0.1:18482
 NGINX_H2=127.0.0.1:18483 HAPROXY_H2=127.0.0.1:18484 # the peers take h2c (prior knowledge) on ports of their own
 WEIR_TLS=127.0.0.1:18485 ADMIN_TLS=127.0.0.1:18491 NGINX_TLS=127.0.0.1:18486 HAPROXY_TLS=127.0.0.1:18487
+WEIR_MODEL=127.0.0.1:18488 ADMIN_MODEL=127.0.0.1:18492 # weir routing by the body's model (POST pass)
 IDLE_MAX=10000 # largest idle-connection count tried (weir's default listener max_connections)
 
 for tool in wrk curl python3 nginx haproxy; do
@@ -44,7 +45,7 @@ else
 fi
 TICK=$(getconf CLK_TCK)
 
-for a in $B1 $B2 $WEIR $ADMIN $NGINX $HAPROXY $NGINX_H2 $HAPROXY_H2 $WEIR_TLS $ADMIN_TLS $NGINX_TLS $HAPROXY_TLS; do
+for a in $B1 $B2 $WEIR $ADMIN $NGINX $HAPROXY $NGINX_H2 $HAPROXY_H2 $WEIR_TLS $ADMIN_TLS $NGINX_TLS $HAPROXY_TLS $WEIR_MODEL $ADMIN_MODEL; do
   if ss -Htln "( sport = :${a##*:} )" | grep -q .; then echo "port ${a##*:} is already in use: $(ss -Htlnp "( sport = :${a##*:} )")" >&2; exit 1; fi
 done
 # WEIR_BIN=path measures another weir build (an A/B against an earlier commit) instead of this one.
@@ -99,6 +100,46 @@ mkdir -p "$work/state" "$work/nginx/logs"
 weir_config "$work/weir.toml" $WEIR $ADMIN "$work/state"
 "${PROXY_CPU[@]}" $BIN --log-level warn serve --config "$work/weir.toml" & pids+=($!)
 weir_pid=$!
+
+# The same split routed by the body's model: two models share the path, so every request has its
+# body read for "model" before the route and the split are chosen (the POST pass compares it
+# with path routing).
+mkdir -p "$work/state-model"
+cat >"$work/weir-model.toml" <<EOF
+[listener]
+addr = "$WEIR_MODEL"
+header_read_timeout = "120s"
+[admin]
+addr = "$ADMIN_MODEL"
+[state]
+dir = "$work/state-model"
+[[versions]]
+model = "chat"
+version = "v1"
+backends = ["http://$B1"]
+[[versions]]
+model = "chat"
+version = "v2"
+backends = ["http://$B2"]
+[[versions]]
+model = "embed"
+version = "e1"
+backends = ["http://$B2"]
+[[routes]]
+name = "embed"
+prefix = "/v1"
+model = "embed"
+stable = "embed@e1"
+[[routes]]
+name = "chat"
+prefix = "/v1"
+model = "chat"
+stable = "chat@v1"
+candidate = "chat@v2"
+weight = "10%"
+EOF
+"${PROXY_CPU[@]}" $BIN --log-level warn serve --config "$work/weir-model.toml" & pids+=($!)
+weir_model_pid=$!
 
 # TLS terminated by each proxy (one self-signed P-256 certificate for all three). weir serves TLS
 # from a second process with the same split, idle while the plain passes run.
@@ -183,6 +224,7 @@ ready=0
 for _ in $(seq 150); do
   if curl -fs http://$B1/ping >/dev/null 2>&1 && curl -fs http://$B2/ping >/dev/null 2>&1 &&
     curl -fs http://$ADMIN/readyz >/dev/null 2>&1 && curl -fs http://$WEIR/ping >/dev/null 2>&1 &&
+    curl -fs http://$ADMIN_MODEL/readyz >/dev/null 2>&1 &&
     curl -fs http://$NGINX/ping >/dev/null 2>&1 && curl -fs http://$HAPROXY/ping >/dev/null 2>&1 &&
     curl -fs --http2-prior-knowledge http://$NGINX_H2/ping >/dev/null 2>&1 &&
     curl -fs --http2-prior-knowledge http://$HAPROXY_H2/ping >/dev/null 2>&1; then
@@ -196,6 +238,7 @@ done
 proxy_pids() { # NAME -> the PIDs whose CPU counts for it
   case $1 in
     weir) echo "${weir_cpu_pid:-$weir_pid}" ;;
+    weir-model) echo "$weir_model_pid" ;;
     nginx) echo "$nginx_pid $(pgrep -P "$nginx_pid" | tr '\n' ' ')" ;;
     haproxy) echo "$haproxy_pid $(pgrep -P "$haproxy_pid" | tr '\n' ' ')" ;;
     direct) echo "" ;;
@@ -238,8 +281,10 @@ run_wrk() { # NAME URL [wrk args...]
 median() { sort -g | awk '{ v[NR] = $1 } END { print (NR ? v[int((NR + 1) / 2)] : "-") }'; }
 
 TARGETS=(direct weir nginx haproxy)
-declare -A URL=([direct]=http://$B1 [weir]=http://$WEIR [nginx]=http://$NGINX [haproxy]=http://$HAPROXY)
-declare -A LABEL=([direct]="backend direct" [weir]=weir [nginx]="nginx $(nginx -v 2>&1 | sed 's|.*/||')"
+declare -A URL=([direct]=http://$B1 [weir]=http://$WEIR [nginx]=http://$NGINX [haproxy]=http://$HAPROXY
+  [weir-model]=http://$WEIR_MODEL)
+declare -A LABEL=([direct]="backend direct" [weir]=weir [weir-model]="weir, route by model"
+  [nginx]="nginx $(nginx -v 2>&1 | sed 's|.*/||')"
   [haproxy]="haproxy $(haproxy -v | awk 'NR == 1 { sub(/-.*/, "", $3); print $3 }')")
 
 bench() { # TITLE PATH [wrk args...]: ROUNDS interleaved rounds over TARGETS, then the table
@@ -271,12 +316,18 @@ bench() { # TITLE PATH [wrk args...]: ROUNDS interleaved rounds over TARGETS, th
   if [ -n "${med[direct,1]:-}" ]; then
     awk -v r1="${med[weir,1]}" -v r2="${med[direct,1]}" 'BEGIN { printf "weir / direct   throughput %.2fx\n", r1 / r2 }'
   fi
+  if [ -n "${med[weir-model,1]:-}" ]; then
+    awk -v r1="${med[weir-model,1]}" -v r2="${med[weir,1]}" -v c1="${med[weir-model,4]}" -v c2="${med[weir,4]}" 'BEGIN {
+      printf "weir by model / weir by path: throughput %.3fx   CPU per request %.3fx\n", r1 / r2, c1 / c2 }'
+  fi
 }
 
 echo "peers benchmark: $PINNING; fd limit $FDS; CPU from /proc/PID/stat (nginx: master+worker)"
 bench "GET /ping" /ping
 if [ "$POST" = 1 ]; then
+  TARGETS=(direct weir weir-model nginx haproxy)
   bench "POST /v1/chat/completions (non-streaming, ~300 B answer)" /v1/chat/completions -s "$work/post.lua"
+  TARGETS=(direct weir nginx haproxy)
 fi
 
 # --- HTTPS: TLS 1.3 terminated by the proxy, HTTP/1.1 keep-alive (wrk offers no ALPN) -----------
