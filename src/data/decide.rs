@@ -68,19 +68,21 @@ pub fn decide<H: RequestHeaders + ?Sized>(
     ask: &Ask<'_, H>,
     max_request_body: u64,
 ) -> Decided {
-    match route_for(table, ask) {
+    match route_for(table, table.find(ask.host, ask.path), ask) {
         Ok(route) => decide_on(route, ask, max_request_body),
         Err(local) => Decided::Local(local),
     }
 }
 
-/// Whether `ask` must have its body's fields read before [`route_for`] can route it: its first
-/// matching route routes by model (and no model header names it) or is sticky by a body field.
+/// Whether `ask` must have its body's fields read before [`route_for`] can route it: `first`,
+/// its first matching route, routes by model (and no model header names it) or is sticky by a
+/// body field.
 #[inline]
-pub fn reads_body<H: RequestHeaders + ?Sized>(table: &RoutingTable, ask: &Ask<'_, H>) -> bool {
-    let Some(first) = table.find(ask.host, ask.path) else {
-        return false;
-    };
+pub fn reads_body<H: RequestHeaders + ?Sized>(
+    table: &RoutingTable,
+    first: &Route,
+    ask: &Ask<'_, H>,
+) -> bool {
     if !first.reads_body() || models_request(table, ask) {
         return false;
     }
@@ -104,19 +106,24 @@ fn models_request<H: ?Sized>(table: &RoutingTable, ask: &Ask<'_, H>) -> bool {
     table.models_list.is_some() && ask.path == MODELS_PATH && ask.method == "GET"
 }
 
-/// The route that serves `ask`: the first that matches its host and path, or — where routes
-/// route by model — the first of those that serves the model the request names. Weir's own
-/// answer when there is none, or for `GET /v1/models`.
+/// The route that serves `ask`: `first`, the first that matches its host and path, or — where
+/// routes route by model — the first of those that serves the model the request names. Weir's
+/// own answer when there is none, or for `GET /v1/models`.
+#[inline]
 pub fn route_for<'t, H: RequestHeaders + ?Sized>(
     table: &'t RoutingTable,
+    first: Option<&'t Route>,
     ask: &Ask<'_, H>,
 ) -> Result<&'t Route, Local> {
-    let Some(first) = table.find(ask.host, ask.path) else {
+    let Some(first) = first else {
         if models_request(table, ask) {
             return Err(Local::models(table));
         }
         return Err(Local::no_route(ask));
     };
+    if first.models.is_empty() && table.models_list.is_none() {
+        return Ok(first);
+    }
     if models_request(table, ask) {
         return Err(Local::models(table));
     }

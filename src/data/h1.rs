@@ -257,16 +257,15 @@ async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
     let table = proxy.table.load();
     // A route that routes by the body's fields reads them here when the body is in hand (or
     // its first max_body_scan bytes are); otherwise the general path reads them.
+    let first = table.find(ask.host, ask.path);
     let read;
-    if reads_body(&table, &ask) {
+    if first.is_some_and(|first| reads_body(&table, first, &ask)) {
         let body = &buf[head_len..consumed];
         let max = settings.max_body_scan;
         if !body_complete && body.len() < max {
             return Exchange::General;
         }
-        let sticky = table
-            .find(ask.host, ask.path)
-            .and_then(|r| r.sticky_field());
+        let sticky = first.and_then(|r| r.sticky_field());
         let wanted = ["model", sticky.unwrap_or("")];
         let wanted = &wanted[..if sticky.is_some() { 2 } else { 1 }];
         let mut reader = FieldReader::new(wanted, max);
@@ -276,7 +275,7 @@ async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
         };
         ask.body = Some(&read);
     }
-    let decided = match route_for(&table, &ask) {
+    let decided = match route_for(&table, first, &ask) {
         Err(local) => Decided::Local(local),
         Ok(route) if !route.plain_http() => return Exchange::General,
         Ok(route) => decide_on(route, &ask, settings.max_request_body),

@@ -207,7 +207,7 @@ impl Proxy {
             let ask = ask_of(&req, request_length, started, None);
             let first = table.find(ask.host, ask.path);
             first
-                .filter(|_| reads_body(&table, &ask))
+                .filter(|r| reads_body(&table, r, &ask))
                 .map(|r| (r.sticky_field().map(str::to_string), r.api))
         };
         let mut prefix = None;
