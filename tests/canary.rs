@@ -179,7 +179,7 @@ struct Load {
 
 #[derive(Clone, Copy)]
 enum Kind {
-    /// `GET /v1/models`.
+    /// `GET /v1/info` (not `/v1/models`, which weir never splits).
     Get,
     /// `POST /v1/chat/completions` with a JSON body.
     Chat,
@@ -195,7 +195,7 @@ impl Load {
             .map(|worker| {
                 let (client, stopped) = (client.clone(), stopped.clone());
                 let (served, failed) = (served.clone(), failed.clone());
-                let models = weir.url("/v1/models");
+                let models = weir.url("/v1/info");
                 let chat = weir.url("/v1/chat/completions");
                 tokio::spawn(async move {
                     let mut i = 0usize;
@@ -413,7 +413,7 @@ async fn a_healthy_candidate_steps_through_every_step_and_is_promoted() {
     assert_eq!(route["candidate"], Value::Null, "{route}");
     assert_eq!(route["rollback_target"], STABLE, "{route}");
     assert_eq!(route["state"], "stable", "{route}");
-    let reply = get(&http1(), &weir.url("/v1/models")).await;
+    let reply = get(&http1(), &weir.url("/v1/info")).await;
     assert_eq!(reply.served_by(), CANDIDATE);
 
     // Decisions: the first step, two judged steps, the promotion; holds only for want of data.
@@ -577,7 +577,7 @@ async fn a_candidate_failing_30_percent_is_rolled_back_at_the_first_step() {
     let before = v2.hits();
     let client = http1();
     for i in 0..100 {
-        let reply = get(&client, &weir.url("/v1/models")).await;
+        let reply = get(&client, &weir.url("/v1/info")).await;
         assert_eq!(reply.status, StatusCode::OK, "request {i}");
         assert_eq!(reply.served_by(), STABLE, "request {i}");
     }
@@ -609,7 +609,7 @@ async fn too_little_data_holds_until_the_progress_deadline_rolls_back() {
     // A trickle: a candidate share of 20 requests is far short of min_requests.
     let client = http1();
     for _ in 0..20 {
-        let reply = get(&client, &weir.url("/v1/models")).await;
+        let reply = get(&client, &weir.url("/v1/info")).await;
         assert_eq!(reply.status, StatusCode::OK);
     }
     assert_eventually!(
