@@ -48,6 +48,7 @@ run() { # NAME PORT ROUTE-LINES
   cat >"$work/$1.toml" <<TOML
 [listener]
 addr = "127.0.0.1:$2"
+max_request_body = "1GiB"
 [admin]
 addr = "127.0.0.1:$(($2 + 100))"
 [state]

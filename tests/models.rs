@@ -285,12 +285,17 @@ async fn served_model_replaces_the_model_the_backend_sees_wherever_the_body_name
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_streamed_answer_passes_through_a_route_by_model() {
-    let sse = Backend::start(|_req| async {
+    // Streams its answer as SSE events, each naming the model the request body asked for.
+    let sse = Backend::start(|req: http::Request<hyper::body::Incoming>| async move {
+        use http_body_util::BodyExt;
+        let body = req.into_body().collect().await.unwrap().to_bytes();
+        let asked: Value = serde_json::from_slice(&body).unwrap();
+        let model = asked["model"].as_str().unwrap_or_default().to_string();
         let (tx, body) = channel_body(8);
         tokio::spawn(async move {
             for i in 0..5 {
                 let event = format!(
-                    "data: {{\"choices\": [{{\"delta\": {{\"content\": \"t{i}\"}}}}]}}\n\n"
+                    "data: {{\"model\": {model:?}, \"choices\": [{{\"delta\": {{\"content\": \"t{i}\"}}}}]}}\n\n"
                 );
                 if tx.send(bytes::Bytes::from(event)).await.is_err() {
                     return;
@@ -312,6 +317,7 @@ async fn a_streamed_answer_passes_through_a_route_by_model() {
 model = "chat"
 version = "v1"
 backends = ["{b}"]
+served_model = "chat-2024-07-15"
 
 [[routes]]
 name = "chat"
@@ -333,6 +339,12 @@ stable = "chat@v1"
     }
     assert_eq!(got.len(), 6, "{got:?}");
     assert!(got[5].contains("[DONE]"), "{got:?}");
+    assert!(
+        got[..5]
+            .iter()
+            .all(|e| e.contains("\"model\": \"chat-2024-07-15\"")),
+        "the streamed request reached the backend under its served name: {got:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
