@@ -115,12 +115,21 @@ where
             if buf.is_empty() && *stop.borrow() {
                 return Served::Closed;
             }
-            if buf.capacity() - buf.len() < 1024 {
-                buf.reserve(READ_CHUNK);
-            }
+            // Idle, the connection waits with no buffer: the first bytes are read onto the stack
+            // and only then copied into one.
+            let idle = buf.is_empty();
+            let reading = async {
+                if idle {
+                    return read_idle(&mut client, &mut buf).await;
+                }
+                if buf.capacity() - buf.len() < 1024 {
+                    buf.reserve(READ_CHUNK);
+                }
+                client.read_buf(&mut buf).await
+            };
             let read = tokio::select! {
-                read = tokio::time::timeout_at(deadline, client.read_buf(&mut buf)) => read,
-                _ = crate::shutdown::stopped(stop), if buf.is_empty() => return Served::Closed,
+                read = tokio::time::timeout_at(deadline, reading) => read,
+                _ = crate::shutdown::stopped(stop), if idle => return Served::Closed,
             };
             match read {
                 Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return Served::Closed,
@@ -171,6 +180,25 @@ where
             }
         }
     }
+}
+
+/// Reads what the client sends next into `buf`, which is empty, through a buffer on the stack
+/// of each poll: while nothing has arrived, the waiting future holds no buffer at all (a
+/// `Pending` read has taken no bytes, so none are lost when the stack buffer goes).
+async fn read_idle<S: AsyncRead + Unpin>(client: &mut S, buf: &mut BytesMut) -> io::Result<usize> {
+    std::future::poll_fn(|cx| {
+        let mut stack = [std::mem::MaybeUninit::<u8>::uninit(); READ_CHUNK];
+        let mut read = ReadBuf::uninit(&mut stack);
+        match Pin::new(&mut *client).poll_read(cx, &mut read) {
+            Poll::Ready(Ok(())) => {
+                buf.extend_from_slice(read.filled());
+                Poll::Ready(Ok(read.filled().len()))
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => Poll::Pending,
+        }
+    })
+    .await
 }
 
 pub(super) enum Exchange {
