@@ -483,3 +483,108 @@ async fn client_disconnect_cancels_the_upstream_request() {
         "weir_in_flight_requests did not return to 0 after the client left"
     );
 }
+
+/// Inference at scale: 2,000 streams open through weir at once (the backend holds every one
+/// until all have arrived), each receiving its own 20 events in order and its end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_thousand_concurrent_streams_all_complete_intact() {
+    const STREAMS: usize = 2000;
+    const EVENTS: usize = 20;
+    let arrived = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let all_here = Arc::new(tokio::sync::Notify::new());
+    let (count, notify) = (arrived.clone(), all_here.clone());
+    let backend = Backend::start(move |req: Request<hyper::body::Incoming>| {
+        let (count, notify) = (count.clone(), notify.clone());
+        async move {
+            let id = req
+                .uri()
+                .query()
+                .and_then(|q| q.strip_prefix("stream="))
+                .unwrap_or("?")
+                .to_string();
+            let (tx, body) = channel_body(2);
+            tokio::spawn(async move {
+                // Streams start together: every one is open at once.
+                let wait = notify.notified();
+                if count.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1 == STREAMS {
+                    notify.notify_waiters();
+                } else {
+                    wait.await;
+                }
+                for k in 0..EVENTS {
+                    let event = format!(
+                        "data: {{\"stream\": {id}, \"seq\": {k}, \"text\": \"token\"}}\n\n"
+                    );
+                    if tx.send(Bytes::from(event)).await.is_err() {
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                let _ = tx.send(Bytes::from_static(b"data: [DONE]\n\n")).await;
+            });
+            Response::builder()
+                .header("content-type", "text/event-stream")
+                .body(body)
+                .unwrap()
+        }
+    })
+    .await;
+    let weir = Weir::start(ONE_VERSION, &[("v1", &backend.url())]).await;
+    let client = http1();
+    let streams: Vec<_> = (0..STREAMS)
+        .map(|i| {
+            let (client, url) = (
+                client.clone(),
+                weir.url(&format!("/v1/chat/completions?stream={i}")),
+            );
+            tokio::spawn(async move {
+                let req = Request::builder()
+                    .method(Method::POST)
+                    .uri(url)
+                    .header("content-type", "application/json")
+                    .body(full(r#"{"model": "chat", "stream": true, "messages": []}"#))
+                    .unwrap();
+                let response = client
+                    .request(req)
+                    .await
+                    .map_err(|e| format!("stream {i}: {e}"))?;
+                let mut events = EventReader::new(response.into_body());
+                let mut got = Vec::new();
+                while let Some(event) = events.next(Duration::from_secs(60)).await {
+                    got.push(event);
+                }
+                let expected: Vec<String> = (0..EVENTS)
+                    .map(|k| {
+                        format!("data: {{\"stream\": {i}, \"seq\": {k}, \"text\": \"token\"}}")
+                    })
+                    .chain(["data: [DONE]".to_string()])
+                    .collect();
+                if got != expected {
+                    return Err(format!(
+                        "stream {i} got {} events, first differing: {:?}",
+                        got.len(),
+                        got.iter().zip(&expected).find(|(a, b)| a != b)
+                    ));
+                }
+                Ok(())
+            })
+        })
+        .collect();
+    let mut failed = Vec::new();
+    for stream in streams {
+        if let Err(e) = tokio::time::timeout(Duration::from_secs(120), stream)
+            .await
+            .expect("every stream ends within 120 s")
+            .unwrap()
+        {
+            failed.push(e);
+        }
+    }
+    assert!(
+        failed.is_empty(),
+        "{} of {STREAMS} streams failed: {:?}",
+        failed.len(),
+        &failed[..failed.len().min(5)]
+    );
+    assert_eq!(arrived.load(std::sync::atomic::Ordering::SeqCst), STREAMS);
+}
