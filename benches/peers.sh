@@ -12,7 +12,9 @@
 # env:   POST=0 skips the POST /v1/chat/completions pass; H2=0 skips h2load; MEM=0 skips memory;
 #        STREAM=0 skips the streaming pass (time to first byte and per-token delay added);
 #        H2N=200000 sets the requests per h2load run; TLS=0 skips the HTTPS pass (needs openssl);
-#        WEIR_BIN=path uses that weir binary instead of building this checkout's.
+#        WEIR_BIN=path uses that weir binary instead of building this checkout's;
+#        WEIR_B=path also runs that binary as "weir B" (same config) in the plain GET and POST
+#        passes, interleaved with weir, for an A/B against another build in one run.
 # needs: wrk, curl, python3, nginx, haproxy, h2load (apt-get install -y wrk nginx haproxy
 #        nghttp2-client); everything else is built here. Loopback only.
 set -euo pipefail
@@ -100,6 +102,13 @@ mkdir -p "$work/state" "$work/nginx/logs"
 weir_config "$work/weir.toml" $WEIR $ADMIN "$work/state"
 "${PROXY_CPU[@]}" $BIN --log-level warn serve --config "$work/weir.toml" & pids+=($!)
 weir_pid=$!
+WEIR_B_ADDR=127.0.0.1:18489 ADMIN_B=127.0.0.1:18493
+if [ -n "${WEIR_B:-}" ]; then
+  mkdir -p "$work/state-b"
+  weir_config "$work/weir-b.toml" $WEIR_B_ADDR $ADMIN_B "$work/state-b"
+  "${PROXY_CPU[@]}" "$WEIR_B" --log-level warn serve --config "$work/weir-b.toml" & pids+=($!)
+  weir_b_pid=$!
+fi
 
 # The same split routed by the body's model: two models share the path, so every request has its
 # body read for "model" before the route and the split are chosen (the POST pass compares it
@@ -225,6 +234,7 @@ for _ in $(seq 150); do
   if curl -fs http://$B1/ping >/dev/null 2>&1 && curl -fs http://$B2/ping >/dev/null 2>&1 &&
     curl -fs http://$ADMIN/readyz >/dev/null 2>&1 && curl -fs http://$WEIR/ping >/dev/null 2>&1 &&
     curl -fs http://$ADMIN_MODEL/readyz >/dev/null 2>&1 &&
+    { [ -z "${WEIR_B:-}" ] || curl -fs http://$ADMIN_B/readyz >/dev/null 2>&1; } &&
     curl -fs http://$NGINX/ping >/dev/null 2>&1 && curl -fs http://$HAPROXY/ping >/dev/null 2>&1 &&
     curl -fs --http2-prior-knowledge http://$NGINX_H2/ping >/dev/null 2>&1 &&
     curl -fs --http2-prior-knowledge http://$HAPROXY_H2/ping >/dev/null 2>&1; then
@@ -239,6 +249,7 @@ proxy_pids() { # NAME -> the PIDs whose CPU counts for it
   case $1 in
     weir) echo "${weir_cpu_pid:-$weir_pid}" ;;
     weir-model) echo "$weir_model_pid" ;;
+    weir-b) echo "$weir_b_pid" ;;
     nginx) echo "$nginx_pid $(pgrep -P "$nginx_pid" | tr '\n' ' ')" ;;
     haproxy) echo "$haproxy_pid $(pgrep -P "$haproxy_pid" | tr '\n' ' ')" ;;
     direct) echo "" ;;
@@ -282,8 +293,8 @@ median() { sort -g | awk '{ v[NR] = $1 } END { print (NR ? v[int((NR + 1) / 2)] 
 
 TARGETS=(direct weir nginx haproxy)
 declare -A URL=([direct]=http://$B1 [weir]=http://$WEIR [nginx]=http://$NGINX [haproxy]=http://$HAPROXY
-  [weir-model]=http://$WEIR_MODEL)
-declare -A LABEL=([direct]="backend direct" [weir]=weir [weir-model]="weir, route by model"
+  [weir-model]=http://$WEIR_MODEL [weir-b]=http://$WEIR_B_ADDR)
+declare -A LABEL=([direct]="backend direct" [weir]=weir [weir-model]="weir, route by model" [weir-b]="weir B"
   [nginx]="nginx $(nginx -v 2>&1 | sed 's|.*/||')"
   [haproxy]="haproxy $(haproxy -v | awk 'NR == 1 { sub(/-.*/, "", $3); print $3 }')")
 
@@ -316,6 +327,10 @@ bench() { # TITLE PATH [wrk args...]: ROUNDS interleaved rounds over TARGETS, th
   if [ -n "${med[direct,1]:-}" ]; then
     awk -v r1="${med[weir,1]}" -v r2="${med[direct,1]}" 'BEGIN { printf "weir / direct   throughput %.2fx\n", r1 / r2 }'
   fi
+  if [ -n "${med[weir-b,1]:-}" ]; then
+    awk -v r1="${med[weir-b,1]}" -v r2="${med[weir,1]}" -v c1="${med[weir-b,4]}" -v c2="${med[weir,4]}" -v q1="${med[weir-b,3]}" -v q2="${med[weir,3]}" 'BEGIN {
+      printf "weir B / weir: throughput %.3fx   CPU per request %.3fx   p99 %.3fx\n", r1 / r2, c1 / c2, q1 / q2 }'
+  fi
   if [ -n "${med[weir-model,1]:-}" ]; then
     awk -v r1="${med[weir-model,1]}" -v r2="${med[weir,1]}" -v c1="${med[weir-model,4]}" -v c2="${med[weir,4]}" 'BEGIN {
       printf "weir by model / weir by path: throughput %.3fx   CPU per request %.3fx\n", r1 / r2, c1 / c2 }'
@@ -323,12 +338,14 @@ bench() { # TITLE PATH [wrk args...]: ROUNDS interleaved rounds over TARGETS, th
 }
 
 echo "peers benchmark: $PINNING; fd limit $FDS; CPU from /proc/PID/stat (nginx: master+worker)"
+B=() && [ -n "${WEIR_B:-}" ] && B=(weir-b)
+TARGETS=(direct weir "${B[@]}" nginx haproxy)
 bench "GET /ping" /ping
 if [ "$POST" = 1 ]; then
-  TARGETS=(direct weir weir-model nginx haproxy)
+  TARGETS=(direct weir "${B[@]}" weir-model nginx haproxy)
   bench "POST /v1/chat/completions (non-streaming, ~300 B answer)" /v1/chat/completions -s "$work/post.lua"
-  TARGETS=(direct weir nginx haproxy)
 fi
+TARGETS=(direct weir nginx haproxy)
 
 # --- HTTPS: TLS 1.3 terminated by the proxy, HTTP/1.1 keep-alive (wrk offers no ALPN) -----------
 if [ "$TLS" = 1 ]; then
