@@ -933,3 +933,31 @@ async fn quick_mode_serves_the_champion_and_refuses_to_start_without_one() {
     weir.sigterm();
     assert!(weir.exit_status(Duration::from_secs(20)).await.success());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_served_model_tag_renames_the_model_on_a_route_by_model() {
+    let mlflow = Mlflow::start().await;
+    let ws = Workspace::new();
+    let echo = Backend::echo("v1").await;
+    model_with(&mlflow, &ws, &[("production", &echo)]).await;
+    mlflow
+        .set_tag("chat", "1", "weir.served_model", "chat-2024-07-15")
+        .await;
+    mlflow.set_alias("chat", "champion", "1").await;
+    let weir = Weir::start(&config(&mlflow, "model = \"chat\""), &[]).await;
+    let req = http::Request::builder()
+        .method(Method::POST)
+        .uri(weir.url("/v1/chat/completions"))
+        .header("content-type", "application/json")
+        .body(full(r#"{"model": "chat", "messages": []}"#))
+        .unwrap();
+    let reply = send(&http1(), req).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    assert_eq!(reply.served_by(), "chat@1");
+    assert_eq!(
+        reply.json()["body"],
+        r#"{"model": "chat-2024-07-15", "messages": []}"#,
+        "the version's weir.served_model tag names the model for its servers"
+    );
+    weir.stop().await;
+}

@@ -40,6 +40,9 @@ pub struct Pin {
     /// Origins from its `weir.backends` tag (empty when weir's config defines the version).
     pub backends: Vec<String>,
     pub protocol: Option<String>,
+    /// Its `weir.served_model` tag: the name its servers know the model by (routes by model).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub served_model: Option<String>,
 }
 
 impl Pin {
@@ -322,6 +325,7 @@ impl MlflowSource {
             problem: None,
             backends: Vec::new(),
             protocol: v.tags.get(tag::PROTOCOL).cloned(),
+            served_model: v.tags.get(tag::SERVED_MODEL).cloned(),
         };
         match v.entry() {
             Ok(entry) => pin.entry = Some(entry),
@@ -691,7 +695,7 @@ pub fn apply(base: &Config, resolution: &Resolution) -> Config {
                     .and_then(|p| BackendProtocol::parse(p).ok())
                     .unwrap_or_default(),
                 from_registry: true,
-                served_model: None,
+                served_model: pin.served_model.clone(),
             });
         }
     }

@@ -48,6 +48,9 @@ pub mod tag {
     pub const PROTOCOL: &str = "weir.protocol";
     /// What the model server reports about itself, when not `model@version`.
     pub const IDENTITY: &str = "weir.identity";
+    /// The name its servers know the model by, for versions from `weir.backends` on routes by
+    /// model (a `[[versions]]` entry's `served_model` otherwise).
+    pub const SERVED_MODEL: &str = "weir.served_model";
 }
 
 /// A model version as MLflow's REST API returns it (the fields weir uses).
