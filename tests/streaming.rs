@@ -529,7 +529,10 @@ async fn two_thousand_concurrent_streams_all_complete_intact() {
         }
     })
     .await;
-    let weir = Weir::start(ONE_VERSION, &[("v1", &backend.url())]).await;
+    // Generous connects: 2,000 connections opened within a second can overflow a listen backlog
+    // on a loaded machine, and a dropped SYN is retried after a second.
+    let config = format!("[proxy]\nconnect_timeout = \"20s\"\n{ONE_VERSION}");
+    let weir = Weir::start(&config, &[("v1", &backend.url())]).await;
     let client = http1();
     let streams: Vec<_> = (0..STREAMS)
         .map(|i| {
@@ -538,6 +541,9 @@ async fn two_thousand_concurrent_streams_all_complete_intact() {
                 weir.url(&format!("/v1/chat/completions?stream={i}")),
             );
             tokio::spawn(async move {
+                // Opened over a second, not in one burst; they are all open at once all the
+                // same, since the backend holds every one until the last has arrived.
+                tokio::time::sleep(Duration::from_micros(500 * i as u64)).await;
                 let req = Request::builder()
                     .method(Method::POST)
                     .uri(url)
@@ -548,6 +554,10 @@ async fn two_thousand_concurrent_streams_all_complete_intact() {
                     .request(req)
                     .await
                     .map_err(|e| format!("stream {i}: {e}"))?;
+                if response.status() != http::StatusCode::OK {
+                    let body = response.into_body().collect().await.map(|b| b.to_bytes());
+                    return Err(format!("stream {i}: {body:?}"));
+                }
                 let mut events = EventReader::new(response.into_body());
                 let mut got = Vec::new();
                 while let Some(event) = events.next(Duration::from_secs(60)).await {
