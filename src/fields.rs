@@ -74,11 +74,23 @@ pub fn replace_model(body: &[u8], token: &[u8]) -> Option<Vec<u8>> {
         Scan::More | Scan::Invalid(_) => return None,
     }
     let field = scanner.field(0)?;
-    let mut out = Vec::with_capacity(body.len() - (field.end - field.start) + token.len());
-    out.extend_from_slice(&body[..field.start]);
-    out.extend_from_slice(token);
-    out.extend_from_slice(&body[field.end..]);
+    let mut out = Vec::with_capacity(field.renamed_len(body.len() as u64, token) as usize);
+    field.splice_into(&mut out, body, token);
     Some(out)
+}
+
+impl Field {
+    /// Appends `body` to `out` with this field's value token replaced by `token`.
+    pub fn splice_into(&self, out: &mut Vec<u8>, body: &[u8], token: &[u8]) {
+        out.extend_from_slice(&body[..self.start]);
+        out.extend_from_slice(token);
+        out.extend_from_slice(&body[self.end..]);
+    }
+
+    /// The length of a body of `len` bytes once this field's value is `token`.
+    pub fn renamed_len(&self, len: u64, token: &[u8]) -> u64 {
+        len - (self.end - self.start) as u64 + token.len() as u64
+    }
 }
 
 /// A wanted field's value: decoded, with the byte span of its token (quotes included) in the

@@ -140,7 +140,7 @@ pub fn build_table(
 
 /// `GET /v1/models` as weir answers it, when it does: OpenAI's list of the models clients may
 /// name — the routes' `model` names, or without any, the models of the stable versions.
-fn models_list(config: &Config, routes: &[Route]) -> Option<bytes::Bytes> {
+fn models_list(config: &Config, routes: &[Route]) -> Option<serde_json::Value> {
     let by_model = routes.iter().any(|r| !r.models.is_empty());
     let answer = match config.listener.models_endpoint {
         ModelsEndpoint::Weir => true,
@@ -172,8 +172,7 @@ fn models_list(config: &Config, routes: &[Route]) -> Option<bytes::Bytes> {
             |id| serde_json::json!({"id": id, "object": "model", "created": 0, "owned_by": "weir"}),
         )
         .collect();
-    let list = serde_json::json!({"object": "list", "data": data});
-    Some(bytes::Bytes::from(list.to_string()))
+    Some(serde_json::json!({"object": "list", "data": data}))
 }
 
 /// The split as tables built from config draw it (the draw itself is `data::split`'s).

@@ -243,10 +243,9 @@ pub fn shaped(
 impl Local {
     /// `GET /v1/models`: the models weir's routes serve.
     pub fn models(table: &RoutingTable) -> Local {
-        let list = table.models_list.as_deref().unwrap_or(b"{}");
         Local {
             status: StatusCode::OK,
-            body: serde_json::from_slice(list).unwrap_or_default(),
+            body: table.models_list.clone().unwrap_or_default(),
             version: None,
         }
     }
@@ -342,11 +341,27 @@ impl Refusal {
         in_flight: &InFlight,
         api: Api,
     ) -> (StatusCode, serde_json::Value) {
-        let (status, kind, message) = match *self {
-            Refusal::Backend(kind) => {
-                in_flight.stats().count_error(kind);
-                (kind.status(), kind.as_str(), backend_message(kind, label))
-            }
+        if let Refusal::Backend(kind) = *self {
+            in_flight.stats().count_error(kind);
+        }
+        let (status, kind, message) = self.what(label);
+        in_flight.stats().count_response(status);
+        let body = serde_json::json!({"error": message, "version": label, "kind": kind});
+        (status, shaped(api, status, body, None))
+    }
+
+    /// The answer to a request refused before it was routed (its body could not be read for
+    /// routing): no version, nothing to count it on yet.
+    pub fn unrouted(&self, api: Api) -> (StatusCode, serde_json::Value) {
+        let (status, kind, message) = self.what("the version");
+        let body = serde_json::json!({"error": message, "kind": kind});
+        (status, shaped(api, status, body, None))
+    }
+
+    /// Status, kind and message, for `label`'s request.
+    fn what(&self, label: &str) -> (StatusCode, &'static str, String) {
+        match *self {
+            Refusal::Backend(kind) => (kind.status(), kind.as_str(), backend_message(kind, label)),
             Refusal::TooLarge(limit) => (
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "request_too_large",
@@ -357,31 +372,7 @@ impl Refusal {
                 "client_body",
                 "the request body could not be read from the client".to_string(),
             ),
-        };
-        in_flight.stats().count_response(status);
-        let body = serde_json::json!({"error": message, "version": label, "kind": kind});
-        (status, shaped(api, status, body, None))
-    }
-}
-
-impl Refusal {
-    /// The answer to a request refused before it was routed (its body could not be read for
-    /// routing): nothing to count it on yet.
-    pub fn unrouted(&self, api: Api) -> (StatusCode, serde_json::Value) {
-        let (status, kind, message) = match *self {
-            Refusal::TooLarge(limit) => (
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "request_too_large",
-                format!("request body is larger than the limit of {limit} bytes (listener.max_request_body)"),
-            ),
-            Refusal::ClientBody | Refusal::Backend(_) => (
-                StatusCode::BAD_REQUEST,
-                "client_body",
-                "the request body could not be read from the client".to_string(),
-            ),
-        };
-        let body = serde_json::json!({"error": message, "kind": kind});
-        (status, shaped(api, status, body, None))
+        }
     }
 }
 

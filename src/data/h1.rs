@@ -349,21 +349,19 @@ async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
     let backend = picked.backend();
 
     // The version's name for the model replaces the client's: its span in the bytes read.
-    let rename = match (&version.served_model, ask.body) {
-        (Some(token), Some(Ok(BodyFields { model: Some(f), .. }))) => Some((f.start, f.end, token)),
+    let model = match ask.body {
+        Some(Ok(BodyFields { model: Some(f), .. })) => Some(f),
         _ => None,
     };
+    let rename = model.zip(version.served_model.as_deref());
     let shadow_plan = shadow_plan.map(|mut plan| {
-        if let Some(Ok(BodyFields { model: Some(f), .. })) = ask.body {
-            let client = &buf[head_len + f.start..head_len + f.end];
-            plan.model = Some(Bytes::copy_from_slice(
-                plan.candidate.served_model.as_deref().unwrap_or(client),
-            ));
+        if let Some(f) = model {
+            plan.name_model(&buf[head_len + f.start..head_len + f.end]);
         }
         plan
     });
     let length = fields.content_length.map(|n| match rename {
-        Some((start, end, token)) => n - (end - start) as u64 + token.len() as u64,
+        Some((field, token)) => field.renamed_len(n, token),
         None => n,
     });
 
@@ -406,11 +404,7 @@ async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
     });
     let body = &buf[head_len..consumed];
     match rename {
-        Some((start, end, token)) => {
-            out.extend_from_slice(&body[..start]);
-            out.extend_from_slice(token);
-            out.extend_from_slice(&body[end..]);
-        }
+        Some((field, token)) => field.splice_into(&mut out, body, token),
         None => out.extend_from_slice(body),
     }
     // A mirrored request starts its shadow now, with the head as forwarded; the tees get the

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use http::header::{self, HeaderName, HeaderValue, CONTENT_LENGTH, HOST};
 use http::{HeaderMap, Request, Response, StatusCode, Uri};
 use hyper_rustls::HttpsConnector;
@@ -245,22 +245,16 @@ impl Proxy {
                 ..
             }) = &prefix
             {
-                let client = &bytes[f.start..f.end];
-                plan.model = Some(Bytes::copy_from_slice(
-                    plan.candidate.served_model.as_deref().unwrap_or(client),
-                ));
+                plan.name_model(&bytes[f.start..f.end]);
             }
             plan
         });
         // The version's name for the model, in place of the client's.
         if let (Some(prefix), Some(token)) = (prefix.as_mut(), &version.served_model) {
-            if let Some(grown) = prefix.rename(token) {
-                if let Some(old) = request_length {
-                    let length = old.saturating_add_signed(grown);
-                    request_length = Some(length);
-                    req.headers_mut()
-                        .insert(header::CONTENT_LENGTH, HeaderValue::from(length));
-                }
+            if let Some(length) = prefix.rename(token, request_length) {
+                request_length = Some(length);
+                req.headers_mut()
+                    .insert(header::CONTENT_LENGTH, HeaderValue::from(length));
             }
         }
 
@@ -304,7 +298,7 @@ impl Proxy {
         let request_tee = shadow.as_mut().map(|s| s.take_request_tee());
         let body = match prefix {
             Some(p) => LimitedBody::with_prefix(
-                p.bytes.freeze(),
+                Bytes::from(p.bytes),
                 p.trailers,
                 body,
                 self.settings.max_request_body,
@@ -504,7 +498,7 @@ impl Proxy {
         let wanted = ["model", sticky.unwrap_or("")];
         let wanted = &wanted[..if sticky.is_some() { 2 } else { 1 }];
         let mut reader = FieldReader::new(wanted, self.settings.max_body_scan);
-        let mut bytes = BytesMut::new();
+        let mut bytes = Vec::new();
         let mut trailers = None;
         let read = loop {
             let frame = tokio::time::timeout(self.settings.idle_timeout, body.frame())
@@ -560,29 +554,26 @@ impl Proxy {
 /// Sorts a failure of an HTTP/2 backend into what the client is told.
 /// The body bytes read to route a request, and what they said.
 struct Prefix {
-    bytes: BytesMut,
+    bytes: Vec<u8>,
     trailers: Option<HeaderMap>,
     read: crate::fields::Read,
 }
 
 impl Prefix {
-    /// Replaces the body's `model` value with `token` (a JSON string); how much longer the
-    /// body got (negative: shorter) when it was replaced.
-    fn rename(&mut self, token: &[u8]) -> Option<i64> {
+    /// Replaces the body's `model` value with `token` (a JSON string); the new Content-Length
+    /// of a body that had one.
+    fn rename(&mut self, token: &[u8], length: Option<u64>) -> Option<u64> {
         let Ok(BodyFields {
             model: Some(field), ..
         }) = &self.read
         else {
             return None;
         };
-        let (start, end) = (field.start, field.end);
-        let mut out = BytesMut::with_capacity(self.bytes.len() - (end - start) + token.len());
-        out.extend_from_slice(&self.bytes[..start]);
-        out.extend_from_slice(token);
-        out.extend_from_slice(&self.bytes[end..]);
-        let grown = out.len() as i64 - self.bytes.len() as i64;
+        let mut out =
+            Vec::with_capacity(field.renamed_len(self.bytes.len() as u64, token) as usize);
+        field.splice_into(&mut out, &self.bytes, token);
         self.bytes = out;
-        Some(grown)
+        length.map(|n| field.renamed_len(n, token))
     }
 }
 

@@ -21,7 +21,7 @@ pub struct RoutingTable {
     pub routes: Vec<Route>,
     /// `GET /v1/models` as weir answers it (OpenAI's list of every model a route serves), or
     /// `None`: the matching route's stable version answers.
-    pub models_list: Option<bytes::Bytes>,
+    pub models_list: Option<serde_json::Value>,
 }
 
 /// A version as one route uses it: the shared upstream plus this route's metric handles.

@@ -28,6 +28,15 @@ pub struct ShadowPlan {
     pub model: Option<Bytes>,
 }
 
+impl ShadowPlan {
+    /// On a route by model: the shadow body's `model` becomes the candidate's `served_model`,
+    /// else `client`'s token (what the client sent), whatever stable was sent.
+    pub fn name_model(&mut self, client: &[u8]) {
+        let token = self.candidate.served_model.as_deref().unwrap_or(client);
+        self.model = Some(Bytes::copy_from_slice(token));
+    }
+}
+
 /// What happened to one mirror decision: exactly one outcome is counted per decision.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum MirrorOutcome {
