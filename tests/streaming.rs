@@ -408,6 +408,51 @@ async fn backend_silent_mid_body_is_cut_after_the_idle_timeout() {
     );
 }
 
+#[tokio::test]
+async fn an_answer_longer_than_the_idle_timeout_streams_whole_while_each_gap_is_shorter() {
+    // 12 events 100 ms apart (1.2 s) under a 300 ms idle timeout: the relay's one idle timer
+    // fires several times during the answer and must move on each time, never cut it.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let backend = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        let mut head = Vec::new();
+        while !head.ends_with(b"\r\n\r\n") {
+            let mut b = [0u8; 1];
+            if s.read(&mut b).await.unwrap() == 0 {
+                return;
+            }
+            head.push(b[0]);
+        }
+        s.write_all(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
+            .await
+            .unwrap();
+        for k in 0..12 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let event = format!("data: {k}\n\n");
+            s.write_all(format!("{:x}\r\n{event}\r\n", event.len()).as_bytes())
+                .await
+                .unwrap();
+        }
+        s.write_all(b"0\r\n\r\n").await.unwrap();
+        let _ = s.read(&mut [0u8; 1]).await;
+    });
+    let config = format!("[proxy]\nidle_timeout = \"300ms\"\n{ONE_VERSION}");
+    let weir = Weir::start(&config, &[("v1", &backend)]).await;
+    let req = request(Method::GET, &weir.url("/v1/stream"))
+        .body(empty())
+        .unwrap();
+    let response = tokio::time::timeout(DEADLINE, http1().request(req))
+        .await
+        .expect("response head within the deadline")
+        .expect("request");
+    assert_eq!(response.status(), 200);
+    let (data, failed) = read_to_end(response.into_body()).await;
+    let expected: String = (0..12).map(|k| format!("data: {k}\n\n")).collect();
+    assert!(!failed, "cut after {:?}", String::from_utf8_lossy(&data));
+    assert_eq!(String::from_utf8_lossy(&data), expected);
+}
+
 // === cancellation ===
 
 #[tokio::test]

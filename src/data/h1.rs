@@ -12,6 +12,7 @@
 //! the general path before anything was counted or sent. Only an HTTP/2 preface (or a TLS
 //! handshake on the plain port) hands the connection to hyper, with every unconsumed byte.
 
+use std::future::Future;
 use std::io::{self, Write as _};
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -223,8 +224,10 @@ async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
         return Exchange::General;
     }
     let started = Instant::now();
-    let mut storage = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut req = httparse::Request::new(&mut storage);
+    // On the heap, and freed once the upstream head is written: kept in this future, the array
+    // would be held for as long as the answer streams (2 KiB of every open stream).
+    let mut storage = Box::new([httparse::EMPTY_HEADER; MAX_HEADERS]);
+    let mut req = httparse::Request::new(&mut storage[..]);
     let head_len = match req.parse(buf) {
         Ok(httparse::Status::Complete(n)) => n,
         _ => return Exchange::General,
@@ -407,6 +410,7 @@ async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
         Some((field, token)) => field.splice_into(&mut out, body, token),
         None => out.extend_from_slice(body),
     }
+    drop(storage);
     // A mirrored request starts its shadow now, with the head as forwarded; the tees get the
     // bodies as they pass.
     let mut shadow = shadow_plan.and_then(|plan| {
@@ -437,6 +441,7 @@ async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
         },
     )
     .await;
+    drop(out); // not held while the answer streams
     let (mut conn, response) = match sent {
         Ok(sent) => sent,
         Err(failure) => {
@@ -517,6 +522,13 @@ async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
     let mut framing = response.framing;
     let mut first_byte = false;
     let mut pending = head_out;
+    // A stream of small reads (SSE events, tokens) waits for each with no buffer held: once a
+    // read is small, the next one goes through the stack (as an idle client connection's does)
+    // and the buffers are freed between reads. One idle timer for the whole answer, moved only
+    // when it fires early, instead of one inserted and removed per read.
+    let mut small_reads = false;
+    let idle = tokio::time::sleep(settings.idle_timeout);
+    tokio::pin!(idle);
     loop {
         // The copy for comparison gets the content, as the candidate's decoded answer has it.
         let mut tee = response_tee.as_mut().filter(|t| t.is_open());
@@ -526,6 +538,9 @@ async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
                 tee.push(&Bytes::copy_from_slice(&buffered[run]));
             }
         });
+        // What passes is written straight from the read buffer, unless it joins the head or
+        // the end (which is written after the connection went back to the pool).
+        let mut direct = 0;
         if pass > 0 {
             if !first_byte {
                 first_byte = true;
@@ -538,10 +553,13 @@ async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
                 let _ = write!(pending, "{pass:x}\r\n");
                 pending.extend_from_slice(&conn.buf[..pass]);
                 pending.extend_from_slice(b"\r\n");
-            } else {
+                conn.buf.advance(pass);
+            } else if done || !pending.is_empty() {
                 pending.extend_from_slice(&conn.buf[..pass]);
+                conn.buf.advance(pass);
+            } else {
+                direct = pass;
             }
-            conn.buf.advance(pass);
         }
         if done {
             if encode_chunks {
@@ -578,7 +596,13 @@ async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
             if write_out(client, &pending).await.is_err() {
                 return Exchange::Close; // the client left: the upstream connection goes too
             }
-            pending.clear();
+            pending = Vec::new();
+        }
+        if direct > 0 {
+            if write_out(client, &conn.buf[..direct]).await.is_err() {
+                return Exchange::Close;
+            }
+            conn.buf.advance(direct);
         }
         // Framing that can never end: what was valid has gone out, the rest is cut off.
         if framing.is_invalid() {
@@ -590,11 +614,24 @@ async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
             );
             return Exchange::Close;
         }
-        if conn.buf.capacity() - conn.buf.len() < 1024 {
+        let through_stack = small_reads && conn.buf.is_empty();
+        if through_stack {
+            conn.buf = BytesMut::new();
+        } else if conn.buf.capacity() - conn.buf.len() < 1024 {
             conn.buf.reserve(READ_CHUNK);
         }
-        match tokio::time::timeout(settings.idle_timeout, conn.stream.read_buf(&mut conn.buf)).await
-        {
+        let read = async {
+            if through_stack {
+                read_idle(&mut conn.stream, &mut conn.buf).await
+            } else {
+                conn.stream.read_buf(&mut conn.buf).await
+            }
+        };
+        let read = within(read, idle.as_mut(), settings.idle_timeout).await;
+        if let Ok(Ok(n)) = read {
+            small_reads = n < SMALL_READ;
+        }
+        match read {
             Ok(Ok(0)) if matches!(framing, Framing::UntilClose) => framing = Framing::Ended,
             Ok(Ok(n)) if n > 0 => {}
             Ok(_) => {
@@ -614,6 +651,36 @@ async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
             }
         }
     }
+}
+
+/// A read shorter than this marks a stream of small writes (see the relay loop).
+const SMALL_READ: usize = 2048;
+
+/// `read`, or `Err(Elapsed)`-like `Err(())` once `timeout` has passed with no answer. `timer` is
+/// shared by every read of an answer: it is reset here only when it fires before the read's own
+/// deadline, so a read that completes costs no timer insertion or removal.
+async fn within<F: Future<Output = io::Result<usize>>>(
+    read: F,
+    mut timer: Pin<&mut tokio::time::Sleep>,
+    timeout: Duration,
+) -> Result<io::Result<usize>, ()> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut read = std::pin::pin!(read);
+    std::future::poll_fn(|cx| {
+        if let Poll::Ready(r) = read.as_mut().poll(cx) {
+            return Poll::Ready(Ok(r));
+        }
+        loop {
+            match timer.as_mut().poll(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(()) if tokio::time::Instant::now() >= deadline => {
+                    return Poll::Ready(Err(()))
+                }
+                Poll::Ready(()) => timer.as_mut().reset(deadline),
+            }
+        }
+    })
+    .await
 }
 
 /// The method, target and headers of a forwarded head, as hyper types, for the shadow (built only
