@@ -118,7 +118,9 @@ async fn sse_backend(addr: SocketAddr, events: u64, interval: Duration) {
     }
 }
 
-/// Answers POSTs on one connection until the client closes it.
+/// Answers POSTs on one connection until the client closes it, or leaves it idle for 2 s: the
+/// proxies keep their upstream connections pooled, and the passes would otherwise leave this
+/// process holding every proxy's pool against its fd limit when the next target connects.
 async fn serve_streams(mut s: TcpStream, events: u64, interval: Duration) -> std::io::Result<()> {
     let mut buf = Vec::with_capacity(2048);
     let mut out = Vec::with_capacity(256);
@@ -127,8 +129,13 @@ async fn serve_streams(mut s: TcpStream, events: u64, interval: Duration) -> std
             if let Some(end) = find(&buf, b"\r\n\r\n") {
                 break (end + 4, content_length(&buf[..end]));
             }
-            if s.read_buf(&mut buf).await? == 0 {
-                return Ok(());
+            let idle = buf.is_empty();
+            match tokio::time::timeout(Duration::from_secs(2), s.read_buf(&mut buf)).await {
+                Ok(Ok(0)) => return Ok(()),
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => return Err(e),
+                Err(_) if idle => return Ok(()),
+                Err(_) => {}
             }
         };
         while buf.len() < head + body {

@@ -524,9 +524,11 @@ async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
     let mut pending = head_out;
     // A stream of small reads (SSE events, tokens) waits for each with no buffer held: once a
     // read is small, the next one goes through the stack (as an idle client connection's does)
-    // and the buffers are freed between reads. One idle timer for the whole answer, moved only
-    // when it fires early, instead of one inserted and removed per read.
-    let mut small_reads = false;
+    // and the buffers are freed between reads. The read that brought the head counts: a
+    // stream's first event usually comes with it, and every stream would otherwise hold a full
+    // buffer until its second. One idle timer for the whole answer, moved only when it fires
+    // early, instead of one inserted and removed per read.
+    let mut small_reads = response.len + conn.buf.len() < SMALL_READ;
     let idle = tokio::time::sleep(settings.idle_timeout);
     tokio::pin!(idle);
     loop {
