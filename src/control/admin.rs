@@ -1,5 +1,5 @@
-//! The admin listener: metrics, health, readiness, the live routing table, and the mutating
-//! calls that move the split.
+//! The admin listener: metrics, health, readiness, the live routing table, the dashboard and
+//! what it reads (recent history, the audit log), and the mutating calls that move the split.
 //!
 //! Read-only endpoints are open (the listener binds loopback by default); every mutating call
 //! needs the bearer token and goes through the one [`Writer`]. Everything here is cold.
@@ -18,6 +18,8 @@ use serde_json::{json, Value};
 
 use super::auth::AdminToken;
 use super::canary::Board;
+use super::dashboard;
+use super::history::History;
 use super::mlflow::SourceError;
 use super::pins::runtime_registry;
 use super::state::ApplyError;
@@ -37,6 +39,8 @@ pub struct AdminState {
     pub writer: Arc<Writer>,
     /// The canary controller's last decision per route.
     pub canary: Arc<Board>,
+    /// The last 15 minutes of every version's traffic, for the dashboard.
+    pub history: Arc<History>,
     pub token: AdminToken,
     /// False while starting and while draining: `/readyz` tells load balancers to stay away.
     pub ready: AtomicBool,
@@ -127,6 +131,9 @@ pub async fn handle(
 ) -> Result<AdminResponse, Infallible> {
     let path = req.uri().path().to_string();
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+    if let Some(page) = dashboard::serve(req.method(), &segments) {
+        return Ok(page);
+    }
     let response = match (req.method().clone(), segments.as_slice()) {
         (Method::GET, ["metrics"]) => {
             let mut r = Response::new(Full::new(Bytes::from(state.writer.metrics().encode())));
@@ -155,10 +162,12 @@ pub async fn handle(
             };
             let stages = state.writer.stages();
             let registry = load_stages(&stages);
+            let config = state.writer.config().await;
             for route in all["routes"].as_array_mut().into_iter().flatten() {
                 let name = route["name"].as_str().unwrap_or_default().to_string();
                 route["canary"] = state.canary.status(&name).unwrap_or(Value::Null);
                 route["registry"] = route_stages(&registry, &stages, route);
+                route["plan"] = canary_plan(&config, &name);
             }
             all["production"] = json!(stages.production);
             json_response(StatusCode::OK, all)
@@ -172,18 +181,28 @@ pub async fn handle(
                     let stages = state.writer.stages();
                     route["canary"] = state.canary.status(name).unwrap_or(Value::Null);
                     route["registry"] = route_stages(&load_stages(&stages), &stages, &route);
+                    route["plan"] = canary_plan(&state.writer.config().await, name);
                     json_response(StatusCode::OK, json!({"generation": table.generation, "route": route}))
                 }
                 None => Refused::new(StatusCode::NOT_FOUND, format!("no route named {name:?}")).into_response(),
             }
         }
+        (Method::GET, ["v1", "history"]) => json_response(StatusCode::OK, state.history.json()),
+        (Method::GET, ["v1", "audit"]) => match audit_limit(req.uri().query()) {
+            Ok(limit) => json_response(StatusCode::OK, json!(state.writer.audit_report(limit).await)),
+            Err(refused) => refused.into_response(),
+        },
+        (Method::GET, ["v1", "auth"]) => match unauthorised(&state, &req) {
+            None => json_response(StatusCode::OK, json!({"actor": state.token.actor()})),
+            Some(refused) => refused,
+        },
         (Method::PUT, ["v1", "routes", _, "weight"])
         | (Method::POST, ["v1", "routes", _, "promote" | "rollback" | "pause" | "resume"])
         | (Method::POST, ["v1", "reload"]) => match mutate(&state, req).await {
             Ok(r) => r,
             Err(refused) => refused.into_response(),
         },
-        (_, ["metrics" | "healthz" | "readyz"] | ["v1", "routes"] | ["v1", "routes", _]) => {
+        (_, ["metrics" | "healthz" | "readyz"] | ["v1", "routes" | "history" | "audit" | "auth"] | ["v1", "routes", _]) => {
             Refused::new(StatusCode::METHOD_NOT_ALLOWED, format!("{} {path} is not supported; use GET", req.method()))
                 .into_response()
         }
@@ -199,7 +218,8 @@ pub async fn handle(
             StatusCode::NOT_FOUND,
             format!("no admin endpoint at {path}"),
             json!({"endpoints": [
-                "GET /metrics", "GET /healthz", "GET /readyz", "GET /v1/routes", "GET /v1/routes/{route}",
+                "GET /", "GET /metrics", "GET /healthz", "GET /readyz", "GET /v1/routes", "GET /v1/routes/{route}",
+                "GET /v1/history", "GET /v1/audit", "GET /v1/auth",
                 "PUT /v1/routes/{route}/weight", "POST /v1/routes/{route}/promote",
                 "POST /v1/routes/{route}/rollback", "POST /v1/routes/{route}/pause",
                 "POST /v1/routes/{route}/resume", "POST /v1/reload",
@@ -226,17 +246,64 @@ struct ReasonBody {
     reason: Option<String>,
 }
 
+/// The 401 every mutating call answers when `req` does not carry the admin token; `None` when
+/// it does.
+fn unauthorised<B>(state: &AdminState, req: &Request<B>) -> Option<AdminResponse> {
+    if state.token.allows(req.headers().get(AUTHORIZATION)) {
+        return None;
+    }
+    let mut r = Refused::new(
+        StatusCode::UNAUTHORIZED,
+        "missing or wrong admin token: send `Authorization: Bearer <token>` (the token is in WEIR_ADMIN_TOKEN, \
+         the --admin-token-file, [admin] token_file, or <state-dir>/admin.token)",
+    )
+    .into_response();
+    r.headers_mut()
+        .insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    Some(r)
+}
+
+/// Records `GET /v1/audit` shows unless `?limit=` says otherwise, and at most.
+const AUDIT_RECENT: usize = 50;
+const AUDIT_MAX: usize = 1000;
+
+fn audit_limit(query: Option<&str>) -> Result<usize, Refused> {
+    let mut limit = AUDIT_RECENT;
+    for (key, value) in form_urlencoded::parse(query.unwrap_or_default().as_bytes()) {
+        match (&*key, value.parse::<usize>()) {
+            ("limit", Ok(n)) if n <= AUDIT_MAX => limit = n,
+            _ => {
+                return Err(Refused::new(
+                    StatusCode::BAD_REQUEST,
+                    format!("/v1/audit takes only ?limit=<0..={AUDIT_MAX}>, not {key}={value}"),
+                ))
+            }
+        }
+    }
+    Ok(limit)
+}
+
+/// A route's canary steps (basis points and as shown), or null when it has no canary policy.
+fn canary_plan(config: &crate::config::Config, route: &str) -> Value {
+    let policy = config
+        .routes
+        .iter()
+        .find(|r| r.name == route)
+        .and_then(|r| r.canary.as_ref());
+    match policy {
+        None => Value::Null,
+        Some(p) => json!({
+            "steps": p.steps,
+            "steps_percent": p.steps.iter().map(|w| format_percent(*w)).collect::<Vec<_>>(),
+            "interval_seconds": p.interval.as_secs_f64(),
+            "confirm_promotion": p.confirm_promotion,
+        }),
+    }
+}
+
 async fn mutate(state: &AdminState, req: Request<Incoming>) -> Result<AdminResponse, Refused> {
-    if !state.token.allows(req.headers().get(AUTHORIZATION)) {
-        let mut r = Refused::new(
-            StatusCode::UNAUTHORIZED,
-            "missing or wrong admin token: send `Authorization: Bearer <token>` (the token is in WEIR_ADMIN_TOKEN, \
-             the --admin-token-file, [admin] token_file, or <state-dir>/admin.token)",
-        )
-        .into_response();
-        r.headers_mut()
-            .insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-        return Ok(r);
+    if let Some(refused) = unauthorised(state, &req) {
+        return Ok(refused);
     }
     let if_match = match req.headers().get(IF_MATCH) {
         None => None,

@@ -416,6 +416,53 @@ pub fn verify(path: &Path, state_head: Option<&AuditHead>) -> Result<u64, Verify
     Ok(count)
 }
 
+/// What the dashboard shows of a log: the chain checked as [`verify`] checks it, and the last
+/// records.
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub file: String,
+    /// Records in the log, when the chain is intact.
+    pub records: Option<u64>,
+    pub intact: bool,
+    /// Whether the tail was checked against the head the state file records (a fleet replica's
+    /// copy has none: the chain's head is in etcd).
+    pub head_checked: bool,
+    /// The first thing found wrong, as `weir audit verify` says it.
+    pub problem: Option<String>,
+    /// The last records, oldest first.
+    pub recent: Vec<Value>,
+}
+
+/// Verifies the log at `path` against `head` and reads its last `limit` records.
+pub fn report(path: &Path, head: Option<&AuditHead>, limit: usize) -> Report {
+    let (records, problem) = match verify(path, head) {
+        Ok(n) => (Some(n), None),
+        Err(e) => (None, Some(e.to_string())),
+    };
+    let mut recent = std::collections::VecDeque::with_capacity(limit);
+    if let Ok(file) = File::open(path) {
+        for line in BufReader::new(file).lines().map_while(Result::ok) {
+            let Ok(record) = serde_json::from_str::<Value>(&line) else {
+                continue;
+            };
+            if recent.len() == limit {
+                recent.pop_front();
+            }
+            if limit > 0 {
+                recent.push_back(record);
+            }
+        }
+    }
+    Report {
+        file: path.display().to_string(),
+        records,
+        intact: problem.is_none(),
+        head_checked: head.is_some(),
+        problem,
+        recent: recent.into(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -477,6 +524,26 @@ mod tests {
             err.message.contains("cut off"),
             "...but not next to the state's head: {err}"
         );
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn a_report_keeps_the_last_records_and_names_a_broken_chain() {
+        let d = dir("report");
+        let records = write_three(&d);
+        let path = d.join(AUDIT_FILE);
+        let report = super::report(&path, Some(&records[2].head()), 2);
+        assert!(report.intact && report.head_checked, "{report:?}");
+        assert_eq!(report.records, Some(3));
+        let seqs: Vec<_> = report.recent.iter().map(|r| r["seq"].as_u64()).collect();
+        assert_eq!(seqs, [Some(2), Some(3)]);
+
+        let text = std::fs::read_to_string(&path).unwrap();
+        std::fs::write(&path, text.replacen("\"after\":2", "\"after\":9", 1)).unwrap();
+        let report = super::report(&path, None, 10);
+        assert!(!report.intact);
+        assert!(report.problem.unwrap().contains("line 2"));
+        assert_eq!(report.recent.len(), 3, "the records are still shown");
         let _ = std::fs::remove_dir_all(&d);
     }
 

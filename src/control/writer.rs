@@ -945,6 +945,20 @@ impl Writer {
         self.inner.lock().await.config.clone()
     }
 
+    /// The audit chain checked as `weir audit verify` checks it, against the head the state
+    /// file records, with its last `limit` records. Under the writer's lock, so no change of this
+    /// process is half-written (state ahead of the log) while it reads.
+    pub async fn audit_report(&self, limit: usize) -> super::audit::Report {
+        let inner = self.inner.lock().await;
+        let dir = &inner.config.state_dir;
+        let head = super::state::StateStore::new(dir)
+            .load()
+            .ok()
+            .flatten()
+            .and_then(|body| body.audit_head);
+        super::audit::report(inner.audit.path(), head.as_ref(), limit)
+    }
+
     /// Records an event that changes no routing (an identity mismatch, say) in the audit chain.
     pub async fn record(
         &self,

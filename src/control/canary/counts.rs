@@ -11,16 +11,16 @@ use crate::metrics::TargetStats;
 
 /// One version's cumulative counters as one process saw them.
 #[derive(Clone, Debug, PartialEq)]
-pub(super) struct Counts {
-    pub(super) requests: u64,
-    pub(super) errors: u64,
-    pub(super) latency: Vec<(f64, u64)>,
-    pub(super) ttfb: Vec<(f64, u64)>,
+pub(in crate::control) struct Counts {
+    pub(in crate::control) requests: u64,
+    pub(in crate::control) errors: u64,
+    pub(in crate::control) latency: Vec<(f64, u64)>,
+    pub(in crate::control) ttfb: Vec<(f64, u64)>,
 }
 
 impl Counts {
     /// What was counted since `start` (a source's earlier reading; none: since it started).
-    pub(super) fn since(&self, start: Option<&Counts>) -> Counts {
+    pub(in crate::control) fn since(&self, start: Option<&Counts>) -> Counts {
         let minus = |now: &[(f64, u64)], then: Option<&Vec<(f64, u64)>>| -> Vec<(f64, u64)> {
             now.iter()
                 .enumerate()
@@ -207,7 +207,8 @@ fn buckets(h: &prometheus::Histogram) -> Vec<(f64, u64)> {
     out
 }
 
-fn counts(stats: &TargetStats) -> Counts {
+/// This process's cumulative counters of one target (the dashboard's history samples them too).
+pub(in crate::control) fn counts(stats: &TargetStats) -> Counts {
     Counts {
         requests: stats.requests_total(),
         errors: stats.server_errors_total(),

@@ -25,7 +25,9 @@ use tokio::sync::watch;
 // tokio's clock: the same as the system's in production, and one a test can pause.
 use tokio::time::Instant;
 
+pub(in crate::control) use counts::{counts, Counts};
 pub use counts::{published, Published};
+pub(in crate::control) use gates::quantile;
 use step::{Action, Controller, Decided, View};
 
 use super::pins::load_registry;
