@@ -294,7 +294,14 @@ async fn the_page_shows_a_running_weir_read_only_and_a_reload_shows_a_new_weight
     let url = weir.admin_url("/");
     let dom = dump_dom(&bin, &url, Duration::from_secs(3)).await;
     assert!(dom.contains(r#"id="route-chat""#), "no route card:\n{dom}");
-    for shown in ["Route chat", "chat@v1", "chat@v2", ">5%<", "generation 1"] {
+    for shown in [
+        "Route chat",
+        "chat@v1",
+        "chat@v2",
+        ">5%<",
+        "generation 1",
+        "No canary policy",
+    ] {
         assert!(
             dom.contains(shown),
             "the page does not show {shown:?}:\n{dom}"
@@ -356,6 +363,26 @@ async fn the_page_follows_the_canary_live_and_a_rollback_from_it_is_applied_and_
         "the first step's weight is shown",
     )
     .await;
+    let plan = page
+        .eval("document.querySelector('#route-chat .plan').textContent")
+        .await;
+    let plan = plan.as_str().unwrap();
+    assert!(plan.contains("step 1 of 3"), "{plan}");
+    assert!(
+        plan.contains("1. 10% (now)") && plan.contains("3. 100%"),
+        "{plan}"
+    );
+    // Numbers are written for people.
+    let formatted = page
+        .eval(
+            "(({percent, basisPoints, millis, rate}) => [percent(0.005), basisPoints(50), millis(12.3), \
+             millis(0.4), millis(1530), rate(3240)])(window.weirDashboard.format)",
+        )
+        .await;
+    assert_eq!(
+        formatted,
+        serde_json::json!(["0.5%", "0.5%", "12 ms", "400 µs", "1.5 s", "3.2k req/s"])
+    );
     assert_eq!(
         page.eval(CONTROLS_SHOWN).await,
         0,

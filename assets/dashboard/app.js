@@ -208,7 +208,8 @@
   function controls(route) {
     const box = el('div', { class: 'controls', hidden: token === null });
     const button = (action, label, enabled) => {
-      const b = el('button', { type: 'button', 'data-route': route.name, 'data-action': action, text: label, disabled: !enabled });
+      // An id per button, so the redraw every 2 s gives keyboard focus back to it.
+      const b = el('button', { type: 'button', id: `${action}-${route.name}`, 'data-route': route.name, 'data-action': action, text: label, disabled: !enabled });
       b.addEventListener('click', () => confirmChange(route.name, action, null, describe(route, action)));
       return b;
     };
@@ -220,7 +221,7 @@
     );
     const id = `weight-${route.name}`;
     const input = el('input', { id, type: 'text', inputmode: 'decimal', size: 6, value: route.weight_percent, 'data-route': route.name });
-    const set = el('button', { type: 'button', 'data-route': route.name, 'data-action': 'weight', text: 'Set weight', disabled: !hasCandidate });
+    const set = el('button', { type: 'button', id: `set-weight-${route.name}`, 'data-route': route.name, 'data-action': 'weight', text: 'Set weight', disabled: !hasCandidate });
     set.addEventListener('click', () => {
       const weight = input.value.trim();
       confirmChange(route.name, 'weight', { weight }, describe(route, 'weight', weight));
@@ -236,16 +237,19 @@
   const H = 70;
 
   /**
-   * A small line chart of `lines` ([{label, points: [[t, v]]}]) over the last 15 minutes, with
-   * its latest values written out beside it (the chart is decoration, the text is the reading).
+   * A small line chart of `lines` ([{label, points: [[t, v]]}]) over the time the samples cover
+   * (one minute at least, the last 15 at most), with its latest values written out beside it:
+   * the chart is decoration, the text is the reading.
    */
   function chart(title, lines, format, now) {
-    const span = 15 * 60 * 1000;
+    const first = Math.min(...lines.flatMap((l) => l.points.map((p) => p[0])), now);
+    const span = Math.min(Math.max(now - first, 60 * 1000), 15 * 60 * 1000);
     const values = lines.flatMap((l) => l.points.map((p) => p[1])).filter((v) => v !== null);
     const highest = Math.max(...values, 0);
     const top = highest || 1;
     const figure = el('figure', { class: 'chart' });
-    const plot = svg('svg', { viewBox: `0 0 ${W} ${H}`, role: 'img', 'aria-label': `${title}, last 15 minutes` });
+    const minutes = Math.round(span / 60000);
+    const plot = svg('svg', { viewBox: `0 0 ${W} ${H}`, role: 'img', 'aria-label': `${title}, last ${minutes} minute${minutes === 1 ? '' : 's'}` });
     plot.append(svg('line', { x1: 0, y1: H - 0.5, x2: W, y2: H - 0.5, class: 'axis' }));
     lines.forEach((line, i) => {
       const path = [];
@@ -261,7 +265,8 @@
       const last = [...line.points].reverse().find((p) => p[1] !== null);
       return el('li', { class: SERIES_CLASSES[i % 4] }, el('span', { class: 'swatch', 'aria-hidden': 'true' }), `${line.label}: ${last ? format(last[1]) : '–'}`);
     }));
-    figure.append(el('figcaption', { text: values.length ? `${title} (max ${format(highest)})` : `${title} (no data yet)` }), plot, legend);
+    const caption = values.length ? `${title}, last ${minutes} min (max ${format(highest)})` : `${title} (no data yet)`;
+    figure.append(el('figcaption', { text: caption }), plot, legend);
     return figure;
   }
 
@@ -411,7 +416,7 @@
       plan(route),
       controls(route),
       shadow(route),
-      el('h3', { text: 'Traffic, last 15 minutes' }),
+      el('h3', { text: 'Traffic per version' }),
       charts(route),
       evaluation(route),
       el('h3', { text: 'Canary decisions' }),
@@ -514,6 +519,6 @@
   }
 
   // For the browser tests and the console: the page's own way of sending a change.
-  window.weirDashboard = { send, hasToken: () => token !== null };
+  window.weirDashboard = { send, hasToken: () => token !== null, format: { percent, basisPoints, millis, count, rate } };
   start();
 })();

@@ -162,12 +162,11 @@ pub async fn handle(
             };
             let stages = state.writer.stages();
             let registry = load_stages(&stages);
-            let config = state.writer.config().await;
             for route in all["routes"].as_array_mut().into_iter().flatten() {
                 let name = route["name"].as_str().unwrap_or_default().to_string();
                 route["canary"] = state.canary.status(&name).unwrap_or(Value::Null);
                 route["registry"] = route_stages(&registry, &stages, route);
-                route["plan"] = canary_plan(&config, &name);
+                route["plan"] = state.canary.plan(&name).unwrap_or(Value::Null);
             }
             all["production"] = json!(stages.production);
             json_response(StatusCode::OK, all)
@@ -181,7 +180,7 @@ pub async fn handle(
                     let stages = state.writer.stages();
                     route["canary"] = state.canary.status(name).unwrap_or(Value::Null);
                     route["registry"] = route_stages(&load_stages(&stages), &stages, &route);
-                    route["plan"] = canary_plan(&state.writer.config().await, name);
+                    route["plan"] = state.canary.plan(name).unwrap_or(Value::Null);
                     json_response(StatusCode::OK, json!({"generation": table.generation, "route": route}))
                 }
                 None => Refused::new(StatusCode::NOT_FOUND, format!("no route named {name:?}")).into_response(),
@@ -281,24 +280,6 @@ fn audit_limit(query: Option<&str>) -> Result<usize, Refused> {
         }
     }
     Ok(limit)
-}
-
-/// A route's canary steps (basis points and as shown), or null when it has no canary policy.
-fn canary_plan(config: &crate::config::Config, route: &str) -> Value {
-    let policy = config
-        .routes
-        .iter()
-        .find(|r| r.name == route)
-        .and_then(|r| r.canary.as_ref());
-    match policy {
-        None => Value::Null,
-        Some(p) => json!({
-            "steps": p.steps,
-            "steps_percent": p.steps.iter().map(|w| format_percent(*w)).collect::<Vec<_>>(),
-            "interval_seconds": p.interval.as_secs_f64(),
-            "confirm_promotion": p.confirm_promotion,
-        }),
-    }
 }
 
 async fn mutate(state: &AdminState, req: Request<Incoming>) -> Result<AdminResponse, Refused> {

@@ -98,6 +98,8 @@ pub async fn screenshot(bin: &PathBuf, url: &str, budget: Duration, out: &std::p
     let status = Command::new(bin)
         .args(base_args(&profile))
         .arg(format!("--virtual-time-budget={}", budget.as_millis()))
+        // The last --window-size wins: one screen of the page, not the tests' tall window.
+        .arg("--window-size=1280,1250")
         .arg("--hide-scrollbars")
         .arg(format!("--screenshot={}", out.display()))
         .arg(url)
