@@ -22,7 +22,8 @@ const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; conn
 /// What the page's script sends with every change (`send` in assets/dashboard/app.js).
 const PAGE_BODY: &str = r#"{"reason":"from the weir dashboard"}"#;
 
-/// chat@v1 stable, chat@v2 a candidate at 5%, and no canary policy.
+/// chat@v1 stable, chat@v2 a candidate at 5% and shadowed on every stable request, and no canary
+/// policy.
 const SPLIT: &str = r#"
 [[versions]]
 model = "chat"
@@ -39,6 +40,7 @@ name = "chat"
 stable = "chat@v1"
 candidate = "chat@v2"
 weight = "5%"
+mirror = "100%"
 "#;
 
 /// The same, under a canary that takes its first step at once and then waits for far more
@@ -246,6 +248,11 @@ async fn the_history_counts_each_versions_traffic_and_the_audit_view_verifies_th
         .unwrap();
     assert!(busy["p99_ms"].as_f64().is_some_and(|p| p > 0.0), "{busy}");
     assert!(busy["seconds"].as_f64().is_some_and(|s| s > 0.0), "{busy}");
+    let agreement = history["routes"][0]["agreement"].as_array().unwrap();
+    assert!(
+        agreement.iter().any(|a| a["compared"].as_u64() > Some(0)),
+        "the mirrored route's agreement is not sampled: {agreement:?}"
+    );
 
     weir.admin(
         Method::PUT,
@@ -301,6 +308,7 @@ async fn the_page_shows_a_running_weir_read_only_and_a_reload_shows_a_new_weight
         ">5%<",
         "generation 1",
         "No canary policy",
+        "Shadow: mirroring 100%",
     ] {
         assert!(
             dom.contains(shown),
@@ -419,9 +427,22 @@ async fn the_page_follows_the_canary_live_and_a_rollback_from_it_is_applied_and_
 
     // Without a token the page's own code path gets the API's 401, and nothing changes.
     let refused = page
-        .eval("window.weirDashboard.send('chat', 'rollback').then((r) => r.status)")
+        .eval("window.weirDashboard.send('chat', 'rollback')")
         .await;
-    assert_eq!(refused, 401);
+    let api = admin_call(
+        &weir.admin_url("/v1/routes/chat/rollback"),
+        Method::POST,
+        None,
+        None,
+        &[],
+    )
+    .await;
+    assert_eq!(refused["status"], 401, "{refused}");
+    assert_eq!(
+        refused["body"],
+        api.json(),
+        "the page gets the API's own 401"
+    );
     assert_eq!(weir.route("chat").await["weight"], 2000);
 
     // A wrong token unlocks nothing; the right one shows the controls.
@@ -447,11 +468,12 @@ async fn the_page_follows_the_canary_live_and_a_rollback_from_it_is_applied_and_
         "the token stays in the field"
     );
 
-    // Roll back from the page: the confirmation names the route and both versions.
+    // Roll back from the page, by keyboard: the confirmation names the route and both versions.
     page.eval(
-        "document.querySelector('button[data-route=\"chat\"][data-action=\"rollback\"]').click()",
+        "document.querySelector('button[data-route=\"chat\"][data-action=\"rollback\"]').focus()",
     )
     .await;
+    page.press_enter().await;
     let confirmation = page
         .wait_for(
             "document.querySelector('#confirm').open && document.querySelector('#confirm').textContent",
@@ -470,8 +492,14 @@ async fn the_page_follows_the_canary_live_and_a_rollback_from_it_is_applied_and_
         2000,
         "nothing happens before confirming"
     );
-    page.eval("document.querySelector('#confirm-yes').click()")
+    assert_eq!(
+        page.eval("document.activeElement.id").await,
+        "confirm-no",
+        "Cancel has the focus"
+    );
+    page.eval("document.querySelector('#confirm-yes').focus()")
         .await;
+    page.press_enter().await;
     assert_eventually!(
         weir.route("chat").await["state"] == "rolled_back",
         "the rollback from the page was not applied: {}",

@@ -275,6 +275,18 @@ impl Browser {
         }
     }
 
+    /// Presses Enter on whatever has the keyboard focus, as a keyboard does.
+    pub async fn press_enter(&mut self) {
+        for kind in ["keyDown", "keyUp"] {
+            let mut event = json!({"type": kind, "key": "Enter", "code": "Enter",
+                "windowsVirtualKeyCode": 13, "nativeVirtualKeyCode": 13});
+            if kind == "keyDown" {
+                event["text"] = json!("\r");
+            }
+            self.call("Input.dispatchKeyEvent", event).await;
+        }
+    }
+
     /// Uncaught exceptions, `console.error` calls and error log entries so far, as text.
     pub fn errors(&self) -> Vec<String> {
         self.events
