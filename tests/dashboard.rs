@@ -43,8 +43,9 @@ weight = "5%"
 mirror = "100%"
 "#;
 
-/// The same, under a canary that takes its first step at once and then waits for far more
-/// traffic than the test sends (so it decides once, with its reason, and then holds).
+/// The same, under a canary that runs the held-out set `{eval}` against the candidate, takes its
+/// first step at once and then waits for far more traffic than the test sends (so it advances
+/// once, with its reason and evidence, and then holds).
 const CANARY: &str = r#"
 [[versions]]
 model = "chat"
@@ -66,6 +67,10 @@ steps = ["10%", "50%", "100%"]
 interval = "1s"
 min_requests = 1000000
 progress_deadline = "10m"
+
+[routes.canary.eval]
+file = "{eval}"
+threshold = 1.0
 "#;
 
 async fn start(template: &str) -> (Weir, [Backend; 2]) {
@@ -73,6 +78,29 @@ async fn start(template: &str) -> (Weir, [Backend; 2]) {
     let v2 = Backend::named("chat@v2").await;
     let weir = Weir::start(template, &[("v1", &v1.url()), ("v2", &v2.url())]).await;
     (weir, [v1, v2])
+}
+
+/// [`CANARY`] with a held-out set of three cases the candidate (which answers with its name)
+/// passes.
+async fn start_canary() -> (Weir, [Backend; 2], TempDir) {
+    let dir = temp_dir("dashboard-eval");
+    let file = dir.path().join("cases.jsonl");
+    let case = |i: usize| {
+        serde_json::json!({
+            "name": format!("names itself {i}"),
+            "request": {"path": "/v1/chat/completions", "body": {"messages": [{"role": "user", "content": "who are you?"}]}},
+            "expect": {"status": 200, "contains": "chat@v2"},
+        })
+        .to_string()
+    };
+    std::fs::write(&file, (0..3).map(case).collect::<Vec<_>>().join("\n")).unwrap();
+    let v1 = Backend::named("chat@v1").await;
+    let v2 = Backend::named("chat@v2").await;
+    let eval = file.display().to_string();
+    let backends = [("v1", v1.url()), ("v2", v2.url()), ("eval", eval)];
+    let pairs: Vec<(&str, &str)> = backends.iter().map(|(n, u)| (*n, u.as_str())).collect();
+    let weir = Weir::start(CANARY, &pairs).await;
+    (weir, [v1, v2], dir)
 }
 
 fn header<'a>(reply: &'a Reply, name: &str) -> &'a str {
@@ -340,9 +368,50 @@ async fn the_page_shows_a_running_weir_read_only_and_a_reload_shows_a_new_weight
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_fleet_mode_the_page_shows_this_replica_its_role_and_etcd_and_says_whose_view_it_is() {
+    let Some(bin) = chromium() else { return };
+    let etcd = common::etcd::Etcd::start().await;
+    let dir = temp_dir("dashboard-fleet");
+    let state = format!(
+        "[state]\ndir = {:?}\nbackend = \"etcd\"\netcd = [{:?}]\nprefix = \"/weir-dashboard\"\nreplica = \"replica-a\"\nlease_ttl = \"2s\"\n{SPLIT}",
+        dir.path().display().to_string(),
+        etcd.url(),
+    );
+    let (weir, _backends) = start(&state).await;
+    assert_eventually!(
+        weir.routes().await["fleet"]["leader"] == true,
+        "the only replica never led: {}",
+        weir.routes().await["fleet"]
+    );
+    let dom = dump_dom(&bin, &weir.admin_url("/"), Duration::from_secs(3)).await;
+    let fleet = dom
+        .split(r#"<section id="fleet""#)
+        .nth(1)
+        .and_then(|s| s.split("</section>").next())
+        .unwrap_or_else(|| panic!("no fleet section:\n{dom}"));
+    assert!(
+        !fleet.starts_with(" aria-labelledby=\"fleet-title\" hidden"),
+        "the fleet section is hidden:\n{fleet}"
+    );
+    for shown in [
+        "replica-a",
+        ">leader<",
+        ">connected<",
+        ">current<",
+        "own view",
+        "/weir-dashboard",
+    ] {
+        assert!(
+            fleet.contains(shown),
+            "the fleet section does not show {shown:?}:\n{fleet}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_page_follows_the_canary_live_and_a_rollback_from_it_is_applied_and_audited() {
     let Some(bin) = chromium() else { return };
-    let (weir, _backends) = start(CANARY).await;
+    let (weir, _backends, _eval_dir) = start_canary().await;
     let origin = weir.admin_url("");
     let mut page = Browser::launch(&bin).await;
     page.goto(&weir.admin_url("/")).await;
@@ -371,6 +440,22 @@ async fn the_page_follows_the_canary_live_and_a_rollback_from_it_is_applied_and_
         "the first step's weight is shown",
     )
     .await;
+    assert!(
+        decision.contains("eval"),
+        "the eval gate is not shown: {decision}"
+    );
+    let eval = page
+        .wait_for(
+            "document.querySelector('#route-chat .eval') && document.querySelector('#route-chat .eval').textContent",
+            "the last held-out evaluation is shown",
+        )
+        .await;
+    let eval = eval.as_str().unwrap();
+    assert!(eval.contains("Last held-out evaluation passed"), "{eval}");
+    assert!(
+        eval.contains("chat@v2: 3 of 3 cases passed (100%, 100% needed)"),
+        "{eval}"
+    );
     let plan = page
         .eval("document.querySelector('#route-chat .plan').textContent")
         .await;

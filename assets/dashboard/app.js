@@ -387,9 +387,15 @@
       el('td', { text: percent(c.lower_bound) }),
       el('td', { text: percent(c.threshold) }),
       el('td', {}, badge(c.ok ? 'pass' : 'fail', c.ok ? 'ok' : 'bad'))));
+    // A comparative evaluation judges each category against stable; a plain one the candidate's
+    // pass rate alone.
+    const what = g.compared
+      ? `${g.candidate || 'the candidate'} compared with ${g.stable || 'stable'} on ${g.cases || 0} cases`
+      : `${g.candidate || 'the candidate'}: ${g.passed_cases} of ${g.cases} cases passed (${percent(g.observed)}, ${percent(g.threshold)} needed)`;
+    const when = gate.time ? `, at ${clock(Date.parse(gate.time))}` : '';
     return el('div', { class: 'eval' },
       el('h3', {}, 'Last held-out evaluation ', badge(g.passed ? 'passed' : 'failed', g.passed ? 'ok' : 'bad')),
-      el('p', { class: 'muted', text: `${g.candidate || ''} against ${g.stable || ''}, ${g.cases || 0} cases${gate.time ? `, at ${clock(Date.parse(gate.time))}` : ''}: ${g.note || ''}` }),
+      el('p', { class: 'muted', text: `${what}${when}${g.note ? `: ${g.note}` : ''}` }),
       rows.length ? el('table', { class: 'gates' },
         el('thead', {}, el('tr', {}, ['category', 'passed', 'lower bound', 'needed', 'result'].map((h) => el('th', { scope: 'col', text: h })))),
         el('tbody', {}, rows)) : null);
