@@ -147,6 +147,7 @@ impl Server {
             writer: Arc::clone(&writer),
             canary: Arc::clone(&canary),
             history: Arc::clone(&history),
+            audit: Arc::default(),
             token,
             ready: AtomicBool::new(false),
         });

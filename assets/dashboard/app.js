@@ -452,7 +452,7 @@
     const head = audit.head_checked ? ', ends at the head the state file records' : ' (no state-file head to check the tail against)';
     $('audit-state').replaceChildren(
       audit.intact ? badge('chain intact', 'ok') : badge('chain broken', 'bad'), ' ',
-      audit.intact ? `${count(audit.records)} records${head}.` : audit.problem, ' ',
+      audit.intact ? `${count(audit.records)} records${head}, checked ${audit.checked_seconds_ago < 1 ? 'just now' : `${millis(audit.checked_seconds_ago * 1000)} ago`}.` : audit.problem, ' ',
       el('code', { text: audit.file }));
     const windows = audit.recent.filter((r) => r.window).reverse().slice(0, WINDOWS_SHOWN);
     $('windows').replaceChildren(windows.length ? el('table', {},

@@ -16,6 +16,7 @@ use hyper::body::Incoming;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+use super::audit::ChainWatch;
 use super::auth::AdminToken;
 use super::canary::Board;
 use super::dashboard;
@@ -41,6 +42,8 @@ pub struct AdminState {
     pub canary: Arc<Board>,
     /// The last 15 minutes of every version's traffic, for the dashboard.
     pub history: Arc<History>,
+    /// The dashboard's view of the audit chain.
+    pub audit: Arc<ChainWatch>,
     pub token: AdminToken,
     /// False while starting and while draining: `/readyz` tells load balancers to stay away.
     pub ready: AtomicBool,
@@ -188,7 +191,7 @@ pub async fn handle(
         }
         (Method::GET, ["v1", "history"]) => json_response(StatusCode::OK, state.history.json()),
         (Method::GET, ["v1", "audit"]) => match audit_limit(req.uri().query()) {
-            Ok(limit) => json_response(StatusCode::OK, json!(state.writer.audit_report(limit).await)),
+            Ok(limit) => audit_report(&state, limit).await,
             Err(refused) => refused.into_response(),
         },
         (Method::GET, ["v1", "auth"]) => match unauthorised(&state, &req) {
@@ -280,6 +283,24 @@ fn audit_limit(query: Option<&str>) -> Result<usize, Refused> {
         }
     }
     Ok(limit)
+}
+
+/// `GET /v1/audit`: the chain up to where it ends now, checked off the async workers.
+async fn audit_report(state: &Arc<AdminState>, limit: usize) -> AdminResponse {
+    let (path, len, head) = state.writer.audit_end().await;
+    let watch = Arc::clone(&state.audit);
+    let now = tokio::time::Instant::now();
+    let report =
+        tokio::task::spawn_blocking(move || watch.report(&path, len, head.as_ref(), limit, now))
+            .await;
+    match report {
+        Ok(report) => json_response(StatusCode::OK, json!(report)),
+        Err(e) => Refused::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("cannot read the audit log: {e}"),
+        )
+        .into_response(),
+    }
 }
 
 async fn mutate(state: &AdminState, req: Request<Incoming>) -> Result<AdminResponse, Refused> {
