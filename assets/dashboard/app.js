@@ -184,8 +184,12 @@
       notice(`${p.action} on ${p.route}: ${r.body.changed ? 'applied' : 'nothing to change'} (generation ${r.body.generation}, ${state}).`, 'ok');
     } else {
       const why = r.body && r.body.error ? r.body.error : `HTTP ${r.status}`;
+      if (r.status === 401) {
+        // The token no longer works (weir restarted with another, say): back to read-only.
+        token = null;
+        showControls();
+      }
       notice(`${p.action} on ${p.route} refused (HTTP ${r.status}): ${why}`, 'bad');
-      if (r.status === 401) lock();
     }
     refreshRoutes();
     refreshDetail();
@@ -308,7 +312,8 @@
     const steps = route.plan.steps;
     let at = -1;
     steps.forEach((s, i) => { if (route.weight >= s) at = i; });
-    const where = at < 0 ? 'before the first step' : `step ${at + 1} of ${steps.length}`;
+    const where = route.state === 'rolled_back' ? 'rolled back'
+      : at < 0 ? 'before the first step' : `step ${at + 1} of ${steps.length}`;
     return el('div', { class: 'plan' },
       el('p', {}, `Canary plan, one analysis every ${millis(route.plan.interval_seconds * 1000)}: `, el('strong', { text: where })),
       el('ol', { class: 'steps' }, steps.map((s, i) => el('li', { class: i < at ? 'done' : i === at ? 'now' : 'next' },
