@@ -300,6 +300,12 @@ async fn the_history_counts_each_versions_traffic_and_the_audit_view_verifies_th
     assert_eq!(recent[1], *weir.audit().last().unwrap());
     let bad = get(&client, &weir.admin_url("/v1/audit?limit=lots")).await;
     assert_eq!(bad.status, StatusCode::BAD_REQUEST);
+    let alone = get(&client, &weir.admin_url("/v1/fleet")).await;
+    assert_eq!(
+        alone.json(),
+        serde_json::json!({"fleet": null}),
+        "outside fleet mode"
+    );
 
     let missing = get(&client, &weir.admin_url("/v1/nothing")).await.json();
     let endpoints: Vec<&str> = missing["detail"]["endpoints"]
@@ -308,7 +314,13 @@ async fn the_history_counts_each_versions_traffic_and_the_audit_view_verifies_th
         .iter()
         .filter_map(Value::as_str)
         .collect();
-    for listed in ["GET /", "GET /v1/history", "GET /v1/audit", "GET /v1/auth"] {
+    for listed in [
+        "GET /",
+        "GET /v1/fleet",
+        "GET /v1/history",
+        "GET /v1/audit",
+        "GET /v1/auth",
+    ] {
         assert!(
             endpoints.contains(&listed),
             "the 404 does not list {listed}"
@@ -367,23 +379,41 @@ async fn the_page_shows_a_running_weir_read_only_and_a_reload_shows_a_new_weight
     );
 }
 
+/// [`SPLIT`] as replica `replica` of a fleet in `etcd`, with its own state directory.
+async fn start_replica(etcd: &str, replica: &str) -> (Weir, [Backend; 2], TempDir) {
+    let dir = temp_dir("dashboard-fleet");
+    let config = format!(
+        "[state]\ndir = {:?}\nbackend = \"etcd\"\netcd = [{etcd:?}]\nprefix = \"/weir-dashboard\"\nreplica = {replica:?}\nlease_ttl = \"2s\"\n{SPLIT}",
+        dir.path().display().to_string(),
+    );
+    let (weir, backends) = start(&config).await;
+    (weir, backends, dir)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn in_fleet_mode_the_page_shows_this_replica_its_role_and_etcd_and_says_whose_view_it_is() {
+async fn in_fleet_mode_the_page_shows_every_live_replica_its_health_and_who_leads() {
     let Some(bin) = chromium() else { return };
     let etcd = common::etcd::Etcd::start().await;
-    let dir = temp_dir("dashboard-fleet");
-    let state = format!(
-        "[state]\ndir = {:?}\nbackend = \"etcd\"\netcd = [{:?}]\nprefix = \"/weir-dashboard\"\nreplica = \"replica-a\"\nlease_ttl = \"2s\"\n{SPLIT}",
-        dir.path().display().to_string(),
-        etcd.url(),
-    );
-    let (weir, _backends) = start(&state).await;
+    let (a, _a_backends, _a_dir) = start_replica(&etcd.url(), "replica-a").await;
     assert_eventually!(
-        weir.routes().await["fleet"]["leader"] == true,
-        "the only replica never led: {}",
-        weir.routes().await["fleet"]
+        a.routes().await["fleet"]["leader"] == true,
+        "the first replica never led: {}",
+        a.routes().await["fleet"]
     );
-    let dom = dump_dom(&bin, &weir.admin_url("/"), Duration::from_secs(3)).await;
+    let (b, _b_backends, _b_dir) = start_replica(&etcd.url(), "replica-b").await;
+    let client = http1();
+    assert_eventually!(
+        get(&client, &b.admin_url("/v1/fleet")).await.json()["fleet"]["replicas"]
+            .as_array()
+            .is_some_and(|r| r.len() == 2),
+        "replica-b never saw both replicas: {}",
+        get(&client, &b.admin_url("/v1/fleet")).await.text()
+    );
+    let view = get(&client, &b.admin_url("/v1/fleet")).await.json();
+    assert_eq!(view["fleet"]["leader"], "replica-a", "{view}");
+
+    // replica-b's page: both replicas, who leads, their health, and whose view it is.
+    let dom = dump_dom(&bin, &b.admin_url("/"), Duration::from_secs(4)).await;
     let fleet = dom
         .split(r#"<section id="fleet""#)
         .nth(1)
@@ -393,13 +423,28 @@ async fn in_fleet_mode_the_page_shows_this_replica_its_role_and_etcd_and_says_wh
         !fleet.starts_with(" aria-labelledby=\"fleet-title\" hidden"),
         "the fleet section is hidden:\n{fleet}"
     );
+    let row = |replica: &str| {
+        fleet
+            .split(&format!(r#"<tr data-replica="{replica}">"#))
+            .nth(1)
+            .and_then(|s| s.split("</tr>").next())
+            .unwrap_or_else(|| panic!("no row for {replica}:\n{fleet}"))
+            .to_string()
+    };
+    let (row_a, row_b) = (row("replica-a"), row("replica-b"));
+    assert!(
+        row_a.contains(">leader<") && row_a.contains(">current<"),
+        "{row_a}"
+    );
+    assert!(
+        row_b.contains(">follower<") && row_b.contains("(this one)"),
+        "{row_b}"
+    );
     for shown in [
-        "replica-a",
-        ">leader<",
-        ">connected<",
-        ">current<",
-        "own view",
+        "This replica, <code>replica-b</code>",
+        ">etcd connected<",
         "/weir-dashboard",
+        "this replica's own",
     ] {
         assert!(
             fleet.contains(shown),

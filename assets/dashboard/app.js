@@ -15,6 +15,8 @@
   let routes = null;
   let history = null;
   let audit = null;
+  /** GET /v1/fleet's answer, or {error} when etcd did not give it. */
+  let fleetView = null;
 
   // === formatting for people ===
 
@@ -441,15 +443,29 @@
     const fleet = routes.fleet;
     $('fleet').hidden = !fleet;
     if (!fleet) return;
-    $('fleet-body').replaceChildren(
-      el('table', {},
-        el('thead', {}, el('tr', {}, ['replica', 'role', 'etcd', 'routing state'].map((h) => el('th', { scope: 'col', text: h })))),
-        el('tbody', {}, el('tr', {},
-          el('td', {}, el('code', { text: fleet.replica })),
-          el('td', {}, badge(fleet.leader ? 'leader' : 'follower', fleet.leader ? 'ok' : 'info')),
-          el('td', {}, badge(fleet.etcd, fleet.etcd === 'connected' ? 'ok' : 'bad')),
-          el('td', {}, badge(fleet.state, fleet.state === 'current' ? 'ok' : 'bad'))))),
-      el('p', { class: 'muted', text: `This is replica ${fleet.replica}'s own view (etcd prefix ${fleet.prefix}): each replica answers for itself on its admin listener, and the charts count this replica's traffic only.` }));
+    const mine = el('p', {}, 'This replica, ', el('code', { text: fleet.replica }), ': ',
+      badge(fleet.leader ? 'leader' : 'follower', fleet.leader ? 'ok' : 'info'), ' ',
+      badge(`etcd ${fleet.etcd}`, fleet.etcd === 'connected' ? 'ok' : 'bad'), ' ',
+      badge(`state ${fleet.state}`, fleet.state === 'current' ? 'ok' : 'bad'),
+      ` (etcd prefix ${fleet.prefix}).`);
+    let others;
+    if (!fleetView) {
+      others = el('p', { class: 'muted', text: 'Reading the other replicas from etcd…' });
+    } else if (fleetView.error) {
+      others = el('p', {}, badge('unknown', 'bad'), ` The other replicas cannot be read: ${fleetView.error}`);
+    } else {
+      const replicas = fleetView.fleet ? fleetView.fleet.replicas : [];
+      others = el('table', {},
+        el('caption', { text: 'Replicas with a live lease in etcd' }),
+        el('thead', {}, el('tr', {}, ['replica', 'role', 'generation', 'routing state'].map((h) => el('th', { scope: 'col', text: h })))),
+        el('tbody', {}, replicas.map((r) => el('tr', { 'data-replica': r.replica },
+          el('td', {}, el('code', { text: r.replica }), r.this ? ' (this one)' : ''),
+          el('td', {}, badge(r.leader ? 'leader' : 'follower', r.leader ? 'ok' : 'info')),
+          el('td', { text: r.generation === null ? '–' : r.generation }),
+          el('td', {}, badge(r.state, r.state === 'current' ? 'ok' : 'bad'))))));
+    }
+    $('fleet-body').replaceChildren(mine, others,
+      el('p', { class: 'muted', text: 'A replica is listed while its lease in etcd is alive (it publishes its counters on it every half second); one that stopped drops out when the lease expires. The charts and the audit log on this page are this replica\'s own.' }));
   }
 
   function renderAudit() {
@@ -507,6 +523,11 @@
   async function refreshDetail() {
     try {
       [history, audit] = await Promise.all([getJson('/v1/history'), getJson('/v1/audit?limit=100')]);
+      if (routes && routes.fleet) {
+        const r = await fetch('/v1/fleet', { cache: 'no-store' });
+        const body = await r.json().catch(() => null);
+        fleetView = r.ok ? body : { error: (body && body.error) || `HTTP ${r.status}` };
+      }
       render();
     } catch (e) {
       $('summary').textContent = `cannot read the history or the audit log (${e.message}); retrying`;

@@ -189,6 +189,7 @@ pub async fn handle(
                 None => Refused::new(StatusCode::NOT_FOUND, format!("no route named {name:?}")).into_response(),
             }
         }
+        (Method::GET, ["v1", "fleet"]) => fleet_replicas(&state).await,
         (Method::GET, ["v1", "history"]) => json_response(StatusCode::OK, state.history.json()),
         (Method::GET, ["v1", "audit"]) => match audit_limit(req.uri().query()) {
             Ok(limit) => audit_report(&state, limit).await,
@@ -204,7 +205,7 @@ pub async fn handle(
             Ok(r) => r,
             Err(refused) => refused.into_response(),
         },
-        (_, ["metrics" | "healthz" | "readyz"] | ["v1", "routes" | "history" | "audit" | "auth"] | ["v1", "routes", _]) => {
+        (_, ["metrics" | "healthz" | "readyz"] | ["v1", "routes" | "fleet" | "history" | "audit" | "auth"] | ["v1", "routes", _]) => {
             Refused::new(StatusCode::METHOD_NOT_ALLOWED, format!("{} {path} is not supported; use GET", req.method()))
                 .into_response()
         }
@@ -221,7 +222,7 @@ pub async fn handle(
             format!("no admin endpoint at {path}"),
             json!({"endpoints": [
                 "GET /", "GET /metrics", "GET /healthz", "GET /readyz", "GET /v1/routes", "GET /v1/routes/{route}",
-                "GET /v1/history", "GET /v1/audit", "GET /v1/auth",
+                "GET /v1/fleet", "GET /v1/history", "GET /v1/audit", "GET /v1/auth",
                 "PUT /v1/routes/{route}/weight", "POST /v1/routes/{route}/promote",
                 "POST /v1/routes/{route}/rollback", "POST /v1/routes/{route}/pause",
                 "POST /v1/routes/{route}/resume", "POST /v1/reload",
@@ -283,6 +284,51 @@ fn audit_limit(query: Option<&str>) -> Result<usize, Refused> {
         }
     }
     Ok(limit)
+}
+
+/// `GET /v1/fleet`: every replica whose lease is alive in etcd (each publishes its counters on
+/// it), the generation it serves and whether it can apply the fleet's state, and which one leads.
+/// `{"fleet": null}` outside fleet mode; 503 while etcd does not answer.
+async fn fleet_replicas(state: &AdminState) -> AdminResponse {
+    let Some(fleet) = state.writer.fleet() else {
+        return json_response(StatusCode::OK, json!({"fleet": null}));
+    };
+    let read = async {
+        Ok::<_, super::fleet::FleetError>((fleet.counters().await?, fleet.leader_name().await?))
+    };
+    let (published, leader) = match read.await {
+        Ok(both) => both,
+        Err(e) => {
+            return Refused::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("cannot read the fleet from etcd: {e}"),
+            )
+            .into_response()
+        }
+    };
+    let replicas: Vec<Value> = published
+        .iter()
+        .map(|(name, value)| {
+            let health = match serde_json::from_str::<super::canary::Published>(value) {
+                Ok(p) => json!({
+                    "generation": p.generation,
+                    "state": p.apply_problem.map_or("current".to_string(), |why| format!("cannot apply: {why}")),
+                }),
+                Err(e) => json!({"generation": null, "state": format!("unreadable counters: {e}")}),
+            };
+            json!({
+                "replica": name,
+                "this": name == fleet.replica(),
+                "leader": leader.as_deref() == Some(name.as_str()),
+                "generation": health["generation"],
+                "state": health["state"],
+            })
+        })
+        .collect();
+    json_response(
+        StatusCode::OK,
+        json!({"fleet": {"replica": fleet.replica(), "leader": leader, "replicas": replicas}}),
+    )
 }
 
 /// `GET /v1/audit`: the chain up to where it ends now, checked off the async workers.

@@ -107,6 +107,12 @@ pub struct Published {
     pub targets: HashMap<String, PublishedCounts>,
     /// Rolling shadow agreement and the comparisons it rests on, by route.
     pub agreement: HashMap<String, (Option<f64>, usize)>,
+    /// The routing generation the replica serves, and why it cannot apply the fleet's state when
+    /// it cannot: its health, as other replicas' dashboards show it (absent from older replicas).
+    #[serde(default)]
+    pub generation: u64,
+    #[serde(default)]
+    pub apply_problem: Option<String>,
 }
 
 #[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
@@ -130,6 +136,7 @@ fn target_key(route: &str, target: &Target) -> String {
 pub fn published(table: &crate::data::RoutingTable, incarnation: &str) -> Published {
     let mut out = Published {
         incarnation: incarnation.to_string(),
+        generation: table.generation,
         ..Published::default()
     };
     for route in &table.routes {
