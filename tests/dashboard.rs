@@ -611,7 +611,7 @@ async fn the_page_follows_the_canary_live_and_a_rollback_from_it_is_applied_and_
         )
         .await;
     let confirmation = confirmation.as_str().unwrap();
-    for named in ["chat", "chat@v1", "chat@v2"] {
+    for named in ["chat", "chat@v1", "chat@v2", "goes to 0%"] {
         assert!(
             confirmation.contains(named),
             "the confirmation does not name {named}: {confirmation}"
@@ -660,6 +660,12 @@ async fn the_page_follows_the_canary_live_and_a_rollback_from_it_is_applied_and_
         "the page shows the rollback",
     )
     .await;
+    assert_eq!(
+        page.eval("document.querySelector('#rollback-chat').disabled")
+            .await,
+        true,
+        "nothing is left to roll back, and the button says so"
+    );
 
     // Only the 401s the test asked for were errors; every request went to the admin listener.
     let unexpected: Vec<String> = page

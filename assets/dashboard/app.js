@@ -202,7 +202,7 @@
     const candidate = route.candidate || 'no candidate';
     switch (action) {
       case 'promote': return `Promote ${candidate} to stable on route ${route.name}, replacing ${stable} (kept as the rollback target).`;
-      case 'rollback': return route.candidate && route.weight > 0
+      case 'rollback': return route.candidate && route.state !== 'rolled_back'
         ? `Roll back route ${route.name}: candidate ${candidate} goes to 0%, stable ${stable} serves everything.`
         : `Roll back route ${route.name}: ${route.rollback_target || 'the previous stable'} becomes stable again instead of ${stable}.`;
       case 'pause': return `Pause the canary of route ${route.name} at ${route.weight_percent} (stable ${stable}, candidate ${candidate}).`;
@@ -222,7 +222,8 @@
     const hasCandidate = route.candidate !== null;
     box.append(
       button('promote', 'Promote', hasCandidate),
-      button('rollback', 'Roll back', true),
+      // What the API rolls back: a running canary, else the last promotion (409 when neither).
+      button('rollback', 'Roll back', (hasCandidate && route.state !== 'rolled_back') || Boolean(route.rollback_target)),
       route.paused ? button('resume', 'Resume', true) : button('pause', 'Pause', true),
     );
     const id = `weight-${route.name}`;
