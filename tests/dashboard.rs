@@ -239,7 +239,14 @@ async fn a_change_sent_the_way_the_page_sends_it_without_the_token_gets_the_apis
 async fn the_history_counts_each_versions_traffic_and_the_audit_view_verifies_the_chain() {
     let (weir, _backends) = start(SPLIT).await;
     let client = http1();
-    // The sampler takes its baseline at start; traffic after it shows in the next sample.
+    // The sampler takes its baseline at start (both series listed, no samples yet); traffic
+    // after it shows in the next sample.
+    assert_eventually!(
+        get(&client, &weir.admin_url("/v1/history")).await.json()["routes"][0]["versions"]
+            .as_array()
+            .is_some_and(|v| v.len() == 2),
+        "the sampler never took its baseline"
+    );
     for _ in 0..40 {
         let reply = get(&client, &weir.url("/v1/chat")).await;
         assert_eq!(reply.status, StatusCode::OK);
