@@ -18,6 +18,7 @@ use crate::control::admin::{self, AdminState};
 use crate::control::auth::AdminToken;
 use crate::control::canary::Board;
 use crate::control::fleet::{Fleet, FleetError};
+use crate::control::history::History;
 use crate::control::identity::{self, probe_once, Prober};
 use crate::control::mlflow::MlflowSource;
 use crate::control::replica;
@@ -141,9 +142,12 @@ impl Server {
             Arc::new(Shadower::new(&config.shadow, &config.state_dir)),
         ));
         let canary = Arc::new(Board::default());
+        let history = Arc::new(History::default());
         let admin_state = Arc::new(AdminState {
             writer: Arc::clone(&writer),
             canary: Arc::clone(&canary),
+            history: Arc::clone(&history),
+            audit: Arc::default(),
             token,
             ready: AtomicBool::new(false),
         });
@@ -200,6 +204,11 @@ impl Server {
             config.routes.len()
         );
 
+        tokio::spawn(crate::control::history::run(
+            Arc::clone(&writer),
+            history,
+            stop_rx.clone(),
+        ));
         let fleet_tasks = spawn_control_tasks(&config, &writer, prober, &canary, &stop_rx);
         let task = tokio::spawn(shut_down_in_order(
             stop_rx,

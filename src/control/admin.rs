@@ -1,5 +1,5 @@
-//! The admin listener: metrics, health, readiness, the live routing table, and the mutating
-//! calls that move the split.
+//! The admin listener: metrics, health, readiness, the live routing table, the dashboard and
+//! what it reads (recent history, the audit log), and the mutating calls that move the split.
 //!
 //! Read-only endpoints are open (the listener binds loopback by default); every mutating call
 //! needs the bearer token and goes through the one [`Writer`]. Everything here is cold.
@@ -16,8 +16,11 @@ use hyper::body::Incoming;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+use super::audit::ChainWatch;
 use super::auth::AdminToken;
 use super::canary::Board;
+use super::dashboard;
+use super::history::History;
 use super::mlflow::SourceError;
 use super::pins::runtime_registry;
 use super::state::ApplyError;
@@ -37,6 +40,10 @@ pub struct AdminState {
     pub writer: Arc<Writer>,
     /// The canary controller's last decision per route.
     pub canary: Arc<Board>,
+    /// The last 15 minutes of every version's traffic, for the dashboard.
+    pub history: Arc<History>,
+    /// The dashboard's view of the audit chain.
+    pub audit: Arc<ChainWatch>,
     pub token: AdminToken,
     /// False while starting and while draining: `/readyz` tells load balancers to stay away.
     pub ready: AtomicBool,
@@ -127,6 +134,9 @@ pub async fn handle(
 ) -> Result<AdminResponse, Infallible> {
     let path = req.uri().path().to_string();
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+    if let Some(page) = dashboard::serve(req.method(), &segments) {
+        return Ok(page);
+    }
     let response = match (req.method().clone(), segments.as_slice()) {
         (Method::GET, ["metrics"]) => {
             let mut r = Response::new(Full::new(Bytes::from(state.writer.metrics().encode())));
@@ -159,6 +169,7 @@ pub async fn handle(
                 let name = route["name"].as_str().unwrap_or_default().to_string();
                 route["canary"] = state.canary.status(&name).unwrap_or(Value::Null);
                 route["registry"] = route_stages(&registry, &stages, route);
+                route["plan"] = state.canary.plan(&name).unwrap_or(Value::Null);
             }
             all["production"] = json!(stages.production);
             json_response(StatusCode::OK, all)
@@ -172,18 +183,29 @@ pub async fn handle(
                     let stages = state.writer.stages();
                     route["canary"] = state.canary.status(name).unwrap_or(Value::Null);
                     route["registry"] = route_stages(&load_stages(&stages), &stages, &route);
+                    route["plan"] = state.canary.plan(name).unwrap_or(Value::Null);
                     json_response(StatusCode::OK, json!({"generation": table.generation, "route": route}))
                 }
                 None => Refused::new(StatusCode::NOT_FOUND, format!("no route named {name:?}")).into_response(),
             }
         }
+        (Method::GET, ["v1", "fleet"]) => fleet_replicas(&state).await,
+        (Method::GET, ["v1", "history"]) => json_response(StatusCode::OK, state.history.json()),
+        (Method::GET, ["v1", "audit"]) => match audit_limit(req.uri().query()) {
+            Ok(limit) => audit_report(&state, limit).await,
+            Err(refused) => refused.into_response(),
+        },
+        (Method::GET, ["v1", "auth"]) => match unauthorised(&state, &req) {
+            None => json_response(StatusCode::OK, json!({"actor": state.token.actor()})),
+            Some(refused) => refused,
+        },
         (Method::PUT, ["v1", "routes", _, "weight"])
         | (Method::POST, ["v1", "routes", _, "promote" | "rollback" | "pause" | "resume"])
         | (Method::POST, ["v1", "reload"]) => match mutate(&state, req).await {
             Ok(r) => r,
             Err(refused) => refused.into_response(),
         },
-        (_, ["metrics" | "healthz" | "readyz"] | ["v1", "routes"] | ["v1", "routes", _]) => {
+        (_, ["metrics" | "healthz" | "readyz"] | ["v1", "routes" | "fleet" | "history" | "audit" | "auth"] | ["v1", "routes", _]) => {
             Refused::new(StatusCode::METHOD_NOT_ALLOWED, format!("{} {path} is not supported; use GET", req.method()))
                 .into_response()
         }
@@ -199,7 +221,8 @@ pub async fn handle(
             StatusCode::NOT_FOUND,
             format!("no admin endpoint at {path}"),
             json!({"endpoints": [
-                "GET /metrics", "GET /healthz", "GET /readyz", "GET /v1/routes", "GET /v1/routes/{route}",
+                "GET /", "GET /metrics", "GET /healthz", "GET /readyz", "GET /v1/routes", "GET /v1/routes/{route}",
+                "GET /v1/fleet", "GET /v1/history", "GET /v1/audit", "GET /v1/auth",
                 "PUT /v1/routes/{route}/weight", "POST /v1/routes/{route}/promote",
                 "POST /v1/routes/{route}/rollback", "POST /v1/routes/{route}/pause",
                 "POST /v1/routes/{route}/resume", "POST /v1/reload",
@@ -226,17 +249,109 @@ struct ReasonBody {
     reason: Option<String>,
 }
 
-async fn mutate(state: &AdminState, req: Request<Incoming>) -> Result<AdminResponse, Refused> {
-    if !state.token.allows(req.headers().get(AUTHORIZATION)) {
-        let mut r = Refused::new(
-            StatusCode::UNAUTHORIZED,
-            "missing or wrong admin token: send `Authorization: Bearer <token>` (the token is in WEIR_ADMIN_TOKEN, \
-             the --admin-token-file, [admin] token_file, or <state-dir>/admin.token)",
+/// The 401 every mutating call answers when `req` does not carry the admin token; `None` when
+/// it does.
+fn unauthorised<B>(state: &AdminState, req: &Request<B>) -> Option<AdminResponse> {
+    if state.token.allows(req.headers().get(AUTHORIZATION)) {
+        return None;
+    }
+    let mut r = Refused::new(
+        StatusCode::UNAUTHORIZED,
+        "missing or wrong admin token: send `Authorization: Bearer <token>` (the token is in WEIR_ADMIN_TOKEN, \
+         the --admin-token-file, [admin] token_file, or <state-dir>/admin.token)",
+    )
+    .into_response();
+    r.headers_mut()
+        .insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    Some(r)
+}
+
+/// Records `GET /v1/audit` shows unless `?limit=` says otherwise, and at most.
+const AUDIT_RECENT: usize = 50;
+const AUDIT_MAX: usize = 1000;
+
+fn audit_limit(query: Option<&str>) -> Result<usize, Refused> {
+    let mut limit = AUDIT_RECENT;
+    for (key, value) in form_urlencoded::parse(query.unwrap_or_default().as_bytes()) {
+        match (&*key, value.parse::<usize>()) {
+            ("limit", Ok(n)) if n <= AUDIT_MAX => limit = n,
+            _ => {
+                return Err(Refused::new(
+                    StatusCode::BAD_REQUEST,
+                    format!("/v1/audit takes only ?limit=<0..={AUDIT_MAX}>, not {key}={value}"),
+                ))
+            }
+        }
+    }
+    Ok(limit)
+}
+
+/// `GET /v1/fleet`: every replica whose lease is alive in etcd (each publishes its counters on
+/// it), the generation it serves and whether it can apply the fleet's state, and which one leads.
+/// `{"fleet": null}` outside fleet mode; 503 while etcd does not answer.
+async fn fleet_replicas(state: &AdminState) -> AdminResponse {
+    let Some(fleet) = state.writer.fleet() else {
+        return json_response(StatusCode::OK, json!({"fleet": null}));
+    };
+    let read = async {
+        Ok::<_, super::fleet::FleetError>((fleet.counters().await?, fleet.leader_name().await?))
+    };
+    let (published, leader) = match read.await {
+        Ok(both) => both,
+        Err(e) => {
+            return Refused::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("cannot read the fleet from etcd: {e}"),
+            )
+            .into_response()
+        }
+    };
+    let replicas: Vec<Value> = published
+        .iter()
+        .map(|(name, value)| {
+            let health = match serde_json::from_str::<super::canary::Published>(value) {
+                Ok(p) => json!({
+                    "generation": p.generation,
+                    "state": p.apply_problem.map_or("current".to_string(), |why| format!("cannot apply: {why}")),
+                }),
+                Err(e) => json!({"generation": null, "state": format!("unreadable counters: {e}")}),
+            };
+            json!({
+                "replica": name,
+                "this": name == fleet.replica(),
+                "leader": leader.as_deref() == Some(name.as_str()),
+                "generation": health["generation"],
+                "state": health["state"],
+            })
+        })
+        .collect();
+    json_response(
+        StatusCode::OK,
+        json!({"fleet": {"replica": fleet.replica(), "leader": leader, "replicas": replicas}}),
+    )
+}
+
+/// `GET /v1/audit`: the chain up to where it ends now, checked off the async workers.
+async fn audit_report(state: &Arc<AdminState>, limit: usize) -> AdminResponse {
+    let (path, len, head) = state.writer.audit_end().await;
+    let watch = Arc::clone(&state.audit);
+    let now = tokio::time::Instant::now();
+    let report =
+        tokio::task::spawn_blocking(move || watch.report(&path, len, head.as_ref(), limit, now))
+            .await;
+    match report {
+        Ok(report) => json_response(StatusCode::OK, json!(report)),
+        Err(e) => Refused::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("cannot read the audit log: {e}"),
         )
-        .into_response();
-        r.headers_mut()
-            .insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-        return Ok(r);
+        .into_response(),
+    }
+}
+
+async fn mutate(state: &AdminState, req: Request<Incoming>) -> Result<AdminResponse, Refused> {
+    if let Some(refused) = unauthorised(state, &req) {
+        return Ok(refused);
     }
     let if_match = match req.headers().get(IF_MATCH) {
         None => None,

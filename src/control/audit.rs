@@ -372,6 +372,17 @@ pub struct VerifyError {
 /// consecutive sequence numbers; then, when given, that the log ends at the state's head.
 /// Returns the number of records.
 pub fn verify(path: &Path, state_head: Option<&AuditHead>) -> Result<u64, VerifyError> {
+    verify_first(path, u64::MAX, state_head)
+}
+
+/// [`verify`] on the first `len` bytes of the log: the records that were there when the state
+/// head was read, while others are appended.
+pub fn verify_first(
+    path: &Path,
+    len: u64,
+    state_head: Option<&AuditHead>,
+) -> Result<u64, VerifyError> {
+    use std::io::Read;
     let fail = |line: usize, message: String| VerifyError {
         path: path.to_path_buf(),
         line,
@@ -380,7 +391,8 @@ pub fn verify(path: &Path, state_head: Option<&AuditHead>) -> Result<u64, Verify
     let file = File::open(path).map_err(|e| fail(0, format!("cannot open: {e}")))?;
     let mut prev = GENESIS.to_string();
     let mut count = 0;
-    for (expected_seq, (i, line)) in (1u64..).zip(BufReader::new(file).lines().enumerate()) {
+    let lines = BufReader::new(file.take(len)).lines().enumerate();
+    for (expected_seq, (i, line)) in (1u64..).zip(lines) {
         let n = i + 1;
         let line = line.map_err(|e| fail(n, format!("cannot read: {e}")))?;
         let (seq, hash) = check_line(&line).map_err(|e| fail(n, format!("record is bad: {e}")))?;
@@ -414,6 +426,116 @@ pub fn verify(path: &Path, state_head: Option<&AuditHead>) -> Result<u64, Verify
         }
     }
     Ok(count)
+}
+
+/// What the dashboard shows of a log: the chain checked as [`verify`] checks it, and the last
+/// records.
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub file: String,
+    /// Records in the log, when the chain is intact.
+    pub records: Option<u64>,
+    pub intact: bool,
+    /// Whether the tail was checked against the head the state file records (a fleet replica's
+    /// copy has none: the chain's head is in etcd).
+    pub head_checked: bool,
+    /// The first thing found wrong, as `weir audit verify` says it.
+    pub problem: Option<String>,
+    /// How long ago the whole chain was checked, in seconds (see [`ChainWatch`]).
+    pub checked_seconds_ago: f64,
+    /// The last records, oldest first.
+    pub recent: Vec<Value>,
+}
+
+/// How long a whole-chain check of an unchanged log is reused before the chain is read again.
+pub const RECHECK: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// A whole-chain check, and how much of the log it covered.
+#[derive(Clone, Debug)]
+struct Checked {
+    len: u64,
+    at: tokio::time::Instant,
+    verdict: Result<u64, String>,
+}
+
+/// Checks the chain for the dashboard without reading a long log on every look: a check of the
+/// same length of log is reused for [`RECHECK`]; a log that grew, or an older check, is read again
+/// from its first record. Reads the file only, never under the writer's lock.
+#[derive(Debug, Default)]
+pub struct ChainWatch {
+    last: std::sync::Mutex<Option<Checked>>,
+}
+
+impl ChainWatch {
+    /// The first `len` bytes of the log at `path` checked against `head`, with their last
+    /// `limit` records. Blocking: file reads and hashing.
+    pub fn report(
+        &self,
+        path: &Path,
+        len: u64,
+        head: Option<&AuditHead>,
+        limit: usize,
+        now: tokio::time::Instant,
+    ) -> Report {
+        let reusable = self
+            .last
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .filter(|c| c.len == len && now.duration_since(c.at) < RECHECK);
+        let checked = reusable.unwrap_or_else(|| {
+            let checked = Checked {
+                len,
+                at: now,
+                verdict: verify_first(path, len, head).map_err(|e| e.to_string()),
+            };
+            *self.last.lock().unwrap_or_else(|p| p.into_inner()) = Some(checked.clone());
+            checked
+        });
+        Report {
+            file: path.display().to_string(),
+            records: checked.verdict.as_ref().ok().copied(),
+            intact: checked.verdict.is_ok(),
+            head_checked: head.is_some(),
+            problem: checked.verdict.as_ref().err().cloned(),
+            checked_seconds_ago: now.duration_since(checked.at).as_secs_f64(),
+            recent: recent(path, len, limit),
+        }
+    }
+}
+
+/// The last `limit` records among the first `len` bytes of the log at `path`, oldest first.
+/// Reads from the end only as far back as it needs.
+pub fn recent(path: &Path, len: u64, limit: usize) -> Vec<Value> {
+    use std::io::{Read, Seek, SeekFrom};
+    let Ok(mut file) = File::open(path) else {
+        return Vec::new();
+    };
+    let mut window = 64 * 1024u64;
+    loop {
+        let start = len.saturating_sub(window);
+        let mut bytes = Vec::new();
+        let read = file
+            .seek(SeekFrom::Start(start))
+            .and_then(|_| (&mut file).take(len - start).read_to_end(&mut bytes));
+        if read.is_err() {
+            return Vec::new();
+        }
+        let text = String::from_utf8_lossy(&bytes);
+        let mut lines: Vec<&str> = text.split('\n').filter(|l| !l.is_empty()).collect();
+        if start > 0 && !lines.is_empty() {
+            // Cut in the middle of a record (or just after one: it is read on a wider pass).
+            lines.remove(0);
+        }
+        if lines.len() >= limit || start == 0 {
+            let from = lines.len().saturating_sub(limit);
+            return lines[from..]
+                .iter()
+                .filter_map(|l| serde_json::from_str(l).ok())
+                .collect();
+        }
+        window *= 4;
+    }
 }
 
 #[cfg(test)]
@@ -477,6 +599,78 @@ mod tests {
             err.message.contains("cut off"),
             "...but not next to the state's head: {err}"
         );
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    fn len(path: &Path) -> u64 {
+        std::fs::metadata(path).unwrap().len()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_report_keeps_the_last_records_and_names_a_broken_chain_within_a_recheck() {
+        let d = dir("report");
+        let records = write_three(&d);
+        let path = d.join(AUDIT_FILE);
+        let watch = ChainWatch::default();
+        let now = tokio::time::Instant::now;
+        let head = Some(records[2].head());
+        let report = watch.report(&path, len(&path), head.as_ref(), 2, now());
+        assert!(report.intact && report.head_checked, "{report:?}");
+        assert_eq!(report.records, Some(3));
+        let seqs: Vec<_> = report.recent.iter().map(|r| r["seq"].as_u64()).collect();
+        assert_eq!(seqs, [Some(2), Some(3)]);
+
+        // An edit that keeps the length is found at the next whole check, not before.
+        let text = std::fs::read_to_string(&path).unwrap();
+        std::fs::write(&path, text.replacen("\"after\":2", "\"after\":9", 1)).unwrap();
+        let cached = watch.report(&path, len(&path), head.as_ref(), 10, now());
+        assert!(
+            cached.intact,
+            "within {RECHECK:?} an unchanged length is not read again"
+        );
+        assert_eq!(cached.recent.len(), 3);
+        tokio::time::advance(RECHECK).await;
+        let report = watch.report(&path, len(&path), head.as_ref(), 10, now());
+        assert!(!report.intact);
+        assert!(report.problem.unwrap().contains("line 2"));
+        assert_eq!(report.recent.len(), 3, "the records are still shown");
+
+        // A record appended after the head was read is neither checked nor shown.
+        std::fs::write(&path, &text).unwrap();
+        tokio::time::advance(RECHECK).await;
+        let before = len(&path);
+        std::fs::write(&path, format!("{text}{{\"half\": ")).unwrap();
+        let report = watch.report(&path, before, head.as_ref(), 10, now());
+        assert!(report.intact, "{report:?}");
+        assert_eq!(report.recent.len(), 3);
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn the_tail_is_read_from_the_end_across_windows() {
+        let d = dir("tail");
+        let mut log = AuditLog::open(&d, None).unwrap();
+        let reason = "x".repeat(2000);
+        for i in 1..=100 {
+            let p = log.prepare(Entry {
+                actor: "test",
+                action: "set_weight",
+                route: Some("r"),
+                before: json!(i - 1),
+                after: json!(i),
+                generation: i,
+                reason: Some(&reason),
+                window: None,
+            });
+            log.append(&p).unwrap();
+        }
+        let path = d.join(AUDIT_FILE);
+        assert!(len(&path) > 64 * 1024, "the log spans several windows");
+        let tail = recent(&path, len(&path), 60);
+        let seqs: Vec<u64> = tail.iter().filter_map(|r| r["seq"].as_u64()).collect();
+        assert_eq!(seqs, (41..=100).collect::<Vec<_>>());
+        assert_eq!(recent(&path, len(&path), 500).len(), 100);
+        assert!(recent(&path, len(&path), 0).is_empty());
         let _ = std::fs::remove_dir_all(&d);
     }
 

@@ -24,7 +24,8 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, GetOptions, LeaderKey, PutOptions, Txn, TxnOp,
+    Client, Compare, CompareOp, ConnectOptions, GetOptions, LeaderKey, PutOptions, SortOrder,
+    SortTarget, Txn, TxnOp,
 };
 
 use super::audit::Prepared;
@@ -552,6 +553,26 @@ impl Fleet {
         let key = response.leader().cloned().ok_or(FleetError::NotLeader)?;
         *lock(&self.leader) = Some(key);
         Ok(())
+    }
+
+    /// The replica that holds the controller's seat, as etcd's election has it: the owner of the
+    /// oldest key under the election's name (none while no replica campaigns).
+    pub async fn leader_name(&self) -> Result<Option<String>, FleetError> {
+        let mut kv = self.client.kv_client();
+        let options = GetOptions::new()
+            .with_prefix()
+            .with_sort(SortTarget::Create, SortOrder::Ascend)
+            .with_limit(1);
+        let response = self
+            .call(
+                "read the canary leader",
+                kv.get(format!("{}/", self.key("leader")), Some(options)),
+            )
+            .await?;
+        Ok(response
+            .kvs()
+            .first()
+            .map(|kv| String::from_utf8_lossy(kv.value()).into_owned()))
     }
 
     /// This replica holds the controller's seat and its lease is alive.

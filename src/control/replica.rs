@@ -178,7 +178,8 @@ pub async fn publish_counters(writer: Arc<Writer>, mut stop: watch::Receiver<boo
             _ = tokio::time::sleep(PUBLISH_INTERVAL) => {}
             _ = stopped(&mut stop) => return,
         }
-        let counters = super::canary::published(&writer.table().load(), &fleet.incarnation);
+        let mut counters = super::canary::published(&writer.table().load(), &fleet.incarnation);
+        counters.apply_problem = fleet.apply_problem();
         let value = serde_json::to_string(&counters).expect("counters serialize");
         if let Err(e) = fleet.publish(value).await {
             tracing::debug!(error = %e, "cannot publish counters");

@@ -945,6 +945,21 @@ impl Writer {
         self.inner.lock().await.config.clone()
     }
 
+    /// Where the audit log ends now and the head the state file records, read together under
+    /// the writer's lock so they agree (no change of this process is half-written: state ahead of
+    /// the log). The dashboard checks the chain up to there, without the lock.
+    pub async fn audit_end(&self) -> (std::path::PathBuf, u64, Option<super::state::AuditHead>) {
+        let inner = self.inner.lock().await;
+        let head = super::state::StateStore::new(&inner.config.state_dir)
+            .load()
+            .ok()
+            .flatten()
+            .and_then(|body| body.audit_head);
+        let path = inner.audit.path().to_path_buf();
+        let len = std::fs::metadata(&path).map_or(0, |m| m.len());
+        (path, len, head)
+    }
+
     /// Records an event that changes no routing (an identity mismatch, say) in the audit chain.
     pub async fn record(
         &self,

@@ -261,6 +261,7 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
     println!("  proxy     {proxy}");
     println!("            curl {proxy}/v1/chat/completions -d '{{\"messages\":[{{\"role\":\"user\",\"content\":\"hi\"}}]}}'");
     println!("  admin     {admin}/v1/routes   {admin}/metrics");
+    println!("  dashboard {admin}/");
     println!(
         "  canary    steps {}, analysis every {}, {} responses per version per window",
         opts.steps,

@@ -4,6 +4,7 @@
 //! Everything listens on 127.0.0.1 port 0; nothing here sleeps to wait for a result.
 #![allow(dead_code)]
 
+pub mod browser;
 pub mod etcd;
 pub mod pki;
 pub mod wire;

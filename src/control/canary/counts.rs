@@ -11,16 +11,16 @@ use crate::metrics::TargetStats;
 
 /// One version's cumulative counters as one process saw them.
 #[derive(Clone, Debug, PartialEq)]
-pub(super) struct Counts {
-    pub(super) requests: u64,
-    pub(super) errors: u64,
-    pub(super) latency: Vec<(f64, u64)>,
-    pub(super) ttfb: Vec<(f64, u64)>,
+pub(in crate::control) struct Counts {
+    pub(in crate::control) requests: u64,
+    pub(in crate::control) errors: u64,
+    pub(in crate::control) latency: Vec<(f64, u64)>,
+    pub(in crate::control) ttfb: Vec<(f64, u64)>,
 }
 
 impl Counts {
     /// What was counted since `start` (a source's earlier reading; none: since it started).
-    pub(super) fn since(&self, start: Option<&Counts>) -> Counts {
+    pub(in crate::control) fn since(&self, start: Option<&Counts>) -> Counts {
         let minus = |now: &[(f64, u64)], then: Option<&Vec<(f64, u64)>>| -> Vec<(f64, u64)> {
             now.iter()
                 .enumerate()
@@ -107,6 +107,12 @@ pub struct Published {
     pub targets: HashMap<String, PublishedCounts>,
     /// Rolling shadow agreement and the comparisons it rests on, by route.
     pub agreement: HashMap<String, (Option<f64>, usize)>,
+    /// The routing generation the replica serves, and why it cannot apply the fleet's state when
+    /// it cannot: its health, as other replicas' dashboards show it (absent from older replicas).
+    #[serde(default)]
+    pub generation: u64,
+    #[serde(default)]
+    pub apply_problem: Option<String>,
 }
 
 #[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
@@ -130,6 +136,7 @@ fn target_key(route: &str, target: &Target) -> String {
 pub fn published(table: &crate::data::RoutingTable, incarnation: &str) -> Published {
     let mut out = Published {
         incarnation: incarnation.to_string(),
+        generation: table.generation,
         ..Published::default()
     };
     for route in &table.routes {
@@ -207,7 +214,8 @@ fn buckets(h: &prometheus::Histogram) -> Vec<(f64, u64)> {
     out
 }
 
-fn counts(stats: &TargetStats) -> Counts {
+/// This process's cumulative counters of one target (the dashboard's history samples them too).
+pub(in crate::control) fn counts(stats: &TargetStats) -> Counts {
     Counts {
         requests: stats.requests_total(),
         errors: stats.server_errors_total(),

@@ -25,7 +25,9 @@ use tokio::sync::watch;
 // tokio's clock: the same as the system's in production, and one a test can pause.
 use tokio::time::Instant;
 
+pub(in crate::control) use counts::{counts, Counts};
 pub use counts::{published, Published};
+pub(in crate::control) use gates::quantile;
 use step::{Action, Controller, Decided, View};
 
 use super::pins::load_registry;
@@ -40,14 +42,33 @@ use crate::metrics::CanaryDecision;
 use crate::shutdown::stopped;
 use counts::Counters;
 
-/// The controller's last word per route (decision, reason, evidence), for `GET /v1/routes` and
-/// `weir demo`. The controller writes it; nobody else does.
+/// The controller's last word per route (decision, reason, evidence) and the step plan it
+/// follows, for `GET /v1/routes` and `weir demo`. The controller writes it; nobody else does.
 #[derive(Debug, Default)]
 pub struct Board {
     last: std::sync::Mutex<std::collections::HashMap<String, Value>>,
+    plans: std::sync::Mutex<std::collections::HashMap<String, Value>>,
 }
 
 impl Board {
+    /// The plans of the routes that have a canary policy in `config`, replacing the last ones
+    /// (a reload may add or drop a policy).
+    fn set_plans(&self, config: &Config) {
+        let plans = config
+            .routes
+            .iter()
+            .filter_map(|r| Some((r.name.clone(), plan_json(r.canary.as_ref()?))))
+            .collect();
+        *self.plans.lock().unwrap_or_else(|p| p.into_inner()) = plans;
+    }
+
+    /// The canary steps of `route` (basis points and as shown), once the controller has read
+    /// its policy; none for a route without one.
+    pub fn plan(&self, route: &str) -> Option<Value> {
+        let plans = self.plans.lock().unwrap_or_else(|p| p.into_inner());
+        plans.get(route).cloned()
+    }
+
     fn set(&self, route: &str, status: Value) {
         let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
         last.insert(route.to_string(), status);
@@ -58,6 +79,15 @@ impl Board {
         let last = self.last.lock().unwrap_or_else(|p| p.into_inner());
         last.get(route).cloned()
     }
+}
+
+fn plan_json(policy: &CanaryPolicy) -> Value {
+    json!({
+        "steps": policy.steps,
+        "steps_percent": policy.steps.iter().map(|w| format_percent(*w)).collect::<Vec<_>>(),
+        "interval_seconds": policy.interval.as_secs_f64(),
+        "confirm_promotion": policy.confirm_promotion,
+    })
 }
 
 /// How often the controller looks at every route (a step's interval is counted in these).
@@ -86,6 +116,7 @@ pub async fn run(writer: Arc<Writer>, board: Arc<Board>, mut stop: watch::Receiv
             Gathered::EtcdAway => continue,
         };
         let config = writer.config().await;
+        board.set_plans(&config);
         let live = writer.live();
         for rc in &config.routes {
             let Some(policy) = &rc.canary else { continue };
