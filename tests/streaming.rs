@@ -408,12 +408,11 @@ async fn backend_silent_mid_body_is_cut_after_the_idle_timeout() {
     );
 }
 
-#[tokio::test]
-async fn an_answer_longer_than_the_idle_timeout_streams_whole_while_each_gap_is_shorter() {
-    // 12 events 100 ms apart (1.2 s) under a 300 ms idle timeout: the relay's one idle timer
-    // fires several times during the answer and must move on each time, never cut it.
+/// A backend answering one request with `events` SSE chunks `gap` apart, then the chunked end,
+/// or, with `stall`, nothing more while it keeps the connection open.
+async fn paced_backend(events: usize, gap: Duration, stall: bool) -> String {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let backend = format!("http://{}", listener.local_addr().unwrap());
+    let url = format!("http://{}", listener.local_addr().unwrap());
     tokio::spawn(async move {
         let (mut s, _) = listener.accept().await.unwrap();
         let mut head = Vec::new();
@@ -427,16 +426,30 @@ async fn an_answer_longer_than_the_idle_timeout_streams_whole_while_each_gap_is_
         s.write_all(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
             .await
             .unwrap();
-        for k in 0..12 {
-            tokio::time::sleep(Duration::from_millis(100)).await;
+        for k in 0..events {
+            tokio::time::sleep(gap).await;
             let event = format!("data: {k}\n\n");
             s.write_all(format!("{:x}\r\n{event}\r\n", event.len()).as_bytes())
                 .await
                 .unwrap();
         }
-        s.write_all(b"0\r\n\r\n").await.unwrap();
+        if !stall {
+            s.write_all(b"0\r\n\r\n").await.unwrap();
+        }
         let _ = s.read(&mut [0u8; 1]).await;
     });
+    url
+}
+
+fn events(n: usize) -> String {
+    (0..n).map(|k| format!("data: {k}\n\n")).collect()
+}
+
+#[tokio::test]
+async fn an_answer_longer_than_the_idle_timeout_streams_whole_while_each_gap_is_shorter() {
+    // 12 events 100 ms apart (1.2 s) under a 300 ms idle timeout: the relay's one idle timer
+    // fires several times during the answer and must move on each time, never cut it.
+    let backend = paced_backend(12, Duration::from_millis(100), false).await;
     let config = format!("[proxy]\nidle_timeout = \"300ms\"\n{ONE_VERSION}");
     let weir = Weir::start(&config, &[("v1", &backend)]).await;
     let req = request(Method::GET, &weir.url("/v1/stream"))
@@ -448,9 +461,60 @@ async fn an_answer_longer_than_the_idle_timeout_streams_whole_while_each_gap_is_
         .expect("request");
     assert_eq!(response.status(), 200);
     let (data, failed) = read_to_end(response.into_body()).await;
-    let expected: String = (0..12).map(|k| format!("data: {k}\n\n")).collect();
     assert!(!failed, "cut after {:?}", String::from_utf8_lossy(&data));
-    assert_eq!(String::from_utf8_lossy(&data), expected);
+    assert_eq!(String::from_utf8_lossy(&data), events(12));
+}
+
+#[tokio::test]
+async fn a_stream_that_stalls_after_the_idle_timer_moved_is_cut_one_idle_timeout_later() {
+    // 6 events 100 ms apart move the 300 ms timer at least once; then the backend goes silent
+    // with the connection open. The client gets every event, then a broken body, one idle
+    // timeout after the last event (not never, not at once).
+    let backend = paced_backend(6, Duration::from_millis(100), true).await;
+    let config = format!("[proxy]\nidle_timeout = \"300ms\"\n{ONE_VERSION}");
+    let weir = Weir::start(&config, &[("v1", &backend)]).await;
+    let req = request(Method::GET, &weir.url("/v1/stream"))
+        .body(empty())
+        .unwrap();
+    let response = tokio::time::timeout(DEADLINE, http1().request(req))
+        .await
+        .expect("response head within the deadline")
+        .expect("request");
+    assert_eq!(response.status(), 200);
+    let mut body = response.into_body();
+    let (mut data, mut last_event) = (Vec::new(), std::time::Instant::now());
+    let failed = loop {
+        match tokio::time::timeout(DEADLINE, body.frame())
+            .await
+            .expect("the stall is cut")
+        {
+            Some(Ok(frame)) => {
+                if let Ok(bytes) = frame.into_data() {
+                    data.extend_from_slice(&bytes);
+                    last_event = std::time::Instant::now();
+                }
+            }
+            Some(Err(_)) => break true,
+            None => break false,
+        }
+    };
+    let after = last_event.elapsed();
+    assert!(failed, "a stalled stream ended cleanly");
+    assert_eq!(String::from_utf8_lossy(&data), events(6));
+    assert!(
+        after >= Duration::from_millis(250) && after < Duration::from_millis(2000),
+        "cut {after:?} after the last event; idle_timeout is 300ms"
+    );
+    let labels = [
+        ("route", "chat"),
+        ("version", "chat@v1"),
+        ("kind", "idle_timeout"),
+    ];
+    assert_eventually_eq!(
+        weir.metric("weir_request_errors_total", &labels).await,
+        Some(1.0),
+        "weir_request_errors_total{labels:?}"
+    );
 }
 
 // === cancellation ===

@@ -202,6 +202,30 @@ async fn read_idle<S: AsyncRead + Unpin>(client: &mut S, buf: &mut BytesMut) -> 
     .await
 }
 
+/// Reads what the backend sends next into `buf`, which is empty, through a buffer on the stack:
+/// when the read has to wait, `buf`'s allocation is freed first, so a stream between two events
+/// holds no buffer; bytes that are already there go into `buf` as it is (no reallocation).
+async fn read_waiting(stream: &mut TcpStream, buf: &mut BytesMut) -> io::Result<usize> {
+    std::future::poll_fn(|cx| {
+        let mut stack = [std::mem::MaybeUninit::<u8>::uninit(); READ_CHUNK];
+        let mut read = ReadBuf::uninit(&mut stack);
+        match Pin::new(&mut *stream).poll_read(cx, &mut read) {
+            Poll::Ready(Ok(())) => {
+                buf.extend_from_slice(read.filled());
+                Poll::Ready(Ok(read.filled().len()))
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => {
+                if buf.capacity() > 0 {
+                    *buf = BytesMut::new();
+                }
+                Poll::Pending
+            }
+        }
+    })
+    .await
+}
+
 pub(super) enum Exchange {
     /// Answered; the request took `consumed` bytes of the buffer; the connection stays open.
     Done { consumed: usize },
@@ -598,7 +622,12 @@ async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
             if write_out(client, &pending).await.is_err() {
                 return Exchange::Close; // the client left: the upstream connection goes too
             }
-            pending = Vec::new();
+            // A stream frees it between its small writes; a large body reuses it.
+            if small_reads {
+                pending = Vec::new();
+            } else {
+                pending.clear();
+            }
         }
         if direct > 0 {
             if write_out(client, &conn.buf[..direct]).await.is_err() {
@@ -617,21 +646,26 @@ async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
             return Exchange::Close;
         }
         let through_stack = small_reads && conn.buf.is_empty();
-        if through_stack {
-            conn.buf = BytesMut::new();
-        } else if conn.buf.capacity() - conn.buf.len() < 1024 {
+        if !through_stack && conn.buf.capacity() - conn.buf.len() < SMALL_READ {
             conn.buf.reserve(READ_CHUNK);
         }
+        let offered = if through_stack {
+            READ_CHUNK
+        } else {
+            conn.buf.capacity() - conn.buf.len()
+        };
         let read = async {
             if through_stack {
-                read_idle(&mut conn.stream, &mut conn.buf).await
+                read_waiting(&mut conn.stream, &mut conn.buf).await
             } else {
                 conn.stream.read_buf(&mut conn.buf).await
             }
         };
         let read = within(read, idle.as_mut(), settings.idle_timeout).await;
         if let Ok(Ok(n)) = read {
-            small_reads = n < SMALL_READ;
+            // Small only if the read did not fill what it was offered: a full one says more
+            // was waiting, whatever its size.
+            small_reads = n < SMALL_READ && n < offered;
         }
         match read {
             Ok(Ok(0)) if matches!(framing, Framing::UntilClose) => framing = Framing::Ended,
@@ -666,7 +700,11 @@ async fn within<F: Future<Output = io::Result<usize>>>(
     mut timer: Pin<&mut tokio::time::Sleep>,
     timeout: Duration,
 ) -> Result<io::Result<usize>, ()> {
-    let deadline = tokio::time::Instant::now() + timeout;
+    let now = tokio::time::Instant::now();
+    // Saturating, as tokio::time::timeout does, for a timeout no clock can add.
+    let deadline = now
+        .checked_add(timeout)
+        .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 86_400));
     let mut read = std::pin::pin!(read);
     std::future::poll_fn(|cx| {
         if let Poll::Ready(r) = read.as_mut().poll(cx) {
