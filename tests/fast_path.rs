@@ -217,6 +217,49 @@ async fn a_pooled_connection_the_backend_closed_is_replaced_without_an_error() {
     );
 }
 
+/// A backend that closes a kept-alive connection only when the next request arrives on it (its
+/// idle close racing weir's reuse: weir sees the connection open until it sends) fails every
+/// pooled connection it holds the same way. The request is sent again once, on a new connection,
+/// not on the next pooled one.
+#[tokio::test]
+async fn a_request_failed_by_a_stale_pooled_connection_is_sent_again_on_a_new_one() {
+    let backend = WireBackend::start(|mut wire, index| async move {
+        if wire.request().await.is_ok() {
+            // Slow enough that two concurrent requests need two connections.
+            tokio::time::sleep(Duration::from_millis(150)).await;
+            let _ = wire.send(ok(format!("connection {index}"))).await;
+        }
+        // The next request is read, then the connection closes unanswered.
+        let _ = wire.request().await;
+    })
+    .await;
+    let weir = weir_with("", &backend.url()).await;
+    let (mut a, mut b) = (
+        Wire::connect(weir.proxy).await,
+        Wire::connect(weir.proxy).await,
+    );
+    a.write(get_request("/v1/a")).await;
+    b.write(get_request("/v1/b")).await;
+    assert_eq!(a.response().await.status, 200);
+    assert_eq!(b.response().await.status, 200);
+    assert_eq!(
+        backend.accepted(),
+        2,
+        "two pooled connections to start from"
+    );
+
+    a.write(get_request("/v1/c")).await;
+    let reply = a.response().await;
+    assert_eq!(
+        reply.status,
+        200,
+        "the retry took another stale pooled connection: {:?}",
+        reply.text()
+    );
+    assert_eq!(reply.text(), "connection 2");
+    assert_eq!(backend.accepted(), 3);
+}
+
 #[tokio::test]
 async fn a_pooled_connection_the_backend_closed_is_replaced_for_a_body_still_arriving() {
     let (backend, closed) = closing_backend().await;

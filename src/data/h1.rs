@@ -783,8 +783,9 @@ enum Failure {
 }
 
 /// Sends the request on a pooled (or new) connection and reads the response head. A pooled
-/// connection that turns out closed is replaced once when the whole request is in hand and
-/// sending it again is safe.
+/// connection that turns out closed is replaced once, by a new connection, when the whole request
+/// is in hand and sending it again is safe: the pool's other connections are as old as the one
+/// that failed, and a backend that closes idle connections may have closed them all.
 async fn send<S: AsyncRead + AsyncWrite + Unpin>(
     proxy: &Proxy,
     client: &mut S,
@@ -795,7 +796,9 @@ async fn send<S: AsyncRead + AsyncWrite + Unpin>(
     let mut attempt = 0;
     loop {
         attempt += 1;
-        let (mut conn, reused) = open(proxy, backend).await.map_err(Failure::Backend)?;
+        let (mut conn, reused) = open(proxy, backend, attempt)
+            .await
+            .map_err(Failure::Backend)?;
         let retry = reused && request.body_complete && attempt < 2;
         match write_upstream(&mut conn, request.out, settings.idle_timeout).await {
             Ok(()) => {}
@@ -843,10 +846,20 @@ async fn send<S: AsyncRead + AsyncWrite + Unpin>(
     }
 }
 
-/// A pooled connection to `backend` (and `true`), or a new one.
-async fn open(proxy: &Proxy, backend: &Backend) -> Result<(Connection, bool), ProxyFailure> {
+/// For a request's first attempt a pooled connection to `backend` (and `true`), or a new one;
+/// for a retry always a new one (the pooled ones are as old as the one that failed).
+async fn open(
+    proxy: &Proxy,
+    backend: &Backend,
+    attempt: u32,
+) -> Result<(Connection, bool), ProxyFailure> {
     let settings = &proxy.settings;
-    match backend.pool.checkout(settings.pool_idle_timeout) {
+    let pooled = if attempt == 1 {
+        backend.pool.checkout(settings.pool_idle_timeout)
+    } else {
+        None
+    };
+    match pooled {
         Some(conn) => Ok((conn, true)),
         None => Ok((connect(backend, settings.connect_timeout).await?, false)),
     }
@@ -1381,7 +1394,8 @@ where
 
 /// Sends the head and what was read of the body, then the rest as it arrives (chunk-encoded if
 /// so framed), and reads the response head. Only the head is sent again if a pooled connection
-/// turns out closed: no more of the body has been taken from the client by then.
+/// turns out closed (on a new connection): no more of the body has been taken from the client by
+/// then.
 async fn send_streaming<B>(
     proxy: &Proxy,
     backend: &Backend,
@@ -1396,7 +1410,9 @@ where
     let mut attempt = 0;
     let mut conn = loop {
         attempt += 1;
-        let (mut conn, reused) = open(proxy, backend).await.map_err(ForwardError::Backend)?;
+        let (mut conn, reused) = open(proxy, backend, attempt)
+            .await
+            .map_err(ForwardError::Backend)?;
         match write_upstream(&mut conn, streamed.head, timeout).await {
             Ok(()) => break conn,
             Err(ProxyFailure::Reset) if reused && attempt < 2 => continue,
