@@ -22,9 +22,11 @@ const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; conn
 /// What the page's script sends with every change (`send` in assets/dashboard/app.js).
 const PAGE_BODY: &str = r#"{"reason":"from the weir dashboard"}"#;
 
-/// chat@v1 stable, chat@v2 a candidate at 5% and shadowed on every stable request, and no canary
-/// policy.
-const SPLIT: &str = r#"
+/// `chat@v1` on `{v1}` and `chat@v2` on `{v2}`, followed by `routes`.
+macro_rules! two_versions {
+    ($routes:literal) => {
+        concat!(
+            r#"
 [[versions]]
 model = "chat"
 version = "v1"
@@ -34,29 +36,30 @@ backends = ["{v1}"]
 model = "chat"
 version = "v2"
 backends = ["{v2}"]
+"#,
+            $routes
+        )
+    };
+}
 
+/// chat@v1 stable, chat@v2 a candidate at 5% and shadowed on every stable request, and no canary
+/// policy.
+const SPLIT: &str = two_versions!(
+    r#"
 [[routes]]
 name = "chat"
 stable = "chat@v1"
 candidate = "chat@v2"
 weight = "5%"
 mirror = "100%"
-"#;
+"#
+);
 
 /// The same, under a canary that runs the held-out set `{eval}` against the candidate, takes its
 /// first step at once and then waits for far more traffic than the test sends (so it advances
 /// once, with its reason and evidence, and then holds).
-const CANARY: &str = r#"
-[[versions]]
-model = "chat"
-version = "v1"
-backends = ["{v1}"]
-
-[[versions]]
-model = "chat"
-version = "v2"
-backends = ["{v2}"]
-
+const CANARY: &str = two_versions!(
+    r#"
 [[routes]]
 name = "chat"
 stable = "chat@v1"
@@ -71,7 +74,8 @@ progress_deadline = "10m"
 [routes.canary.eval]
 file = "{eval}"
 threshold = 1.0
-"#;
+"#
+);
 
 async fn start(template: &str) -> (Weir, [Backend; 2]) {
     let v1 = Backend::named("chat@v1").await;

@@ -12,6 +12,7 @@ use bytes::Bytes;
 use common::*;
 use http::{Method, Request, Response};
 use http_body_util::BodyExt;
+use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -441,15 +442,10 @@ async fn paced_backend(events: usize, gap: Duration, stall: bool) -> String {
     url
 }
 
-fn events(n: usize) -> String {
-    (0..n).map(|k| format!("data: {k}\n\n")).collect()
-}
-
-#[tokio::test]
-async fn an_answer_longer_than_the_idle_timeout_streams_whole_while_each_gap_is_shorter() {
-    // 12 events 100 ms apart (1.2 s) under a 300 ms idle timeout: the relay's one idle timer
-    // fires several times during the answer and must move on each time, never cut it.
-    let backend = paced_backend(12, Duration::from_millis(100), false).await;
+/// weir with a 300 ms idle timeout in front of [`paced_backend`] sending `events` 100 ms apart,
+/// and the 200 response head to one `GET /v1/stream` through it.
+async fn paced_through_weir(events: usize, stall: bool) -> (Weir, Response<Incoming>) {
+    let backend = paced_backend(events, Duration::from_millis(100), stall).await;
     let config = format!("[proxy]\nidle_timeout = \"300ms\"\n{ONE_VERSION}");
     let weir = Weir::start(&config, &[("v1", &backend)]).await;
     let req = request(Method::GET, &weir.url("/v1/stream"))
@@ -460,6 +456,18 @@ async fn an_answer_longer_than_the_idle_timeout_streams_whole_while_each_gap_is_
         .expect("response head within the deadline")
         .expect("request");
     assert_eq!(response.status(), 200);
+    (weir, response)
+}
+
+fn events(n: usize) -> String {
+    (0..n).map(|k| format!("data: {k}\n\n")).collect()
+}
+
+#[tokio::test]
+async fn an_answer_longer_than_the_idle_timeout_streams_whole_while_each_gap_is_shorter() {
+    // 12 events 100 ms apart (1.2 s) under a 300 ms idle timeout: the relay's one idle timer
+    // fires several times during the answer and must move on each time, never cut it.
+    let (_weir, response) = paced_through_weir(12, false).await;
     let (data, failed) = read_to_end(response.into_body()).await;
     assert!(!failed, "cut after {:?}", String::from_utf8_lossy(&data));
     assert_eq!(String::from_utf8_lossy(&data), events(12));
@@ -470,17 +478,7 @@ async fn a_stream_that_stalls_after_the_idle_timer_moved_is_cut_one_idle_timeout
     // 6 events 100 ms apart move the 300 ms timer at least once; then the backend goes silent
     // with the connection open. The client gets every event, then a broken body, one idle
     // timeout after the last event (not never, not at once).
-    let backend = paced_backend(6, Duration::from_millis(100), true).await;
-    let config = format!("[proxy]\nidle_timeout = \"300ms\"\n{ONE_VERSION}");
-    let weir = Weir::start(&config, &[("v1", &backend)]).await;
-    let req = request(Method::GET, &weir.url("/v1/stream"))
-        .body(empty())
-        .unwrap();
-    let response = tokio::time::timeout(DEADLINE, http1().request(req))
-        .await
-        .expect("response head within the deadline")
-        .expect("request");
-    assert_eq!(response.status(), 200);
+    let (weir, response) = paced_through_weir(6, true).await;
     let mut body = response.into_body();
     let (mut data, mut last_event) = (Vec::new(), std::time::Instant::now());
     let failed = loop {

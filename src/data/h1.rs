@@ -121,7 +121,7 @@ where
             let idle = buf.is_empty();
             let reading = async {
                 if idle {
-                    return read_idle(&mut client, &mut buf).await;
+                    return read_via_stack(&mut client, &mut buf).await;
                 }
                 if buf.capacity() - buf.len() < 1024 {
                     buf.reserve(READ_CHUNK);
@@ -183,33 +183,16 @@ where
     }
 }
 
-/// Reads what the client sends next into `buf`, which is empty, through a buffer on the stack
-/// of each poll: while nothing has arrived, the waiting future holds no buffer at all (a
-/// `Pending` read has taken no bytes, so none are lost when the stack buffer goes).
-async fn read_idle<S: AsyncRead + Unpin>(client: &mut S, buf: &mut BytesMut) -> io::Result<usize> {
+/// Reads what the peer sends next into `buf`, which is empty, through a buffer on the stack of
+/// each poll: when the read has to wait, `buf`'s allocation (if any) is freed first, so an idle
+/// client connection, or a stream between two events, holds no buffer while it waits. A
+/// `Pending` read has taken no bytes, so none are lost when the stack buffer goes; bytes that are
+/// already there go into `buf` as it is (no reallocation).
+async fn read_via_stack<S: AsyncRead + Unpin>(io: &mut S, buf: &mut BytesMut) -> io::Result<usize> {
     std::future::poll_fn(|cx| {
         let mut stack = [std::mem::MaybeUninit::<u8>::uninit(); READ_CHUNK];
         let mut read = ReadBuf::uninit(&mut stack);
-        match Pin::new(&mut *client).poll_read(cx, &mut read) {
-            Poll::Ready(Ok(())) => {
-                buf.extend_from_slice(read.filled());
-                Poll::Ready(Ok(read.filled().len()))
-            }
-            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
-            Poll::Pending => Poll::Pending,
-        }
-    })
-    .await
-}
-
-/// Reads what the backend sends next into `buf`, which is empty, through a buffer on the stack:
-/// when the read has to wait, `buf`'s allocation is freed first, so a stream between two events
-/// holds no buffer; bytes that are already there go into `buf` as it is (no reallocation).
-async fn read_waiting(stream: &mut TcpStream, buf: &mut BytesMut) -> io::Result<usize> {
-    std::future::poll_fn(|cx| {
-        let mut stack = [std::mem::MaybeUninit::<u8>::uninit(); READ_CHUNK];
-        let mut read = ReadBuf::uninit(&mut stack);
-        match Pin::new(&mut *stream).poll_read(cx, &mut read) {
+        match Pin::new(&mut *io).poll_read(cx, &mut read) {
             Poll::Ready(Ok(())) => {
                 buf.extend_from_slice(read.filled());
                 Poll::Ready(Ok(read.filled().len()))
@@ -656,7 +639,7 @@ async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
         };
         let read = async {
             if through_stack {
-                read_waiting(&mut conn.stream, &mut conn.buf).await
+                read_via_stack(&mut conn.stream, &mut conn.buf).await
             } else {
                 conn.stream.read_buf(&mut conn.buf).await
             }
